@@ -213,8 +213,11 @@ pub trait RunnerBackend: Send + Sync + 'static {
     async fn list_files(&self, request: &ListRequest) -> Result<Vec<FileEntry>, BackendError>;
 
     /// Streams one regular file.
-    async fn download_file(&self, path: &str, privileged: bool)
-        -> Result<FileDownload, BackendError>;
+    async fn download_file(
+        &self,
+        path: &str,
+        privileged: bool,
+    ) -> Result<FileDownload, BackendError>;
 
     /// Ends every process of the runner and removes it.
     async fn destroy(&self) -> Result<(), BackendError>;

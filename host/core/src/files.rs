@@ -86,11 +86,29 @@ pub fn build_tar(copies: &[FileCopy]) -> Vec<u8> {
         let content: &[u8] = if is_dir { &[] } else { &copy.content };
         if name.len() > 100 {
             let record = pax_record("path", &name);
-            write_header(&mut out, "././@PaxHeader", 0o644, record.len() as u64, mtime, b'x');
+            write_header(
+                &mut out,
+                "././@PaxHeader",
+                0o644,
+                record.len() as u64,
+                mtime,
+                b'x',
+            );
             write_data(&mut out, &record);
-            name = name.chars().rev().take(99).collect::<Vec<_>>().into_iter().rev().collect();
+            name = name
+                .chars()
+                .rev()
+                .take(99)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
         }
-        let (mode, kind) = if is_dir { (0o1777, b'5') } else { (0o744, b'0') };
+        let (mode, kind) = if is_dir {
+            (0o1777, b'5')
+        } else {
+            (0o744, b'0')
+        };
         write_header(&mut out, &name, mode, content.len() as u64, mtime, kind);
         write_data(&mut out, content);
     }
@@ -169,8 +187,14 @@ mod tests {
     #[test]
     fn tar_has_headers_and_padding() {
         let tar = build_tar(&[
-            FileCopy { path: "a.txt".into(), content: b"hi".to_vec() },
-            FileCopy { path: "d/".into(), content: vec![] },
+            FileCopy {
+                path: "a.txt".into(),
+                content: b"hi".to_vec(),
+            },
+            FileCopy {
+                path: "d/".into(),
+                content: vec![],
+            },
         ]);
         assert_eq!(tar.len() % 512, 0);
         assert_eq!(&tar[..5], b"a.txt");

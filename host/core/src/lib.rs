@@ -12,8 +12,8 @@ pub mod execution;
 pub mod files;
 pub mod ids;
 pub mod manager;
-mod pool;
 pub mod policy;
+mod pool;
 pub mod runner;
 mod utf8;
 

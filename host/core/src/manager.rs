@@ -97,13 +97,16 @@ impl Manager {
                     match r.claimed {
                         None => env.add_idle(r.runner),
                         Some(timeout) => {
-                            let timeout = (timeout > 0).then(|| Duration::from_secs(timeout as u64));
+                            let timeout =
+                                (timeout > 0).then(|| Duration::from_secs(timeout as u64));
                             self.adopt_claimed(config.id, r.runner, timeout, None);
                         }
                     }
                 }
             }
-            Err(e) => tracing::warn!(environment = config.id, error = %e, "could not recover runners"),
+            Err(e) => {
+                tracing::warn!(environment = config.id, error = %e, "could not recover runners")
+            }
         }
         self.inner
             .environments
@@ -170,9 +173,13 @@ impl Manager {
         let known: Vec<_> = self.environments();
         for config in &known {
             match stored.get(&config.id) {
-                None => self.teardown(config.id, DestroyReason::EnvironmentDeleted).await,
+                None => {
+                    self.teardown(config.id, DestroyReason::EnvironmentDeleted)
+                        .await
+                }
                 Some(fresh) if fresh != config => {
-                    self.teardown(config.id, DestroyReason::EnvironmentChanged).await;
+                    self.teardown(config.id, DestroyReason::EnvironmentChanged)
+                        .await;
                     self.install_environment(fresh.clone()).await;
                 }
                 Some(_) => {}
@@ -187,7 +194,10 @@ impl Manager {
     }
 
     /// Creates or replaces an environment. An identical configuration keeps its runners.
-    pub async fn put_environment(&self, config: EnvironmentConfig) -> Result<PutOutcome, CoreError> {
+    pub async fn put_environment(
+        &self,
+        config: EnvironmentConfig,
+    ) -> Result<PutOutcome, CoreError> {
         let config = config.normalized();
         self.inner
             .backend
@@ -200,7 +210,8 @@ impl Manager {
         }
         self.inner.backend.store_environment(&config).await?;
         let outcome = if existing.is_some() {
-            self.teardown(config.id, DestroyReason::EnvironmentChanged).await;
+            self.teardown(config.id, DestroyReason::EnvironmentChanged)
+                .await;
             PutOutcome::Replaced
         } else {
             PutOutcome::Created
@@ -314,7 +325,11 @@ impl Manager {
     }
 
     /// Destroys a claimed runner.
-    pub async fn destroy_runner(&self, id: &RunnerId, reason: DestroyReason) -> Result<(), CoreError> {
+    pub async fn destroy_runner(
+        &self,
+        id: &RunnerId,
+        reason: DestroyReason,
+    ) -> Result<(), CoreError> {
         let runner = self
             .inner
             .runners
@@ -341,7 +356,14 @@ impl Manager {
                     claimed.mark_destroyed(DestroyReason::Lost(reason));
                     return;
                 }
-                let envs: Vec<_> = self.inner.environments.read().unwrap().values().cloned().collect();
+                let envs: Vec<_> = self
+                    .inner
+                    .environments
+                    .read()
+                    .unwrap()
+                    .values()
+                    .cloned()
+                    .collect();
                 for env in envs {
                     if env.remove_idle(&runner).is_some() {
                         return;
@@ -358,7 +380,14 @@ impl Manager {
 
     /// Pool figures of every environment, ordered by id.
     pub fn statistics(&self) -> Vec<EnvironmentStatistics> {
-        let envs: Vec<_> = self.inner.environments.read().unwrap().values().cloned().collect();
+        let envs: Vec<_> = self
+            .inner
+            .environments
+            .read()
+            .unwrap()
+            .values()
+            .cloned()
+            .collect();
         let runners = self.inner.runners.read().unwrap();
         let mut stats: Vec<_> = envs
             .iter()
@@ -394,7 +423,14 @@ impl Manager {
 
     /// Destroys every claimed and idle runner (graceful shutdown of a backend that does not keep them).
     pub async fn shutdown(&self) {
-        let ids: Vec<EnvironmentId> = self.inner.environments.read().unwrap().keys().copied().collect();
+        let ids: Vec<EnvironmentId> = self
+            .inner
+            .environments
+            .read()
+            .unwrap()
+            .keys()
+            .copied()
+            .collect();
         for id in ids {
             self.teardown(id, DestroyReason::EnvironmentDeleted).await;
         }

@@ -114,7 +114,11 @@ impl Runner {
         let now = Instant::now();
         executions.retain(|_, (_, at)| now.duration_since(*at) < STORED_EXECUTION_TTL);
         if executions.len() >= MAX_STORED_EXECUTIONS {
-            if let Some(oldest) = executions.iter().min_by_key(|(_, (_, at))| *at).map(|(k, _)| *k) {
+            if let Some(oldest) = executions
+                .iter()
+                .min_by_key(|(_, (_, at))| *at)
+                .map(|(k, _)| *k)
+            {
                 executions.remove(&oldest);
             }
         }
@@ -144,7 +148,9 @@ impl Runner {
         let runner = Arc::clone(self);
         let client_gone = cancel.clone();
         tokio::spawn(async move {
-            runner.drive(request, events_tx, stdin_rx, client_gone).await;
+            runner
+                .drive(request, events_tx, stdin_rx, client_gone)
+                .await;
         });
         ExecutionHandle::new(events_rx, stdin_tx, cancel)
     }
