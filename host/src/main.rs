@@ -90,9 +90,8 @@ async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     if config.nomad.enabled {
         return Err("nomad.enabled: the Nomad backend is not part of this build yet".into());
     }
-    let backend = poseidon_local::LocalBackend::new(config.local.clone()).await?;
-    let keep_runners_on_exit = false;
-    let manager = Manager::start(Arc::new(backend), None).await?;
+    let backend = Arc::new(poseidon_local::LocalBackend::new(config.local.clone()).await?);
+    let manager = Manager::start(backend.clone(), None).await?;
     let version = if config.sentry.release.is_empty() {
         env!("CARGO_PKG_VERSION").to_string()
     } else {
@@ -134,9 +133,9 @@ async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     tracing::info!("shutting down");
     let _ = stop_tx.send(());
     let _ = tokio::time::timeout(SHUTDOWN_GRACE, server).await;
-    if !keep_runners_on_exit {
-        manager.shutdown().await;
-    }
+    // Local runners do not outlive the process: end them now rather than at the next start.
+    manager.shutdown().await;
+    backend.release();
     Ok(())
 }
 

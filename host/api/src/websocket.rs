@@ -1,11 +1,8 @@
 //! `GET /runners/{id}/websocket?executionID=`: runs a stored execution and streams it.
 
-use std::collections::HashMap;
-
-use axum::extract::rejection::QueryRejection;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::Response;
 use axum::Extension;
@@ -28,7 +25,7 @@ pub(crate) async fn connect(
     principal: Option<Extension<Principal>>,
     Path(id): Path<String>,
     headers: HeaderMap,
-    q: Result<Query<HashMap<String, String>>, QueryRejection>,
+    RawQuery(q): RawQuery,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     let runner = runner(&state, &id, principal.as_deref())?;

@@ -62,7 +62,7 @@ impl LocalBackend {
         }
         let store = EnvironmentStore::open(state.join("environments"))
             .map_err(io("opening the environment store"))?;
-        let hierarchy = Hierarchy::detect();
+        let hierarchy = Hierarchy::detect(&config.cgroupparent);
         tracing::info!(limits = %hierarchy.describe(), "local backend resource limits");
         let shared = Arc::new(Shared {
             config,
@@ -75,6 +75,11 @@ impl LocalBackend {
         shared.clean_leftovers().await;
         shared.check_bubblewrap().await?;
         Ok(Self { shared, store })
+    }
+
+    /// Removes the parent cgroups after every runner is gone (graceful shutdown).
+    pub fn release(&self) {
+        self.shared.hierarchy.remove_parents();
     }
 
     /// What the machine offers for resource limits, for logs and diagnostics.
@@ -259,6 +264,18 @@ impl Backend for LocalBackend {
         };
         let cgroup = shared.hierarchy.create(id.as_str(), limits, uid);
         let rootfs = shared.config.images.get(&config.image).cloned();
+        if let Some(root) = &rootfs {
+            if !root.join("bin").exists() && !root.join("usr").exists() {
+                self.shared.remove_runner_dir(&dir, mounted).await;
+                cgroup.kill_and_remove().await;
+                self.shared.uids.release(uid);
+                return Err(BackendError::Internal(format!(
+                    "the root filesystem {} of image {} is missing or empty",
+                    root.display(),
+                    config.image
+                )));
+            }
+        }
         Ok(Arc::new(LocalRunner {
             id,
             dir,

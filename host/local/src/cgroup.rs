@@ -10,8 +10,6 @@ use std::path::{Path, PathBuf};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::{chown, Gid, Pid, Uid};
 
-const GROUP: &str = "poseidon";
-
 /// Which cgroup layout the machine offers.
 #[derive(Debug, Clone)]
 pub(crate) enum Hierarchy {
@@ -33,10 +31,10 @@ pub(crate) struct Limits {
 
 impl Hierarchy {
     /// Detects the layout and creates the `poseidon` parent groups.
-    pub(crate) fn detect() -> Self {
+    pub(crate) fn detect(group: &str) -> Self {
         let root = Path::new("/sys/fs/cgroup");
         if root.join("cgroup.controllers").exists() {
-            let parent = root.join(GROUP);
+            let parent = root.join(group);
             if std::fs::create_dir_all(&parent).is_ok() {
                 let _ = std::fs::write(root.join("cgroup.subtree_control"), "+memory +pids +cpu");
                 let _ = std::fs::write(parent.join("cgroup.subtree_control"), "+memory +pids +cpu");
@@ -46,7 +44,7 @@ impl Hierarchy {
         }
         let mut found = Vec::new();
         for controller in ["memory", "pids", "cpu"] {
-            let parent = root.join(controller).join(GROUP);
+            let parent = root.join(controller).join(group);
             if std::fs::create_dir_all(&parent).is_ok() {
                 found.push((controller, parent));
             }
@@ -70,6 +68,19 @@ impl Hierarchy {
                 "no writable cgroup controller: memory and process limits are NOT enforced"
                     .to_string()
             }
+        }
+    }
+
+    /// Removes the (empty) parent groups.
+    pub(crate) fn remove_parents(&self) {
+        match self {
+            Self::V1(c) => c.iter().for_each(|(_, p)| {
+                let _ = std::fs::remove_dir(p);
+            }),
+            Self::V2(p) => {
+                let _ = std::fs::remove_dir(p);
+            }
+            Self::None => {}
         }
     }
 

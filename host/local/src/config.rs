@@ -27,6 +27,8 @@ pub struct LocalConfig {
     pub uidcount: u32,
     /// Longest time a file operation may take, in seconds.
     pub filetimeoutseconds: u64,
+    /// Name of the parent cgroup of all runners (one per server instance on a machine).
+    pub cgroupparent: String,
 }
 
 impl Default for LocalConfig {
@@ -42,6 +44,7 @@ impl Default for LocalConfig {
             uidbase: 200_000,
             uidcount: 100_000,
             filetimeoutseconds: 60,
+            cgroupparent: "poseidon".to_string(),
         }
     }
 }

@@ -1,10 +1,7 @@
 //! `/execution-environments`.
 
-use std::collections::HashMap;
-
 use axum::body::Body;
-use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
@@ -21,7 +18,7 @@ use crate::{body, query, AppState};
 pub(crate) async fn list(
     State(state): State<AppState>,
     principal: Option<Extension<Principal>>,
-    q: Result<Query<HashMap<String, String>>, QueryRejection>,
+    RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
     let params = query::params(q)?;
     if query::boolean(&params, "fetch", false)? {
@@ -46,7 +43,7 @@ pub(crate) async fn get_one(
     State(state): State<AppState>,
     principal: Option<Extension<Principal>>,
     Path(id): Path<String>,
-    q: Result<Query<HashMap<String, String>>, QueryRejection>,
+    RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
     let id = environment_id(&id)?;
     let params = query::params(q)?;

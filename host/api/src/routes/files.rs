@@ -1,10 +1,7 @@
 //! `/runners/{id}/files`: update, list, download.
 
-use std::collections::HashMap;
-
 use axum::body::Body;
-use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
@@ -83,7 +80,7 @@ pub(crate) async fn list(
     State(state): State<AppState>,
     principal: Option<Extension<Principal>>,
     Path(id): Path<String>,
-    q: Result<Query<HashMap<String, String>>, QueryRejection>,
+    RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
     let runner = runner(&state, &id, principal.as_deref())?;
     let params = query::params(q)?;
@@ -115,7 +112,7 @@ pub(crate) async fn download(
     State(state): State<AppState>,
     principal: Option<Extension<Principal>>,
     Path(id): Path<String>,
-    q: Result<Query<HashMap<String, String>>, QueryRejection>,
+    RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
     let runner = runner(&state, &id, principal.as_deref())?;
     let params = query::params(q)?;
