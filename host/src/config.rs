@@ -151,8 +151,9 @@ impl Default for LoggerConfig {
 pub struct NomadSection {
     /// Use the Nomad backend instead of the local one.
     pub enabled: bool,
-    /// Everything else.
+    /// Everything else (read by the Nomad backend).
     #[serde(flatten)]
+    #[allow(dead_code)]
     pub rest: serde_yaml::Mapping,
 }
 
@@ -165,6 +166,7 @@ pub struct SentryConfig {
     pub release: String,
     /// Everything else (accepted, unused).
     #[serde(flatten)]
+    #[allow(dead_code)]
     pub rest: serde_yaml::Mapping,
 }
 

@@ -248,7 +248,7 @@ impl Server {
     /// Runs a command to its end and returns the session.
     pub async fn run(&self, runner: &str, body: Value) -> Session {
         let url = self.execute(runner, body).await;
-        let mut ws = Ws::connect(&url).await;
+        let ws = Ws::connect(&url).await;
         ws.finish().await
     }
 }

@@ -52,6 +52,7 @@ impl LocalBackend {
         })?;
         let setsid = find_program(Path::new("setsid"))
             .ok_or_else(|| LocalError::Bubblewrap("`setsid` (util-linux) was not found".into()))?;
+        crate::process::close_inherited_descriptors_on_exec();
         let state = config.statedir.clone();
         std::fs::create_dir_all(&state).map_err(io("creating the state directory"))?;
         let runners_dir = state.join("runners");

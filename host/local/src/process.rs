@@ -159,6 +159,26 @@ impl Launcher {
     }
 }
 
+/// Marks every descriptor this process inherited (beyond stdin, stdout, stderr) close-on-exec, so
+/// that no sandbox inherits anything the server was started with.
+pub(crate) fn close_inherited_descriptors_on_exec() {
+    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+    let Ok(entries) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    let fds: Vec<i32> = entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter(|fd| *fd > 2)
+        .collect();
+    for fd in fds {
+        if let Ok(flags) = fcntl(fd, FcntlArg::F_GETFD) {
+            let flags = FdFlag::from_bits_truncate(flags) | FdFlag::FD_CLOEXEC;
+            let _ = fcntl(fd, FcntlArg::F_SETFD(flags));
+        }
+    }
+}
+
 /// The exit code as a shell reports it: the code, or 128 + the signal that killed the process.
 pub(crate) fn exit_code(status: &ExitStatus) -> i32 {
     status

@@ -2,33 +2,39 @@
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
 
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
-use nix::pty::{openpty, Winsize};
+use nix::pty::{grantpt, posix_openpt, ptsname_r, unlockpt, PtyMaster as RawMaster};
 use tokio::io::unix::AsyncFd;
 
 /// The master side of a terminal.
 pub(crate) struct PtyMaster {
-    fd: AsyncFd<OwnedFd>,
+    fd: AsyncFd<RawMaster>,
 }
 
-/// A new terminal: the master for us, the slave for the process.
+/// A new terminal: the master for us, the slave for the process. Both descriptors are opened
+/// close-on-exec, so no other sandbox started meanwhile can inherit them.
 pub(crate) fn open() -> io::Result<(PtyMaster, OwnedFd)> {
-    let size = Winsize {
-        ws_row: 24,
-        ws_col: 80,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    };
-    let pty = openpty(Some(&size), None).map_err(io::Error::from)?;
-    let flags = fcntl(pty.master.as_raw_fd(), FcntlArg::F_GETFL).map_err(io::Error::from)?;
+    let master = posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC)
+        .map_err(io::Error::from)?;
+    grantpt(&master).map_err(io::Error::from)?;
+    unlockpt(&master).map_err(io::Error::from)?;
+    let slave_path = ptsname_r(&master).map_err(io::Error::from)?;
+    let slave: OwnedFd = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(nix::libc::O_NOCTTY | nix::libc::O_CLOEXEC)
+        .open(&slave_path)?
+        .into();
+    let flags = fcntl(master.as_raw_fd(), FcntlArg::F_GETFL).map_err(io::Error::from)?;
     let flags = OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK;
-    fcntl(pty.master.as_raw_fd(), FcntlArg::F_SETFL(flags)).map_err(io::Error::from)?;
+    fcntl(master.as_raw_fd(), FcntlArg::F_SETFL(flags)).map_err(io::Error::from)?;
     // The AsyncFd owns the descriptor for its whole registration, which is the I/O-safety
     // condition the deprecation of `AsyncFd::new` is about.
     #[allow(deprecated)]
-    let fd = AsyncFd::new(pty.master)?;
-    Ok((PtyMaster { fd }, pty.slave))
+    let fd = AsyncFd::new(master)?;
+    Ok((PtyMaster { fd }, slave))
 }
 
 impl PtyMaster {

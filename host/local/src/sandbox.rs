@@ -97,7 +97,8 @@ impl SandboxSpec<'_> {
         a.push(self.runner_dir.join("tmp").into());
         a.push("/tmp".into());
         let mut push = |items: &[&str]| a.extend(items.iter().map(OsString::from));
-        push(&["--chdir", self.workdir, "--clearenv"]);
+        // bubblewrap builds `/` on a writable tmpfs; only the workspace and /tmp stay writable.
+        push(&["--remount-ro", "/", "--chdir", self.workdir, "--clearenv"]);
         let mut setenv = |k: &str, v: &str| {
             a.push("--setenv".into());
             a.push(k.into());
