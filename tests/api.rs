@@ -863,3 +863,35 @@ async fn websocket_handshake_errors() {
     let out = Ws::connect(&ws_url).await.finish().await;
     assert_eq!(out.exit(), Some(0));
 }
+
+#[tokio::test]
+async fn an_invalid_configuration_stops_the_start_naming_the_key() {
+    let dir = std::env::temp_dir().join(format!("poseidon-badconfig-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (yaml, key) in [
+        ("server:\n  port: seventy\n", "server.port"),
+        ("server:\n  prot: 1\n", "prot"),
+        ("logger:\n  level: loud\n", "logger.level"),
+        ("local:\n  workdir: relative\n", "local.workdir"),
+    ] {
+        let file = dir.join("configuration.yaml");
+        std::fs::write(&file, yaml).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_poseidon"))
+            .arg("--config")
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{yaml}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(key), "{yaml}: {stderr}");
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_poseidon"))
+        .env("POSEIDON_SERVER_PORT", "-1")
+        .arg("--config")
+        .arg(dir.join("missing.yaml"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("missing.yaml"));
+    let _ = std::fs::remove_dir_all(&dir);
+}

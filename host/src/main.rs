@@ -105,6 +105,9 @@ async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
             prewarming_pool_threshold: config.server.alert.prewarmingpoolthreshold,
             max_body_bytes: config.server.maxrequestbodybytes,
             version,
+            sandbox_uids: Some(
+                config.local.uidbase..config.local.uidbase.saturating_add(config.local.uidcount),
+            ),
         }),
         policies: Arc::new(NoPolicies),
     };
