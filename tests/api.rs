@@ -895,3 +895,71 @@ async fn an_invalid_configuration_stops_the_start_naming_the_key() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("missing.yaml"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn tls_serves_https_with_tls_1_3_only_and_wss_urls() {
+    let dir = std::env::temp_dir().join(format!("poseidon-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let status = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("openssl is needed to make a test certificate");
+    assert!(status.success());
+    let s = Server::start_with(Options {
+        server_yaml: format!(
+            "  tls:\n    active: true\n    certfile: {}\n    keyfile: {}",
+            cert.display(),
+            key.display()
+        ),
+        ..Default::default()
+    })
+    .await;
+    assert!(s.base.starts_with("https://"), "{}", s.base);
+    let curl = |extra: &[&str], path: &str| {
+        std::process::Command::new("curl")
+            .args([
+                "-sk",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "-H",
+                "Poseidon-Token: test-token",
+            ])
+            .args(extra)
+            .arg(s.url(path))
+            .output()
+            .unwrap()
+    };
+    assert_eq!(
+        String::from_utf8_lossy(&curl(&[], "/version").stdout),
+        "200"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&curl(&[], "/execution-environments").stdout),
+        "200"
+    );
+    let old = curl(&["--tls-max", "1.2"], "/version");
+    assert_ne!(
+        String::from_utf8_lossy(&old.stdout),
+        "200",
+        "TLS 1.2 must be refused"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -257,9 +257,6 @@ impl Config {
                 "certfile and keyfile are required when active is true",
             ));
         }
-        if self.server.tls.active {
-            return Err(invalid("server.tls.active", "TLS is not built into this version; terminate TLS in a reverse proxy in front of the gateway"));
-        }
         if self.server.systemdsocketactivation {
             return Err(invalid(
                 "server.systemdsocketactivation",

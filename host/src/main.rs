@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 mod config;
+mod tls;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -122,20 +123,37 @@ async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
             })?;
     let address = listener.local_addr()?;
     tracing::info!(%address, backend = manager.backend_name(), "serving the Poseidon API");
-    println!("poseidon listening on http://{address}");
+    let scheme = if config.server.tls.active {
+        "https"
+    } else {
+        "http"
+    };
+    println!("poseidon listening on {scheme}://{address}");
     let app = poseidon_api::router(state).into_make_service_with_connect_info::<SocketAddr>();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                let _ = stop_rx.await;
-            })
-            .await
-    });
-    shutdown_signal().await;
-    tracing::info!("shutting down");
-    let _ = stop_tx.send(());
-    let _ = tokio::time::timeout(SHUTDOWN_GRACE, server).await;
+    let handle = axum_server::Handle::new();
+    let std_listener = listener.into_std()?;
+    let server = if config.server.tls.active {
+        let tls = tls::server_config(&config.server.tls.certfile, &config.server.tls.keyfile)?;
+        let rustls = axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(tls));
+        let server = axum_server::from_tcp_rustls(std_listener, rustls)?.handle(handle.clone());
+        tokio::spawn(async move { server.serve(app).await })
+    } else {
+        let server = axum_server::from_tcp(std_listener)?.handle(handle.clone());
+        tokio::spawn(async move { server.serve(app).await })
+    };
+    tokio::select! {
+        _ = shutdown_signal() => tracing::info!("shutting down"),
+        result = server => {
+            manager.shutdown().await;
+            backend.release();
+            return match result {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(format!("the server stopped: {e}").into()),
+                Err(e) => Err(format!("the server stopped: {e}").into()),
+            };
+        }
+    }
+    handle.graceful_shutdown(Some(SHUTDOWN_GRACE));
     // Local runners do not outlive the process: end them now rather than at the next start.
     manager.shutdown().await;
     backend.release();
