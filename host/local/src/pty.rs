@@ -1,0 +1,65 @@
+//! A pseudo-terminal whose master side is read and written asynchronously.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
+use nix::pty::{openpty, Winsize};
+use tokio::io::unix::AsyncFd;
+
+/// The master side of a terminal.
+pub(crate) struct PtyMaster {
+    fd: AsyncFd<OwnedFd>,
+}
+
+/// A new terminal: the master for us, the slave for the process.
+pub(crate) fn open() -> io::Result<(PtyMaster, OwnedFd)> {
+    let size = Winsize {
+        ws_row: 24,
+        ws_col: 80,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    let pty = openpty(Some(&size), None).map_err(io::Error::from)?;
+    let flags = fcntl(pty.master.as_raw_fd(), FcntlArg::F_GETFL).map_err(io::Error::from)?;
+    let flags = OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK;
+    fcntl(pty.master.as_raw_fd(), FcntlArg::F_SETFL(flags)).map_err(io::Error::from)?;
+    // The AsyncFd owns the descriptor for its whole registration, which is the I/O-safety
+    // condition the deprecation of `AsyncFd::new` is about.
+    #[allow(deprecated)]
+    let fd = AsyncFd::new(pty.master)?;
+    Ok((PtyMaster { fd }, pty.slave))
+}
+
+impl PtyMaster {
+    /// Reads output; `Ok(0)` once every slave side is closed.
+    pub(crate) async fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            let mut guard = self.fd.readable().await?;
+            match guard.try_io(|fd| {
+                nix::unistd::read(fd.get_ref().as_raw_fd(), buf).map_err(io::Error::from)
+            }) {
+                Ok(Ok(n)) => return Ok(n),
+                // EIO: the slave side is closed (the process and its children are gone).
+                Ok(Err(e)) if e.raw_os_error() == Some(nix::libc::EIO) => return Ok(0),
+                Ok(Err(e)) => return Err(e),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
+    /// Writes all of `data` as terminal input.
+    pub(crate) async fn write_all(&self, mut data: &[u8]) -> io::Result<()> {
+        while !data.is_empty() {
+            let mut guard = self.fd.writable().await?;
+            match guard.try_io(|fd| {
+                nix::unistd::write(fd.get_ref().as_fd(), data).map_err(io::Error::from)
+            }) {
+                Ok(Ok(n)) => data = &data[n..],
+                Ok(Err(e)) => return Err(e),
+                Err(_would_block) => continue,
+            }
+        }
+        Ok(())
+    }
+}
