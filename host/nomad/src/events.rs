@@ -179,26 +179,33 @@ pub fn apply(tracker: &mut Tracker, event: &Value) -> Option<(String, LostReason
     }
 }
 
-/// Rebuilds the tracking from `GET /v1/allocations`; returns runners lost meanwhile and the
-/// index to resume from.
+/// Re-reads `GET /v1/allocations` after (re)connecting: allocations that disappeared are
+/// lost, new ones are tracked; known ones keep their state so that the replayed events
+/// (resuming at the last processed index) are applied to it. Returns the lost runners and
+/// the index to resume from.
 async fn resync(shared: &Shared) -> Result<(Vec<String>, u64), crate::api::NomadError> {
     let (list, index) = shared.client.allocations().await?;
     let mut fresh = Tracker::default();
     for a in &list {
         fresh.seed(a);
     }
+    let present: HashSet<&str> = list.iter().filter_map(|a| a["ID"].as_str()).collect();
     let mut t = shared.tracker.lock().unwrap();
-    let live: HashSet<&String> = fresh.allocs.values().map(|x| &x.job).collect();
-    let mut lost: Vec<String> = t
-        .allocs
-        .values()
-        .filter(|x| !live.contains(&x.job))
-        .map(|x| x.job.clone())
-        .collect();
+    let live_jobs: HashSet<String> = fresh.allocs.values().map(|x| x.job.clone()).collect();
+    let mut lost = Vec::new();
+    t.allocs.retain(|id, x| {
+        let keep = present.contains(id.as_str());
+        if !keep && !live_jobs.contains(&x.job) {
+            lost.push(x.job.clone());
+        }
+        keep
+    });
+    for (id, x) in fresh.allocs {
+        t.allocs.entry(id).or_insert(x);
+    }
     lost.sort();
     lost.dedup();
-    t.allocs = fresh.allocs;
-    let resume = if t.last_index > index {
+    let resume = if t.last_index > 0 {
         t.last_index
     } else {
         index + 1
