@@ -153,7 +153,6 @@ pub struct NomadSection {
     pub enabled: bool,
     /// Everything else (read by the Nomad backend).
     #[serde(flatten)]
-    #[allow(dead_code)]
     pub rest: serde_yaml::Mapping,
 }
 

@@ -153,6 +153,12 @@ impl Backend for NomadBackend {
                 "cpuLimit must be at least 1".into(),
             ));
         }
+        // Nomad refuses a memory_max below the reserved memory, which is at least 10 MB.
+        if (1..10).contains(&config.memory_limit) {
+            return Err(BackendError::Unsupported(
+                "memoryLimit must be 0 (no limit) or at least 10 MB on the Nomad backend".into(),
+            ));
+        }
         Ok(())
     }
 

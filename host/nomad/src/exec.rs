@@ -293,7 +293,8 @@ pub async fn start(
     );
     let helper_argv = vec!["/bin/bash".into(), "-c".into(), helper_cmd];
     let main_argv = vec!["/bin/bash".into(), "-c".into(), main_cmd];
-    let helper = connect(&client, &alloc, &helper_argv, false).await?;
+    // Like Poseidon, the helper has a terminal too, so stderr line ends are `\r\n` as on stdout.
+    let helper = connect(&client, &alloc, &helper_argv, true).await?;
     let main = connect(&client, &alloc, &main_argv, true).await?;
     let (_helper_in_tx, helper_in_rx) = mpsc::channel::<Bytes>(1);
     let (out_tx, mut out_rx) = mpsc::channel(64);

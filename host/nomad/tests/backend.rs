@@ -121,7 +121,10 @@ async fn runner_executes_with_a_terminal_and_separate_stderr() {
         String::from_utf8_lossy(&out.stdout).contains("out"),
         "{out:?}"
     );
-    assert_eq!(out.stderr, b"err\n");
+    assert_eq!(
+        out.stderr, b"err\r\n",
+        "stderr has a terminal's line ends, as in Poseidon"
+    );
 
     let out = run(
         &runner,
