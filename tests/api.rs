@@ -23,6 +23,14 @@ macro_rules! on_both_backends {
                 super::$name(super::Backend::Nomad).await
             })*
         }
+        mod real_nomad {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                if super::support::real_nomad_available(stringify!($name)) {
+                    super::$name(super::Backend::RealNomad).await
+                }
+            })*
+        }
     };
 }
 

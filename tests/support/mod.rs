@@ -42,6 +42,18 @@ pub enum Backend {
     Local,
     /// The Nomad backend, over the project's Nomad emulator.
     Nomad,
+    /// The Nomad backend against the real Nomad at `NOMAD_ADDR` (raw_exec driver unless
+    /// `POSEIDON_TEST_NOMAD_DRIVER` says otherwise).
+    RealNomad,
+}
+
+/// Whether a real Nomad is configured for the tests; says so when it is not.
+pub fn real_nomad_available(test: &str) -> bool {
+    if std::env::var_os("NOMAD_ADDR").is_some() {
+        return true;
+    }
+    println!("skipped: {test} against a real Nomad (NOMAD_ADDR is not set)");
+    false
 }
 
 /// Options for [`Server::start_with`].
@@ -110,6 +122,17 @@ impl Server {
                 emu.addr().port()
             ));
             emulator = Some(emu);
+        }
+        if options.backend == Backend::RealNomad {
+            let addr = std::env::var("NOMAD_ADDR").expect("NOMAD_ADDR");
+            let hostport = addr.split("://").last().unwrap().trim_end_matches('/');
+            let (host, port) = hostport.rsplit_once(':').unwrap_or((hostport, "4646"));
+            let driver =
+                std::env::var("POSEIDON_TEST_NOMAD_DRIVER").unwrap_or_else(|_| "raw_exec".into());
+            let token = std::env::var("NOMAD_TOKEN").unwrap_or_default();
+            extra.push_str(&format!(
+                "\nnomad:\n  enabled: true\n  address: {host}\n  port: {port}\n  token: \"{token}\"\n  driver: {driver}\n  unprivilegedprefix: \"\"\n"
+            ));
         }
         let yaml = format!(
             "server:\n  address: 127.0.0.1\n  port: 0\n  token: {TOKEN}\n{server}\nlogger:\n  level: debug\nlocal:\n  statedir: {state}\n  cgroupparent: {cgroup}\n  uidbase: {uid_base}\n  uidcount: 5000\n{local}\n{extra}\n",

@@ -64,6 +64,11 @@ pub struct NomadConfig {
     pub unprivilegedprefix: String,
     /// Seconds to wait for a new runner's allocation to run.
     pub startuptimeoutseconds: u64,
+    /// Task driver of runners: `docker` (as Poseidon), or `exec`/`raw_exec` for clusters without
+    /// Docker (the image is then only recorded, the task runs on the node's file system).
+    pub driver: String,
+    /// Datacenters of all jobs.
+    pub datacenters: Vec<String>,
 }
 
 impl Default for NomadConfig {
@@ -78,6 +83,8 @@ impl Default for NomadConfig {
             network: NetworkConfig::default(),
             unprivilegedprefix: "/sbin/setuser user".into(),
             startuptimeoutseconds: 120,
+            driver: "docker".into(),
+            datacenters: vec!["dc1".into()],
         }
     }
 }

@@ -49,9 +49,26 @@ pub fn build_job(
     } else {
         50
     };
+    let docker = nomad.driver == "docker";
+    let task_config = if docker {
+        json!({"image": env.image, "command": "sleep", "args": ["infinity"],
+               "network_mode": if env.network_access { "" } else { "none" },
+               "force_pull": force_pull && !nomad.disableforcepull})
+    } else {
+        json!({"command": "sleep", "args": ["infinity"]})
+    };
+    let mut config_meta = config_meta;
+    if !docker {
+        // Without a docker config, the image and network setting live in the meta only.
+        config_meta.insert("image".into(), json!(env.image));
+        config_meta.insert(
+            "networkAccess".into(),
+            json!(env.network_access.to_string()),
+        );
+    }
     json!({
         "ID": id, "Name": id, "Type": "batch", "Namespace": nomad.namespace,
-        "Datacenters": ["dc1"],
+        "Datacenters": nomad.datacenters,
         "TaskGroups": [
             {"Name": DEFAULT_GROUP, "Count": 1,
              "EphemeralDisk": {"Migrate": false, "SizeMB": 10, "Sticky": false},
@@ -61,10 +78,8 @@ pub fn build_job(
                                   "Delay": 60_000_000_000i64, "MaxDelay": 240_000_000_000i64,
                                   "DelayFunction": "exponential"},
              "Networks": networks,
-             "Tasks": [{"Name": DEFAULT_TASK, "Driver": "docker", "KillTimeout": 0, "KillSignal": "SIGKILL",
-                        "Config": {"image": env.image, "command": "sleep", "args": ["infinity"],
-                                   "network_mode": if env.network_access { "" } else { "none" },
-                                   "force_pull": force_pull && !nomad.disableforcepull},
+             "Tasks": [{"Name": DEFAULT_TASK, "Driver": nomad.driver, "KillTimeout": 0, "KillSignal": "SIGKILL",
+                        "Config": task_config,
                         "LogConfig": {"MaxFiles": 1, "MaxFileSizeMB": 1},
                         "Resources": {"CPU": env.cpu_limit.max(1), "MemoryMB": memory, "MemoryMaxMB": memory_max}}]},
             {"Name": CONFIG_GROUP, "Count": 0, "Meta": config_meta,
@@ -118,7 +133,14 @@ pub fn environment_from_job(job: &Value) -> Option<EnvironmentConfig> {
         .and_then(Value::as_str)
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
-    let network_access = task["Config"]["network_mode"].as_str() != Some("none");
+    let meta = config_meta(job);
+    let meta_text = |key: &str| meta.and_then(|m| m.get(key)).and_then(Value::as_str);
+    let network_access = match task["Config"]["network_mode"].as_str() {
+        Some(mode) => mode != "none",
+        None => meta_text("networkAccess")
+            .map(|v| v == "true")
+            .unwrap_or(true),
+    };
     let exposed_ports = g["Networks"]
         .as_array()
         .and_then(|n| n.first())
@@ -131,7 +153,11 @@ pub fn environment_from_job(job: &Value) -> Option<EnvironmentConfig> {
         .unwrap_or_default();
     Some(EnvironmentConfig {
         id,
-        image: task["Config"]["image"].as_str().unwrap_or("").to_string(),
+        image: task["Config"]["image"]
+            .as_str()
+            .or_else(|| meta_text("image"))
+            .unwrap_or("")
+            .to_string(),
         prewarming_pool_size: pool,
         cpu_limit: task["Resources"]["CPU"].as_u64().unwrap_or(0) as u32,
         memory_limit: task["Resources"]["MemoryMaxMB"].as_u64().unwrap_or(0) as u32,
@@ -161,6 +187,30 @@ mod tests {
         assert_eq!(
             job["TaskGroups"][0]["Networks"][0]["DynamicPorts"][0]["Label"],
             "8080"
+        );
+        assert_eq!(environment_from_job(&job), Some(env.clone()));
+    }
+
+    #[test]
+    fn exec_driver_keeps_image_and_network_in_the_meta() {
+        let env = EnvironmentConfig {
+            id: 11,
+            image: "python".into(),
+            prewarming_pool_size: 1,
+            cpu_limit: 40,
+            memory_limit: 0,
+            network_access: false,
+            exposed_ports: vec![],
+        };
+        let nomad = NomadConfig {
+            driver: "raw_exec".into(),
+            ..NomadConfig::default()
+        };
+        let job = template_job(&env, &nomad);
+        assert_eq!(job["TaskGroups"][0]["Tasks"][0]["Driver"], "raw_exec");
+        assert_eq!(
+            job["TaskGroups"][0]["Tasks"][0]["Config"]["command"],
+            "sleep"
         );
         assert_eq!(environment_from_job(&job), Some(env));
     }
