@@ -243,3 +243,60 @@ async fn duplicate_and_out_of_order_events_change_nothing() {
     let out = s.run(&b, json!({"command": "echo fine"})).await;
     assert_eq!(out.stdout, "fine\r\n");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetch_deletes_environments_whose_template_job_is_gone() {
+    let s = nomad_server().await;
+    s.environment(8, 2, json!({})).await;
+    s.environment(9, 1, json!({})).await;
+    let runner = s.claim(8, 0).await;
+    // Someone removes the template job in Nomad behind the gateway's back.
+    let r = reqwest::Client::new()
+        .delete(format!(
+            "{}/v1/job/template-8?purge=true",
+            s.emulator_url().unwrap()
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+    let r = s
+        .http
+        .get(s.url("/execution-environments/8?fetch=true"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let list: Value = s
+        .http
+        .get(s.url("/execution-environments"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ids: Vec<u64> = list["executionEnvironments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ids, vec![9]);
+    assert_eq!(
+        s.http
+            .get(s.url(&format!("/runners/{runner}/files")))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        410
+    );
+    eventually(
+        "the deleted environment's runner jobs are purged",
+        30,
+        || async { runner_jobs(&s, 8).await.is_empty() },
+    )
+    .await;
+    settled(&s, 9, 1, 0).await;
+}
