@@ -56,13 +56,14 @@ impl NomadRunner {
         &self.shared.client
     }
 
-    /// The allocation to exec into: the first (newest) allocation of the job, like Poseidon.
+    /// The allocation to exec into: the running one (Poseidon takes the first listed, which after a
+    /// reschedule can be the dead one).
     async fn allocation(&self) -> Result<String, BackendError> {
         let (list, _) = self
             .client()
             .job_allocations(self.id.as_str(), None)
             .await?;
-        list.first()
+        crate::jobs::current_allocation(&list)
             .and_then(|a| a["ID"].as_str())
             .map(String::from)
             .ok_or_else(|| BackendError::NodeDown(format!("runner {} has no allocation", self.id)))
