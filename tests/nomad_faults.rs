@@ -300,3 +300,41 @@ async fn fetch_deletes_environments_whose_template_job_is_gone() {
     .await;
     settled(&s, 9, 1, 0).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rescheduled_runner_in_use_stays_the_learners_with_its_files_gone() {
+    let s = nomad_server().await;
+    s.environment(10, 1, json!({})).await;
+    let runner = s.claim(10, 600).await;
+    s.copy(&runner, &[("work.txt", b"before")]).await;
+    let url = s
+        .execute(&runner, json!({"command": "echo up; sleep 100"}))
+        .await;
+    let mut ws = Ws::connect(&url).await;
+    ws.wait_stdout("up").await;
+    let alloc = allocation_of(&s, &runner).await;
+    fault(
+        &s,
+        &format!("allocation/{}/lose-node", alloc["ID"].as_str().unwrap()),
+    )
+    .await;
+    let out = ws.finish().await;
+    assert_eq!(
+        out.last,
+        json!({"type": "error", "data": "Error executing the request"})
+    );
+    // Same runner id, a fresh sandbox: the file is gone, commands run again.
+    eventually("the runner runs on its new allocation", 30, || async {
+        let r = s
+            .http
+            .get(s.url(&format!("/runners/{runner}/files/raw?path=work.txt")))
+            .send()
+            .await
+            .unwrap();
+        r.status() == 424
+    })
+    .await;
+    let out = s.run(&runner, json!({"command": "echo again"})).await;
+    assert_eq!(out.stdout, "again\r\n");
+    settled(&s, 10, 1, 1).await;
+}

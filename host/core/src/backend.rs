@@ -138,6 +138,12 @@ pub enum BackendEvent {
         /// Why.
         reason: LostReason,
     },
+    /// The runner's sandbox was restarted or moved (e.g. rescheduled to another node): the runner
+    /// still exists under its id, but its files and processes are gone.
+    RunnerRestarted {
+        /// Which runner.
+        runner: RunnerId,
+    },
     /// The backend's view of environments changed; the manager should re-read them.
     EnvironmentsChanged,
 }

@@ -403,6 +403,14 @@ impl Manager {
                     env.note_lost(&runner);
                 }
             }
+            BackendEvent::RunnerRestarted { runner } => {
+                // A claimed runner stays its client's (its files are gone); an idle one stays idle.
+                let claimed = self.inner.runners.read().unwrap().get(&runner).cloned();
+                if let Some(claimed) = claimed {
+                    tracing::info!(runner = %runner, "the runner's sandbox restarted; it stays claimed");
+                    claimed.interrupt_executions();
+                }
+            }
             BackendEvent::EnvironmentsChanged => {
                 if let Err(e) = self.refresh_environments().await {
                     tracing::warn!(error = %e, "could not re-read environments");

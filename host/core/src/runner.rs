@@ -61,6 +61,8 @@ pub struct Runner {
     activity: Activity,
     destroyed: CancellationToken,
     reason: OnceLock<DestroyReason>,
+    /// Cancelled when the sandbox restarts under the runner: running executions end, the runner stays.
+    restarted: Mutex<CancellationToken>,
 }
 
 impl Runner {
@@ -79,6 +81,7 @@ impl Runner {
             activity: Activity::new(inactivity_timeout),
             destroyed: CancellationToken::new(),
             reason: OnceLock::new(),
+            restarted: Mutex::new(CancellationToken::new()),
         }
     }
 
@@ -155,6 +158,14 @@ impl Runner {
         ExecutionHandle::new(events_rx, stdin_tx, cancel)
     }
 
+    /// Ends the running executions (with [`GENERIC_EXECUTION_ERROR`]) because the sandbox restarted;
+    /// the runner itself stays claimed.
+    pub(crate) fn interrupt_executions(&self) {
+        let mut token = self.restarted.lock().unwrap();
+        token.cancel();
+        *token = CancellationToken::new();
+    }
+
     async fn drive(
         self: Arc<Self>,
         request: ExecutionRequest,
@@ -163,6 +174,7 @@ impl Runner {
         client_gone: CancellationToken,
     ) {
         let _running = self.activity.begin();
+        let restarted = self.restarted.lock().unwrap().clone();
         let exec = ExecRequest {
             command: request.command,
             environment: request.environment,
@@ -200,6 +212,7 @@ impl Runner {
             last = forward_output(process.events, &events) => last,
             _ = time_limit => Some(ExecEvent::Timeout),
             _ = self.destroyed.cancelled() => Some(self.final_event()),
+            _ = restarted.cancelled() => Some(ExecEvent::Error(GENERIC_EXECUTION_ERROR.to_string())),
             _ = client_gone.cancelled() => None,
         };
         kill.cancel();

@@ -231,6 +231,17 @@ async fn report(
     if shared.is_destroyed(&job) {
         return;
     }
+    if reason == LostReason::Restarted {
+        // Restarted or rescheduled: the job lives on with a fresh allocation (Poseidon's docs
+        // promise this; its code purged restarted runners, §8.33).
+        tracing::info!(runner = %job, "runner restarted");
+        let _ = tx
+            .send(BackendEvent::RunnerRestarted {
+                runner: RunnerId::from_raw(job),
+            })
+            .await;
+        return;
+    }
     tracing::info!(runner = %job, ?reason, "runner lost");
     let _ = tx
         .send(BackendEvent::RunnerLost {

@@ -19,6 +19,9 @@ use crate::backend::Shared;
 use crate::exec::{self, Frame};
 use crate::jobs::CONFIG_GROUP;
 
+/// How long an operation waits for a runner's restarted allocation to run again.
+const ALLOCATION_WAIT: Duration = Duration::from_secs(30);
+
 pub use poseidon_core::scripts::parse_listing;
 use poseidon_core::scripts::{DELETE_SCRIPT, DOWNLOAD_SCRIPT, LIST_SCRIPT, UPDATE_SCRIPT};
 
@@ -57,16 +60,26 @@ impl NomadRunner {
     }
 
     /// The allocation to exec into: the running one (Poseidon takes the first listed, which after a
-    /// reschedule can be the dead one).
+    /// reschedule can be the dead one). A replacement that is still starting is waited for.
     async fn allocation(&self) -> Result<String, BackendError> {
-        let (list, _) = self
-            .client()
-            .job_allocations(self.id.as_str(), None)
-            .await?;
-        crate::jobs::current_allocation(&list)
-            .and_then(|a| a["ID"].as_str())
-            .map(String::from)
-            .ok_or_else(|| BackendError::NodeDown(format!("runner {} has no allocation", self.id)))
+        let deadline = tokio::time::Instant::now() + ALLOCATION_WAIT;
+        loop {
+            let (list, _) = self
+                .client()
+                .job_allocations(self.id.as_str(), None)
+                .await?;
+            let current = crate::jobs::current_allocation(&list);
+            let starting = current.is_some_and(|a| a["ClientStatus"] == "pending");
+            if !starting || tokio::time::Instant::now() >= deadline {
+                return current
+                    .and_then(|a| a["ID"].as_str())
+                    .map(String::from)
+                    .ok_or_else(|| {
+                        BackendError::NodeDown(format!("runner {} has no allocation", self.id))
+                    });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     fn script(script: &str, args: impl IntoIterator<Item = String>) -> Vec<String> {

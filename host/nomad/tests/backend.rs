@@ -306,7 +306,7 @@ async fn oom_kill_is_reported_even_after_a_stream_cut() {
 }
 
 #[tokio::test]
-async fn node_loss_is_reported_as_restart() {
+async fn node_loss_is_reported_as_a_restart_and_the_runner_lives_on() {
     let (emu, backend) = setup().await;
     let mut events = backend.take_events().unwrap();
     let id = RunnerId::generate(13);
@@ -320,9 +320,32 @@ async fn node_loss_is_reported_as_restart() {
         .send()
         .await
         .unwrap();
-    let (lost, reason) = next_lost(&mut events).await;
-    assert_eq!(lost, id);
-    assert_eq!(reason, LostReason::Restarted);
+    let end = Instant::now() + DEADLINE;
+    loop {
+        let event =
+            tokio::time::timeout(end.saturating_duration_since(Instant::now()), events.recv())
+                .await
+                .expect("a RunnerRestarted event in time");
+        match event {
+            Some(BackendEvent::RunnerRestarted { runner }) => {
+                assert_eq!(runner, id);
+                break;
+            }
+            Some(BackendEvent::RunnerLost { runner, reason }) => {
+                panic!("{runner} reported lost ({reason:?}) instead of restarted")
+            }
+            Some(_) => continue,
+            None => panic!("event channel closed"),
+        }
+    }
+    // The job was not purged: it runs on a new allocation.
+    let jobs: serde_json::Value = reqwest::get(format!("{}/v1/jobs?prefix={id}", emu.url()))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(jobs.as_array().unwrap().len(), 1, "{jobs}");
 }
 
 #[tokio::test]

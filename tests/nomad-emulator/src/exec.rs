@@ -344,10 +344,12 @@ async fn run_pipes(shared: &Shared, t: Target, socket: WebSocket) -> io::Result<
         }
         sink
     });
+    let mut killed = false;
     let status = loop {
         tokio::select! {
             s = child.wait() => break s,
-            _ = t.cancel.cancelled() => { crate::client::kill_group(pgid, nix::sys::signal::Signal::SIGKILL); }
+            // Kill once: a cancelled token stays ready, and select! must not spin on it.
+            _ = t.cancel.cancelled(), if !killed => { killed = true; crate::client::kill_group(pgid, nix::sys::signal::Signal::SIGKILL); }
             m = stream.next() => match m.and_then(|m| m.ok()).as_ref().and_then(decode_input) {
                 None => {
                     // Client went away: end the process.
@@ -484,10 +486,12 @@ async fn run_tty(shared: &Shared, t: Target, socket: WebSocket) -> io::Result<()
         }
         sink
     });
+    let mut killed = false;
     let status = loop {
         tokio::select! {
             s = child.wait() => break s,
-            _ = t.cancel.cancelled() => { crate::client::kill_group(pgid, nix::sys::signal::Signal::SIGKILL); }
+            // Kill once: a cancelled token stays ready, and select! must not spin on it.
+            _ = t.cancel.cancelled(), if !killed => { killed = true; crate::client::kill_group(pgid, nix::sys::signal::Signal::SIGKILL); }
             m = stream.next() => match m.and_then(|m| m.ok()).as_ref().and_then(decode_input) {
                 None => {
                     crate::client::kill_group(pgid, nix::sys::signal::Signal::SIGKILL);
