@@ -93,8 +93,9 @@ pub fn ewma(samples: &[u32], alpha: f64) -> f64 {
 pub fn wanted(settings: &Settings, state: &PoolState) -> u32 {
     let rate = ewma(&state.claims_per_minute, settings.alpha);
     let demand = rate * settings.horizon_minutes * (1.0 + settings.headroom_percent / 100.0);
+    // Round up, but not float noise (3 × 2 computed as 6.000000000000001 is 6).
     // `as` saturates for out-of-range floats.
-    let mut wanted = (demand.ceil() as u32).saturating_add(settings.headroom);
+    let mut wanted = ((demand - 1e-9).ceil().max(0.0) as u32).saturating_add(settings.headroom);
     if state.empty_pool_misses > 0 {
         wanted = wanted.saturating_add(settings.miss_boost);
     }
