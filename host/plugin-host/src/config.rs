@@ -252,3 +252,65 @@ fn scalar_map<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String
         })
         .collect())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_documented_example() {
+        let yaml = r#"
+directory: /etc/poseidon/plugins
+entries:
+  - name: lecture-times
+    file: timetable_sizer.wasm
+    kind: pool-sizer
+    environments: [10, 11]
+    config:
+      slots: "mon-fri 08:00-10:00 = 20"
+  - file: submission_guard.wasm
+    failOpen: false
+    config: { maxFiles: 200, denyPrivileged: true, ratio: 0.5 }
+limits:
+  callTimeoutMs: 500
+  epochTickMs: 10
+  epochDeadlineTicks: 10
+  fuel: null
+  memoryMb: 64
+  maxConcurrentCalls: 16
+  pooling: true
+sizer: { min: 0, max: 100, hysteresis: 1 }
+watch: true
+debounceMs: 100
+"#;
+        let c: PluginsConfig = serde_yaml::from_str(yaml).unwrap();
+        assert_eq!(c.directory, PathBuf::from("/etc/poseidon/plugins"));
+        assert_eq!(c.entries.len(), 2);
+        assert_eq!(c.entries[0].display_name(), "lecture-times");
+        assert_eq!(c.entries[0].kind, Some(PluginKind::PoolSizer));
+        assert!(c.entries[0].applies_to(10) && !c.entries[0].applies_to(12));
+        assert_eq!(c.entries[1].display_name(), "submission_guard");
+        assert!(c.entries[1].applies_to(12));
+        assert_eq!(c.entries[1].config["maxFiles"], "200");
+        assert_eq!(c.entries[1].config["denyPrivileged"], "true");
+        assert_eq!(c.entries[1].config["ratio"], "0.5");
+        assert_eq!(c.limits, Limits::default());
+        assert_eq!(c.sizer.max, 100);
+    }
+
+    #[test]
+    fn defaults_aliases_and_lowercase_keys() {
+        let c: PluginsConfig = serde_yaml::from_str(
+            "directory: p\nplugins:\n  - {file: a.wasm, kind: poolSizer, failopen: true}\nlimits: {calltimeoutms: 50, memorymb: 8}\n",
+        )
+        .unwrap();
+        assert_eq!(c.entries[0].kind, Some(PluginKind::PoolSizer));
+        assert!(c.entries[0].fail_open);
+        assert_eq!(c.limits.call_timeout_ms, 50);
+        assert_eq!(c.limits.memory_mb, 8);
+        assert_eq!(c.limits.epoch_tick_ms, 10);
+        assert!(c.watch);
+        let empty: PluginsConfig = serde_yaml::from_str("{}").unwrap();
+        assert_eq!(empty, PluginsConfig::default());
+    }
+}
