@@ -1,1 +1,94 @@
-//! placeholder
+//! The Poseidon API (`/api/v1`) over HTTP and WebSocket.
+//!
+//! This is the only crate that knows the wire JSON: requests are parsed and validated here into
+//! core types, core results and errors are turned into Poseidon's responses here.
+
+#![forbid(unsafe_code)]
+
+pub mod auth;
+mod body;
+mod error;
+mod peer;
+mod policy;
+mod query;
+mod routes;
+mod websocket;
+mod wire;
+
+use std::sync::Arc;
+
+use axum::routing::{get, post};
+use axum::Router;
+use poseidon_core::Manager;
+
+pub use auth::LocalAddr;
+pub use error::ApiError;
+pub use policy::{AuthRequest, Denial, NoPolicies, Policies, Principal};
+
+/// Settings of the API layer.
+#[derive(Debug, Clone)]
+pub struct ApiSettings {
+    /// `server.token`: required in the `Poseidon-Token` header when not empty.
+    pub token: String,
+    /// Whether the server itself serves TLS (WebSocket URLs then use `wss`).
+    pub tls: bool,
+    /// `server.alert.prewarmingpoolthreshold` (0 disables the health alert).
+    pub prewarming_pool_threshold: f64,
+    /// Largest accepted request body in bytes (larger ones get 413).
+    pub max_body_bytes: usize,
+    /// What `/version` answers.
+    pub version: String,
+    /// Host uids of sandboxes: API requests from processes with these uids are refused.
+    pub sandbox_uids: Option<std::ops::Range<u32>>,
+}
+
+/// Everything a handler needs.
+#[derive(Clone)]
+pub struct AppState {
+    /// The manager of environments and runners.
+    pub manager: Manager,
+    /// API settings.
+    pub settings: Arc<ApiSettings>,
+    /// Authentication and preprocessing policies (plugins).
+    pub policies: Arc<dyn Policies>,
+}
+
+/// The complete router: every route of `/api/v1`.
+pub fn router(state: AppState) -> Router {
+    use routes::{environments, files, misc, runners};
+    let open = Router::new()
+        .route("/api/v1/health", get(misc::health))
+        .route("/api/v1/version", get(misc::version));
+    let protected = Router::new()
+        .route(
+            "/api/v1/statistics/execution-environments",
+            get(misc::statistics),
+        )
+        .route("/api/v1/execution-environments", get(environments::list))
+        .route(
+            "/api/v1/execution-environments/{id}",
+            get(environments::get_one)
+                .put(environments::put)
+                .delete(environments::delete),
+        )
+        .route("/api/v1/runners", post(runners::claim))
+        .route(
+            "/api/v1/runners/{runner}",
+            axum::routing::delete(runners::destroy),
+        )
+        .route(
+            "/api/v1/runners/{runner}/files",
+            get(files::list).patch(files::update),
+        )
+        .route("/api/v1/runners/{runner}/files/raw", get(files::download))
+        .route("/api/v1/runners/{runner}/execute", post(runners::execute))
+        .route(
+            "/api/v1/runners/{runner}/websocket",
+            get(websocket::connect),
+        )
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::authenticate,
+        ));
+    open.merge(protected).with_state(state)
+}

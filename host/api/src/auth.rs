@@ -1,0 +1,89 @@
+//! Authentication: the `Poseidon-Token` (constant-time) and, if configured, a plugin authenticator.
+
+use axum::extract::{Request, State};
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use subtle::ConstantTimeEq;
+
+use crate::error::ApiError;
+use crate::policy::AuthRequest;
+use crate::AppState;
+
+/// The server's own address of a connection (request extension set by the binary, optional).
+#[derive(Debug, Clone, Copy)]
+pub struct LocalAddr(pub std::net::SocketAddr);
+
+/// Checks the token and runs the authenticator; the principal goes into the request extensions.
+pub(crate) async fn authenticate(
+    State(state): State<AppState>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let expected = state.settings.token.as_bytes();
+    if !expected.is_empty() {
+        let given = request
+            .headers()
+            .get("Poseidon-Token")
+            .map(|v| v.as_bytes())
+            .unwrap_or_default();
+        // Different lengths compare unequal; equal lengths are compared in constant time.
+        if !bool::from(given.ct_eq(expected)) {
+            return ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong Poseidon-Token header",
+                None,
+            )
+            .into_response();
+        }
+    }
+    if let Some(uids) = &state.settings.sandbox_uids {
+        let peer = request
+            .extensions()
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map(|c| c.0);
+        let local = request.extensions().get::<LocalAddr>().map(|l| l.0);
+        if peer.is_some_and(|p| crate::peer::from_sandbox(p, local, uids)) {
+            return ApiError::new(
+                StatusCode::FORBIDDEN,
+                "runners may not use the gateway's API",
+                None,
+            )
+            .into_response();
+        }
+    }
+    let auth = AuthRequest {
+        method: request.method().to_string(),
+        path: request.uri().path().to_string(),
+        headers: request
+            .headers()
+            .iter()
+            .filter(|(name, _)| !name.as_str().eq_ignore_ascii_case("poseidon-token"))
+            .map(|(n, v)| {
+                (
+                    n.as_str().to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect(),
+        peer: request
+            .extensions()
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map(|c| c.0.to_string()),
+    };
+    match state.policies.authenticate(&auth).await {
+        Ok(principal) => {
+            if let Some(principal) = principal {
+                request.extensions_mut().insert(principal);
+            }
+            next.run(request).await
+        }
+        Err(denial) => {
+            let status = StatusCode::from_u16(denial.status)
+                .ok()
+                .filter(|s| s.is_client_error())
+                .unwrap_or(StatusCode::UNAUTHORIZED);
+            ApiError::new(status, denial.message, None).into_response()
+        }
+    }
+}

@@ -1,0 +1,50 @@
+//! `/health`, `/version` and `/statistics/execution-environments`.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+
+use crate::error::ApiError;
+use crate::policy::Principal;
+use crate::wire;
+use crate::AppState;
+
+/// 204, or 503 `PREWARMING_POOL_DEPLETING` when a pool is below the alert threshold.
+pub(crate) async fn health(State(state): State<AppState>) -> Response {
+    let depleting = state
+        .manager
+        .depleting_environments(state.settings.prewarming_pool_threshold);
+    if depleting.is_empty() {
+        return StatusCode::NO_CONTENT.into_response();
+    }
+    let ids: Vec<String> = depleting.iter().map(ToString::to_string).collect();
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!(
+            "the prewarming pool is depleting: environments {}",
+            ids.join(", ")
+        ),
+        Some("PREWARMING_POOL_DEPLETING"),
+    )
+    .into_response()
+}
+
+/// The release as a JSON string.
+pub(crate) async fn version(State(state): State<AppState>) -> Response {
+    Json(state.settings.version.clone()).into_response()
+}
+
+/// Pool figures per environment, keyed by id.
+pub(crate) async fn statistics(
+    State(state): State<AppState>,
+    principal: Option<Extension<Principal>>,
+) -> Response {
+    let stats = state
+        .manager
+        .statistics()
+        .into_iter()
+        .filter(|s| principal.as_ref().is_none_or(|p| p.may_use(s.id)))
+        .collect();
+    Json(wire::statistics(stats)).into_response()
+}

@@ -1,0 +1,255 @@
+//! One environment's pool of idle runners and the reconciler that keeps it at its target size.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::backend::{Backend, RunnerBackend};
+use crate::environment::EnvironmentConfig;
+use crate::ids::RunnerId;
+use crate::policy::{PoolPolicy, PoolSnapshot};
+
+/// How often the reconciler re-checks a pool without being woken.
+const RECONCILE_INTERVAL: Duration = Duration::from_secs(2);
+/// Most runners started at once for one environment.
+const MAX_PARALLEL_STARTS: usize = 4;
+/// Longest wait after repeated start failures.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// An environment with its idle pool. Idle runners are owned by the pool until claimed.
+pub(crate) struct Environment {
+    pub(crate) config: EnvironmentConfig,
+    idle: Mutex<VecDeque<Arc<dyn RunnerBackend>>>,
+    starting: AtomicUsize,
+    target: AtomicU32,
+    wake: Notify,
+    stop: CancellationToken,
+    claims: Mutex<ClaimHistory>,
+    misses: AtomicU64,
+}
+
+impl Environment {
+    pub(crate) fn new(config: EnvironmentConfig) -> Arc<Self> {
+        let target = config.prewarming_pool_size;
+        Arc::new(Self {
+            config,
+            idle: Mutex::new(VecDeque::new()),
+            starting: AtomicUsize::new(0),
+            target: AtomicU32::new(target),
+            wake: Notify::new(),
+            stop: CancellationToken::new(),
+            claims: Mutex::new(ClaimHistory::default()),
+            misses: AtomicU64::new(0),
+        })
+    }
+
+    /// Adds a runner to the idle pool (recovery).
+    pub(crate) fn add_idle(&self, runner: Arc<dyn RunnerBackend>) {
+        self.idle.lock().unwrap().push_back(runner);
+    }
+
+    /// Takes an idle runner, recording the claim (or the miss).
+    pub(crate) fn take_idle(&self) -> Option<Arc<dyn RunnerBackend>> {
+        let runner = self.idle.lock().unwrap().pop_front();
+        match runner {
+            Some(_) => self.claims.lock().unwrap().record(Instant::now()),
+            None => {
+                self.misses.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.wake.notify_one();
+        runner
+    }
+
+    /// Removes a specific idle runner (the backend lost it).
+    pub(crate) fn remove_idle(&self, id: &RunnerId) -> Option<Arc<dyn RunnerBackend>> {
+        let mut idle = self.idle.lock().unwrap();
+        let position = idle.iter().position(|r| r.id() == id)?;
+        let runner = idle.remove(position);
+        drop(idle);
+        self.wake.notify_one();
+        runner
+    }
+
+    pub(crate) fn idle_count(&self) -> usize {
+        self.idle.lock().unwrap().len()
+    }
+
+    pub(crate) fn starting_count(&self) -> usize {
+        self.starting.load(Ordering::Relaxed)
+    }
+
+    /// Current target of idle runners (configured size or the policy's answer).
+    pub(crate) fn target(&self) -> u32 {
+        self.target.load(Ordering::Relaxed)
+    }
+
+    /// Stops the reconciler and hands back the idle runners for destruction.
+    pub(crate) fn shut_down(&self) -> Vec<Arc<dyn RunnerBackend>> {
+        self.stop.cancel();
+        self.wake.notify_one();
+        self.idle.lock().unwrap().drain(..).collect()
+    }
+
+    fn snapshot(&self, used: u32) -> PoolSnapshot {
+        PoolSnapshot {
+            config: self.config.clone(),
+            idle: self.idle_count() as u32,
+            used,
+            starting: self.starting_count() as u32,
+            claims_per_minute: self.claims.lock().unwrap().per_minute(Instant::now()),
+            empty_pool_misses: self.misses.load(Ordering::Relaxed),
+            now_unix: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs() as i64)
+                .unwrap_or(0),
+        }
+    }
+}
+
+/// Keeps `env`'s pool at its target until the environment is shut down.
+pub(crate) async fn reconcile(
+    env: Arc<Environment>,
+    backend: Arc<dyn Backend>,
+    policy: Option<Arc<dyn PoolPolicy>>,
+    used: impl Fn() -> u32 + Send + Sync + 'static,
+) {
+    let mut failures: u32 = 0;
+    let mut retry_at = Instant::now();
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<bool>();
+    loop {
+        if env.stop.is_cancelled() {
+            return;
+        }
+        let configured = env.config.prewarming_pool_size;
+        let target = match &policy {
+            Some(policy) => policy
+                .desired_idle(&env.snapshot(used()))
+                .await
+                .unwrap_or(configured),
+            None => configured,
+        };
+        env.target.store(target, Ordering::Relaxed);
+        let target = target as usize;
+        let idle = env.idle_count();
+        let starting = env.starting_count();
+        if idle + starting < target && Instant::now() >= retry_at {
+            let room = MAX_PARALLEL_STARTS.saturating_sub(starting);
+            for _ in 0..(target - idle - starting).min(room) {
+                env.starting.fetch_add(1, Ordering::Relaxed);
+                let env = Arc::clone(&env);
+                let backend = Arc::clone(&backend);
+                let done = done_tx.clone();
+                tokio::spawn(async move {
+                    let id = RunnerId::generate(env.config.id);
+                    let result = backend.create_runner(&env.config, id).await;
+                    let ok = result.is_ok();
+                    match result {
+                        Ok(runner) if env.stop.is_cancelled() => {
+                            if let Err(e) = runner.destroy().await {
+                                tracing::warn!(error = %e, "could not destroy a runner of a removed environment");
+                            }
+                        }
+                        Ok(runner) => env.add_idle(runner),
+                        Err(e) => {
+                            tracing::warn!(environment = env.config.id, error = %e, "could not start a runner")
+                        }
+                    }
+                    env.starting.fetch_sub(1, Ordering::Relaxed);
+                    let _ = done.send(ok);
+                    env.wake.notify_one();
+                });
+            }
+        } else if idle > target {
+            let extra: Vec<_> = {
+                let mut pool = env.idle.lock().unwrap();
+                let keep = target.min(pool.len());
+                pool.drain(keep..).collect()
+            };
+            for runner in extra {
+                tokio::spawn(async move {
+                    if let Err(e) = runner.destroy().await {
+                        tracing::warn!(error = %e, "could not destroy a surplus runner");
+                    }
+                });
+            }
+        }
+        let wait = retry_at
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1))
+            .min(RECONCILE_INTERVAL);
+        tokio::select! {
+            _ = env.stop.cancelled() => return,
+            _ = env.wake.notified() => {}
+            Some(ok) = done_rx.recv() => {
+                if ok {
+                    failures = 0;
+                    retry_at = Instant::now();
+                } else {
+                    failures = failures.saturating_add(1);
+                    let backoff = Duration::from_millis(250u64 << failures.min(7)).min(MAX_BACKOFF);
+                    retry_at = Instant::now() + backoff;
+                }
+            }
+            _ = tokio::time::sleep(if idle + starting < target { wait } else { RECONCILE_INTERVAL }) => {}
+        }
+    }
+}
+
+/// Claims per minute over the last hour.
+#[derive(Default)]
+struct ClaimHistory {
+    /// (minute index since start, count), oldest first.
+    minutes: VecDeque<(u64, u32)>,
+    origin: Option<Instant>,
+}
+
+impl ClaimHistory {
+    fn minute(&mut self, now: Instant) -> u64 {
+        let origin = *self.origin.get_or_insert(now);
+        now.duration_since(origin).as_secs() / 60
+    }
+
+    fn record(&mut self, now: Instant) {
+        let minute = self.minute(now);
+        match self.minutes.back_mut() {
+            Some((m, count)) if *m == minute => *count += 1,
+            _ => self.minutes.push_back((minute, 1)),
+        }
+        while self.minutes.front().is_some_and(|(m, _)| *m + 60 <= minute) {
+            self.minutes.pop_front();
+        }
+    }
+
+    fn per_minute(&mut self, now: Instant) -> Vec<u32> {
+        let current = self.minute(now);
+        (0..60u64)
+            .map(|back| {
+                let m = current.checked_sub(59 - back);
+                m.and_then(|m| self.minutes.iter().find(|(k, _)| *k == m).map(|(_, c)| *c))
+                    .unwrap_or(0)
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn claim_history_counts_the_current_minute_last() {
+        let mut h = ClaimHistory::default();
+        let now = Instant::now();
+        h.record(now);
+        h.record(now);
+        let v = h.per_minute(now);
+        assert_eq!(v.len(), 60);
+        assert_eq!(v[59], 2);
+        assert_eq!(v.iter().sum::<u32>(), 2);
+    }
+}

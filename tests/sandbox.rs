@@ -1,0 +1,263 @@
+//! The local sandbox: isolation between runners, read-only system, limits, clean environment.
+
+mod support;
+
+use serde_json::{json, Value};
+use support::{eventually, host_processes_with, Options, Server, Ws};
+
+#[tokio::test]
+async fn runners_cannot_see_each_others_files_or_processes() {
+    let s = Server::start().await;
+    s.environment(1, 2, json!({})).await;
+    let a = s.claim(1, 60).await;
+    let b = s.claim(1, 60).await;
+    s.copy(&a, &[("secret.txt", b"only for a")]).await;
+    let out = s
+        .run(&a, json!({"command": "echo a-tmp > /tmp/a-tmp; ls"}))
+        .await;
+    assert_eq!(out.stdout, "secret.txt\r\n");
+    let out = s.run(&b, json!({"command": "ls -A /workspace /tmp; cat /workspace/secret.txt", "privilegedExecution": true})).await;
+    assert!(
+        !out.stdout.contains("secret") && !out.stdout.contains("a-tmp"),
+        "{}",
+        out.stdout
+    );
+    assert_ne!(out.exit(), Some(0));
+    // A long-running program of runner a is invisible to runner b, and b sees only its own processes.
+    let marker = format!("proc-{}", std::process::id());
+    let url = s
+        .execute(
+            &a,
+            json!({"command": format!("echo up; sleep 1000 # {marker}")}),
+        )
+        .await;
+    let mut ws = Ws::connect(&url).await;
+    ws.wait_stdout("up").await;
+    let out = s
+        .run(
+            &b,
+            json!({"command": "ps -eo args", "privilegedExecution": true}),
+        )
+        .await;
+    assert!(!out.stdout.contains(&marker), "{}", out.stdout);
+    let processes = out.stdout.lines().count();
+    assert!(processes <= 5, "b sees foreign processes: {}", out.stdout);
+    // Neither the state directory nor the host's home is visible.
+    let out = s.run(&b, json!({"command": "ls /root /var/lib 2>&1; find / -name secret.txt 2>/dev/null | head -1"})).await;
+    assert!(!out.stdout.contains("secret.txt"), "{}", out.stdout);
+    ws.disconnect().await;
+}
+
+#[tokio::test]
+async fn system_directories_are_read_only_even_for_root() {
+    let s = Server::start().await;
+    s.environment(1, 1, json!({})).await;
+    let r = s.claim(1, 60).await;
+    for privileged in [false, true] {
+        let out = s.run(&r, json!({"command": "touch /usr/x || touch /etc/x || touch /bin/x || touch /x; echo rc=$?", "privilegedExecution": privileged})).await;
+        assert!(out.stdout.contains("rc=1"), "{privileged}: {}", out.stdout);
+        let out = s.run(&r, json!({"command": "cat /etc/shadow >/dev/null 2>&1; echo rc=$?", "privilegedExecution": privileged})).await;
+        assert!(
+            out.stdout.contains("rc=1"),
+            "{privileged}: /etc/shadow readable: {}",
+            out.stdout
+        );
+    }
+    // The sandbox's root has no capabilities on the host: its host uid is not 0.
+    let marker = format!("uid-{}", std::process::id());
+    let url = s
+        .execute(
+            &r,
+            json!({"command": format!("sleep 1000 # {marker}"), "privilegedExecution": true}),
+        )
+        .await;
+    let ws = Ws::connect(&url).await;
+    eventually("the sandboxed process runs", 10, || async {
+        !host_processes_with(&marker).is_empty()
+    })
+    .await;
+    for pid in host_processes_with(&marker) {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let uid_line = status
+            .lines()
+            .find(|l| l.starts_with("Uid:"))
+            .unwrap_or("Uid: 1");
+        assert!(
+            !uid_line.split_whitespace().skip(1).any(|u| u == "0"),
+            "host root: {uid_line}"
+        );
+    }
+    ws.disconnect().await;
+}
+
+#[tokio::test]
+async fn executions_see_only_their_own_environment_and_no_inherited_descriptors() {
+    let s = Server::start().await;
+    s.environment(1, 1, json!({})).await;
+    let r = s.claim(1, 60).await;
+    let out = s
+        .run(&r, json!({"command": "env", "environment": {"MINE": "1"}}))
+        .await;
+    let keys: Vec<&str> = out
+        .stdout
+        .lines()
+        .filter_map(|l| l.split('=').next())
+        .collect();
+    assert!(
+        !out.stdout.contains("server-secret-value"),
+        "{}",
+        out.stdout
+    );
+    for key in &keys {
+        assert!(
+            [
+                "PATH",
+                "HOME",
+                "LANG",
+                "CODEOCEAN",
+                "MINE",
+                "PWD",
+                "SHLVL",
+                "_"
+            ]
+            .contains(key),
+            "unexpected variable {key}: {}",
+            out.stdout
+        );
+    }
+    assert!(keys.contains(&"MINE") && keys.contains(&"CODEOCEAN"));
+    let out = s
+        .run(&r, json!({"command": "ls /proc/self/fd | tr '\\n' ' '"}))
+        .await;
+    let fds: Vec<u32> = out
+        .stdout
+        .split_whitespace()
+        .map(|f| f.parse().unwrap())
+        .collect();
+    assert!(
+        fds.iter().all(|fd| *fd <= 3),
+        "inherited descriptors: {fds:?}"
+    );
+}
+
+#[tokio::test]
+async fn network_is_off_unless_allowed_and_the_api_still_needs_the_token() {
+    let s = Server::start().await;
+    s.environment(1, 1, json!({})).await;
+    s.environment(2, 1, json!({"networkAccess": true})).await;
+    let offline = s.claim(1, 60).await;
+    let online = s.claim(2, 60).await;
+    let port = s.addr.rsplit(':').next().unwrap();
+    let probe = format!(
+        "python3 -c \"import urllib.request as u\ntry:\n  u.urlopen('http://127.0.0.1:{port}/api/v1/execution-environments', timeout=5)\nexcept Exception as e:\n  print(type(e).__name__, getattr(e, 'code', ''))\""
+    );
+    let out = s.run(&offline, json!({"command": probe})).await;
+    assert!(
+        out.stdout.contains("URLError"),
+        "offline runner reached the API: {}",
+        out.stdout
+    );
+    let out = s.run(&online, json!({"command": probe})).await;
+    assert!(
+        out.stdout.contains("HTTPError 401"),
+        "online runner: {}",
+        out.stdout
+    );
+}
+
+#[tokio::test]
+async fn memory_processes_and_disk_are_bounded_per_runner() {
+    let s = Server::start_with(Options {
+        local_yaml: "  pidslimit: 64\n  workspacesizemb: 16".into(),
+        ..Default::default()
+    })
+    .await;
+    s.environment(1, 1, json!({"memoryLimit": 64})).await;
+    let r = s.claim(1, 60).await;
+    let out = s
+        .run(
+            &r,
+            json!({"command": "python3 -c \"x = bytearray(256*1024*1024); print('allocated')\""}),
+        )
+        .await;
+    assert!(
+        !out.stdout.contains("allocated"),
+        "memory limit not enforced: {:?}",
+        out.messages
+    );
+    assert_ne!(out.exit(), Some(0));
+    let fork = "python3 -c \"import os, time\nn = 0\ntry:\n  for i in range(200):\n    if os.fork() == 0:\n      time.sleep(30)\n      os._exit(0)\n    n += 1\nexcept OSError:\n  pass\nprint(n)\"";
+    let out = s.run(&r, json!({"command": fork})).await;
+    let started: u32 = out
+        .stdout
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("{:?}", out.messages));
+    assert!(started < 200, "process limit not enforced: {started}");
+    let out = s
+        .run(
+            &r,
+            json!({"command": "head -c 40000000 /dev/zero > big; echo rc=$?; rm -f big"}),
+        )
+        .await;
+    assert!(
+        out.stdout.contains("rc=1"),
+        "disk limit not enforced: {:?}",
+        out.messages
+    );
+    assert!(out.stderr.contains("No space left"), "{}", out.stderr);
+    // The runner still works after hitting every limit.
+    let out = s.run(&r, json!({"command": "echo ok"})).await;
+    assert_eq!(out.stdout, "ok\r\n");
+}
+
+#[tokio::test]
+async fn files_persist_between_executions_and_processes_end_with_the_runner() {
+    let s = Server::start().await;
+    s.environment(1, 1, json!({})).await;
+    let r = s.claim(1, 0).await;
+    let out = s
+        .run(
+            &r,
+            json!({"command": "echo 1 > state; mkdir -p d; echo 2 > /tmp/t"}),
+        )
+        .await;
+    assert_eq!(out.exit(), Some(0));
+    let out = s.run(&r, json!({"command": "cat state /tmp/t"})).await;
+    assert_eq!(out.stdout, "1\r\n2\r\n");
+    let marker = format!("end-{}", std::process::id());
+    let url = s
+        .execute(&r, json!({"command": format!("sleep 1000 # {marker}")}))
+        .await;
+    let ws = Ws::connect(&url).await;
+    eventually("the program runs", 10, || async {
+        !host_processes_with(&marker).is_empty()
+    })
+    .await;
+    assert_eq!(
+        s.http
+            .delete(s.url(&format!("/runners/{r}")))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        204
+    );
+    eventually(
+        "every process of the destroyed runner ended",
+        10,
+        || async { host_processes_with(&marker).is_empty() },
+    )
+    .await;
+    drop(ws);
+    let stats: Value = s
+        .http
+        .get(s.url("/statistics/execution-environments"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(stats["1"]["usedRunners"], 0);
+}
