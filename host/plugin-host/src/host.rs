@@ -710,12 +710,12 @@ impl Inner {
         Duration::from_millis(self.config.debounce_ms)
     }
 
-    /// Whether a change of `path` may concern a plugin file.
-    pub(crate) fn concerns(&self, path: &Path) -> bool {
-        path.file_name().is_none_or(|name| {
-            self.slots.iter().any(|s| s.path.file_name() == Some(name))
-                || name.to_string_lossy().ends_with(".wasm")
-        })
+    /// The file names of the configured plugins.
+    pub(crate) fn file_names(&self) -> HashSet<std::ffi::OsString> {
+        self.slots
+            .iter()
+            .filter_map(|s| s.path.file_name().map(|n| n.to_os_string()))
+            .collect()
     }
 }
 

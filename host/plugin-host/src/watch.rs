@@ -20,15 +20,19 @@ pub(crate) fn start(inner: &Arc<Inner>) -> Result<(), PluginError> {
     };
     // Capacity 1: a pending message already means "rescan"; more would be redundant.
     let (tx, rx) = mpsc::channel::<()>(1);
-    let filter = Arc::downgrade(inner);
+    // The file names to react to, captured by value: the callback must not hold (or
+    // upgrade) the host, or the host could end up dropped on the watcher's own thread.
+    let names = inner.file_names();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         let relevant = match &event {
-            Ok(event) => match filter.upgrade() {
-                Some(inner) => {
-                    event.paths.is_empty() || event.paths.iter().any(|p| inner.concerns(p))
-                }
-                None => false,
-            },
+            Ok(event) => {
+                event.paths.is_empty()
+                    || event.paths.iter().any(|p| {
+                        p.file_name().is_none_or(|n| {
+                            names.contains(n) || n.to_string_lossy().ends_with(".wasm")
+                        })
+                    })
+            }
             // On watcher errors rescan, to be safe.
             Err(_) => true,
         };
