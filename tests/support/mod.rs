@@ -193,6 +193,11 @@ impl Server {
         self.child = Some(child);
     }
 
+    /// `http://addr` of the Nomad emulator, when the server uses it.
+    pub fn emulator_url(&self) -> Option<String> {
+        self.emulator.as_ref().map(|e| e.url())
+    }
+
     /// The server's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.state.join("server.log")).unwrap_or_default()

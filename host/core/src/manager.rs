@@ -391,10 +391,16 @@ impl Manager {
                     .values()
                     .cloned()
                     .collect();
-                for env in envs {
+                for env in &envs {
                     if env.remove_idle(&runner).is_some() {
                         return;
                     }
+                }
+                if let Some(env) = envs
+                    .iter()
+                    .find(|e| Some(e.config.id) == runner.environment())
+                {
+                    env.note_lost(&runner);
                 }
             }
             BackendEvent::EnvironmentsChanged => {

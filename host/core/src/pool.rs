@@ -30,6 +30,8 @@ pub(crate) struct Environment {
     stop: CancellationToken,
     claims: Mutex<ClaimHistory>,
     misses: AtomicU64,
+    /// Runners the backend reported lost while they were still starting.
+    lost_while_starting: Mutex<std::collections::HashSet<RunnerId>>,
 }
 
 impl Environment {
@@ -44,6 +46,7 @@ impl Environment {
             stop: CancellationToken::new(),
             claims: Mutex::new(ClaimHistory::default()),
             misses: AtomicU64::new(0),
+            lost_while_starting: Mutex::new(std::collections::HashSet::new()),
         })
     }
 
@@ -73,6 +76,17 @@ impl Environment {
         drop(idle);
         self.wake.notify_one();
         runner
+    }
+
+    /// Records a loss reported for a runner this pool does not hold (yet): if it is still
+    /// starting, it must not join the pool when its start returns.
+    pub(crate) fn note_lost(&self, id: &RunnerId) {
+        if self.starting_count() > 0 {
+            let mut lost = self.lost_while_starting.lock().unwrap();
+            if lost.len() < 1024 {
+                lost.insert(id.clone());
+            }
+        }
     }
 
     pub(crate) fn idle_count(&self) -> usize {
@@ -153,6 +167,12 @@ pub(crate) async fn reconcile(
                             if let Err(e) = runner.destroy().await {
                                 tracing::warn!(error = %e, "could not destroy a runner of a removed environment");
                             }
+                        }
+                        Ok(runner)
+                            if env.lost_while_starting.lock().unwrap().remove(runner.id()) =>
+                        {
+                            tracing::info!(runner = %runner.id(), "a runner was lost while starting");
+                            let _ = runner.destroy().await;
                         }
                         Ok(runner) => env.add_idle(runner),
                         Err(e) => {

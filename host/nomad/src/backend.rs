@@ -99,7 +99,7 @@ impl NomadBackend {
             let block = (index > 0).then_some((index, left.min(Duration::from_secs(30))));
             let (list, idx) = self.client().job_allocations(job, block).await?;
             index = idx.max(1);
-            if let Some(a) = list.first() {
+            if let Some(a) = jobs::current_allocation(&list) {
                 match a["ClientStatus"].as_str().unwrap_or("") {
                     "running" => {
                         let id = a["ID"].as_str().unwrap_or("");
@@ -254,7 +254,7 @@ impl Backend for NomadBackend {
                 continue;
             };
             let (allocs, _) = self.client().job_allocations(id, None).await?;
-            let Some(first) = allocs.first() else {
+            let Some(first) = jobs::current_allocation(&allocs) else {
                 continue;
             };
             let alloc = self

@@ -28,6 +28,8 @@ pub struct Tracked {
     pub desired: String,
     /// Job (= runner id).
     pub job: String,
+    /// `ModifyIndex` of the state seen last: older events are stale and ignored.
+    pub modify_index: u64,
 }
 
 /// Allocation tracking and the stream position.
@@ -56,12 +58,14 @@ impl Tracker {
         let client = alloc["ClientStatus"].as_str().unwrap_or("").to_string();
         let desired = alloc["DesiredStatus"].as_str().unwrap_or("").to_string();
         if desired == "run" && (client == "pending" || client == "running") {
+            let modify_index = alloc["ModifyIndex"].as_u64().unwrap_or(0);
             self.allocs.insert(
                 id.to_string(),
                 Tracked {
                     client,
                     desired,
                     job: job.to_string(),
+                    modify_index,
                 },
             );
         }
@@ -101,10 +105,14 @@ pub fn apply(tracker: &mut Tracker, event: &Value) -> Option<(String, LostReason
             }
             let client = a["ClientStatus"].as_str().unwrap_or("").to_string();
             let desired = a["DesiredStatus"].as_str().unwrap_or("").to_string();
+            let modify_index = a["ModifyIndex"].as_u64().unwrap_or(0);
             let prev = tracker.allocs.get(&id).cloned();
             if let Some(p) = &prev {
                 if p.client == client && p.desired == desired {
                     return None; // duplicate or in-place update
+                }
+                if modify_index != 0 && modify_index <= p.modify_index {
+                    return None; // older than what a listing already showed: stale, out of order
                 }
             }
             let track = |t: &mut Tracker| {
@@ -114,6 +122,7 @@ pub fn apply(tracker: &mut Tracker, event: &Value) -> Option<(String, LostReason
                         client: client.clone(),
                         desired: desired.clone(),
                         job: job.clone(),
+                        modify_index,
                     },
                 )
             };

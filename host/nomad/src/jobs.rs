@@ -108,6 +108,16 @@ pub fn runner_job(env: &EnvironmentConfig, id: &str, nomad: &NomadConfig) -> Val
     build_job(env, id, meta, true, nomad)
 }
 
+/// The allocation to use of a job's allocations: a running one if there is one (after a reschedule
+/// the list also holds the dead predecessor), else the first listed.
+pub fn current_allocation(allocations: &[Value]) -> Option<&Value> {
+    allocations
+        .iter()
+        .find(|a| a["ClientStatus"] == "running")
+        .or_else(|| allocations.iter().find(|a| a["DesiredStatus"] == "run"))
+        .or_else(|| allocations.first())
+}
+
 fn group<'a>(job: &'a Value, name: &str) -> Option<&'a Value> {
     job["TaskGroups"]
         .as_array()?

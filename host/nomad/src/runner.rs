@@ -19,66 +19,8 @@ use crate::backend::Shared;
 use crate::exec::{self, Frame};
 use crate::jobs::CONFIG_GROUP;
 
-/// Deletes the paths given as arguments (`./*` clears the working directory), then extracts the
-/// tar archive on stdin with `--absolute-names`. The exit status is tar's.
-const UPDATE_SCRIPT: &str = r#"for p in "$@"; do
-  if [ "$p" = "./*" ]; then rm -rf -- ./* 2>/dev/null; else rm -rf -- "$p"; fi
-done
-exec tar --extract --absolute-names --file=-"#;
-
-/// Deletes the paths given as arguments without extracting anything.
-const DELETE_SCRIPT: &str = r#"for p in "$@"; do
-  if [ "$p" = "./*" ]; then rm -rf -- ./* 2>/dev/null; else rm -rf -- "$p"; fi
-done
-exit 0"#;
-
-/// Lists `$1` (recursively when `$2` is 1) as NUL-separated fields, seven per entry — the same
-/// format as the local backend, so both backends list identically.
-const LIST_SCRIPT: &str = r#"p="$1"
-fmt='%M\0%s\0%T@\0%u\0%g\0%p\0%l\0'
-if [ -d "$p" ]; then
-  if [ "$2" = 1 ]; then exec find "$p" -mindepth 1 -printf "$fmt"; fi
-  exec find "$p" -mindepth 1 -maxdepth 1 -printf '%M\0%s\0%T@\0%u\0%g\0%f\0%l\0'
-elif [ -e "$p" ] || [ -L "$p" ]; then
-  exec find "$p" -maxdepth 0 -printf "$fmt"
-fi
-exit 2"#;
-
-/// Prints the size of the regular file `$1` on a line of its own, then its content.
-const DOWNLOAD_SCRIPT: &str = r#"p="$1"
-[ -f "$p" ] && [ -r "$p" ] || exit 2
-size=$(stat -L -c %s -- "$p") || exit 2
-printf '%s\n' "$size"
-exec cat -- "$p""#;
-
-/// Parses the output of the listing script.
-pub fn parse_listing(output: &[u8]) -> Vec<FileEntry> {
-    let fields: Vec<&[u8]> = output.split(|b| *b == 0).collect();
-    let mut entries = Vec::new();
-    for chunk in fields.chunks_exact(7) {
-        let text = |i: usize| String::from_utf8_lossy(chunk[i]).into_owned();
-        let mode = text(0);
-        let mut chars = mode.chars();
-        let entry_type = chars.next().unwrap_or('?');
-        let link = text(6);
-        entries.push(FileEntry {
-            name: text(5),
-            entry_type,
-            link_target: (entry_type == 'l' && !link.is_empty()).then_some(link),
-            size: text(1).parse().unwrap_or(0),
-            modification_time: text(2)
-                .split('.')
-                .next()
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(0),
-            permissions: chars.collect(),
-            owner: text(3),
-            group: text(4),
-        });
-    }
-    entries.sort_by(|a, b| a.name.cmp(&b.name));
-    entries
-}
+pub use poseidon_core::scripts::parse_listing;
+use poseidon_core::scripts::{DELETE_SCRIPT, DOWNLOAD_SCRIPT, LIST_SCRIPT, UPDATE_SCRIPT};
 
 /// A runner backed by a Nomad job.
 pub struct NomadRunner {
@@ -114,13 +56,14 @@ impl NomadRunner {
         &self.shared.client
     }
 
-    /// The allocation to exec into: the first (newest) allocation of the job, like Poseidon.
+    /// The allocation to exec into: the running one (Poseidon takes the first listed, which after a
+    /// reschedule can be the dead one).
     async fn allocation(&self) -> Result<String, BackendError> {
         let (list, _) = self
             .client()
             .job_allocations(self.id.as_str(), None)
             .await?;
-        list.first()
+        crate::jobs::current_allocation(&list)
             .and_then(|a| a["ID"].as_str())
             .map(String::from)
             .ok_or_else(|| BackendError::NodeDown(format!("runner {} has no allocation", self.id)))
