@@ -1,11 +1,13 @@
 //! `poseidon`: the gateway server.
 //!
 //! `poseidon [--config PATH]` starts the server with the backend the configuration names (the
-//! local bubblewrap backend by default).
+//! local bubblewrap backend by default) and the policy plugins of its `plugins:` section.
+//! `poseidon plugin check FILE` checks a plugin file the way the server would load it.
 
 #![forbid(unsafe_code)]
 
 mod config;
+mod plugins;
 mod tls;
 
 use std::net::SocketAddr;
@@ -14,21 +16,32 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use config::Config;
-use poseidon_api::{ApiSettings, AppState, NoPolicies};
+use poseidon_api::{ApiSettings, AppState, NoPolicies, Policies};
+use poseidon_core::policy::PoolPolicy;
 use poseidon_core::{Backend, Manager};
 use poseidon_local::LocalBackend;
 use poseidon_nomad::{NomadBackend, NomadConfig};
+use poseidon_plugin_host::PluginHost;
 
 /// How long a graceful shutdown waits for open requests.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(15);
 
 fn usage() -> ! {
-    eprintln!("usage: poseidon [--config PATH]");
+    eprintln!("usage: poseidon [--config PATH]\n       poseidon plugin check FILE");
     std::process::exit(2);
 }
 
 fn main() {
-    let mut args = std::env::args().skip(1);
+    let all: Vec<String> = std::env::args().skip(1).collect();
+    if all.first().map(String::as_str) == Some("plugin") {
+        match all.get(1..).unwrap_or_default() {
+            [check, file] if check == "check" => {
+                std::process::exit(plugins::check_command(std::path::Path::new(file)))
+            }
+            _ => usage(),
+        }
+    }
+    let mut args = all.into_iter();
     let mut config_path: Option<PathBuf> = None;
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -99,7 +112,26 @@ async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         let local = Arc::new(LocalBackend::new(config.local.clone()).await?);
         (local.clone(), Some(local))
     };
-    let manager = Manager::start(backend, None).await?;
+    let plugin_config = plugins::config(&config.plugins)?;
+    let policies: Option<Arc<plugins::PluginPolicies>> = match plugin_config {
+        Some(plugin_config) => {
+            let host = PluginHost::start(plugin_config)
+                .await
+                .map_err(|e| format!("plugins: {e}"))?;
+            for status in host.status() {
+                tracing::info!(
+                    plugin = %status.name,
+                    loaded = status.loaded,
+                    error = status.last_error.as_deref().unwrap_or(""),
+                    "plugin"
+                );
+            }
+            Some(Arc::new(plugins::PluginPolicies::new(host)))
+        }
+        None => None,
+    };
+    let pool_policy = policies.clone().map(|p| p as Arc<dyn PoolPolicy>);
+    let manager = Manager::start(backend, pool_policy).await?;
     // Only the local backend's sandboxes run as host uids of their own.
     let sandbox_uids = local
         .is_some()
@@ -119,7 +151,10 @@ async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
             version,
             sandbox_uids,
         }),
-        policies: Arc::new(NoPolicies),
+        policies: match policies {
+            Some(p) => p as Arc<dyn Policies>,
+            None => Arc::new(NoPolicies),
+        },
     };
     let listener =
         tokio::net::TcpListener::bind((config.server.address.as_str(), config.server.port))

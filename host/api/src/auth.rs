@@ -20,37 +20,8 @@ pub(crate) async fn authenticate(
     mut request: Request,
     next: Next,
 ) -> Response {
-    let expected = state.settings.token.as_bytes();
-    if !expected.is_empty() {
-        let given = request
-            .headers()
-            .get("Poseidon-Token")
-            .map(|v| v.as_bytes())
-            .unwrap_or_default();
-        // Different lengths compare unequal; equal lengths are compared in constant time.
-        if !bool::from(given.ct_eq(expected)) {
-            return ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "missing or wrong Poseidon-Token header",
-                None,
-            )
-            .into_response();
-        }
-    }
-    if let Some(uids) = &state.settings.sandbox_uids {
-        let peer = request
-            .extensions()
-            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-            .map(|c| c.0);
-        let local = request.extensions().get::<LocalAddr>().map(|l| l.0);
-        if peer.is_some_and(|p| crate::peer::from_sandbox(p, local, uids)) {
-            return ApiError::new(
-                StatusCode::FORBIDDEN,
-                "runners may not use the gateway's API",
-                None,
-            )
-            .into_response();
-        }
+    if let Err(refused) = check_caller(&state, &request) {
+        return refused.into_response();
     }
     let auth = AuthRequest {
         method: request.method().to_string(),
@@ -79,11 +50,60 @@ pub(crate) async fn authenticate(
             next.run(request).await
         }
         Err(denial) => {
+            // 401/403 from the plugin; 503 when the authenticator itself failed.
             let status = StatusCode::from_u16(denial.status)
                 .ok()
-                .filter(|s| s.is_client_error())
+                .filter(|s| s.is_client_error() || *s == StatusCode::SERVICE_UNAVAILABLE)
                 .unwrap_or(StatusCode::UNAUTHORIZED);
             ApiError::new(status, denial.message, None).into_response()
         }
     }
+}
+
+/// Only the `Poseidon-Token` (and the sandbox check): for operator routes such as
+/// `/api/v1/plugins`, which must work even when an authenticator plugin fails.
+pub(crate) async fn token_only(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    match check_caller(&state, &request) {
+        Ok(()) => next.run(request).await,
+        Err(refused) => refused.into_response(),
+    }
+}
+
+/// The `Poseidon-Token` check and the refusal of requests from sandboxes.
+fn check_caller(state: &AppState, request: &Request) -> Result<(), ApiError> {
+    let expected = state.settings.token.as_bytes();
+    if !expected.is_empty() {
+        let given = request
+            .headers()
+            .get("Poseidon-Token")
+            .map(|v| v.as_bytes())
+            .unwrap_or_default();
+        // Different lengths compare unequal; equal lengths are compared in constant time.
+        if !bool::from(given.ct_eq(expected)) {
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong Poseidon-Token header",
+                None,
+            ));
+        }
+    }
+    if let Some(uids) = &state.settings.sandbox_uids {
+        let peer = request
+            .extensions()
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map(|c| c.0);
+        let local = request.extensions().get::<LocalAddr>().map(|l| l.0);
+        if peer.is_some_and(|p| crate::peer::from_sandbox(p, local, uids)) {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "runners may not use the gateway's API",
+                None,
+            ));
+        }
+    }
+    Ok(())
 }

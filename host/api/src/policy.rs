@@ -26,7 +26,7 @@ impl Principal {
 /// A refused request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Denial {
-    /// 401 or 403.
+    /// 401 or 403; 503 when the authenticator itself failed.
     pub status: u16,
     /// Why.
     pub message: String,
@@ -66,6 +66,11 @@ pub trait Policies: Send + Sync + 'static {
         principal: Option<&Principal>,
         update: FileUpdate,
     ) -> Result<FileUpdate, String>;
+
+    /// What `GET /api/v1/plugins` answers: the state of every plugin (a JSON array).
+    fn plugins_status(&self) -> serde_json::Value {
+        serde_json::Value::Array(Vec::new())
+    }
 }
 
 /// No policies: everything passes unchanged.

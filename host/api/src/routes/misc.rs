@@ -1,4 +1,4 @@
-//! `/health`, `/version` and `/statistics/execution-environments`.
+//! `/health`, `/version`, `/statistics/execution-environments` and `/plugins`.
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -47,4 +47,9 @@ pub(crate) async fn statistics(
         .filter(|s| principal.as_ref().is_none_or(|p| p.may_use(s.id)))
         .collect();
     Json(wire::statistics(stats)).into_response()
+}
+
+/// The state of every policy plugin (an empty array without plugins).
+pub(crate) async fn plugins(State(state): State<AppState>) -> Response {
+    Json(state.policies.plugins_status()).into_response()
 }

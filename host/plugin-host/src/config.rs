@@ -1,0 +1,316 @@
+//! The `plugins:` section of `configuration.yaml`.
+//!
+//! ```yaml
+//! plugins:
+//!   directory: /etc/poseidon/plugins
+//!   entries:
+//!     - name: lecture-times          # default: the file name without `.wasm`
+//!       file: timetable_sizer.wasm   # relative to `directory`
+//!       kind: pool-sizer             # optional: detected from the component's exports
+//!       environments: [10, 11]       # optional: default all environments
+//!       config:                      # the plugin's own values (scalars)
+//!         slots: "mon-fri 08:00-10:00 = 20"
+//!     - file: submission_guard.wasm
+//!       failOpen: false              # preprocessors only: on failure, let the request through?
+//!       config: { maxFiles: 200 }
+//!   limits:
+//!     callTimeoutMs: 500             # wall clock per call, waiting for a free slot included
+//!     epochTickMs: 10                # epoch ticker period
+//!     epochDeadlineTicks: 10         # guest run time per call, in ticks
+//!     fuel: null                     # optional instruction budget per call
+//!     memoryMb: 64                   # per linear memory
+//!     maxConcurrentCalls: 16         # admission limit across all plugins
+//!     pooling: true                  # pooling allocator (falls back to on-demand)
+//!   sizer: { min: 0, max: 100, hysteresis: 1 }
+//!   watch: true                      # hot reload on file changes
+//!   debounceMs: 100
+//! ```
+//!
+//! Keys are camelCase; the all-lowercase spelling (`calltimeoutms`) is accepted too.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// The `plugins:` section of the configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct PluginsConfig {
+    /// Directory holding the plugin files; it is watched for changes.
+    pub directory: PathBuf,
+    /// The plugins to load, in order. For preprocessors the order is the chain order;
+    /// for sizers and authenticators the first matching loaded entry is used.
+    #[serde(alias = "plugins")]
+    pub entries: Vec<PluginEntry>,
+    /// Bounds applied to every plugin call.
+    pub limits: Limits,
+    /// Bounds and damping applied to pool sizer answers.
+    pub sizer: SizerBounds,
+    /// Reload plugin files when they change.
+    pub watch: bool,
+    /// Quiet period after a file change before it is reloaded, in milliseconds.
+    #[serde(alias = "debouncems")]
+    pub debounce_ms: u64,
+}
+
+impl Default for PluginsConfig {
+    fn default() -> Self {
+        PluginsConfig {
+            directory: PathBuf::from("plugins"),
+            entries: Vec::new(),
+            limits: Limits::default(),
+            sizer: SizerBounds::default(),
+            watch: true,
+            debounce_ms: 100,
+        }
+    }
+}
+
+/// One plugin to load.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PluginEntry {
+    /// Name used in logs and the status; defaults to the file name without `.wasm`.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// File name inside the plugin directory.
+    pub file: String,
+    /// Expected kind; detected from the component's exports when absent.
+    #[serde(default)]
+    pub kind: Option<PluginKind>,
+    /// Environment ids the plugin applies to (sizers and preprocessors); `None` = all.
+    #[serde(default)]
+    pub environments: Option<Vec<i64>>,
+    /// The plugin's own configuration values, readable through `config-get`.
+    #[serde(default, deserialize_with = "scalar_map")]
+    pub config: BTreeMap<String, String>,
+    /// Preprocessors only: when the plugin fails (trap, timeout, not loaded), let the
+    /// request through unchanged instead of rejecting it.
+    #[serde(default, alias = "failopen")]
+    pub fail_open: bool,
+}
+
+impl PluginEntry {
+    /// The entry's name: `name`, or the file name without its `.wasm` extension.
+    pub fn display_name(&self) -> String {
+        self.name.clone().unwrap_or_else(|| {
+            self.file
+                .strip_suffix(".wasm")
+                .unwrap_or(&self.file)
+                .to_string()
+        })
+    }
+
+    /// Whether the entry applies to environment `id`.
+    pub fn applies_to(&self, id: i64) -> bool {
+        self.environments
+            .as_ref()
+            .is_none_or(|envs| envs.contains(&id))
+    }
+}
+
+/// The three kinds of plugin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum PluginKind {
+    /// Decides how many idle runners an environment keeps (`pool-sizer` world).
+    #[serde(rename = "pool-sizer", alias = "poolSizer", alias = "sizer")]
+    PoolSizer,
+    /// Checks and rewrites execute and file requests (`preprocessor` world).
+    #[serde(rename = "preprocessor")]
+    Preprocessor,
+    /// Authenticates API requests (`authenticator` world).
+    #[serde(rename = "authenticator")]
+    Authenticator,
+}
+
+impl PluginKind {
+    /// All kinds.
+    pub const ALL: [PluginKind; 3] = [
+        PluginKind::PoolSizer,
+        PluginKind::Preprocessor,
+        PluginKind::Authenticator,
+    ];
+
+    /// The WIT interface a plugin of this kind exports (without package and version).
+    pub fn interface(self) -> &'static str {
+        match self {
+            PluginKind::PoolSizer => "pool-sizer",
+            PluginKind::Preprocessor => "preprocessor",
+            PluginKind::Authenticator => "authenticator",
+        }
+    }
+
+    /// The WIT world a plugin of this kind targets.
+    pub fn world(self) -> &'static str {
+        match self {
+            PluginKind::PoolSizer => "pool-sizer-plugin",
+            PluginKind::Preprocessor => "preprocessor-plugin",
+            PluginKind::Authenticator => "authenticator-plugin",
+        }
+    }
+}
+
+impl fmt::Display for PluginKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.interface())
+    }
+}
+
+/// Bounds applied to every plugin call.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Limits {
+    /// Wall-clock bound of a call in milliseconds, from the request until the answer,
+    /// waiting for a free call slot included.
+    #[serde(alias = "calltimeoutms")]
+    pub call_timeout_ms: u64,
+    /// Period of the epoch ticker in milliseconds.
+    #[serde(alias = "epochtickms")]
+    pub epoch_tick_ms: u64,
+    /// Guest run time per call, in epoch ticks; the guest traps when it is used up.
+    #[serde(alias = "epochdeadlineticks")]
+    pub epoch_deadline_ticks: u64,
+    /// Optional instruction budget ("fuel") per call; deterministic, but slower code.
+    pub fuel: Option<u64>,
+    /// Size limit of each linear memory of a plugin instance, in MiB.
+    #[serde(alias = "memorymb")]
+    pub memory_mb: u64,
+    /// Most plugin calls running at once (admission control); later calls wait for a
+    /// slot within their timeout.
+    #[serde(alias = "maxconcurrentcalls")]
+    pub max_concurrent_calls: u32,
+    /// Use wasmtime's pooling allocator (faster instantiation); falls back to
+    /// on-demand allocation if the address space cannot be reserved.
+    pub pooling: bool,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            call_timeout_ms: 500,
+            epoch_tick_ms: 10,
+            epoch_deadline_ticks: 10,
+            fuel: None,
+            memory_mb: 64,
+            max_concurrent_calls: 16,
+            pooling: true,
+        }
+    }
+}
+
+/// Bounds and damping applied to pool sizer answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct SizerBounds {
+    /// Smallest answer passed on.
+    pub min: u32,
+    /// Largest answer passed on.
+    pub max: u32,
+    /// A new answer replaces the previous one for the same environment only if it
+    /// differs by at least this much (or reaches `min`/`max`); `0` and `1` disable
+    /// damping.
+    pub hysteresis: u32,
+}
+
+impl Default for SizerBounds {
+    fn default() -> Self {
+        SizerBounds {
+            min: 0,
+            max: 1000,
+            hysteresis: 1,
+        }
+    }
+}
+
+/// Accepts string, number and boolean values and keeps them as strings, so that
+/// `maxFiles: 200` works as well as `maxFiles: "200"`.
+fn scalar_map<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Scalar {
+        Bool(bool),
+        Int(i64),
+        Uint(u64),
+        Float(f64),
+        Text(String),
+    }
+    let raw: Option<BTreeMap<String, Scalar>> = Option::deserialize(d)?;
+    Ok(raw
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| {
+            let v = match v {
+                Scalar::Bool(b) => b.to_string(),
+                Scalar::Int(i) => i.to_string(),
+                Scalar::Uint(u) => u.to_string(),
+                Scalar::Float(f) => f.to_string(),
+                Scalar::Text(s) => s,
+            };
+            (k, v)
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_documented_example() {
+        let yaml = r#"
+directory: /etc/poseidon/plugins
+entries:
+  - name: lecture-times
+    file: timetable_sizer.wasm
+    kind: pool-sizer
+    environments: [10, 11]
+    config:
+      slots: "mon-fri 08:00-10:00 = 20"
+  - file: submission_guard.wasm
+    failOpen: false
+    config: { maxFiles: 200, denyPrivileged: true, ratio: 0.5 }
+limits:
+  callTimeoutMs: 500
+  epochTickMs: 10
+  epochDeadlineTicks: 10
+  fuel: null
+  memoryMb: 64
+  maxConcurrentCalls: 16
+  pooling: true
+sizer: { min: 0, max: 100, hysteresis: 1 }
+watch: true
+debounceMs: 100
+"#;
+        let c: PluginsConfig = serde_yaml::from_str(yaml).unwrap();
+        assert_eq!(c.directory, PathBuf::from("/etc/poseidon/plugins"));
+        assert_eq!(c.entries.len(), 2);
+        assert_eq!(c.entries[0].display_name(), "lecture-times");
+        assert_eq!(c.entries[0].kind, Some(PluginKind::PoolSizer));
+        assert!(c.entries[0].applies_to(10) && !c.entries[0].applies_to(12));
+        assert_eq!(c.entries[1].display_name(), "submission_guard");
+        assert!(c.entries[1].applies_to(12));
+        assert_eq!(c.entries[1].config["maxFiles"], "200");
+        assert_eq!(c.entries[1].config["denyPrivileged"], "true");
+        assert_eq!(c.entries[1].config["ratio"], "0.5");
+        assert_eq!(c.limits, Limits::default());
+        assert_eq!(c.sizer.max, 100);
+    }
+
+    #[test]
+    fn defaults_aliases_and_lowercase_keys() {
+        let c: PluginsConfig = serde_yaml::from_str(
+            "directory: p\nplugins:\n  - {file: a.wasm, kind: poolSizer, failopen: true}\nlimits: {calltimeoutms: 50, memorymb: 8}\n",
+        )
+        .unwrap();
+        assert_eq!(c.entries[0].kind, Some(PluginKind::PoolSizer));
+        assert!(c.entries[0].fail_open);
+        assert_eq!(c.limits.call_timeout_ms, 50);
+        assert_eq!(c.limits.memory_mb, 8);
+        assert_eq!(c.limits.epoch_tick_ms, 10);
+        assert!(c.watch);
+        let empty: PluginsConfig = serde_yaml::from_str("{}").unwrap();
+        assert_eq!(empty, PluginsConfig::default());
+    }
+}

@@ -1,0 +1,429 @@
+//! The wasmtime side: engine, epoch ticker, linker, per-call store state, and the
+//! bounded execution of one call.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use wasmtime::component::{HasSelf, Linker, ResourceTable};
+use wasmtime::{Engine, Store, UpdateDeadline};
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use crate::bindings::host::{self, LogLevel};
+use crate::config::{Limits, PluginKind};
+use crate::error::{CallError, PluginError};
+
+/// Most bytes of guest stderr kept per call (the rest is dropped).
+const STDERR_CAPTURE: usize = 16 * 1024;
+/// Most `log` lines forwarded per call.
+const MAX_LOG_LINES: u32 = 100;
+/// Longest forwarded log message, in bytes.
+const MAX_LOG_MESSAGE: usize = 4096;
+
+/// Identity of a loaded plugin version, for log lines.
+#[derive(Debug)]
+pub(crate) struct PluginIdentity {
+    pub name: String,
+    pub kind: PluginKind,
+    pub digest: String,
+    pub config: Arc<BTreeMap<String, String>>,
+}
+
+/// Why the guest was stopped from the epoch callback.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum Interrupted {
+    /// The call's run-time budget is used up.
+    #[error("epoch deadline reached")]
+    Deadline,
+    /// The caller gave up (wall-clock timeout).
+    #[error("call cancelled")]
+    Cancelled,
+}
+
+/// A `ResourceLimiter` that caps each linear memory and remembers a refused growth,
+/// so that the resulting trap can be reported as "memory limit exceeded".
+pub(crate) struct MemoryLimiter {
+    max_bytes: usize,
+    refused: bool,
+}
+
+impl wasmtime::ResourceLimiter for MemoryLimiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let ok = desired <= self.max_bytes;
+        if !ok {
+            self.refused = true;
+        }
+        Ok(ok)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= 100_000)
+    }
+}
+
+/// Store data of one call.
+pub(crate) struct HostState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    limiter: MemoryLimiter,
+    plugin: Arc<PluginIdentity>,
+    log_lines: u32,
+    ticks_left: u64,
+    cancel: Arc<AtomicBool>,
+    stderr: CappedPipe,
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl host::Host for HostState {
+    fn log(&mut self, level: LogLevel, message: String) {
+        self.log_lines += 1;
+        if self.log_lines > MAX_LOG_LINES {
+            return;
+        }
+        let mut message = message;
+        if message.len() > MAX_LOG_MESSAGE {
+            let mut cut = MAX_LOG_MESSAGE;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+            message.push('…');
+        }
+        let p = &self.plugin;
+        let digest = &p.digest[..12.min(p.digest.len())];
+        match level {
+            LogLevel::Trace => {
+                tracing::trace!(plugin = %p.name, kind = %p.kind, digest, "{message}")
+            }
+            LogLevel::Debug => {
+                tracing::debug!(plugin = %p.name, kind = %p.kind, digest, "{message}")
+            }
+            LogLevel::Info => {
+                tracing::info!(plugin = %p.name, kind = %p.kind, digest, "{message}")
+            }
+            LogLevel::Warn => {
+                tracing::warn!(plugin = %p.name, kind = %p.kind, digest, "{message}")
+            }
+            LogLevel::Error => {
+                tracing::error!(plugin = %p.name, kind = %p.kind, digest, "{message}")
+            }
+        }
+        if self.log_lines == MAX_LOG_LINES {
+            tracing::warn!(plugin = %p.name, "further log lines of this call are dropped");
+        }
+    }
+
+    fn config_get(&mut self, key: String) -> Option<String> {
+        self.plugin.config.get(&key).cloned()
+    }
+
+    fn config_entries(&mut self) -> Vec<(String, String)> {
+        self.plugin
+            .config
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+}
+
+impl crate::bindings::types::Host for HostState {}
+
+/// The engine and what belongs to it: linker, limits, ticker lifetime.
+pub(crate) struct Runtime {
+    pub engine: Engine,
+    pub linker: Linker<HostState>,
+    pub limits: Limits,
+    /// Keeps the epoch ticker thread alive; it stops once this is dropped.
+    _ticker_alive: Arc<()>,
+}
+
+impl Runtime {
+    /// Creates the engine (pooling if configured and possible), the linker with WASI
+    /// (nothing granted) and the host interface, and starts the epoch ticker.
+    pub fn new(limits: &Limits) -> Result<Runtime, PluginError> {
+        let engine = if limits.pooling {
+            match Self::engine(limits, true) {
+                Ok(engine) => engine,
+                Err(e) => {
+                    tracing::warn!(
+                        error = %e,
+                        "pooling allocator unavailable, using on-demand allocation"
+                    );
+                    Self::engine(limits, false)?
+                }
+            }
+        } else {
+            Self::engine(limits, false)?
+        };
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
+            .map_err(|e| PluginError::Engine(format!("WASI: {e}")))?;
+        host::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
+            .map_err(|e| PluginError::Engine(format!("host interface: {e}")))?;
+        let alive = Arc::new(());
+        spawn_ticker(
+            engine.clone(),
+            Arc::downgrade(&alive),
+            Duration::from_millis(limits.epoch_tick_ms.max(1)),
+        )?;
+        Ok(Runtime {
+            engine,
+            linker,
+            limits: limits.clone(),
+            _ticker_alive: alive,
+        })
+    }
+
+    fn engine(limits: &Limits, pooling: bool) -> Result<Engine, PluginError> {
+        let mut config = wasmtime::Config::new();
+        config.wasm_component_model(true);
+        config.epoch_interruption(true);
+        config.consume_fuel(limits.fuel.is_some());
+        let memory_bytes = memory_limit_bytes(limits);
+        if pooling {
+            // Enough for every admitted call plus loads and checks, with margin: Rust
+            // components have a handful of core instances and one or two memories.
+            let slots = limits.max_concurrent_calls.max(1) + 8;
+            let mut pool = wasmtime::PoolingAllocationConfig::default();
+            pool.total_component_instances(slots)
+                .total_core_instances(slots * 16)
+                .total_memories(slots * 2)
+                .total_tables(slots * 8)
+                .total_stacks(slots)
+                .max_memories_per_component(4)
+                .max_memory_size(memory_bytes);
+            config.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
+        }
+        Engine::new(&config).map_err(|e| PluginError::Engine(e.to_string()))
+    }
+
+    /// A fresh store for one call of `plugin`.
+    pub fn store(&self, plugin: Arc<PluginIdentity>, cancel: Arc<AtomicBool>) -> Store<HostState> {
+        let stderr = CappedPipe::new(STDERR_CAPTURE);
+        let wasi = WasiCtx::builder()
+            .stderr(stderr.clone())
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build();
+        let state = HostState {
+            wasi,
+            table: ResourceTable::new(),
+            limiter: MemoryLimiter {
+                max_bytes: memory_limit_bytes(&self.limits),
+                refused: false,
+            },
+            plugin,
+            log_lines: 0,
+            ticks_left: self.limits.epoch_deadline_ticks.max(1),
+            cancel,
+            stderr,
+        };
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.limiter);
+        if let Some(fuel) = self.limits.fuel {
+            // Cannot fail: fuel is enabled in the engine whenever `limits.fuel` is set.
+            let _ = store.set_fuel(fuel);
+        }
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(|mut ctx| {
+            let state = ctx.data_mut();
+            if state.cancel.load(Ordering::Relaxed) {
+                return Err(wasmtime::Error::new(Interrupted::Cancelled));
+            }
+            state.ticks_left = state.ticks_left.saturating_sub(1);
+            if state.ticks_left == 0 {
+                return Err(wasmtime::Error::new(Interrupted::Deadline));
+            }
+            Ok(UpdateDeadline::Continue(1))
+        });
+        store
+    }
+
+    /// Turns a wasmtime error of a call into a [`CallError`].
+    pub fn classify(&self, store: &Store<HostState>, error: wasmtime::Error) -> CallError {
+        Self::classify_with(&self.limits, store, error)
+    }
+
+    /// [`Runtime::classify`] with explicit limits (for blocking threads).
+    pub fn classify_with(
+        limits: &Limits,
+        store: &Store<HostState>,
+        error: wasmtime::Error,
+    ) -> CallError {
+        if let Some(i) = error.downcast_ref::<Interrupted>() {
+            return match i {
+                Interrupted::Deadline => CallError::Deadline(
+                    limits.epoch_deadline_ticks.max(1) * limits.epoch_tick_ms.max(1),
+                ),
+                Interrupted::Cancelled => CallError::Timeout(limits.call_timeout_ms),
+            };
+        }
+        if let Some(wasmtime::Trap::OutOfFuel) = error.downcast_ref::<wasmtime::Trap>() {
+            return CallError::OutOfFuel(limits.fuel.unwrap_or(0));
+        }
+        if store.data().limiter.refused {
+            return CallError::Memory(limits.memory_mb);
+        }
+        let mut message = match error.downcast_ref::<wasmtime::Trap>() {
+            Some(trap) => trap.to_string(),
+            None => format!("{error:#}"),
+        };
+        if let Some(line) = last_stderr_line(store) {
+            message.push_str(": ");
+            message.push_str(&line);
+        }
+        CallError::Trap(message)
+    }
+
+    /// Forwards what the guest wrote to stderr during the call into the log.
+    pub fn forward_stderr(store: &Store<HostState>) {
+        let text = stderr_text(store);
+        let p = &store.data().plugin;
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            tracing::warn!(plugin = %p.name, kind = %p.kind, "stderr: {line}");
+        }
+    }
+}
+
+fn memory_limit_bytes(limits: &Limits) -> usize {
+    usize::try_from(limits.memory_mb.max(1).saturating_mul(1 << 20)).unwrap_or(usize::MAX)
+}
+
+fn stderr_text(store: &Store<HostState>) -> String {
+    // The capture is shared by all clones of the pipe handed to the WASI context.
+    String::from_utf8_lossy(&store.data().stderr.contents()).into_owned()
+}
+
+fn last_stderr_line(store: &Store<HostState>) -> Option<String> {
+    let text = stderr_text(store);
+    // The last meaningful line: for a Rust panic, its message (the line after
+    // "thread '..' panicked at file:line:"), not the RUST_BACKTRACE hint.
+    text.lines()
+        .rev()
+        .find(|l| !l.trim().is_empty() && !l.starts_with("note: run with `RUST_BACKTRACE"))
+        .map(|l| l.trim().chars().take(500).collect())
+}
+
+/// Spawns the thread that advances the engine's epoch every `tick`, until `alive`
+/// can no longer be upgraded.
+fn spawn_ticker(engine: Engine, alive: Weak<()>, tick: Duration) -> Result<(), PluginError> {
+    std::thread::Builder::new()
+        .name("plugin-epoch".into())
+        .spawn(move || {
+            while alive.upgrade().is_some() {
+                std::thread::sleep(tick);
+                engine.increment_epoch();
+            }
+        })
+        .map(|_| ())
+        .map_err(|e| PluginError::Engine(format!("cannot start the epoch ticker: {e}")))
+}
+
+/// A WASI output stream that keeps the first `capacity` bytes and silently drops the
+/// rest, so a chatty guest neither grows host memory nor fails its writes.
+#[derive(Clone)]
+pub(crate) struct CappedPipe {
+    capacity: usize,
+    buffer: Arc<Mutex<Vec<u8>>>,
+}
+
+impl CappedPipe {
+    fn new(capacity: usize) -> Self {
+        CappedPipe {
+            capacity,
+            buffer: Arc::new(Mutex::new(Vec::new())),
+        }
+    }
+
+    fn push(&self, bytes: &[u8]) {
+        let mut buf = self.buffer.lock().unwrap_or_else(|e| e.into_inner());
+        let room = self.capacity.saturating_sub(buf.len());
+        buf.extend_from_slice(&bytes[..bytes.len().min(room)]);
+    }
+
+    fn contents(&self) -> Vec<u8> {
+        self.buffer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+impl IsTerminal for CappedPipe {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdoutStream for CappedPipe {
+    fn p2_stream(&self) -> Box<dyn OutputStream> {
+        Box::new(self.clone())
+    }
+
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        Box::new(self.clone())
+    }
+}
+
+impl OutputStream for CappedPipe {
+    fn write(&mut self, bytes: bytes::Bytes) -> StreamResult<()> {
+        self.push(&bytes);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> StreamResult<()> {
+        Ok(())
+    }
+
+    fn check_write(&mut self) -> StreamResult<usize> {
+        Ok(64 * 1024)
+    }
+}
+
+#[wasmtime_wasi::async_trait]
+impl Pollable for CappedPipe {
+    async fn ready(&mut self) {}
+}
+
+impl tokio::io::AsyncWrite for CappedPipe {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.push(buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}

@@ -1,0 +1,199 @@
+//! Plain Rust types of the plugin host's public API (no wasmtime types leak out).
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::PluginKind;
+
+/// An execution environment, as passed to pool sizers.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EnvironmentInfo {
+    /// Environment id.
+    pub id: i64,
+    /// Container image.
+    pub image: String,
+    /// Configured `prewarmingPoolSize`.
+    pub prewarming_pool_size: u32,
+    /// CPU limit in MHz.
+    pub cpu_limit: u32,
+    /// Memory limit in MB.
+    pub memory_limit: u32,
+    /// Whether runners may use the network.
+    pub network_access: bool,
+    /// Ports exposed by runners.
+    pub exposed_ports: Vec<u16>,
+}
+
+/// The state of an environment's idle-runner pool, as passed to pool sizers.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolStateInfo {
+    /// The configured pool size.
+    pub configured_size: u32,
+    /// Idle runners.
+    pub idle: u32,
+    /// Claimed runners.
+    pub used: u32,
+    /// Runners being started.
+    pub starting: u32,
+    /// Claims per minute over the last hour, oldest first, the last entry being the
+    /// current minute. The host pads (with zeros, in front) or trims (the oldest) to
+    /// exactly 60 entries before calling the plugin.
+    pub claims_per_minute: Vec<u32>,
+    /// Claims during the last hour that found the pool empty.
+    pub empty_pool_misses: u32,
+    /// Current time, seconds since the Unix epoch.
+    pub now: i64,
+}
+
+/// Input of [`crate::PluginHost::pool_size`].
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolSizerInput {
+    /// The environment.
+    pub environment: EnvironmentInfo,
+    /// Its pool.
+    pub pool: PoolStateInfo,
+}
+
+/// An execute request, as passed to (and returned by) preprocessors.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExecuteInput {
+    /// The command line.
+    pub command: String,
+    /// Environment variables.
+    pub env: Vec<(String, String)>,
+    /// Time limit in seconds (0 = none).
+    pub time_limit: i64,
+    /// Privileged execution.
+    pub privileged: bool,
+    /// The runner's environment; preprocessors may not change it.
+    pub environment_id: i64,
+    /// The tenant that claimed the runner; preprocessors may not change it.
+    pub principal: Option<String>,
+}
+
+/// A file to write, in a [`FilesInput`].
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct FileEntry {
+    /// Path in the runner.
+    pub path: String,
+    /// Content.
+    pub content: Vec<u8>,
+}
+
+/// A file update (`PATCH /runners/{id}/files`), as passed to (and returned by)
+/// preprocessors.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FilesInput {
+    /// Files to create or overwrite.
+    pub copy: Vec<FileEntry>,
+    /// Paths to delete.
+    pub delete: Vec<String>,
+    /// The runner's environment; preprocessors may not change it.
+    pub environment_id: i64,
+    /// The tenant that claimed the runner; preprocessors may not change it.
+    pub principal: Option<String>,
+}
+
+/// An HTTP request to authenticate.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthInput {
+    /// Method, upper case.
+    pub method: String,
+    /// Path without query.
+    pub path: String,
+    /// Headers; the host lower-cases the names before calling the plugin.
+    pub headers: Vec<(String, String)>,
+    /// Peer address, e.g. `127.0.0.1:50000`.
+    pub peer_address: String,
+}
+
+/// Who is calling, as decided by the authenticator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Principal {
+    /// Tenant; runners are visible only to the tenant that claimed them.
+    pub tenant: String,
+    /// Environment ids the tenant may use; `None` = all.
+    pub environments: Option<Vec<i64>>,
+}
+
+impl Principal {
+    /// Whether the principal may use environment `id`.
+    pub fn allows(&self, id: i64) -> bool {
+        self.environments
+            .as_ref()
+            .is_none_or(|envs| envs.contains(&id))
+    }
+}
+
+/// A refused request: answer with `status` and `{"message": message}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Denial {
+    /// HTTP status: 401 or 403 from the plugin; 503 when the authenticator failed
+    /// (trap, timeout, not loaded).
+    pub status: u16,
+    /// Message for the client.
+    pub message: String,
+}
+
+/// A request rejected by a preprocessor (or by a failing one, unless `failOpen`):
+/// answer with HTTP 400 and `{"message": message}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct Rejection {
+    /// Name of the plugin that rejected the request.
+    pub plugin: String,
+    /// Message for the client.
+    pub message: String,
+}
+
+/// One plugin's state, for `GET /api/v1/plugins` and logs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PluginStatus {
+    /// Entry name.
+    pub name: String,
+    /// File name inside the plugin directory.
+    pub file: String,
+    /// Kind (configured, or detected from the loaded file).
+    pub kind: Option<PluginKind>,
+    /// Whether a version of the plugin is loaded and serving calls.
+    pub loaded: bool,
+    /// The loaded version's WIT package version, e.g. `0.1.0`.
+    pub wit_version: Option<String>,
+    /// SHA-256 of the loaded file, hex.
+    pub digest: Option<String>,
+    /// When the loaded version was loaded, RFC 3339 (UTC).
+    pub loaded_at: Option<String>,
+    /// Calls since start (all versions).
+    pub calls: u64,
+    /// Failed calls since start: traps, timeouts, bad answers, not loaded.
+    pub failures: u64,
+    /// The last load or call error, if any.
+    pub last_error: Option<String>,
+}
+
+/// What `check_file` learned about a plugin file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PluginDescription {
+    /// Kind, from the exported interface.
+    pub kind: PluginKind,
+    /// WIT package version of the exported interface.
+    pub wit_version: String,
+    /// SHA-256 of the file, hex.
+    pub digest: String,
+    /// File size in bytes.
+    pub size: u64,
+    /// Names of the component's imports.
+    pub imports: Vec<String>,
+    /// Names of the component's exports.
+    pub exports: Vec<String>,
+    /// Time to compile the file, milliseconds.
+    pub compile_ms: u64,
+}

@@ -1,0 +1,268 @@
+//! Misbehaving plugins: endless loops, endless allocation, traps, corrupt and
+//! incompatible files. The host must report the error and keep working.
+
+use poseidon_plugin_host::{AuthInput, ExecuteInput, PluginHost, PluginKind};
+
+use crate::common::*;
+
+fn exec_request() -> ExecuteInput {
+    ExecuteInput {
+        command: "make run".into(),
+        environment_id: 1,
+        ..ExecuteInput::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endless_loop_hits_the_epoch_deadline_and_others_keep_working() {
+    let dir = temp_dir("loop");
+    install(&dir, "test_loop", "loop.wasm");
+    install(&dir, "demand_sizer", "demand.wasm");
+    let mut looping = entry("loop.wasm", None, &[]);
+    looping.environments = Some(vec![1]);
+    let mut demand = entry("demand.wasm", None, &[("headroom", "4")]);
+    demand.environments = Some(vec![2]);
+    let mut cfg = config(&dir, vec![looping, demand]);
+    cfg.limits.epoch_deadline_ticks = 5;
+    let host = PluginHost::start(cfg).await.unwrap();
+
+    assert_eq!(host.pool_size(sizer_input(1, 1)).await, None);
+    let st = status(&host, "loop");
+    assert_eq!((st.calls, st.failures), (1, 1));
+    let error = st.last_error.unwrap();
+    assert!(error.contains("exceeded its run time of 50 ms"), "{error}");
+    // The host keeps serving: the same plugin fails the same way, others work.
+    assert_eq!(host.pool_size(sizer_input(1, 1)).await, None);
+    assert_eq!(host.pool_size(sizer_input(2, 0)).await, Some(4));
+    assert!(status(&host, "loop").loaded);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wall_clock_timeout_answers_at_once_and_stops_the_guest() {
+    let dir = temp_dir("timeout");
+    install(&dir, "test_loop", "loop.wasm");
+    install(&dir, "demand_sizer", "demand.wasm");
+    let mut looping = entry("loop.wasm", None, &[]);
+    looping.environments = Some(vec![1]);
+    let mut demand = entry("demand.wasm", None, &[("headroom", "4")]);
+    demand.environments = Some(vec![2]);
+    let mut cfg = config(&dir, vec![looping, demand]);
+    // The epoch deadline alone would allow 60 s; the call timeout is what fires.
+    cfg.limits.epoch_deadline_ticks = 6_000;
+    cfg.limits.call_timeout_ms = 200;
+    // One slot for all plugins: the demand sizer can only run once the cancelled
+    // guest has really stopped.
+    cfg.limits.max_concurrent_calls = 1;
+    let host = PluginHost::start(cfg).await.unwrap();
+
+    assert_eq!(host.pool_size(sizer_input(1, 1)).await, None);
+    let error = status(&host, "loop").last_error.unwrap();
+    assert!(error.contains("timed out after 200 ms"), "{error}");
+    // The cancelled guest gives its slot back at its next epoch check, long before
+    // its 60 s run time would end. Retry within 30 s (each try may itself time out on
+    // a very busy machine).
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut answer = None;
+    while answer.is_none() && tokio::time::Instant::now() < deadline {
+        answer = host.pool_size(sizer_input(2, 0)).await;
+    }
+    assert_eq!(answer, Some(4), "the looping guest was not stopped");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fuel_stops_an_endless_loop_deterministically() {
+    let dir = temp_dir("fuel");
+    install(&dir, "test_loop", "loop.wasm");
+    let mut cfg = config(&dir, vec![entry("loop.wasm", None, &[])]);
+    cfg.limits.fuel = Some(1_000_000);
+    let host = PluginHost::start(cfg).await.unwrap();
+    assert_eq!(host.pool_size(sizer_input(1, 1)).await, None);
+    let error = status(&host, "loop").last_error.unwrap();
+    assert!(error.contains("ran out of fuel (1000000 units)"), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endless_allocation_hits_the_memory_limit() {
+    let dir = temp_dir("alloc");
+    install(&dir, "test_alloc", "hog.wasm");
+    let mut cfg = config(
+        &dir,
+        vec![entry("hog.wasm", Some(PluginKind::Preprocessor), &[])],
+    );
+    cfg.limits.memory_mb = 16;
+    let host = PluginHost::start(cfg).await.unwrap();
+
+    let rejection = host.preprocess_execute(exec_request()).await.unwrap_err();
+    assert_eq!(rejection.plugin, "hog");
+    assert!(
+        rejection
+            .message
+            .contains("exceeded the memory limit of 16 MiB"),
+        "{rejection:?}"
+    );
+    assert!(
+        rejection
+            .message
+            .starts_with("request could not be checked"),
+        "{rejection:?}"
+    );
+    let st = status(&host, "hog");
+    assert_eq!((st.calls, st.failures), (1, 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_open_lets_requests_pass_a_failing_preprocessor() {
+    let dir = temp_dir("failopen");
+    install(&dir, "test_alloc", "hog.wasm");
+    install(&dir, "submission_guard", "guard.wasm");
+    let mut hog = entry("hog.wasm", None, &[]);
+    hog.fail_open = true;
+    let guard = entry("guard.wasm", None, &[("env.CHECKED", "yes")]);
+    let mut cfg = config(&dir, vec![hog, guard]);
+    cfg.limits.memory_mb = 16;
+    let host = PluginHost::start(cfg).await.unwrap();
+
+    // The hog fails (fail open), the guard after it in the chain still runs.
+    let out = host.preprocess_execute(exec_request()).await.unwrap();
+    assert_eq!(out.env, vec![("CHECKED".to_string(), "yes".to_string())]);
+    assert_eq!(status(&host, "hog").failures, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trapping_authenticator_denies_with_503() {
+    let dir = temp_dir("trap");
+    install(&dir, "test_trap", "trap.wasm");
+    let cfg = config(&dir, vec![entry("trap.wasm", None, &[])]);
+    let host = PluginHost::start(cfg).await.unwrap();
+    assert!(host.has_authenticator());
+
+    let denial = host
+        .authenticate(AuthInput {
+            method: "GET".into(),
+            path: "/api/v1/runners".into(),
+            ..AuthInput::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(denial.status, 503);
+    assert!(
+        denial.message.contains("authentication unavailable"),
+        "{denial:?}"
+    );
+    // The guest's panic message (from its stderr) is part of the error.
+    assert!(
+        denial
+            .message
+            .contains("test-trap: refusing to work on /api/v1/runners"),
+        "{denial:?}"
+    );
+    // Fresh instance per call: the next call works.
+    let ok = host
+        .authenticate(AuthInput {
+            path: "/ok".into(),
+            ..AuthInput::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(ok.tenant, "ok");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_file_is_reported_and_not_loaded() {
+    let dir = temp_dir("corrupt");
+    install_bytes(
+        &dir,
+        b"\0asm\x0d\0\x01\0 definitely not a component",
+        "bad.wasm",
+    );
+    install(&dir, "demand_sizer", "demand.wasm");
+    let mut bad = entry("bad.wasm", Some(PluginKind::PoolSizer), &[]);
+    bad.environments = Some(vec![1]);
+    let cfg = config(&dir, vec![bad, entry("demand.wasm", None, &[])]);
+    let host = PluginHost::start(cfg).await.unwrap();
+
+    let st = status(&host, "bad");
+    assert!(!st.loaded);
+    let error = st.last_error.unwrap();
+    assert!(
+        error.contains("not a valid WebAssembly component"),
+        "{error}"
+    );
+    // Environment 1 is the broken sizer's: fallback. Others use the demand sizer.
+    assert_eq!(host.pool_size(sizer_input(1, 1)).await, None);
+    assert_eq!(
+        status(&host, "bad").last_error.unwrap(),
+        "call plugin is not loaded"
+    );
+    assert_eq!(host.pool_size(sizer_input(2, 0)).await, Some(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn incompatible_version_and_wrong_kind_are_refused() {
+    let dir = temp_dir("incompatible");
+    install(&dir, "test_incompatible", "future.wasm");
+    install(&dir, "demand_sizer", "sizer.wasm");
+    install(&dir, "jwt_auth", "auth.wasm");
+    let cfg = config(
+        &dir,
+        vec![
+            entry("future.wasm", None, &[]),
+            entry("sizer.wasm", Some(PluginKind::Preprocessor), &[]),
+            entry("auth.wasm", Some(PluginKind::Authenticator), &[]),
+        ],
+    );
+    let host = PluginHost::start(cfg).await.unwrap();
+    let st = status(&host, "future");
+    assert!(!st.loaded);
+    let error = st.last_error.unwrap();
+    assert!(
+        error.contains("built for poseidon:plugins@1.0.0"),
+        "{error}"
+    );
+    assert!(error.contains("accepts poseidon:plugins@0.1.x"), "{error}");
+    let error = status(&host, "sizer").last_error.unwrap();
+    assert!(
+        error.contains("is a pool-sizer plugin, but its entry says preprocessor"),
+        "{error}"
+    );
+    // A configured preprocessor that is not loaded rejects (fail closed).
+    let r = host.preprocess_execute(exec_request()).await.unwrap_err();
+    assert!(r.message.contains("plugin is not loaded"), "{r:?}");
+    assert!(status(&host, "auth").loaded);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_authenticator_fails_closed() {
+    let dir = temp_dir("noauth");
+    let cfg = config(
+        &dir,
+        vec![entry("absent.wasm", Some(PluginKind::Authenticator), &[])],
+    );
+    let host = PluginHost::start(cfg).await.unwrap();
+    assert!(host.has_authenticator());
+    let st = status(&host, "absent");
+    assert!(st.last_error.unwrap().contains("not found"));
+    let d = host.authenticate(AuthInput::default()).await.unwrap_err();
+    assert_eq!(d.status, 503);
+    assert!(
+        d.message.contains("\"absent\" plugin is not loaded"),
+        "{d:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_configuration_is_refused() {
+    let dir = temp_dir("badconfig");
+    let cfg = config(&dir, vec![entry("../escape.wasm", None, &[])]);
+    let e = PluginHost::start(cfg).await.unwrap_err();
+    assert!(e.to_string().contains("must be a file name"), "{e}");
+    let cfg = config(
+        &dir,
+        vec![entry("a.wasm", None, &[]), entry("a.wasm", None, &[])],
+    );
+    let e = PluginHost::start(cfg).await.unwrap_err();
+    assert!(
+        e.to_string().contains("two plugin entries are named \"a\""),
+        "{e}"
+    );
+}

@@ -1,0 +1,152 @@
+//! Hot reload: replacing, breaking, removing and adding plugin files while the host
+//! serves calls.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use poseidon_plugin_host::{PluginHost, PluginKind};
+use sha2::Digest;
+
+use crate::common::*;
+
+fn digest_of(name: &str) -> String {
+    sha2::Sha256::digest(std::fs::read(plugin(name)).unwrap())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replace_break_remove_and_restore_under_load() {
+    let dir = temp_dir("reload");
+    install(&dir, "demand_sizer", "sizer.wasm");
+    // Both sizers read their own keys: the demand sizer answers 3 (headroom, no
+    // claims), the timetable sizer 7 (default, no slots).
+    let cfg = config(
+        &dir,
+        vec![entry(
+            "sizer.wasm",
+            Some(PluginKind::PoolSizer),
+            &[("headroom", "3"), ("default", "7")],
+        )],
+    );
+    let host = PluginHost::start(cfg).await.unwrap();
+    assert_eq!(host.pool_size(sizer_input(1, 0)).await, Some(3));
+    let demand_digest = digest_of("demand_sizer");
+    assert_eq!(status(&host, "sizer").digest, Some(demand_digest.clone()));
+
+    // Callers that keep calling throughout the swaps.
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(AtomicU64::new(0));
+    let calls = Arc::new(AtomicU64::new(0));
+    let mut callers = Vec::new();
+    for _ in 0..2 {
+        let (host, stop, failures, calls) =
+            (host.clone(), stop.clone(), failures.clone(), calls.clone());
+        callers.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                match host.pool_size(sizer_input(1, 0)).await {
+                    Some(3) | Some(7) => calls.fetch_add(1, Ordering::Relaxed),
+                    _ => failures.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        }));
+    }
+
+    // Replace: the new behaviour becomes visible after the swap.
+    install(&dir, "timetable_sizer", "sizer.wasm");
+    let timetable_digest = digest_of("timetable_sizer");
+    wait_until("the timetable sizer is loaded", || {
+        status(&host, "sizer").digest.as_deref() == Some(timetable_digest.as_str())
+    })
+    .await;
+    assert_eq!(host.pool_size(sizer_input(1, 0)).await, Some(7));
+
+    // Break: the old version keeps serving, the error is recorded.
+    install_bytes(&dir, b"garbage, not wasm", "sizer.wasm");
+    wait_until("the broken file is reported", || {
+        status(&host, "sizer")
+            .last_error
+            .is_some_and(|e| e.contains("not a valid WebAssembly component"))
+    })
+    .await;
+    let st = status(&host, "sizer");
+    assert!(st.loaded);
+    assert_eq!(st.digest, Some(timetable_digest.clone()));
+    assert!(st
+        .last_error
+        .unwrap()
+        .contains("the previous version keeps serving"));
+    assert_eq!(host.pool_size(sizer_input(1, 0)).await, Some(7));
+
+    // Wait for a few more calls on the kept version, then stop the callers.
+    let seen = calls.load(Ordering::Relaxed);
+    wait_until("callers made progress", || {
+        calls.load(Ordering::Relaxed) > seen + 10
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    for c in callers {
+        c.await.unwrap();
+    }
+    assert_eq!(
+        failures.load(Ordering::Relaxed),
+        0,
+        "calls failed during reloads"
+    );
+    assert!(calls.load(Ordering::Relaxed) > 10);
+    assert_eq!(status(&host, "sizer").failures, 0);
+
+    // Remove: the plugin unloads, the sizer falls back.
+    std::fs::remove_file(dir.join("sizer.wasm")).unwrap();
+    wait_until("the plugin is unloaded", || !status(&host, "sizer").loaded).await;
+    assert!(status(&host, "sizer")
+        .last_error
+        .unwrap()
+        .contains("was removed"));
+    assert_eq!(host.pool_size(sizer_input(1, 0)).await, None);
+    assert_eq!(status(&host, "sizer").failures, 1);
+
+    // Restore: loaded again.
+    install(&dir, "demand_sizer", "sizer.wasm");
+    wait_until("the demand sizer is back", || {
+        status(&host, "sizer").digest.as_deref() == Some(demand_digest.as_str())
+    })
+    .await;
+    assert_eq!(host.pool_size(sizer_input(1, 0)).await, Some(3));
+    assert_eq!(status(&host, "sizer").last_error, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_that_appears_later_is_loaded() {
+    let dir = temp_dir("appears");
+    let cfg = config(&dir, vec![entry("late.wasm", None, &[])]);
+    let host = PluginHost::start(cfg).await.unwrap();
+    assert!(!status(&host, "late").loaded);
+    assert!(!host.has_authenticator());
+    install(&dir, "jwt_auth", "late.wasm");
+    wait_until("the late plugin is loaded", || status(&host, "late").loaded).await;
+    // Its kind was detected from its exports.
+    assert_eq!(status(&host, "late").kind, Some(PluginKind::Authenticator));
+    assert!(host.has_authenticator());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explicit_reload_without_watcher() {
+    let dir = temp_dir("manual");
+    install(&dir, "demand_sizer", "s.wasm");
+    let mut cfg = config(
+        &dir,
+        vec![entry(
+            "s.wasm",
+            None,
+            &[("headroom", "3"), ("default", "7")],
+        )],
+    );
+    cfg.watch = false;
+    let host = PluginHost::start(cfg).await.unwrap();
+    assert_eq!(host.pool_size(sizer_input(1, 0)).await, Some(3));
+    install(&dir, "timetable_sizer", "s.wasm");
+    host.reload().await;
+    assert_eq!(host.pool_size(sizer_input(1, 0)).await, Some(7));
+}

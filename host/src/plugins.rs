@@ -1,0 +1,272 @@
+//! Glue between the plugin host (`poseidon-plugin-host`) and the server: the `plugins:`
+//! configuration section, the API's [`Policies`] (authenticator, preprocessors), the
+//! pools' [`PoolPolicy`] (sizer), and `poseidon plugin check FILE`.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use poseidon_api::{AuthRequest, Denial, Policies, Principal};
+use poseidon_core::execution::ExecutionRequest;
+use poseidon_core::files::{FileCopy, FileUpdate};
+use poseidon_core::policy::{PoolPolicy, PoolSnapshot};
+use poseidon_core::EnvironmentId;
+use poseidon_plugin_host::{
+    AuthInput, EnvironmentInfo, ExecuteInput, FileEntry, FilesInput, PluginHost, PluginsConfig,
+    PoolSizerInput, PoolStateInfo,
+};
+
+/// Reads the `plugins:` section: absent or `null` means no plugins.
+pub fn config(section: &serde_yaml::Value) -> Result<Option<PluginsConfig>, String> {
+    if section.is_null() {
+        return Ok(None);
+    }
+    serde_path_to_error::deserialize(section.clone())
+        .map(Some)
+        .map_err(|e| format!("invalid configuration: plugins.{}: {}", e.path(), e.inner()))
+}
+
+/// The plugin host as the API's and the pools' policy.
+pub struct PluginPolicies {
+    host: PluginHost,
+    misses: Mutex<HashMap<EnvironmentId, MissWindow>>,
+}
+
+impl PluginPolicies {
+    /// Wraps a started plugin host.
+    pub fn new(host: PluginHost) -> Self {
+        Self {
+            host,
+            misses: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Empty-pool misses of `environment` during the last hour, from the running total
+    /// the pool reports.
+    fn recent_misses(&self, environment: EnvironmentId, total: u64, now: i64) -> u32 {
+        let mut windows = self.misses.lock().unwrap_or_else(|e| e.into_inner());
+        windows.entry(environment).or_default().recent(total, now)
+    }
+}
+
+/// Samples of an environment's running miss total, to count the misses of the last hour.
+#[derive(Default)]
+struct MissWindow {
+    samples: VecDeque<(i64, u64)>,
+}
+
+impl MissWindow {
+    fn recent(&mut self, total: u64, now: i64) -> u32 {
+        const HOUR: i64 = 3600;
+        // Keep one sample at or before the window start as the baseline.
+        while self.samples.len() >= 2 && self.samples[1].0 <= now - HOUR {
+            self.samples.pop_front();
+        }
+        // A smaller total means the environment was recreated: start over.
+        if self.samples.back().is_some_and(|&(_, t)| t > total) {
+            self.samples.clear();
+        }
+        if self.samples.back().is_none_or(|&(t, _)| t < now) {
+            self.samples.push_back((now, total));
+        }
+        let baseline = match self.samples.front() {
+            Some(&(t, base)) if t <= now - HOUR => base,
+            // History shorter than an hour: everything counted so far is recent.
+            _ => 0,
+        };
+        u32::try_from(total.saturating_sub(baseline)).unwrap_or(u32::MAX)
+    }
+}
+
+fn to_i64(id: EnvironmentId) -> i64 {
+    i64::try_from(id).unwrap_or(i64::MAX)
+}
+
+#[async_trait]
+impl Policies for PluginPolicies {
+    async fn authenticate(&self, request: &AuthRequest) -> Result<Option<Principal>, Denial> {
+        if !self.host.has_authenticator() {
+            return Ok(None);
+        }
+        let input = AuthInput {
+            method: request.method.clone(),
+            path: request.path.clone(),
+            headers: request.headers.clone(),
+            peer_address: request.peer.clone().unwrap_or_default(),
+        };
+        match self.host.authenticate(input).await {
+            Ok(p) => Ok(Some(Principal {
+                tenant: p.tenant,
+                environments: p.environments.map(|ids| {
+                    ids.into_iter()
+                        .filter_map(|id| EnvironmentId::try_from(id).ok())
+                        .collect()
+                }),
+            })),
+            Err(d) => Err(Denial {
+                status: d.status,
+                message: d.message,
+            }),
+        }
+    }
+
+    async fn preprocess_execute(
+        &self,
+        environment: EnvironmentId,
+        principal: Option<&Principal>,
+        request: ExecutionRequest,
+    ) -> Result<ExecutionRequest, String> {
+        let input = ExecuteInput {
+            command: request.command,
+            env: request.environment,
+            time_limit: request
+                .time_limit
+                .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+                .unwrap_or(0),
+            privileged: request.privileged,
+            environment_id: to_i64(environment),
+            principal: principal.map(|p| p.tenant.clone()),
+        };
+        let out = self
+            .host
+            .preprocess_execute(input)
+            .await
+            .map_err(|r| r.message)?;
+        Ok(ExecutionRequest {
+            command: out.command,
+            environment: out.env,
+            time_limit: u64::try_from(out.time_limit)
+                .ok()
+                .filter(|s| *s > 0)
+                .map(Duration::from_secs),
+            privileged: out.privileged,
+        })
+    }
+
+    async fn preprocess_files(
+        &self,
+        environment: EnvironmentId,
+        principal: Option<&Principal>,
+        update: FileUpdate,
+    ) -> Result<FileUpdate, String> {
+        let input = FilesInput {
+            copy: update
+                .copy
+                .into_iter()
+                .map(|f| FileEntry {
+                    path: f.path,
+                    content: f.content,
+                })
+                .collect(),
+            delete: update.delete,
+            environment_id: to_i64(environment),
+            principal: principal.map(|p| p.tenant.clone()),
+        };
+        let out = self
+            .host
+            .preprocess_files(input)
+            .await
+            .map_err(|r| r.message)?;
+        Ok(FileUpdate {
+            delete: out.delete,
+            copy: out
+                .copy
+                .into_iter()
+                .map(|f| FileCopy {
+                    path: f.path,
+                    content: f.content,
+                })
+                .collect(),
+        })
+    }
+
+    fn plugins_status(&self) -> serde_json::Value {
+        serde_json::to_value(self.host.status()).unwrap_or_default()
+    }
+}
+
+#[async_trait]
+impl PoolPolicy for PluginPolicies {
+    async fn desired_idle(&self, snapshot: &PoolSnapshot) -> Option<u32> {
+        let config = &snapshot.config;
+        let input = PoolSizerInput {
+            environment: EnvironmentInfo {
+                id: to_i64(config.id),
+                image: config.image.clone(),
+                prewarming_pool_size: config.prewarming_pool_size,
+                cpu_limit: config.cpu_limit,
+                memory_limit: config.memory_limit,
+                network_access: config.network_access,
+                exposed_ports: config.exposed_ports.clone(),
+            },
+            pool: PoolStateInfo {
+                configured_size: config.prewarming_pool_size,
+                idle: snapshot.idle,
+                used: snapshot.used,
+                starting: snapshot.starting,
+                claims_per_minute: snapshot.claims_per_minute.clone(),
+                empty_pool_misses: self.recent_misses(
+                    config.id,
+                    snapshot.empty_pool_misses,
+                    snapshot.now_unix,
+                ),
+                now: snapshot.now_unix,
+            },
+        };
+        self.host.pool_size(input).await
+    }
+}
+
+/// `poseidon plugin check FILE`: describes the plugin or says why it would be refused.
+/// Returns the process exit code.
+pub fn check_command(file: &Path) -> i32 {
+    match poseidon_plugin_host::check_file(file) {
+        Ok(d) => {
+            println!("{}: OK", file.display());
+            println!("  kind:        {}", d.kind);
+            println!("  wit version: poseidon:plugins@{}", d.wit_version);
+            println!("  sha256:      {}", d.digest);
+            println!("  size:        {} bytes", d.size);
+            println!("  compiled in: {} ms", d.compile_ms);
+            println!("  exports:     {}", d.exports.join(", "));
+            println!("  imports:     {}", d.imports.join(", "));
+            0
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            1
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn misses_are_counted_over_the_last_hour() {
+        let mut w = MissWindow::default();
+        assert_eq!(w.recent(2, 1000), 2);
+        assert_eq!(w.recent(5, 2000), 5);
+        // An hour after the first sample, its total becomes the baseline.
+        assert_eq!(w.recent(6, 4600), 4);
+        assert_eq!(w.recent(6, 5600), 1);
+        assert_eq!(w.recent(6, 9000), 0);
+        // Recreated environment: its total restarted.
+        assert_eq!(w.recent(1, 9100), 1);
+    }
+
+    #[test]
+    fn absent_section_means_no_plugins() {
+        assert_eq!(config(&serde_yaml::Value::Null), Ok(None));
+        let v: serde_yaml::Value =
+            serde_yaml::from_str("directory: /p\nentries: [{file: a.wasm}]").unwrap();
+        let c = config(&v).unwrap().unwrap();
+        assert_eq!(c.entries.len(), 1);
+        let bad: serde_yaml::Value = serde_yaml::from_str("limits: {memoryMb: lots}").unwrap();
+        let e = config(&bad).unwrap_err();
+        assert!(e.contains("plugins.limits.memoryMb"), "{e}");
+    }
+}

@@ -1,0 +1,353 @@
+//! Preprocessor: guards what students submit and run.
+//!
+//! Configuration (all optional):
+//!
+//! | key | meaning |
+//! |---|---|
+//! | `maxFiles` | most files one update may copy |
+//! | `maxTotalBytes` | most bytes one update may copy, all files together |
+//! | `maxFileBytes` | most bytes of a single file |
+//! | `forbiddenPaths` | comma-separated glob patterns of paths that may not be written or deleted |
+//! | `allowParentDirs` | `true` to allow `..` path components (refused by default) |
+//! | `forbiddenCommands` | `;`-separated glob patterns of commands to refuse |
+//! | `maxTimeLimit` | upper bound in seconds for an execution's time limit (also replaces "no limit") |
+//! | `denyPrivileged` | `true` to refuse privileged executions |
+//! | `env.NAME` | environment variable `NAME` to set on every execution (overrides the client) |
+//!
+//! Path patterns: `*` matches within one path segment, `**` matches across segments,
+//! `?` matches one character; a leading `./` of paths is ignored. Command patterns:
+//! `*` and `**` match any text, `?` one character.
+
+use poseidon_plugin_api::{
+    config, export_preprocessor, info, ExecuteRequest, FileUpdate, Preprocessor,
+};
+
+/// Matches `text` against a glob `pattern`. With `segments`, `*` and `?` do not match
+/// `/` (only `**` does).
+///
+/// Runs in O(pattern × text): the set of text positions reachable after each pattern
+/// token is computed in one sweep, so hostile input cannot make it backtrack.
+pub fn glob_match(pattern: &str, text: &str, segments: bool) -> bool {
+    enum Token {
+        Star { crosses: bool },
+        One,
+        Lit(char),
+    }
+    let mut tokens = Vec::new();
+    let mut chars = pattern.chars().peekable();
+    while let Some(c) = chars.next() {
+        tokens.push(match c {
+            '*' => {
+                let mut double = false;
+                while chars.peek() == Some(&'*') {
+                    chars.next();
+                    double = true;
+                }
+                Token::Star {
+                    crosses: double || !segments,
+                }
+            }
+            '?' => Token::One,
+            c => Token::Lit(c),
+        });
+    }
+    let t: Vec<char> = text.chars().collect();
+    // reach[j]: the tokens so far can match exactly t[..j].
+    let mut reach = vec![false; t.len() + 1];
+    reach[0] = true;
+    for token in &tokens {
+        let mut next = vec![false; t.len() + 1];
+        match token {
+            Token::Star { crosses } => {
+                let mut active = false;
+                for j in 0..=t.len() {
+                    active = reach[j] || (active && (*crosses || t[j - 1] != '/'));
+                    next[j] = active;
+                }
+            }
+            Token::One => {
+                for j in 0..t.len() {
+                    next[j + 1] = reach[j] && !(segments && t[j] == '/');
+                }
+            }
+            Token::Lit(c) => {
+                for j in 0..t.len() {
+                    next[j + 1] = reach[j] && t[j] == *c;
+                }
+            }
+        }
+        reach = next;
+    }
+    reach[t.len()]
+}
+
+/// The guard's settings.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Settings {
+    /// Most files per update.
+    pub max_files: Option<usize>,
+    /// Most bytes per update.
+    pub max_total_bytes: Option<u64>,
+    /// Most bytes per file.
+    pub max_file_bytes: Option<u64>,
+    /// Forbidden path patterns.
+    pub forbidden_paths: Vec<String>,
+    /// Whether `..` components are allowed.
+    pub allow_parent_dirs: bool,
+    /// Forbidden command patterns.
+    pub forbidden_commands: Vec<String>,
+    /// Upper bound for time limits.
+    pub max_time_limit: Option<i64>,
+    /// Whether privileged executions are refused.
+    pub deny_privileged: bool,
+    /// Environment variables to inject.
+    pub inject_env: Vec<(String, String)>,
+}
+
+impl Settings {
+    /// Reads the settings from the plugin configuration.
+    pub fn from_config() -> Self {
+        let commands = config::get("forbiddenCommands")
+            .map(|v| {
+                v.split(';')
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty())
+                    .collect()
+            })
+            .unwrap_or_default();
+        Settings {
+            max_files: config::parse("maxFiles"),
+            max_total_bytes: config::parse("maxTotalBytes"),
+            max_file_bytes: config::parse("maxFileBytes"),
+            forbidden_paths: config::list("forbiddenPaths"),
+            allow_parent_dirs: config::parse("allowParentDirs").unwrap_or(false),
+            forbidden_commands: commands,
+            max_time_limit: config::parse("maxTimeLimit"),
+            deny_privileged: config::parse("denyPrivileged").unwrap_or(false),
+            inject_env: config::entries()
+                .into_iter()
+                .filter_map(|(k, v)| k.strip_prefix("env.").map(|n| (n.to_string(), v)))
+                .filter(|(n, _)| !n.is_empty())
+                .collect(),
+        }
+    }
+
+    fn check_path(&self, path: &str) -> Result<(), String> {
+        let normalized = path.trim_start_matches("./");
+        if !self.allow_parent_dirs && normalized.split('/').any(|c| c == "..") {
+            return Err(format!("path {path:?} leaves the working directory"));
+        }
+        if let Some(p) = self
+            .forbidden_paths
+            .iter()
+            .find(|p| glob_match(p, normalized, true))
+        {
+            return Err(format!("path {path:?} is forbidden (matches {p:?})"));
+        }
+        Ok(())
+    }
+
+    /// Checks a file update.
+    pub fn check_files(&self, update: FileUpdate) -> Result<FileUpdate, String> {
+        if let Some(max) = self.max_files {
+            if update.copy.len() > max {
+                return Err(format!(
+                    "too many files: {} (at most {max})",
+                    update.copy.len()
+                ));
+            }
+        }
+        if let Some(max) = self.max_file_bytes {
+            if let Some(f) = update.copy.iter().find(|f| f.content.len() as u64 > max) {
+                return Err(format!(
+                    "file {:?} is too large: {} bytes (at most {max})",
+                    f.path,
+                    f.content.len()
+                ));
+            }
+        }
+        if let Some(max) = self.max_total_bytes {
+            let total = update.total_size();
+            if total > max {
+                return Err(format!("files too large: {total} bytes (at most {max})"));
+            }
+        }
+        for path in update
+            .copy
+            .iter()
+            .map(|f| f.path.as_str())
+            .chain(update.delete.iter().map(String::as_str))
+        {
+            self.check_path(path)?;
+        }
+        Ok(update)
+    }
+
+    /// Checks and rewrites an execute request.
+    pub fn check_execute(&self, mut request: ExecuteRequest) -> Result<ExecuteRequest, String> {
+        if self.deny_privileged && request.privileged {
+            return Err("privileged execution is not allowed".to_string());
+        }
+        if let Some(p) = self
+            .forbidden_commands
+            .iter()
+            .find(|p| glob_match(p, &request.command, false))
+        {
+            return Err(format!("command refused (matches {p:?})"));
+        }
+        if let Some(max) = self.max_time_limit {
+            if request.time_limit <= 0 || request.time_limit > max {
+                request.time_limit = max;
+            }
+        }
+        for (name, value) in &self.inject_env {
+            request.set_env_var(name.clone(), value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// The exported plugin.
+pub struct SubmissionGuard;
+
+impl Preprocessor for SubmissionGuard {
+    fn preprocess_execute(request: ExecuteRequest) -> Result<ExecuteRequest, String> {
+        Settings::from_config()
+            .check_execute(request)
+            .inspect_err(|e| info!("rejected execute: {e}"))
+    }
+
+    fn preprocess_files(update: FileUpdate) -> Result<FileUpdate, String> {
+        Settings::from_config()
+            .check_files(update)
+            .inspect_err(|e| info!("rejected files: {e}"))
+    }
+}
+
+export_preprocessor!(SubmissionGuard);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use poseidon_plugin_api::{testing::set_config, File};
+
+    fn update(files: &[(&str, usize)], delete: &[&str]) -> FileUpdate {
+        FileUpdate {
+            copy: files
+                .iter()
+                .map(|(p, n)| File {
+                    path: p.to_string(),
+                    content: vec![b'x'; *n],
+                })
+                .collect(),
+            delete: delete.iter().map(|s| s.to_string()).collect(),
+            environment_id: 1,
+            principal: None,
+        }
+    }
+
+    fn exec(command: &str) -> ExecuteRequest {
+        ExecuteRequest {
+            command: command.into(),
+            env: vec![("LANG".into(), "C".into())],
+            time_limit: 0,
+            privileged: false,
+            environment_id: 1,
+            principal: Some("t".into()),
+        }
+    }
+
+    #[test]
+    fn globs() {
+        assert!(glob_match("*.so", "x.so", true));
+        assert!(!glob_match("*.so", "lib/x.so", true));
+        assert!(glob_match("**/*.so", "lib/x.so", true));
+        assert!(glob_match("**.so", "a/b/x.so", true));
+        assert!(glob_match(".git/**", ".git/config", true));
+        assert!(glob_match("?.py", "a.py", true));
+        assert!(!glob_match("?.py", "ab.py", true));
+        assert!(glob_match("*curl *", "cd x && curl http://h", false));
+        assert!(!glob_match("*curl *", "make", false));
+        assert!(glob_match("", "", true));
+        assert!(!glob_match("", "a", true));
+    }
+
+    #[test]
+    fn limits_on_files() {
+        let s = Settings {
+            max_files: Some(2),
+            max_total_bytes: Some(10),
+            max_file_bytes: Some(6),
+            ..Settings::default()
+        };
+        assert!(s.check_files(update(&[("a", 5), ("b", 5)], &[])).is_ok());
+        let e = s
+            .check_files(update(&[("a", 1), ("b", 1), ("c", 1)], &[]))
+            .unwrap_err();
+        assert!(e.contains("too many files"), "{e}");
+        let e = s.check_files(update(&[("a", 7)], &[])).unwrap_err();
+        assert!(e.contains("\"a\" is too large"), "{e}");
+        let e = s
+            .check_files(update(&[("a", 6), ("b", 6)], &[]))
+            .unwrap_err();
+        assert!(e.contains("files too large: 12 bytes"), "{e}");
+    }
+
+    #[test]
+    fn forbidden_paths_and_parent_dirs() {
+        let s = Settings {
+            forbidden_paths: vec!["**/*.so".into(), ".git/**".into()],
+            ..Settings::default()
+        };
+        assert!(s.check_files(update(&[("src/main.py", 1)], &[])).is_ok());
+        assert!(s.check_files(update(&[("./lib/x.so", 1)], &[])).is_err());
+        assert!(s.check_files(update(&[], &[".git/HEAD"])).is_err());
+        let e = s
+            .check_files(update(&[("../etc/passwd", 1)], &[]))
+            .unwrap_err();
+        assert!(e.contains("leaves the working directory"), "{e}");
+    }
+
+    #[test]
+    fn commands_env_and_limits() {
+        let s = Settings {
+            forbidden_commands: vec!["*curl *".into(), "sudo*".into()],
+            max_time_limit: Some(30),
+            deny_privileged: true,
+            inject_env: vec![("LANG".into(), "C.UTF-8".into()), ("X".into(), "1".into())],
+            ..Settings::default()
+        };
+        assert!(s.check_execute(exec("sudo ls")).is_err());
+        assert!(s.check_execute(exec("curl http://x")).is_err());
+        let mut privileged = exec("ls");
+        privileged.privileged = true;
+        assert!(s.check_execute(privileged).is_err());
+        let out = s.check_execute(exec("python main.py")).unwrap();
+        assert_eq!(out.time_limit, 30);
+        assert_eq!(out.env_var("LANG"), Some("C.UTF-8"));
+        assert_eq!(out.env_var("X"), Some("1"));
+        let mut short = exec("ls");
+        short.time_limit = 5;
+        assert_eq!(s.check_execute(short).unwrap().time_limit, 5);
+    }
+
+    #[test]
+    fn reads_configuration() {
+        set_config([
+            ("maxFiles", "1"),
+            ("forbiddenPaths", "*.exe, secret/**"),
+            ("forbiddenCommands", "rm -rf *; *:(){*"),
+            ("env.PYTHONDONTWRITEBYTECODE", "1"),
+        ]);
+        let s = Settings::from_config();
+        assert_eq!(s.max_files, Some(1));
+        assert_eq!(s.forbidden_paths, vec!["*.exe", "secret/**"]);
+        assert_eq!(s.forbidden_commands, vec!["rm -rf *", "*:(){*"]);
+        assert_eq!(
+            s.inject_env,
+            vec![("PYTHONDONTWRITEBYTECODE".to_string(), "1".to_string())]
+        );
+        assert!(SubmissionGuard::preprocess_execute(exec("rm -rf /")).is_err());
+        assert!(SubmissionGuard::preprocess_files(update(&[("a.exe", 1)], &[])).is_err());
+    }
+}

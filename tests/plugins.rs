@@ -1,0 +1,356 @@
+//! Policy plugins end to end: the real server with WebAssembly plugins from `plugins/`
+//! (build them first with `plugins/build.sh`), driven over HTTP like CodeOcean does.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use hmac::{KeyInit, Mac};
+use serde_json::{json, Value};
+use support::{Options, Server};
+
+/// A built example plugin.
+fn plugin(name: &str) -> PathBuf {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../plugins/target/wasm32-wasip2/release")
+        .join(format!("{name}.wasm"));
+    assert!(
+        path.is_file(),
+        "{} is missing: build the plugins first with plugins/build.sh",
+        path.display()
+    );
+    path
+}
+
+/// A plugin directory with the given plugins (example name → file name).
+fn plugin_dir(plugins: &[(&str, &str)]) -> PathBuf {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "poseidon-plugins-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for (name, file) in plugins {
+        std::fs::copy(plugin(name), dir.join(file)).unwrap();
+    }
+    dir
+}
+
+/// Starts a server whose configuration has `plugins_yaml` (the lines inside `plugins:`).
+async fn server_with_plugins(dir: &Path, entries_yaml: &str) -> Server {
+    Server::start_with(Options {
+        extra_yaml: format!(
+            "plugins:\n  directory: {}\n  limits:\n    callTimeoutMs: 30000\n    epochDeadlineTicks: 1000\n  entries:\n{entries_yaml}",
+            dir.display()
+        ),
+        ..Options::default()
+    })
+    .await
+}
+
+async fn status_and_json(r: reqwest::Response) -> (u16, Value) {
+    let status = r.status().as_u16();
+    let text = r.text().await.unwrap();
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+fn sign(claims: Value, key: &[u8]) -> String {
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let header = b64.encode(br#"{"alg":"HS256","typ":"JWT"}"#);
+    let payload = b64.encode(claims.to_string());
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key).unwrap();
+    mac.update(format!("{header}.{payload}").as_bytes());
+    let signature = b64.encode(mac.finalize().into_bytes());
+    format!("{header}.{payload}.{signature}")
+}
+
+fn token(tenant: &str, key: &[u8]) -> String {
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    sign(json!({"iss": tenant, "exp": exp}), key)
+}
+
+const JWT_ENTRY: &str = "    - file: jwt.wasm\n      kind: authenticator\n      config:\n        key.alpha: alpha-key\n        environments.alpha: \"7\"\n        key.beta: beta-key\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_authenticator_scopes_environments_and_runners_to_tenants() {
+    let dir = plugin_dir(&[("jwt_auth", "jwt.wasm")]);
+    let s = server_with_plugins(&dir, JWT_ENTRY).await;
+    let alpha = token("alpha", b"alpha-key");
+    let beta = token("beta", b"beta-key");
+
+    // The Poseidon-Token alone is not enough any more.
+    let (status, body) = status_and_json(
+        s.http
+            .get(s.url("/execution-environments"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, body["message"].as_str()),
+        (401, Some("missing bearer token"))
+    );
+    let forged = token("alpha", b"wrong-key");
+    let r = s
+        .http
+        .get(s.url("/execution-environments"))
+        .bearer_auth(forged)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    // Health and version stay open.
+    assert_eq!(reqwest::get(s.url("/health")).await.unwrap().status(), 204);
+
+    // alpha may use environment 7 only.
+    let env = json!({"id": 7, "image": "host", "prewarmingPoolSize": 1, "cpuLimit": 100,
+        "memoryLimit": 0, "networkAccess": false, "exposedPorts": []});
+    let r = s
+        .http
+        .put(s.url("/execution-environments/7"))
+        .bearer_auth(&alpha)
+        .json(&env)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let mut env8 = env.clone();
+    env8["id"] = json!(8);
+    let r = s
+        .http
+        .put(s.url("/execution-environments/8"))
+        .bearer_auth(&alpha)
+        .json(&env8)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let r = s
+        .http
+        .put(s.url("/execution-environments/8"))
+        .bearer_auth(&beta)
+        .json(&env8)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+
+    // alpha sees only environment 7.
+    let list: Value = s
+        .http
+        .get(s.url("/execution-environments"))
+        .bearer_auth(&alpha)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ids: Vec<i64> = list["executionEnvironments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ids, vec![7]);
+
+    // alpha claims a runner of 7 (once the pool has one).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let runner = loop {
+        let (status, body) = status_and_json(
+            s.http
+                .post(s.url("/runners"))
+                .bearer_auth(&alpha)
+                .json(&json!({"executionEnvironmentId": 7, "inactivityTimeout": 60}))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        if status == 200 {
+            break body["runnerId"].as_str().unwrap().to_string();
+        }
+        assert!(Instant::now() < deadline, "claim: {status} {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let r = s
+        .http
+        .post(s.url("/runners"))
+        .bearer_auth(&alpha)
+        .json(&json!({"executionEnvironmentId": 8}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+
+    // beta does not see alpha's runner; alpha does.
+    let files = s.url(&format!("/runners/{runner}/files"));
+    let r = s.http.get(&files).bearer_auth(&beta).send().await.unwrap();
+    assert_eq!(r.status(), 410);
+    let r = s.http.get(&files).bearer_auth(&alpha).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+
+    // The operator route needs only the Poseidon-Token.
+    let (status, plugins) =
+        status_and_json(s.http.get(s.url("/plugins")).send().await.unwrap()).await;
+    assert_eq!(status, 200);
+    let jwt = &plugins[0];
+    assert_eq!(jwt["name"], "jwt");
+    assert_eq!(jwt["kind"], "authenticator");
+    assert_eq!(jwt["loaded"], true);
+    assert_eq!(jwt["witVersion"], "0.1.0");
+    assert!(jwt["calls"].as_u64().unwrap() >= 8, "{jwt}");
+    assert_eq!(jwt["failures"], 0);
+    let anon = reqwest::get(s.url("/plugins")).await.unwrap();
+    assert_eq!(anon.status(), 401);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_authenticator_answers_503_and_status_stays_reachable() {
+    let dir = plugin_dir(&[("test_trap", "trap.wasm")]);
+    let s = server_with_plugins(&dir, "    - file: trap.wasm\n      kind: authenticator\n").await;
+    let (status, body) = status_and_json(
+        s.http
+            .get(s.url("/execution-environments"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 503);
+    let message = body["message"].as_str().unwrap();
+    assert!(message.contains("authentication unavailable"), "{message}");
+    assert!(message.contains("trapped"), "{message}");
+    let (status, plugins) =
+        status_and_json(s.http.get(s.url("/plugins")).send().await.unwrap()).await;
+    assert_eq!(status, 200);
+    assert_eq!(plugins[0]["failures"], 1);
+    assert!(plugins[0]["lastError"]
+        .as_str()
+        .unwrap()
+        .contains("trapped"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submission_guard_rejects_with_400_and_injects_variables() {
+    let dir = plugin_dir(&[("submission_guard", "guard.wasm")]);
+    let s = server_with_plugins(
+        &dir,
+        "    - file: guard.wasm\n      config:\n        forbiddenCommands: \"*curl *\"\n        forbiddenPaths: \"**/*.so\"\n        maxFiles: 3\n        env.INJECTED: from-the-plugin\n",
+    )
+    .await;
+    s.environment(5, 1, json!({})).await;
+    let runner = s.claim(5, 60).await;
+
+    let (status, body) = status_and_json(
+        s.http
+            .post(s.url(&format!("/runners/{runner}/execute")))
+            .json(&json!({"command": "curl http://example.org"}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert_eq!(body["message"], "command refused (matches \"*curl *\")");
+
+    let so = base64::engine::general_purpose::STANDARD.encode(b"ELF");
+    let (status, body) = status_and_json(
+        s.http
+            .patch(s.url(&format!("/runners/{runner}/files")))
+            .json(&json!({"copy": [{"path": "lib/evil.so", "content": so}]}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("\"lib/evil.so\" is forbidden"),
+        "{body}"
+    );
+
+    s.copy(&runner, &[("main.sh", b"echo \"$INJECTED\"")]).await;
+    let session = s
+        .run(
+            &runner,
+            json!({"command": "sh main.sh", "environment": {"A": "b"}}),
+        )
+        .await;
+    assert_eq!(session.exit(), Some(0), "{session:?}");
+    assert_eq!(session.stdout.trim(), "from-the-plugin");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_sizer_sets_the_pool_target() {
+    let dir = plugin_dir(&[("demand_sizer", "demand.wasm")]);
+    let s = server_with_plugins(
+        &dir,
+        "    - file: demand.wasm\n      environments: [6]\n      config: { headroom: 3 }\n",
+    )
+    .await;
+    // Configured size 1, but the sizer wants 3 idle runners (no claims + headroom 3).
+    s.environment(6, 3, json!({"prewarmingPoolSize": 1})).await;
+    // Environment 9 has no sizer: its configured size holds.
+    s.environment(9, 1, json!({})).await;
+    let stats: Value = s
+        .http
+        .get(s.url("/statistics/execution-environments"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(stats["6"]["prewarmingPoolSize"], 1);
+    assert!(stats["6"]["idleRunners"].as_u64().unwrap() >= 3, "{stats}");
+    let plugins: Value = s
+        .http
+        .get(s.url("/plugins"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(plugins[0]["calls"].as_u64().unwrap() > 0);
+    assert_eq!(plugins[0]["failures"], 0);
+}
+
+#[test]
+fn plugin_check_command() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_poseidon"))
+        .args(["plugin", "check"])
+        .arg(plugin("submission_guard"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains("kind:        preprocessor"), "{stdout}");
+    assert!(stdout.contains("poseidon:plugins@0.1.0"), "{stdout}");
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_poseidon"))
+        .args(["plugin", "check"])
+        .arg(plugin("test_incompatible"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("accepts poseidon:plugins@0.1.x"),
+        "{stderr}"
+    );
+}
