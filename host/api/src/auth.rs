@@ -91,7 +91,14 @@ fn check_caller(state: &AppState, request: &Request) -> Result<(), ApiError> {
             ));
         }
     }
-    if let Some(uids) = &state.settings.sandbox_uids {
+    // Only sandboxes with network access can reach the API; without any, skip the socket lookup.
+    let sandboxes_online = state.manager.any_network_access();
+    if let Some(uids) = state
+        .settings
+        .sandbox_uids
+        .as_ref()
+        .filter(|_| sandboxes_online)
+    {
         let peer = request
             .extensions()
             .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()

@@ -181,6 +181,16 @@ impl Manager {
         list
     }
 
+    /// Whether any environment gives its runners network access.
+    pub fn any_network_access(&self) -> bool {
+        self.inner
+            .environments
+            .read()
+            .unwrap()
+            .values()
+            .any(|e| e.config.network_access)
+    }
+
     /// One environment's configuration.
     pub fn environment(&self, id: EnvironmentId) -> Option<EnvironmentConfig> {
         self.inner
