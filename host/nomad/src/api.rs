@@ -58,25 +58,30 @@ fn classify(e: reqwest::Error) -> NomadError {
 #[derive(Debug, Clone)]
 pub struct NomadClient {
     http: reqwest::Client,
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
     base: String,
     token: String,
     namespace: String,
 }
 
 impl NomadClient {
-    /// Builds a client (TLS requires a reqwest TLS feature, not enabled in this build).
+    /// Builds a client (HTTPS with the configured CA and client certificate when `nomad.tls.active`).
     pub fn new(config: &NomadConfig) -> Result<Self, NomadError> {
-        if config.tls.active {
-            return Err(NomadError::Unreachable(
-                "nomad.tls.active: TLS towards Nomad is not supported by this build".into(),
-            ));
+        let tls = if config.tls.active {
+            Some(crate::tls::client_config(&config.tls)?)
+        } else {
+            None
+        };
+        let mut builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(5));
+        if let Some(tls) = &tls {
+            builder = builder.use_preconfigured_tls((**tls).clone());
         }
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
+        let http = builder
             .build()
             .map_err(|e| NomadError::Unreachable(e.to_string()))?;
         Ok(NomadClient {
             http,
+            tls,
             base: config.base_url(),
             token: config.token.clone(),
             namespace: config.namespace.clone(),
@@ -86,6 +91,11 @@ impl NomadClient {
     /// Base URL.
     pub fn base(&self) -> &str {
         &self.base
+    }
+
+    /// TLS client configuration, when `nomad.tls.active`.
+    pub fn tls(&self) -> Option<std::sync::Arc<rustls::ClientConfig>> {
+        self.tls.clone()
     }
 
     /// Namespace.

@@ -92,7 +92,8 @@ pub async fn connect(
             req.headers_mut().insert("X-Nomad-Token", v);
         }
     }
-    let (ws, _) = tokio_tungstenite::connect_async(req)
+    let connector = client.tls().map(tokio_tungstenite::Connector::Rustls);
+    let (ws, _) = tokio_tungstenite::connect_async_tls_with_config(req, None, false, connector)
         .await
         .map_err(|e| SessionError::Connect(format!("Nomad is unreachable: {e}")))?;
     Ok(ws)

@@ -9,6 +9,7 @@ pub mod events;
 pub mod exec;
 pub mod jobs;
 pub mod runner;
+pub mod tls;
 
 pub use backend::NomadBackend;
 pub use config::NomadConfig;
