@@ -338,3 +338,53 @@ async fn a_rescheduled_runner_in_use_stays_the_learners_with_its_files_gone() {
     assert_eq!(out.stdout, "again\r\n");
     settled(&s, 10, 1, 1).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_administrators_template_job_shapes_every_job() {
+    let dir = std::env::temp_dir().join(format!("poseidon-template-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("template.json");
+    let template = json!({"Job": {"Datacenters": ["dc1"], "Meta": {"owner": "course-admins"},
+        "TaskGroups": [{"Name": "default-group", "Tasks": [{"Name": "default-task", "Driver": "docker",
+            "Config": {"image": "ignored", "labels": {"team": "grading"}}, "Resources": {"MemoryMB": 20}}]}]}});
+    std::fs::write(&file, template.to_string()).unwrap();
+    let s = Server::start_with(Options {
+        backend: Backend::Nomad,
+        server_yaml: format!("  templatejobfile: {}", file.display()),
+        ..Default::default()
+    })
+    .await;
+    s.environment(11, 1, json!({"memoryLimit": 128})).await;
+    let emulator = s.emulator_url().unwrap();
+    let jobs = runner_jobs(&s, 11).await;
+    for id in ["template-11".to_string(), jobs[0].clone()] {
+        let job: Value = reqwest::get(format!("{emulator}/v1/job/{id}"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(job["Meta"]["owner"], "course-admins", "{id}");
+        let task = &job["TaskGroups"][0]["Tasks"][0];
+        assert_eq!(task["Config"]["labels"]["team"], "grading", "{id}");
+        assert_eq!(
+            task["Config"]["image"], "host",
+            "the environment's image wins: {id}"
+        );
+        assert_eq!(task["Resources"]["MemoryMaxMB"], 128, "{id}");
+    }
+    let env: Value = s
+        .http
+        .get(s.url("/execution-environments/11"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(env["memoryLimit"], 128);
+    let runner = s.claim(11, 0).await;
+    let out = s.run(&runner, json!({"command": "echo templated"})).await;
+    assert_eq!(out.stdout, "templated\r\n");
+    let _ = std::fs::remove_dir_all(&dir);
+}

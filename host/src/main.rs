@@ -104,8 +104,14 @@ fn init_logging(config: &Config) {
 
 async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     let (backend, local): (Arc<dyn Backend>, Option<Arc<LocalBackend>>) = if config.nomad.enabled {
-        let nomad = NomadConfig::from_yaml(&config.nomad.rest)
+        let mut nomad = NomadConfig::from_yaml(&config.nomad.rest)
             .map_err(|e| format!("invalid configuration: {e}"))?;
+        if !config.server.templatejobfile.is_empty() {
+            let path = std::path::Path::new(&config.server.templatejobfile);
+            poseidon_nomad::template::load(&mut nomad, path)
+                .await
+                .map_err(|e| format!("server.templatejobfile {}: {e}", path.display()))?;
+        }
         tracing::info!(address = %nomad.base_url(), "using the Nomad backend");
         (Arc::new(NomadBackend::new(nomad)?), None)
     } else {

@@ -93,6 +93,27 @@ impl NomadClient {
         &self.base
     }
 
+    /// Turns an HCL job specification into Nomad's JSON (`POST /v1/jobs/parse`).
+    pub async fn parse_hcl(&self, hcl: &str) -> Result<Value, NomadError> {
+        let response = self
+            .http
+            .post(format!("{}/v1/jobs/parse", self.base))
+            .header("X-Nomad-Token", &self.token)
+            .json(&json!({"JobHCL": hcl, "Canonicalize": true}))
+            .send()
+            .await
+            .map_err(|e| NomadError::Unreachable(e.to_string()))?;
+        let status = response.status().as_u16();
+        if !(200..300).contains(&status) {
+            let body = response.text().await.unwrap_or_default();
+            return Err(NomadError::Status { status, body });
+        }
+        response
+            .json()
+            .await
+            .map_err(|e| NomadError::Decode(e.to_string()))
+    }
+
     /// TLS client configuration, when `nomad.tls.active`.
     pub fn tls(&self) -> Option<std::sync::Arc<rustls::ClientConfig>> {
         self.tls.clone()

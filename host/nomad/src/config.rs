@@ -69,6 +69,11 @@ pub struct NomadConfig {
     pub driver: String,
     /// Datacenters of all jobs.
     pub datacenters: Vec<String>,
+    /// A job (Nomad's JSON) replacing the built-in template: everything the gateway does not set
+    /// itself (constraints, policies, volumes, driver options, ...) comes from it. Loaded from
+    /// `server.templatejobfile` by the server.
+    #[serde(skip)]
+    pub template: Option<serde_json::Value>,
 }
 
 impl Default for NomadConfig {
@@ -85,6 +90,7 @@ impl Default for NomadConfig {
             startuptimeoutseconds: 120,
             driver: "docker".into(),
             datacenters: vec!["dc1".into()],
+            template: None,
         }
     }
 }

@@ -66,7 +66,7 @@ pub fn build_job(
             json!(env.network_access.to_string()),
         );
     }
-    json!({
+    let generated = json!({
         "ID": id, "Name": id, "Type": "batch", "Namespace": nomad.namespace,
         "Datacenters": nomad.datacenters,
         "TaskGroups": [
@@ -87,7 +87,76 @@ pub fn build_job(
                         "LogConfig": {"MaxFiles": 1, "MaxFileSizeMB": 1},
                         "Resources": {"CPU": 1, "MemoryMB": 10}}]}
         ]
-    })
+    });
+    match &nomad.template {
+        Some(template) => overlay(template, generated),
+        None => generated,
+    }
+}
+
+/// Applies the gateway's fields to an administrator's template job (Poseidon §4.5): a
+/// `default-group` with a `default-task` running `sleep infinity`, a count-0 `config` group with the
+/// meta, and image, resources, network, ID and name from the environment. The rest is the template's.
+fn overlay(template: &Value, generated: Value) -> Value {
+    let mut job = template.clone();
+    if let Some(inner) = job.get("Job").cloned() {
+        job = inner; // accept `{"Job": {...}}` as `/v1/jobs/parse` and the register API use it
+    }
+    for key in ["ID", "Name", "Namespace", "Type"] {
+        job[key] = generated[key].clone();
+    }
+    if job["Datacenters"].as_array().is_none_or(|d| d.is_empty()) {
+        job["Datacenters"] = generated["Datacenters"].clone();
+    }
+    let generated_groups = generated["TaskGroups"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let mut groups = job["TaskGroups"].as_array().cloned().unwrap_or_default();
+    for wanted in &generated_groups {
+        let name = wanted["Name"].as_str().unwrap_or_default();
+        match groups.iter_mut().find(|g| g["Name"] == name) {
+            None => groups.push(wanted.clone()),
+            Some(group) => {
+                group["Count"] = wanted["Count"].clone();
+                if name == DEFAULT_GROUP {
+                    group["Networks"] = wanted["Networks"].clone();
+                } else {
+                    group["Meta"] = wanted["Meta"].clone();
+                }
+                let wanted_task = &wanted["Tasks"][0];
+                let tasks = group["Tasks"].as_array().cloned().unwrap_or_default();
+                let mut tasks: Vec<Value> = tasks;
+                match tasks.iter_mut().find(|t| t["Name"] == wanted_task["Name"]) {
+                    None => tasks.push(wanted_task.clone()),
+                    Some(task) => {
+                        if task["Driver"].as_str().is_none_or(str::is_empty) {
+                            task["Driver"] = wanted_task["Driver"].clone();
+                        }
+                        let mut config = task["Config"].as_object().cloned().unwrap_or_default();
+                        for (k, v) in wanted_task["Config"].as_object().into_iter().flatten() {
+                            config.insert(k.clone(), v.clone());
+                        }
+                        task["Config"] = Value::Object(config);
+                        if name == DEFAULT_GROUP {
+                            let mut resources =
+                                task["Resources"].as_object().cloned().unwrap_or_default();
+                            for key in ["CPU", "MemoryMaxMB"] {
+                                resources.insert(key.into(), wanted_task["Resources"][key].clone());
+                            }
+                            resources
+                                .entry("MemoryMB")
+                                .or_insert(wanted_task["Resources"]["MemoryMB"].clone());
+                            task["Resources"] = Value::Object(resources);
+                        }
+                    }
+                }
+                group["Tasks"] = Value::Array(tasks);
+            }
+        }
+    }
+    job["TaskGroups"] = Value::Array(groups);
+    job
 }
 
 /// The template job of an environment.
@@ -199,6 +268,39 @@ mod tests {
             "8080"
         );
         assert_eq!(environment_from_job(&job), Some(env.clone()));
+    }
+
+    #[test]
+    fn an_administrators_template_keeps_its_own_settings() {
+        let env = EnvironmentConfig {
+            id: 12,
+            image: "python:3".into(),
+            prewarming_pool_size: 2,
+            cpu_limit: 50,
+            memory_limit: 256,
+            network_access: false,
+            exposed_ports: vec![],
+        };
+        let template = json!({"Job": {"ID": "x", "Datacenters": ["eu-1"], "Constraints": [{"LTarget": "${attr.kernel.name}", "RTarget": "linux", "Operand": "="}],
+            "TaskGroups": [{"Name": "default-group", "Count": 5, "Tasks": [{"Name": "default-task", "Driver": "docker",
+                "Config": {"image": "old", "command": "bash", "runtime": "runsc"}, "Resources": {"CPU": 1, "MemoryMB": 30}}]}]}});
+        let nomad = NomadConfig {
+            template: Some(template),
+            ..NomadConfig::default()
+        };
+        let job = template_job(&env, &nomad);
+        assert_eq!(job["ID"], "template-12");
+        assert_eq!(job["Datacenters"], json!(["eu-1"]));
+        assert_eq!(job["Constraints"][0]["RTarget"], "linux");
+        let task = &job["TaskGroups"][0]["Tasks"][0];
+        assert_eq!(job["TaskGroups"][0]["Count"], 1);
+        assert_eq!(task["Config"]["runtime"], "runsc");
+        assert_eq!(task["Config"]["image"], "python:3");
+        assert_eq!(task["Config"]["command"], "sleep");
+        assert_eq!(task["Resources"]["MemoryMB"], 30);
+        assert_eq!(task["Resources"]["MemoryMaxMB"], 256);
+        assert_eq!(job["TaskGroups"][1]["Name"], "config");
+        assert_eq!(environment_from_job(&job), Some(env));
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod events;
 pub mod exec;
 pub mod jobs;
 pub mod runner;
+pub mod template;
 pub mod tls;
 
 pub use backend::NomadBackend;
