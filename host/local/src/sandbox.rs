@@ -61,26 +61,7 @@ impl SandboxSpec<'_> {
                 a.push(root.into());
                 a.push("/".into());
             }
-            None => {
-                for dir in HOST_SYSTEM_DIRS {
-                    let path = Path::new(dir);
-                    match std::fs::symlink_metadata(path) {
-                        Ok(m) if m.file_type().is_symlink() => {
-                            if let Ok(target) = std::fs::read_link(path) {
-                                a.push("--symlink".into());
-                                a.push(target.into());
-                                a.push(path.into());
-                            }
-                        }
-                        Ok(m) if m.is_dir() => {
-                            a.push("--ro-bind".into());
-                            a.push(path.into());
-                            a.push(path.into());
-                        }
-                        _ => {}
-                    }
-                }
-            }
+            None => a.extend(host_system_binds()),
         }
         let etc = self.runner_dir.join("etc");
         for file in ["passwd", "group"] {
@@ -114,6 +95,30 @@ impl SandboxSpec<'_> {
         a.push("--".into());
         a
     }
+}
+
+/// bubblewrap arguments that show the host's system directories read-only (links stay links).
+pub(crate) fn host_system_binds() -> Vec<OsString> {
+    let mut a: Vec<OsString> = Vec::new();
+    for dir in HOST_SYSTEM_DIRS {
+        let path = Path::new(dir);
+        match std::fs::symlink_metadata(path) {
+            Ok(m) if m.file_type().is_symlink() => {
+                if let Ok(target) = std::fs::read_link(path) {
+                    a.push("--symlink".into());
+                    a.push(target.into());
+                    a.push(path.into());
+                }
+            }
+            Ok(m) if m.is_dir() => {
+                a.push("--ro-bind".into());
+                a.push(path.into());
+                a.push(path.into());
+            }
+            _ => {}
+        }
+    }
+    a
 }
 
 /// `/etc/passwd` of a sandbox: `root` and the unprivileged `user`.
