@@ -83,6 +83,7 @@ impl NomadBackend {
             shared: self.shared.clone(),
             ports: Mutex::new(ports_of(alloc)),
             running: Mutex::new(Vec::new()),
+            job_lock: tokio::sync::Mutex::new(false),
         })
     }
 

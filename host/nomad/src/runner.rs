@@ -31,6 +31,9 @@ pub struct NomadRunner {
     pub(crate) shared: Arc<Shared>,
     pub(crate) ports: Mutex<Vec<MappedPort>>,
     pub(crate) running: Mutex<Vec<CancellationToken>>,
+    /// Serialises writes of the runner's job; `true` once it was purged. A meta update (claim)
+    /// that re-registered the job after its purge would bring the runner back as an orphan.
+    pub(crate) job_lock: tokio::sync::Mutex<bool>,
 }
 
 /// Reads the port mappings of an allocation (`AllocatedResources.Shared.Ports`).
@@ -119,6 +122,10 @@ impl RunnerBackend for NomadRunner {
     }
 
     async fn mark_claimed(&self, inactivity_timeout: Option<i64>) -> Result<(), BackendError> {
+        let purged = self.job_lock.lock().await;
+        if *purged {
+            return Ok(());
+        }
         let client = self.client();
         let Some(mut job) = client.job(self.id.as_str()).await? else {
             return Err(BackendError::NodeDown(format!(
@@ -254,6 +261,8 @@ impl RunnerBackend for NomadRunner {
             t.cancel();
         }
         self.shared.forget(&self.id);
+        let mut purged = self.job_lock.lock().await;
+        *purged = true;
         let mut last = None;
         for attempt in 0..3u32 {
             match self.client().deregister(self.id.as_str(), true).await {
