@@ -147,21 +147,6 @@ async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     } else {
         config.sentry.release.clone()
     };
-    let state = AppState {
-        manager: manager.clone(),
-        settings: Arc::new(ApiSettings {
-            token: config.server.token.clone(),
-            tls: config.server.tls.active,
-            prewarming_pool_threshold: config.server.alert.prewarmingpoolthreshold,
-            max_body_bytes: config.server.maxrequestbodybytes,
-            version,
-            sandbox_uids,
-        }),
-        policies: match policies {
-            Some(p) => p as Arc<dyn Policies>,
-            None => Arc::new(NoPolicies),
-        },
-    };
     let listener =
         tokio::net::TcpListener::bind((config.server.address.as_str(), config.server.port))
             .await
@@ -172,6 +157,22 @@ async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
                 )
             })?;
     let address = listener.local_addr()?;
+    let state = AppState {
+        manager: manager.clone(),
+        settings: Arc::new(ApiSettings {
+            token: config.server.token.clone(),
+            tls: config.server.tls.active,
+            prewarming_pool_threshold: config.server.alert.prewarmingpoolthreshold,
+            max_body_bytes: config.server.maxrequestbodybytes,
+            version,
+            sandbox_uids,
+            listen_address: Some(address),
+        }),
+        policies: match policies {
+            Some(p) => p as Arc<dyn Policies>,
+            None => Arc::new(NoPolicies),
+        },
+    };
     tracing::info!(%address, backend = manager.backend_name(), "serving the Poseidon API");
     let scheme = if config.server.tls.active {
         "https"

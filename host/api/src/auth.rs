@@ -103,7 +103,11 @@ fn check_caller(state: &AppState, request: &Request) -> Result<(), ApiError> {
             .extensions()
             .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
             .map(|c| c.0);
-        let local = request.extensions().get::<LocalAddr>().map(|l| l.0);
+        let local = request
+            .extensions()
+            .get::<LocalAddr>()
+            .map(|l| l.0)
+            .or(state.settings.listen_address);
         if peer.is_some_and(|p| crate::peer::from_sandbox(p, local, uids)) {
             return Err(ApiError::new(
                 StatusCode::FORBIDDEN,

@@ -40,6 +40,8 @@ pub struct ApiSettings {
     pub version: String,
     /// Host uids of sandboxes: API requests from processes with these uids are refused.
     pub sandbox_uids: Option<std::ops::Range<u32>>,
+    /// The address the server listens on (to look up the client's socket of a connection).
+    pub listen_address: Option<std::net::SocketAddr>,
 }
 
 /// Everything a handler needs.
