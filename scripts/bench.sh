@@ -42,7 +42,7 @@ logger:
 local:
   statedir: $state/state
   cgroupparent: $cgroup
-  uidbase: 400000
+  uidbase: 4000000
   uidcount: 20000
 EOF
 

@@ -244,11 +244,13 @@ impl Report {
             m.kernel,
             self.server_version.trim()
         );
-        let _ = writeln!(
-            out,
-            "| scenario | variant | conc | ok | failed | pool empty | rate | p50 ms | p90 ms | p99 ms | max ms | ratio p50 / p99 |"
-        );
-        let _ = writeln!(out, "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|");
+        if !self.rows.is_empty() {
+            let _ = writeln!(
+                out,
+                "| scenario | variant | conc | ok | failed | pool empty | rate | p50 ms | p90 ms | p99 ms | max ms | ratio p50 / p99 |"
+            );
+            let _ = writeln!(out, "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|");
+        }
         for r in &self.rows {
             let ratio = r
                 .ratio
