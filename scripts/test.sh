@@ -15,4 +15,9 @@ if [ -x plugins/build.sh ]; then
   plugins/build.sh
 fi
 # The integration tests start real servers and sandboxes; two at a time suit a 2-core machine.
+if [ -z "${NOMAD_ADDR:-}" ]; then
+  echo "NOTE: NOMAD_ADDR is not set: the API tests of the Nomad backend run against the project's Nomad emulator only; their real-Nomad variants (tests real_nomad::*) are skipped."
+else
+  echo "NOTE: NOMAD_ADDR=$NOMAD_ADDR: the API tests of the Nomad backend also run against this real Nomad."
+fi
 cargo test --workspace --no-fail-fast -- --test-threads="${TEST_THREADS:-4}"

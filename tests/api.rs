@@ -6,7 +6,64 @@ mod support;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use support::{eventually, host_processes_with, Options, Server, Ws};
+use support::{eventually, host_processes_with, Backend, Options, Server, Ws};
+
+/// Runs each named scenario once per backend, with the same assertions.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod local {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                super::$name(super::Backend::Local).await
+            })*
+        }
+        mod nomad {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                super::$name(super::Backend::Nomad).await
+            })*
+        }
+        mod real_nomad {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                if super::support::real_nomad_available(stringify!($name)) {
+                    super::$name(super::Backend::RealNomad).await
+                }
+            })*
+        }
+    };
+}
+
+on_both_backends!(
+    health_and_version_are_open_everything_else_needs_the_token,
+    environments_can_be_created_read_replaced_and_deleted,
+    bad_input_gets_400_with_a_message_naming_the_problem,
+    runners_are_claimed_from_the_pool_and_destroyed,
+    files_are_copied_listed_downloaded_and_deleted,
+    executions_stream_stdout_and_stderr_apart_and_end_with_the_exit_code,
+    input_goes_through_a_terminal,
+    the_time_limit_ends_an_execution_with_timeout,
+    a_client_that_disconnects_ends_the_program,
+    megabytes_of_output_arrive_complete,
+    the_inactivity_timeout_destroys_idle_runners_but_not_running_ones,
+    destroying_a_runner_ends_its_execution,
+    websocket_handshake_errors
+);
+
+/// Names in a listing, without the directories the Nomad emulator's task directory always has.
+fn test_files(list: &Value) -> Vec<&str> {
+    list["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap())
+        .filter(|n| {
+            !["./local", "./secrets", "./tmp"]
+                .iter()
+                .any(|d| n.starts_with(d))
+        })
+        .collect()
+}
 
 async fn status_and_json(r: reqwest::Response) -> (u16, Value) {
     let status = r.status().as_u16();
@@ -14,9 +71,8 @@ async fn status_and_json(r: reqwest::Response) -> (u16, Value) {
     (status, serde_json::from_str(&text).unwrap_or(Value::Null))
 }
 
-#[tokio::test]
-async fn health_and_version_are_open_everything_else_needs_the_token() {
-    let s = Server::start().await;
+async fn health_and_version_are_open_everything_else_needs_the_token(backend: Backend) {
+    let s = Server::on(backend).await;
     let anon = reqwest::Client::new();
     assert_eq!(
         anon.get(s.url("/health")).send().await.unwrap().status(),
@@ -77,9 +133,8 @@ async fn health_and_version_are_open_everything_else_needs_the_token() {
     );
 }
 
-#[tokio::test]
-async fn environments_can_be_created_read_replaced_and_deleted() {
-    let s = Server::start().await;
+async fn environments_can_be_created_read_replaced_and_deleted(backend: Backend) {
+    let s = Server::on(backend).await;
     let body = json!({"id": 7, "image": "python", "prewarmingPoolSize": 1, "cpuLimit": 20, "memoryLimit": 128, "networkAccess": false, "exposedPorts": []});
     let url = s.url("/execution-environments/7");
     assert_eq!(
@@ -152,16 +207,16 @@ async fn environments_can_be_created_read_replaced_and_deleted() {
     assert_eq!(list["executionEnvironments"], json!([]));
 }
 
-#[tokio::test]
-async fn bad_input_gets_400_with_a_message_naming_the_problem() {
+async fn bad_input_gets_400_with_a_message_naming_the_problem(backend: Backend) {
     let s = Server::start_with(Options {
+        backend,
         server_yaml: "  maxrequestbodybytes: 4096".into(),
         ..Default::default()
     })
     .await;
     s.environment(1, 1, json!({})).await;
     let env_url = s.url("/execution-environments/2");
-    let good = json!({"image": "x", "prewarmingPoolSize": 0, "cpuLimit": 1, "memoryLimit": 1, "networkAccess": false, "exposedPorts": null});
+    let good = json!({"image": "x", "prewarmingPoolSize": 0, "cpuLimit": 1, "memoryLimit": 128, "networkAccess": false, "exposedPorts": null});
     let cases: Vec<(Value, &str)> = vec![
         (
             json!({"image": "x", "prewarmingPoolsize": 1, "cpuLimit": 1, "memoryLimit": 1, "networkAccess": false}),
@@ -188,10 +243,6 @@ async fn bad_input_gets_400_with_a_message_naming_the_problem() {
             "cpuLimit",
         ),
         (
-            json!({"image": "x", "prewarmingPoolSize": 1, "cpuLimit": 1, "memoryLimit": 1, "networkAccess": true, "exposedPorts": [80]}),
-            "exposedPorts",
-        ),
-        (
             json!({"image": "x", "prewarmingPoolSize": 1, "cpuLimit": 1, "memoryLimit": 1, "networkAccess": true, "exposedPorts": [70000]}),
             "",
         ),
@@ -207,6 +258,13 @@ async fn bad_input_gets_400_with_a_message_naming_the_problem() {
             message.contains(needle),
             "{message:?} should name {needle:?}"
         );
+    }
+    if backend == Backend::Local {
+        let body = json!({"image": "x", "prewarmingPoolSize": 1, "cpuLimit": 1, "memoryLimit": 1, "networkAccess": true, "exposedPorts": [80]});
+        let (status, err) =
+            status_and_json(s.http.put(&env_url).json(&body).send().await.unwrap()).await;
+        assert_eq!(status, 400);
+        assert!(err["message"].as_str().unwrap().contains("exposedPorts"));
     }
     for raw in ["", "{", "[1,2]", "{\"image\": \"x\"} trailing", "null"] {
         let (status, err) =
@@ -329,9 +387,8 @@ async fn bad_input_gets_400_with_a_message_naming_the_problem() {
     );
 }
 
-#[tokio::test]
-async fn runners_are_claimed_from_the_pool_and_destroyed() {
-    let s = Server::start().await;
+async fn runners_are_claimed_from_the_pool_and_destroyed(backend: Backend) {
+    let s = Server::on(backend).await;
     let (status, err) = status_and_json(
         s.http
             .post(s.url("/runners"))
@@ -411,18 +468,19 @@ async fn runners_are_claimed_from_the_pool_and_destroyed() {
     }
 }
 
-#[tokio::test]
-async fn files_are_copied_listed_downloaded_and_deleted() {
-    let s = Server::start().await;
+async fn files_are_copied_listed_downloaded_and_deleted(backend: Backend) {
+    let s = Server::on(backend).await;
     s.environment(1, 1, json!({})).await;
     let runner = s.claim(1, 60).await;
+    // Unique: with the emulator, /tmp of a runner is the host's.
+    let tmp_file = format!("/tmp/t-{}-{backend:?}.txt", std::process::id());
     let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
     s.copy(
         &runner,
         &[
             ("a.txt", b"hello"),
             ("dir/b.bin", &big),
-            ("/tmp/t.txt", b"tmp"),
+            (tmp_file.as_str(), b"tmp"),
             ("empty/", b""),
         ],
     )
@@ -437,14 +495,14 @@ async fn files_are_copied_listed_downloaded_and_deleted() {
         .json()
         .await
         .unwrap();
-    let names: Vec<&str> = list["files"]
+    let names = test_files(&list);
+    assert_eq!(names, vec!["./a.txt", "./dir", "./dir/b.bin", "./empty"]);
+    let a = list["files"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|f| f["name"].as_str().unwrap())
-        .collect();
-    assert_eq!(names, vec!["./a.txt", "./dir", "./dir/b.bin", "./empty"]);
-    let a = &list["files"][0];
+        .find(|f| f["name"] == "./a.txt")
+        .unwrap();
     assert_eq!(a["entryType"], "-");
     assert_eq!(a["size"], 5);
     assert!(a["modificationTime"].as_i64().unwrap() > 0);
@@ -469,7 +527,14 @@ async fn files_are_copied_listed_downloaded_and_deleted() {
         .json()
         .await
         .unwrap();
-    assert_eq!(tmp["files"][0]["name"], "/tmp/t.txt");
+    assert!(
+        tmp["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["name"] == tmp_file.as_str()),
+        "{tmp}"
+    );
     let (status, err) = status_and_json(
         s.http
             .get(format!("{files_url}?path=missing"))
@@ -535,12 +600,7 @@ async fn files_are_copied_listed_downloaded_and_deleted() {
         .json()
         .await
         .unwrap();
-    let names: Vec<&str> = list["files"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|f| f["name"].as_str().unwrap())
-        .collect();
+    let names = test_files(&list);
     assert_eq!(names, vec!["./empty", "./out.txt"]);
     let r = s
         .http
@@ -549,11 +609,11 @@ async fn files_are_copied_listed_downloaded_and_deleted() {
         .await
         .unwrap();
     assert_eq!(r.text().await.unwrap(), "new");
-    // Writing where the sandbox is read-only fails with the tool's message.
+    // A copy that cannot succeed (a file below a regular file) fails with the tool's message.
     let (status, err) = status_and_json(
         s.http
             .patch(&files_url)
-            .json(&json!({"copy": [{"path": "/usr/evil", "content": "eA=="}]}))
+            .json(&json!({"copy": [{"path": "out.txt/inner", "content": "eA=="}]}))
             .send()
             .await
             .unwrap(),
@@ -565,11 +625,18 @@ async fn files_are_copied_listed_downloaded_and_deleted() {
         .as_str()
         .unwrap()
         .contains("file copy failed"));
+    let r = s
+        .http
+        .patch(&files_url)
+        .json(&json!({"delete": [tmp_file]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
 }
 
-#[tokio::test]
-async fn executions_stream_stdout_and_stderr_apart_and_end_with_the_exit_code() {
-    let s = Server::start().await;
+async fn executions_stream_stdout_and_stderr_apart_and_end_with_the_exit_code(backend: Backend) {
+    let s = Server::on(backend).await;
     s.environment(1, 1, json!({})).await;
     let runner = s.claim(1, 60).await;
     s.copy(
@@ -589,9 +656,11 @@ async fn executions_stream_stdout_and_stderr_apart_and_end_with_the_exit_code() 
     let out = s.run(&runner, json!({"command": "echo \"$GREETING\" 'single quoted'\necho $CODEOCEAN", "environment": {"GREETING": "hello world $HOME"}})).await;
     assert_eq!(out.stdout, "hello world $HOME single quoted\r\ntrue\r\n");
     assert_eq!(out.exit(), Some(0));
-    // Unprivileged by default, root of the sandbox when privileged.
-    let out = s.run(&runner, json!({"command": "id -u; id -un"})).await;
-    assert_eq!(out.stdout, "1000\r\nuser\r\n");
+    // Unprivileged by default, root of the sandbox when privileged (the emulator has no setuser).
+    if backend == Backend::Local {
+        let out = s.run(&runner, json!({"command": "id -u; id -un"})).await;
+        assert_eq!(out.stdout, "1000\r\nuser\r\n");
+    }
     let out = s
         .run(
             &runner,
@@ -608,9 +677,8 @@ async fn executions_stream_stdout_and_stderr_apart_and_end_with_the_exit_code() 
     assert_eq!(out.exit(), Some(44));
 }
 
-#[tokio::test]
-async fn input_goes_through_a_terminal() {
-    let s = Server::start().await;
+async fn input_goes_through_a_terminal(backend: Backend) {
+    let s = Server::on(backend).await;
     s.environment(1, 1, json!({})).await;
     let runner = s.claim(1, 60).await;
     let url = s
@@ -641,9 +709,8 @@ async fn input_goes_through_a_terminal() {
     assert_eq!(out.exit(), Some(130), "{:?}", out.messages);
 }
 
-#[tokio::test]
-async fn the_time_limit_ends_an_execution_with_timeout() {
-    let s = Server::start().await;
+async fn the_time_limit_ends_an_execution_with_timeout(backend: Backend) {
+    let s = Server::on(backend).await;
     s.environment(1, 1, json!({})).await;
     let runner = s.claim(1, 60).await;
     let marker = format!("marker-{}", std::process::id());
@@ -664,9 +731,8 @@ async fn the_time_limit_ends_an_execution_with_timeout() {
     assert_eq!(out.stdout, "still here\r\n");
 }
 
-#[tokio::test]
-async fn a_client_that_disconnects_ends_the_program() {
-    let s = Server::start().await;
+async fn a_client_that_disconnects_ends_the_program(backend: Backend) {
+    let s = Server::on(backend).await;
     s.environment(1, 1, json!({})).await;
     let runner = s.claim(1, 60).await;
     let marker = format!("gone-{}", std::process::id());
@@ -694,9 +760,8 @@ async fn a_client_that_disconnects_ends_the_program() {
     assert_eq!(r.status(), 404);
 }
 
-#[tokio::test]
-async fn megabytes_of_output_arrive_complete() {
-    let s = Server::start().await;
+async fn megabytes_of_output_arrive_complete(backend: Backend) {
+    let s = Server::on(backend).await;
     s.environment(1, 1, json!({})).await;
     let runner = s.claim(1, 60).await;
     let out = s
@@ -718,9 +783,8 @@ async fn megabytes_of_output_arrive_complete() {
     assert_eq!(out.stdout.trim_end(), "é€😀".repeat(20000));
 }
 
-#[tokio::test]
-async fn the_inactivity_timeout_destroys_idle_runners_but_not_running_ones() {
-    let s = Server::start().await;
+async fn the_inactivity_timeout_destroys_idle_runners_but_not_running_ones(backend: Backend) {
+    let s = Server::on(backend).await;
     s.environment(1, 2, json!({})).await;
     let idle_runner = s.claim(1, 1).await;
     let busy_runner = s.claim(1, 1).await;
@@ -750,9 +814,8 @@ async fn the_inactivity_timeout_destroys_idle_runners_but_not_running_ones() {
     }
 }
 
-#[tokio::test]
-async fn destroying_a_runner_ends_its_execution() {
-    let s = Server::start().await;
+async fn destroying_a_runner_ends_its_execution(backend: Backend) {
+    let s = Server::on(backend).await;
     s.environment(1, 1, json!({})).await;
     let runner = s.claim(1, 0).await;
     let url = s
@@ -842,9 +905,8 @@ async fn health_reports_depleting_pools() {
     tokio::time::sleep(Duration::from_millis(1)).await;
 }
 
-#[tokio::test]
-async fn websocket_handshake_errors() {
-    let s = Server::start().await;
+async fn websocket_handshake_errors(backend: Backend) {
+    let s = Server::on(backend).await;
     s.environment(1, 1, json!({})).await;
     let runner = s.claim(1, 0).await;
     let url = s.url(&format!(
@@ -862,4 +924,104 @@ async fn websocket_handshake_errors() {
     // The execution was not consumed by the failed handshakes.
     let out = Ws::connect(&ws_url).await.finish().await;
     assert_eq!(out.exit(), Some(0));
+}
+
+#[tokio::test]
+async fn an_invalid_configuration_stops_the_start_naming_the_key() {
+    let dir = std::env::temp_dir().join(format!("poseidon-badconfig-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (yaml, key) in [
+        ("server:\n  port: seventy\n", "server.port"),
+        ("server:\n  prot: 1\n", "prot"),
+        ("logger:\n  level: loud\n", "logger.level"),
+        ("local:\n  workdir: relative\n", "local.workdir"),
+    ] {
+        let file = dir.join("configuration.yaml");
+        std::fs::write(&file, yaml).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_poseidon"))
+            .arg("--config")
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{yaml}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(key), "{yaml}: {stderr}");
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_poseidon"))
+        .env("POSEIDON_SERVER_PORT", "-1")
+        .arg("--config")
+        .arg(dir.join("missing.yaml"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("missing.yaml"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn tls_serves_https_with_tls_1_3_only_and_wss_urls() {
+    let dir = std::env::temp_dir().join(format!("poseidon-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let status = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("openssl is needed to make a test certificate");
+    assert!(status.success());
+    let s = Server::start_with(Options {
+        server_yaml: format!(
+            "  tls:\n    active: true\n    certfile: {}\n    keyfile: {}",
+            cert.display(),
+            key.display()
+        ),
+        ..Default::default()
+    })
+    .await;
+    assert!(s.base.starts_with("https://"), "{}", s.base);
+    let curl = |extra: &[&str], path: &str| {
+        std::process::Command::new("curl")
+            .args([
+                "-sk",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "-H",
+                "Poseidon-Token: test-token",
+            ])
+            .args(extra)
+            .arg(s.url(path))
+            .output()
+            .unwrap()
+    };
+    assert_eq!(
+        String::from_utf8_lossy(&curl(&[], "/version").stdout),
+        "200"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&curl(&[], "/execution-environments").stdout),
+        "200"
+    );
+    let old = curl(&["--tls-max", "1.2"], "/version");
+    assert_ne!(
+        String::from_utf8_lossy(&old.stdout),
+        "200",
+        "TLS 1.2 must be refused"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

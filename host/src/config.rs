@@ -153,7 +153,6 @@ pub struct NomadSection {
     pub enabled: bool,
     /// Everything else (read by the Nomad backend).
     #[serde(flatten)]
-    #[allow(dead_code)]
     pub rest: serde_yaml::Mapping,
 }
 
@@ -256,9 +255,6 @@ impl Config {
                 "server.tls",
                 "certfile and keyfile are required when active is true",
             ));
-        }
-        if self.server.tls.active {
-            return Err(invalid("server.tls.active", "TLS is not built into this version; terminate TLS in a reverse proxy in front of the gateway"));
         }
         if self.server.systemdsocketactivation {
             return Err(invalid(

@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 mod config;
+mod tls;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -14,7 +15,9 @@ use std::time::Duration;
 
 use config::Config;
 use poseidon_api::{ApiSettings, AppState, NoPolicies};
-use poseidon_core::Manager;
+use poseidon_core::{Backend, Manager};
+use poseidon_local::LocalBackend;
+use poseidon_nomad::{NomadBackend, NomadConfig};
 
 /// How long a graceful shutdown waits for open requests.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(15);
@@ -87,11 +90,20 @@ fn init_logging(config: &Config) {
 }
 
 async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
-    if config.nomad.enabled {
-        return Err("nomad.enabled: the Nomad backend is not part of this build yet".into());
-    }
-    let backend = Arc::new(poseidon_local::LocalBackend::new(config.local.clone()).await?);
-    let manager = Manager::start(backend.clone(), None).await?;
+    let (backend, local): (Arc<dyn Backend>, Option<Arc<LocalBackend>>) = if config.nomad.enabled {
+        let nomad = NomadConfig::from_yaml(&config.nomad.rest)
+            .map_err(|e| format!("invalid configuration: {e}"))?;
+        tracing::info!(address = %nomad.base_url(), "using the Nomad backend");
+        (Arc::new(NomadBackend::new(nomad)?), None)
+    } else {
+        let local = Arc::new(LocalBackend::new(config.local.clone()).await?);
+        (local.clone(), Some(local))
+    };
+    let manager = Manager::start(backend, None).await?;
+    // Only the local backend's sandboxes run as host uids of their own.
+    let sandbox_uids = local
+        .is_some()
+        .then(|| config.local.uidbase..config.local.uidbase.saturating_add(config.local.uidcount));
     let version = if config.sentry.release.is_empty() {
         env!("CARGO_PKG_VERSION").to_string()
     } else {
@@ -105,6 +117,7 @@ async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
             prewarming_pool_threshold: config.server.alert.prewarmingpoolthreshold,
             max_body_bytes: config.server.maxrequestbodybytes,
             version,
+            sandbox_uids,
         }),
         policies: Arc::new(NoPolicies),
     };
@@ -119,24 +132,47 @@ async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
             })?;
     let address = listener.local_addr()?;
     tracing::info!(%address, backend = manager.backend_name(), "serving the Poseidon API");
-    println!("poseidon listening on http://{address}");
+    let scheme = if config.server.tls.active {
+        "https"
+    } else {
+        "http"
+    };
+    println!("poseidon listening on {scheme}://{address}");
     let app = poseidon_api::router(state).into_make_service_with_connect_info::<SocketAddr>();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                let _ = stop_rx.await;
-            })
-            .await
-    });
-    shutdown_signal().await;
-    tracing::info!("shutting down");
-    let _ = stop_tx.send(());
-    let _ = tokio::time::timeout(SHUTDOWN_GRACE, server).await;
-    // Local runners do not outlive the process: end them now rather than at the next start.
-    manager.shutdown().await;
-    backend.release();
+    let handle = axum_server::Handle::new();
+    let std_listener = listener.into_std()?;
+    let server = if config.server.tls.active {
+        let tls = tls::server_config(&config.server.tls.certfile, &config.server.tls.keyfile)?;
+        let rustls = axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(tls));
+        let server = axum_server::from_tcp_rustls(std_listener, rustls)?.handle(handle.clone());
+        tokio::spawn(async move { server.serve(app).await })
+    } else {
+        let server = axum_server::from_tcp(std_listener)?.handle(handle.clone());
+        tokio::spawn(async move { server.serve(app).await })
+    };
+    tokio::select! {
+        _ = shutdown_signal() => tracing::info!("shutting down"),
+        result = server => {
+            release(&manager, local.as_deref()).await;
+            return match result {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(format!("the server stopped: {e}").into()),
+                Err(e) => Err(format!("the server stopped: {e}").into()),
+            };
+        }
+    }
+    handle.graceful_shutdown(Some(SHUTDOWN_GRACE));
+    release(&manager, local.as_deref()).await;
     Ok(())
+}
+
+/// Local runners do not outlive the process: end them now rather than at the next start. Nomad
+/// runners stay for the next process to recover, as in Poseidon.
+async fn release(manager: &Manager, local: Option<&LocalBackend>) {
+    if let Some(local) = local {
+        manager.shutdown().await;
+        local.release();
+    }
 }
 
 async fn shutdown_signal() {

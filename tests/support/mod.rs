@@ -29,11 +29,38 @@ pub struct Server {
     env: Vec<(String, String)>,
     /// HTTP client with the token set.
     pub http: reqwest::Client,
+    /// The backend in use.
+    pub backend: Backend,
+    emulator: Option<nomad_emulator::Emulator>,
+}
+
+/// Which backend a test server uses.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// The local bubblewrap backend.
+    #[default]
+    Local,
+    /// The Nomad backend, over the project's Nomad emulator.
+    Nomad,
+    /// The Nomad backend against the real Nomad at `NOMAD_ADDR` (raw_exec driver unless
+    /// `POSEIDON_TEST_NOMAD_DRIVER` says otherwise).
+    RealNomad,
+}
+
+/// Whether a real Nomad is configured for the tests; says so when it is not.
+pub fn real_nomad_available(test: &str) -> bool {
+    if std::env::var_os("NOMAD_ADDR").is_some() {
+        return true;
+    }
+    println!("skipped: {test} against a real Nomad (NOMAD_ADDR is not set)");
+    false
 }
 
 /// Options for [`Server::start_with`].
 #[derive(Default, Clone)]
 pub struct Options {
+    /// The backend.
+    pub backend: Backend,
     /// Extra YAML appended to the configuration (top-level sections other than `server`/`local`).
     pub extra_yaml: String,
     /// Extra lines inside `server:` (indented by the caller with 2 spaces).
@@ -65,6 +92,15 @@ impl Server {
         Self::start_with(Options::default()).await
     }
 
+    /// Starts a server on the given backend.
+    pub async fn on(backend: Backend) -> Self {
+        Self::start_with(Options {
+            backend,
+            ..Default::default()
+        })
+        .await
+    }
+
     /// Starts a server with the given options.
     pub async fn start_with(options: Options) -> Self {
         let id = unique();
@@ -75,12 +111,35 @@ impl Server {
             + (std::process::id() % 100) * 20_000
             + (uuid_like().len() as u32 * 37 % 1000) * 10;
         let config = state.join("configuration.yaml");
+        let mut emulator = None;
+        let mut extra = options.extra_yaml.clone();
+        if options.backend == Backend::Nomad {
+            let emu = nomad_emulator::Emulator::start(nomad_emulator::EmulatorConfig::for_tests())
+                .await
+                .expect("cannot start the Nomad emulator");
+            extra.push_str(&format!(
+                "\nnomad:\n  enabled: true\n  address: 127.0.0.1\n  port: {}\n  unprivilegedprefix: \"\"\n",
+                emu.addr().port()
+            ));
+            emulator = Some(emu);
+        }
+        if options.backend == Backend::RealNomad {
+            let addr = std::env::var("NOMAD_ADDR").expect("NOMAD_ADDR");
+            let hostport = addr.split("://").last().unwrap().trim_end_matches('/');
+            let (host, port) = hostport.rsplit_once(':').unwrap_or((hostport, "4646"));
+            let driver =
+                std::env::var("POSEIDON_TEST_NOMAD_DRIVER").unwrap_or_else(|_| "raw_exec".into());
+            let token = std::env::var("NOMAD_TOKEN").unwrap_or_default();
+            extra.push_str(&format!(
+                "\nnomad:\n  enabled: true\n  address: {host}\n  port: {port}\n  token: \"{token}\"\n  driver: {driver}\n  unprivilegedprefix: \"\"\n"
+            ));
+        }
         let yaml = format!(
             "server:\n  address: 127.0.0.1\n  port: 0\n  token: {TOKEN}\n{server}\nlogger:\n  level: debug\nlocal:\n  statedir: {state}\n  cgroupparent: {cgroup}\n  uidbase: {uid_base}\n  uidcount: 5000\n{local}\n{extra}\n",
             server = options.server_yaml,
             state = state.join("state").display(),
             local = options.local_yaml,
-            extra = options.extra_yaml,
+            extra = extra,
         );
         std::fs::write(&config, yaml).unwrap();
         let mut server = Self {
@@ -92,6 +151,8 @@ impl Server {
             cgroup,
             env: options.env,
             http: client(),
+            backend: options.backend,
+            emulator,
         };
         server.spawn();
         server
@@ -130,6 +191,11 @@ impl Server {
         self.addr = base.trim_start_matches("http://").to_string();
         self.base = base;
         self.child = Some(child);
+    }
+
+    /// `http://addr` of the Nomad emulator, when the server uses it.
+    pub fn emulator_url(&self) -> Option<String> {
+        self.emulator.as_ref().map(|e| e.url())
     }
 
     /// The server's log so far.

@@ -10,6 +10,10 @@ use crate::error::ApiError;
 use crate::policy::AuthRequest;
 use crate::AppState;
 
+/// The server's own address of a connection (request extension set by the binary, optional).
+#[derive(Debug, Clone, Copy)]
+pub struct LocalAddr(pub std::net::SocketAddr);
+
 /// Checks the token and runs the authenticator; the principal goes into the request extensions.
 pub(crate) async fn authenticate(
     State(state): State<AppState>,
@@ -28,6 +32,21 @@ pub(crate) async fn authenticate(
             return ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 "missing or wrong Poseidon-Token header",
+                None,
+            )
+            .into_response();
+        }
+    }
+    if let Some(uids) = &state.settings.sandbox_uids {
+        let peer = request
+            .extensions()
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map(|c| c.0);
+        let local = request.extensions().get::<LocalAddr>().map(|l| l.0);
+        if peer.is_some_and(|p| crate::peer::from_sandbox(p, local, uids)) {
+            return ApiError::new(
+                StatusCode::FORBIDDEN,
+                "runners may not use the gateway's API",
                 None,
             )
             .into_response();

@@ -5,9 +5,10 @@
 
 #![forbid(unsafe_code)]
 
-mod auth;
+pub mod auth;
 mod body;
 mod error;
+mod peer;
 mod policy;
 mod query;
 mod routes;
@@ -20,6 +21,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use poseidon_core::Manager;
 
+pub use auth::LocalAddr;
 pub use error::ApiError;
 pub use policy::{AuthRequest, Denial, NoPolicies, Policies, Principal};
 
@@ -36,6 +38,8 @@ pub struct ApiSettings {
     pub max_body_bytes: usize,
     /// What `/version` answers.
     pub version: String,
+    /// Host uids of sandboxes: API requests from processes with these uids are refused.
+    pub sandbox_uids: Option<std::ops::Range<u32>>,
 }
 
 /// Everything a handler needs.

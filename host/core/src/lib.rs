@@ -15,6 +15,7 @@ pub mod manager;
 pub mod policy;
 mod pool;
 pub mod runner;
+pub mod scripts;
 mod utf8;
 
 pub use backend::{Backend, BackendError, BackendEvent, RunnerBackend};

@@ -69,8 +69,35 @@ impl Manager {
                 changes: tokio::sync::Mutex::new(()),
             }),
         };
-        for config in backend.load_environments().await? {
-            manager.install_environment(config).await;
+        match backend.load_environments().await {
+            Ok(configs) => {
+                for config in configs {
+                    manager.install_environment(config).await;
+                }
+            }
+            Err(e) => {
+                // Serve anyway (claims fail until then) and keep trying in the background.
+                tracing::warn!(error = %e, "cannot load environments from the backend yet; retrying");
+                let weak = Arc::downgrade(&manager.inner);
+                tokio::spawn(async move {
+                    let mut delay = Duration::from_secs(1);
+                    loop {
+                        tokio::time::sleep(delay).await;
+                        let Some(inner) = weak.upgrade() else { return };
+                        let manager = Manager { inner };
+                        match manager.refresh_environments().await {
+                            Ok(()) => {
+                                tracing::info!("environments loaded from the backend");
+                                return;
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "cannot load environments from the backend yet; retrying")
+                            }
+                        }
+                        delay = (delay * 2).min(Duration::from_secs(30));
+                    }
+                });
+            }
         }
         if let Some(mut events) = backend.take_events() {
             let weak = Arc::downgrade(&manager.inner);

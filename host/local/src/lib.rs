@@ -11,7 +11,6 @@
 mod backend;
 mod cgroup;
 mod config;
-mod files;
 mod process;
 mod pty;
 mod runner;

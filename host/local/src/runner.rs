@@ -18,9 +18,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backend::Shared;
 use crate::cgroup::RunnerCgroup;
-use crate::files::{parse_listing, DELETE_SCRIPT, DOWNLOAD_SCRIPT, LIST_SCRIPT, UPDATE_SCRIPT};
 use crate::process::{exit_code, Launch};
 use crate::sandbox::SandboxSpec;
+use poseidon_core::scripts::{
+    parse_listing, DELETE_SCRIPT, DOWNLOAD_SCRIPT, LIST_SCRIPT, UPDATE_SCRIPT,
+};
 
 /// A runner of the local backend.
 pub(crate) struct LocalRunner {

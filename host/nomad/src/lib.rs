@@ -1,1 +1,14 @@
-//! placeholder
+//! Nomad backend of Poseidon (Rust): environments are template jobs `template-<id>`, runners are
+//! batch jobs `<envId>-<uuid>` (poseidon-behavior.md §4), commands run through the alloc exec
+//! WebSocket (§5) and the event stream reports lost runners (§6).
+
+pub mod api;
+pub mod backend;
+pub mod config;
+pub mod events;
+pub mod exec;
+pub mod jobs;
+pub mod runner;
+
+pub use backend::NomadBackend;
+pub use config::NomadConfig;

@@ -166,6 +166,7 @@ async fn node_up(axum::extract::State(shared): St, Path(id): Path<String>) -> Re
 pub fn refuse_for(shared: &Shared, d: Duration) {
     shared.faults().refuse_until = Some(Instant::now() + d);
     cut_streams(shared);
+    shared.outage.send_modify(|generation| *generation += 1);
     shared.refuse.notify_one();
 }
 

@@ -71,12 +71,14 @@ async fn connection(shared: Arc<Shared>, stream: TcpStream, app: Router) {
         raw_event_stream(shared, stream).await;
         return;
     }
+    let mut outage = shared.outage.subscribe();
     let svc = TowerToHyperService::new(app);
     let conn = hyper::server::conn::http1::Builder::new()
         .serve_connection(TokioIo::new(stream), svc)
         .with_upgrades();
     tokio::select! {
         _ = shared.shutdown.cancelled() => {}
+        _ = outage.changed() => {}
         r = conn => { if let Err(e) = r { tracing::debug!("connection ended: {e}"); } }
     }
 }

@@ -624,6 +624,9 @@ pub struct Shared {
     pub shutdown: CancellationToken,
     /// Notified when the listener must close (refuse-connections fault).
     pub refuse: tokio::sync::Notify,
+    /// Bumped by the refuse-connections fault: open keep-alive connections end too, as when the
+    /// agent goes down.
+    pub outage: watch::Sender<u64>,
 }
 
 impl Shared {
@@ -686,6 +689,7 @@ impl Shared {
             faults: Mutex::new(Faults::default()),
             shutdown: CancellationToken::new(),
             refuse: tokio::sync::Notify::new(),
+            outage: watch::channel(0).0,
         })
     }
 

@@ -541,7 +541,8 @@ async fn duplicate_fault_and_index_rules() {
     assert_eq!(ev.next_line().await.unwrap(), json!({}));
     let l = ev.next_line().await.unwrap();
     assert_eq!(l["Index"], idx);
-    // Duplicate the next live line.
+    // Duplicate the next live line (once runner-f has settled, so the fault hits runner-g).
+    wait_alloc(&c, &base, "runner-f", |a| a["ClientStatus"] == "running").await;
     c.post(format!("{base}/_emulator/events/duplicate?count=1"))
         .send()
         .await
@@ -592,4 +593,71 @@ async fn in_place_meta_update_keeps_the_allocation() {
     let updated = wait_alloc(&c, &base, "runner-h", |a| a["JobVersion"] == 1).await;
     assert_eq!(updated["ID"], alloc["ID"]);
     assert_eq!(updated["ClientStatus"], "running");
+}
+
+#[tokio::test]
+async fn reorder_fault_swaps_consecutive_lines() {
+    let emu = emulator().await;
+    let base = emu.url();
+    let c = http();
+    let mut ev = Events::open(
+        &base,
+        "topic=Job:runner-i&topic=Evaluation:runner-i&index=999999999",
+    )
+    .await;
+    assert_eq!(ev.next_line().await.unwrap(), json!({}));
+    c.post(format!("{base}/_emulator/events/reorder?count=1"))
+        .send()
+        .await
+        .unwrap();
+    register(&c, &base, &job("runner-i")).await;
+    // Nomad sends the Job line first; the fault delivers the Evaluation line first.
+    let mut first = ev.next_line().await.unwrap();
+    while first == json!({}) {
+        first = ev.next_line().await.unwrap();
+    }
+    assert_eq!(first["Events"][0]["Topic"], "Evaluation");
+    let second = ev
+        .wait_event("held job line", |e| e["Topic"] == "Job")
+        .await;
+    assert_eq!(second["Type"], "JobRegistered");
+}
+
+#[tokio::test]
+async fn raw_framing_closes_the_connection_instead_of_chunking() {
+    let config = nomad_emulator::EmulatorConfig {
+        stream_framing: nomad_emulator::StreamFraming::Raw,
+        ..nomad_emulator::EmulatorConfig::for_tests()
+    };
+    let emu = nomad_emulator::Emulator::start(config).await.unwrap();
+    let resp = http()
+        .get(format!("{}/v1/event/stream?topic=Job", emu.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["connection"], "close");
+    assert!(resp.headers().get("transfer-encoding").is_none());
+    let mut body = resp.bytes_stream();
+    use futures::StreamExt;
+    let first = tokio::time::timeout(DEADLINE, body.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(&first[..], b"{}\n");
+    emu.cut_event_streams();
+    let end = tokio::time::timeout(DEADLINE, async {
+        while let Some(Ok(_)) = body.next().await {}
+    })
+    .await;
+    assert!(end.is_ok(), "the body ends at EOF after a cut");
+    // Errors before the stream starts are plain HTTP errors.
+    let r = http()
+        .get(format!("{}/v1/event/stream?topic=a:b:c", emu.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(r.text().await.unwrap().starts_with("Invalid topic query"));
 }

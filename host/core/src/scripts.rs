@@ -1,23 +1,24 @@
-//! File operations run inside the sandbox, so paths mean what they mean to the learner's program
-//! and nothing outside the runner can be reached: shell scripts and the parsing of their output.
+//! File operations as shell scripts run inside a runner (by every backend), so paths mean what they
+//! mean to the learner's program and nothing outside the runner can be reached; and the parsing of
+//! their output. Both backends use these, so they list and download identically.
 
-use poseidon_core::files::FileEntry;
+use crate::files::FileEntry;
 
 /// Deletes the paths given as arguments (`./*` clears the working directory), then extracts the
 /// tar archive on stdin. The exit status is tar's; `rm` failures are ignored as in Poseidon.
-pub(crate) const UPDATE_SCRIPT: &str = r#"for p in "$@"; do
+pub const UPDATE_SCRIPT: &str = r#"for p in "$@"; do
   if [ "$p" = "./*" ]; then rm -rf -- ./* 2>/dev/null; else rm -rf -- "$p"; fi
 done
 exec tar --extract --absolute-names --file=-"#;
 
 /// Deletes the paths given as arguments without extracting anything.
-pub(crate) const DELETE_SCRIPT: &str = r#"for p in "$@"; do
+pub const DELETE_SCRIPT: &str = r#"for p in "$@"; do
   if [ "$p" = "./*" ]; then rm -rf -- ./* 2>/dev/null; else rm -rf -- "$p"; fi
 done
 exit 0"#;
 
 /// Lists `$1` (recursively when `$2` is 1) as NUL-separated fields, seven per entry.
-pub(crate) const LIST_SCRIPT: &str = r#"p="$1"
+pub const LIST_SCRIPT: &str = r#"p="$1"
 fmt='%M\0%s\0%T@\0%u\0%g\0%p\0%l\0'
 if [ -d "$p" ]; then
   if [ "$2" = 1 ]; then exec find "$p" -mindepth 1 -printf "$fmt"; fi
@@ -28,14 +29,14 @@ fi
 exit 2"#;
 
 /// Prints the size of the regular file `$1` on a line of its own, then its content.
-pub(crate) const DOWNLOAD_SCRIPT: &str = r#"p="$1"
+pub const DOWNLOAD_SCRIPT: &str = r#"p="$1"
 [ -f "$p" ] && [ -r "$p" ] || exit 2
 size=$(stat -L -c %s -- "$p") || exit 2
 printf '%s\n' "$size"
 exec cat -- "$p""#;
 
 /// Parses the output of [`LIST_SCRIPT`].
-pub(crate) fn parse_listing(output: &[u8]) -> Vec<FileEntry> {
+pub fn parse_listing(output: &[u8]) -> Vec<FileEntry> {
     let fields: Vec<&[u8]> = output.split(|b| *b == 0).collect();
     let mut entries = Vec::new();
     for chunk in fields.chunks_exact(7) {

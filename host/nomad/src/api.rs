@@ -1,0 +1,295 @@
+//! A small Nomad HTTP client (nomad-api.md §1–§2): every response field is optional.
+
+use poseidon_core::BackendError;
+use serde_json::{json, Value};
+use std::time::Duration;
+
+use crate::config::NomadConfig;
+
+/// Errors talking to Nomad.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum NomadError {
+    /// No connection could be made (refused, timed out, DNS).
+    #[error("Nomad is unreachable: {0}")]
+    Unreachable(String),
+    /// Nomad answered with a non-2xx status (Go client wording).
+    #[error("Unexpected response code: {status} ({body})")]
+    Status {
+        /// HTTP status.
+        status: u16,
+        /// Plain-text body.
+        body: String,
+    },
+    /// The answer could not be decoded.
+    #[error("invalid answer from Nomad: {0}")]
+    Decode(String),
+    /// An evaluation failed or could not place all allocations.
+    #[error("evaluation {0}")]
+    Evaluation(String),
+}
+
+impl NomadError {
+    /// Whether this is a 404.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, NomadError::Status { status: 404, .. })
+    }
+}
+
+impl From<NomadError> for BackendError {
+    fn from(e: NomadError) -> Self {
+        match e {
+            NomadError::Unreachable(m) => BackendError::Unreachable(m),
+            other => BackendError::Internal(other.to_string()),
+        }
+    }
+}
+
+fn classify(e: reqwest::Error) -> NomadError {
+    if e.is_connect() || e.is_timeout() {
+        NomadError::Unreachable(e.to_string())
+    } else if e.is_decode() {
+        NomadError::Decode(e.to_string())
+    } else {
+        NomadError::Unreachable(e.to_string())
+    }
+}
+
+/// Client for one Nomad agent and namespace.
+#[derive(Debug, Clone)]
+pub struct NomadClient {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+    namespace: String,
+}
+
+impl NomadClient {
+    /// Builds a client (TLS requires a reqwest TLS feature, not enabled in this build).
+    pub fn new(config: &NomadConfig) -> Result<Self, NomadError> {
+        if config.tls.active {
+            return Err(NomadError::Unreachable(
+                "nomad.tls.active: TLS towards Nomad is not supported by this build".into(),
+            ));
+        }
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .build()
+            .map_err(|e| NomadError::Unreachable(e.to_string()))?;
+        Ok(NomadClient {
+            http,
+            base: config.base_url(),
+            token: config.token.clone(),
+            namespace: config.namespace.clone(),
+        })
+    }
+
+    /// Base URL.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// Namespace.
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// ACL token.
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let mut r = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .query(&[("namespace", self.namespace.as_str())]);
+        if !self.token.is_empty() {
+            r = r.header("X-Nomad-Token", &self.token);
+        }
+        r
+    }
+
+    async fn send(&self, r: reqwest::RequestBuilder) -> Result<(Value, u64), NomadError> {
+        let resp = r.send().await.map_err(classify)?;
+        let status = resp.status().as_u16();
+        let index = resp
+            .headers()
+            .get("X-Nomad-Index")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let body = resp.bytes().await.map_err(classify)?;
+        if !(200..300).contains(&status) {
+            return Err(NomadError::Status {
+                status,
+                body: String::from_utf8_lossy(&body).into_owned(),
+            });
+        }
+        if body.is_empty() {
+            return Ok((Value::Null, index));
+        }
+        let v = serde_json::from_slice(&body).map_err(|e| NomadError::Decode(e.to_string()))?;
+        Ok((v, index))
+    }
+
+    /// `GET /v1/jobs?prefix=`.
+    pub async fn list_jobs(&self, prefix: &str) -> Result<Vec<Value>, NomadError> {
+        let (v, _) = self
+            .send(
+                self.req(reqwest::Method::GET, "/v1/jobs")
+                    .query(&[("prefix", prefix)]),
+            )
+            .await?;
+        Ok(v.as_array().cloned().unwrap_or_default())
+    }
+
+    /// `GET /v1/job/<id>`; `None` on 404.
+    pub async fn job(&self, id: &str) -> Result<Option<Value>, NomadError> {
+        match self
+            .send(self.req(reqwest::Method::GET, &format!("/v1/job/{id}")))
+            .await
+        {
+            Ok((v, _)) => Ok(Some(v)),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `PUT /v1/jobs`; returns the evaluation id.
+    pub async fn register(&self, job: &Value) -> Result<String, NomadError> {
+        let (v, _) = self
+            .send(
+                self.req(reqwest::Method::PUT, "/v1/jobs")
+                    .json(&json!({ "Job": job })),
+            )
+            .await?;
+        Ok(v["EvalID"].as_str().unwrap_or("").to_string())
+    }
+
+    /// `DELETE /v1/job/<id>?purge=`.
+    pub async fn deregister(&self, id: &str, purge: bool) -> Result<(), NomadError> {
+        self.send(
+            self.req(reqwest::Method::DELETE, &format!("/v1/job/{id}"))
+                .query(&[("purge", if purge { "true" } else { "false" })]),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// `GET /v1/job/<id>/allocations` (newest first), optionally as a blocking query.
+    pub async fn job_allocations(
+        &self,
+        id: &str,
+        block: Option<(u64, Duration)>,
+    ) -> Result<(Vec<Value>, u64), NomadError> {
+        let mut r = self.req(reqwest::Method::GET, &format!("/v1/job/{id}/allocations"));
+        if let Some((index, wait)) = block {
+            r = r.query(&[
+                ("index", index.to_string()),
+                ("wait", format!("{}ms", wait.as_millis())),
+            ]);
+        }
+        let (v, index) = self.send(r).await?;
+        let mut list = v.as_array().cloned().unwrap_or_default();
+        list.sort_by_key(|a| std::cmp::Reverse(a["CreateIndex"].as_u64().unwrap_or(0)));
+        Ok((list, index))
+    }
+
+    /// `GET /v1/allocations` with the table index.
+    pub async fn allocations(&self) -> Result<(Vec<Value>, u64), NomadError> {
+        let (v, index) = self
+            .send(self.req(reqwest::Method::GET, "/v1/allocations"))
+            .await?;
+        Ok((v.as_array().cloned().unwrap_or_default(), index))
+    }
+
+    /// `GET /v1/allocation/<id>`.
+    pub async fn allocation(&self, id: &str) -> Result<Value, NomadError> {
+        self.send(self.req(reqwest::Method::GET, &format!("/v1/allocation/{id}")))
+            .await
+            .map(|(v, _)| v)
+    }
+
+    /// `GET /v1/evaluation/<id>` as a blocking query.
+    pub async fn evaluation(
+        &self,
+        id: &str,
+        block: Option<(u64, Duration)>,
+    ) -> Result<(Value, u64), NomadError> {
+        let mut r = self.req(reqwest::Method::GET, &format!("/v1/evaluation/{id}"));
+        if let Some((index, wait)) = block {
+            r = r.query(&[
+                ("index", index.to_string()),
+                ("wait", format!("{}ms", wait.as_millis())),
+            ]);
+        }
+        self.send(r).await
+    }
+
+    /// Opens the event stream (`index` inclusive) for Job, Evaluation and Allocation topics.
+    pub async fn event_stream(&self, index: u64) -> Result<reqwest::Response, NomadError> {
+        let mut r = self
+            .http
+            .get(format!("{}/v1/event/stream", self.base))
+            .query(&[
+                ("index", index.to_string()),
+                ("namespace", self.namespace.clone()),
+                ("topic", "Evaluation:*".into()),
+                ("topic", "Allocation:*".into()),
+                ("topic", "Job:*".into()),
+            ]);
+        if !self.token.is_empty() {
+            r = r.header("X-Nomad-Token", &self.token);
+        }
+        let resp = r.send().await.map_err(classify)?;
+        if !resp.status().is_success() {
+            let status = resp.status().as_u16();
+            let body = resp.text().await.unwrap_or_default();
+            return Err(NomadError::Status { status, body });
+        }
+        Ok(resp)
+    }
+
+    /// Waits until the evaluation is terminal; errors when it failed or left groups unplaced.
+    pub async fn wait_evaluation(&self, id: &str, timeout: Duration) -> Result<(), NomadError> {
+        if id.is_empty() {
+            return Ok(());
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut index = 0;
+        for _ in 0..1000 {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                // Like Poseidon: a slow placement is not an error.
+                return Ok(());
+            }
+            let (eval, idx) = self.evaluation(id, Some((index, left))).await?;
+            index = idx;
+            match eval["Status"].as_str().unwrap_or("") {
+                "complete" => {
+                    let failed = eval["FailedTGAllocs"].as_object().filter(|m| !m.is_empty());
+                    return match failed {
+                        None => Ok(()),
+                        Some(groups) => Err(NomadError::Evaluation(format!(
+                            "{id} could not place {}{}",
+                            groups.keys().cloned().collect::<Vec<_>>().join(", "),
+                            eval["BlockedEval"]
+                                .as_str()
+                                .map(|b| format!(" (blocked evaluation {b})"))
+                                .unwrap_or_default()
+                        ))),
+                    };
+                }
+                "failed" | "canceled" => {
+                    return Err(NomadError::Evaluation(format!(
+                        "{id} ended with status {}: {}",
+                        eval["Status"].as_str().unwrap_or(""),
+                        eval["StatusDescription"].as_str().unwrap_or("")
+                    )))
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,282 @@
+//! The Nomad [`Backend`]: environments are template jobs, runners are batch jobs.
+
+use async_trait::async_trait;
+use poseidon_core::backend::{Backend, BackendError, BackendEvent, RecoveredRunner, RunnerBackend};
+use poseidon_core::{EnvironmentConfig, EnvironmentId, RunnerId};
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{NomadClient, NomadError};
+use crate::config::NomadConfig;
+use crate::events::{self, Tracker};
+use crate::jobs::{self, CONFIG_GROUP};
+use crate::runner::{ports_of, NomadRunner};
+
+/// How long registration waits for its evaluation (Poseidon: 10 s, then assumes success).
+const EVAL_WAIT: Duration = Duration::from_secs(10);
+
+/// State shared by the backend, its runners and the event stream task.
+pub struct Shared {
+    pub(crate) client: NomadClient,
+    pub(crate) config: NomadConfig,
+    pub(crate) tracker: Mutex<Tracker>,
+    destroyed: Mutex<HashSet<String>>,
+}
+
+impl Shared {
+    /// Stops reporting a runner (it is being destroyed on purpose).
+    pub(crate) fn forget(&self, id: &RunnerId) {
+        self.mark_destroyed(id.as_str());
+        self.tracker.lock().unwrap().forget_job(id.as_str());
+    }
+
+    pub(crate) fn mark_destroyed(&self, job: &str) {
+        let mut d = self.destroyed.lock().unwrap();
+        if d.len() > 10_000 {
+            d.clear();
+        }
+        d.insert(job.to_string());
+    }
+
+    pub(crate) fn is_destroyed(&self, job: &str) -> bool {
+        self.destroyed.lock().unwrap().contains(job)
+    }
+}
+
+/// The Nomad backend.
+pub struct NomadBackend {
+    shared: Arc<Shared>,
+    events: Mutex<Option<mpsc::Receiver<BackendEvent>>>,
+    stop: CancellationToken,
+}
+
+impl NomadBackend {
+    /// Creates the backend and starts following Nomad's event stream.
+    pub fn new(config: NomadConfig) -> Result<Self, BackendError> {
+        let client = NomadClient::new(&config)?;
+        let shared = Arc::new(Shared {
+            client,
+            config,
+            tracker: Mutex::new(Tracker::default()),
+            destroyed: Mutex::new(HashSet::new()),
+        });
+        let (tx, rx) = mpsc::channel(256);
+        let stop = CancellationToken::new();
+        tokio::spawn(events::run(shared.clone(), tx, stop.clone()));
+        Ok(NomadBackend {
+            shared,
+            events: Mutex::new(Some(rx)),
+            stop,
+        })
+    }
+
+    fn client(&self) -> &NomadClient {
+        &self.shared.client
+    }
+
+    fn runner(&self, id: RunnerId, alloc: &serde_json::Value) -> Arc<NomadRunner> {
+        Arc::new(NomadRunner {
+            id,
+            shared: self.shared.clone(),
+            ports: Mutex::new(ports_of(alloc)),
+            running: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Waits until the newest allocation of `job` runs.
+    async fn wait_running(&self, job: &str) -> Result<serde_json::Value, BackendError> {
+        let timeout = Duration::from_secs(self.shared.config.startuptimeoutseconds.max(1));
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut index = 0;
+        for _ in 0..100_000 {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            let block = (index > 0).then_some((index, left.min(Duration::from_secs(30))));
+            let (list, idx) = self.client().job_allocations(job, block).await?;
+            index = idx.max(1);
+            if let Some(a) = list.first() {
+                match a["ClientStatus"].as_str().unwrap_or("") {
+                    "running" => {
+                        let id = a["ID"].as_str().unwrap_or("");
+                        let full = self.client().allocation(id).await?;
+                        self.shared.tracker.lock().unwrap().seed(&full);
+                        return Ok(full);
+                    }
+                    "failed" | "lost" | "complete"
+                        if a["NextAllocation"].as_str().unwrap_or("").is_empty() =>
+                    {
+                        return Err(BackendError::Internal(format!(
+                            "the allocation of {job} ended with status {}",
+                            a["ClientStatus"].as_str().unwrap_or("")
+                        )));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Err(BackendError::Internal(format!(
+            "the allocation of {job} did not start within {} s",
+            timeout.as_secs()
+        )))
+    }
+}
+
+impl Drop for NomadBackend {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+fn eval_error(e: NomadError) -> BackendError {
+    match e {
+        NomadError::Evaluation(m) => {
+            BackendError::Internal(format!("Nomad could not place the job: {m}"))
+        }
+        other => other.into(),
+    }
+}
+
+#[async_trait]
+impl Backend for NomadBackend {
+    fn name(&self) -> &'static str {
+        "nomad"
+    }
+
+    fn validate(&self, config: &EnvironmentConfig) -> Result<(), BackendError> {
+        if config.cpu_limit == 0 {
+            return Err(BackendError::Unsupported(
+                "cpuLimit must be at least 1".into(),
+            ));
+        }
+        // Nomad refuses a memory_max below the reserved memory, which is at least 10 MB.
+        if (1..10).contains(&config.memory_limit) {
+            return Err(BackendError::Unsupported(
+                "memoryLimit must be 0 (no limit) or at least 10 MB on the Nomad backend".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    async fn store_environment(&self, config: &EnvironmentConfig) -> Result<(), BackendError> {
+        let job = jobs::template_job(config, &self.shared.config);
+        let eval = self.client().register(&job).await?;
+        self.client()
+            .wait_evaluation(&eval, EVAL_WAIT)
+            .await
+            .map_err(eval_error)
+    }
+
+    async fn remove_environment(&self, id: EnvironmentId) -> Result<(), BackendError> {
+        let runners = self.client().list_jobs(&format!("{id}-")).await?;
+        let deletions = runners.iter().filter_map(|j| j["ID"].as_str()).map(|job| {
+            self.shared.mark_destroyed(job);
+            self.client().deregister(job, true)
+        });
+        for r in futures::future::join_all(deletions).await {
+            r?;
+        }
+        self.client()
+            .deregister(&jobs::template_job_id(id), true)
+            .await?;
+        Ok(())
+    }
+
+    async fn load_environments(&self) -> Result<Vec<EnvironmentConfig>, BackendError> {
+        let mut out = Vec::new();
+        for stub in self.client().list_jobs("template-").await? {
+            if stub["Status"] != "running" {
+                continue;
+            }
+            let Some(id) = stub["ID"].as_str() else {
+                continue;
+            };
+            if let Some(job) = self.client().job(id).await? {
+                if let Some(env) = jobs::environment_from_job(&job) {
+                    out.push(env);
+                }
+            }
+        }
+        out.sort_by_key(|e| e.id);
+        Ok(out)
+    }
+
+    async fn create_runner(
+        &self,
+        config: &EnvironmentConfig,
+        id: RunnerId,
+    ) -> Result<Arc<dyn RunnerBackend>, BackendError> {
+        let job = jobs::runner_job(config, id.as_str(), &self.shared.config);
+        let eval = self.client().register(&job).await?;
+        let ready = async {
+            self.client()
+                .wait_evaluation(&eval, EVAL_WAIT)
+                .await
+                .map_err(eval_error)?;
+            self.wait_running(id.as_str()).await
+        };
+        match ready.await {
+            Ok(alloc) => Ok(self.runner(id, &alloc)),
+            Err(e) => {
+                self.shared.mark_destroyed(id.as_str());
+                let _ = self.client().deregister(id.as_str(), true).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn recover_runners(
+        &self,
+        config: &EnvironmentConfig,
+    ) -> Result<Vec<RecoveredRunner>, BackendError> {
+        let mut out = Vec::new();
+        for stub in self.client().list_jobs(&format!("{}-", config.id)).await? {
+            if stub["Status"] == "dead" {
+                continue;
+            }
+            let Some(id) = stub["ID"].as_str() else {
+                continue;
+            };
+            let Some(job) = self.client().job(id).await? else {
+                continue;
+            };
+            let Some(meta) = jobs::config_meta(&job).cloned().or_else(|| {
+                job["TaskGroups"]
+                    .as_array()?
+                    .iter()
+                    .any(|g| g["Name"] == CONFIG_GROUP)
+                    .then(serde_json::Map::new)
+            }) else {
+                continue;
+            };
+            let (allocs, _) = self.client().job_allocations(id, None).await?;
+            let Some(first) = allocs.first() else {
+                continue;
+            };
+            let alloc = self
+                .client()
+                .allocation(first["ID"].as_str().unwrap_or(""))
+                .await?;
+            self.shared.tracker.lock().unwrap().seed(&alloc);
+            let claimed = (meta.get("used").and_then(|v| v.as_str()) == Some("true")).then(|| {
+                meta.get("timeout")
+                    .and_then(|v| v.as_str())
+                    .and_then(|t| t.parse::<i64>().ok())
+                    .unwrap_or(60)
+            });
+            out.push(RecoveredRunner {
+                runner: self.runner(RunnerId::from_raw(id), &alloc),
+                claimed,
+            });
+        }
+        Ok(out)
+    }
+
+    fn take_events(&self) -> Option<mpsc::Receiver<BackendEvent>> {
+        self.events.lock().unwrap().take()
+    }
+}

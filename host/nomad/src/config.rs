@@ -1,0 +1,125 @@
+//! `nomad.*` configuration keys (poseidon-behavior.md §7): address, port, token, namespace,
+//! tls, disableforcepull, network.
+
+use serde::Deserialize;
+
+/// Errors reading the `nomad.*` section.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A key has the wrong type or value.
+    #[error("nomad configuration: {0}")]
+    Invalid(String),
+}
+
+/// `nomad.tls.*`.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct TlsConfig {
+    /// Use HTTPS towards Nomad.
+    pub active: bool,
+    /// CA certificate file.
+    pub cafile: String,
+    /// Client certificate file.
+    pub certfile: String,
+    /// Client key file.
+    pub keyfile: String,
+}
+
+/// `nomad.network.*`: the network resource given to runners with network access.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct NetworkConfig {
+    /// Network mode (`bridge`, `host`, `cni/<name>`).
+    pub mode: String,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        NetworkConfig {
+            mode: "bridge".into(),
+        }
+    }
+}
+
+/// The Nomad backend's settings.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct NomadConfig {
+    /// Host name or IP of the Nomad agent.
+    pub address: String,
+    /// HTTP port of the Nomad agent.
+    pub port: u16,
+    /// ACL token (`X-Nomad-Token`), empty for none.
+    pub token: String,
+    /// Namespace of all jobs.
+    pub namespace: String,
+    /// TLS settings.
+    pub tls: TlsConfig,
+    /// Never set docker `force_pull`.
+    pub disableforcepull: bool,
+    /// Network of runners with network access.
+    pub network: NetworkConfig,
+    /// Prefix that runs a command as the unprivileged user (Poseidon: `/sbin/setuser user`).
+    /// Empty runs unprivileged commands as the task's user (used with the emulator).
+    pub unprivilegedprefix: String,
+    /// Seconds to wait for a new runner's allocation to run.
+    pub startuptimeoutseconds: u64,
+    /// Task driver of runners: `docker` (as Poseidon), or `exec`/`raw_exec` for clusters without
+    /// Docker (the image is then only recorded, the task runs on the node's file system).
+    pub driver: String,
+    /// Datacenters of all jobs.
+    pub datacenters: Vec<String>,
+}
+
+impl Default for NomadConfig {
+    fn default() -> Self {
+        NomadConfig {
+            address: "127.0.0.1".into(),
+            port: 4646,
+            token: String::new(),
+            namespace: "default".into(),
+            tls: TlsConfig::default(),
+            disableforcepull: false,
+            network: NetworkConfig::default(),
+            unprivilegedprefix: "/sbin/setuser user".into(),
+            startuptimeoutseconds: 120,
+            driver: "docker".into(),
+            datacenters: vec!["dc1".into()],
+        }
+    }
+}
+
+impl NomadConfig {
+    /// Reads the `nomad.*` mapping (without `enabled`, which the server reads).
+    pub fn from_yaml(section: &serde_yaml::Mapping) -> Result<Self, ConfigError> {
+        let mut m = section.clone();
+        m.remove("enabled");
+        serde_yaml::from_value(serde_yaml::Value::Mapping(m))
+            .map_err(|e| ConfigError::Invalid(e.to_string()))
+    }
+
+    /// `http(s)://address:port`.
+    pub fn base_url(&self) -> String {
+        let scheme = if self.tls.active { "https" } else { "http" };
+        format!("{scheme}://{}:{}", self.address, self.port)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_poseidon_keys() {
+        let y: serde_yaml::Mapping = serde_yaml::from_str(
+            "enabled: true\naddress: nomad.local\nport: 4747\ntoken: s\nnamespace: poseidon\ndisableforcepull: true\nnetwork:\n  mode: cni/secure-bridge\n",
+        )
+        .unwrap();
+        let c = NomadConfig::from_yaml(&y).unwrap();
+        assert_eq!(c.base_url(), "http://nomad.local:4747");
+        assert_eq!(c.namespace, "poseidon");
+        assert!(c.disableforcepull);
+        assert_eq!(c.network.mode, "cni/secure-bridge");
+        assert_eq!(c.unprivilegedprefix, "/sbin/setuser user");
+    }
+}

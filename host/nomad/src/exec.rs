@@ -1,0 +1,392 @@
+//! Commands through Nomad's alloc exec WebSocket (nomad-api.md §6), the command wrapping of
+//! poseidon-behavior.md §5.1–§5.2 and the stderr split through a FIFO.
+
+use base64::Engine;
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use poseidon_core::backend::{ExecProcess, ExecRequest, ProcessEvent};
+use poseidon_core::BackendError;
+use serde_json::{json, Value};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::NomadClient;
+use crate::jobs::DEFAULT_TASK;
+
+const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+/// Interval of `{}` heartbeats towards Nomad (the Go client's value).
+const HEARTBEAT: Duration = Duration::from_secs(10);
+
+/// Quotes a string for a POSIX shell (single quotes; newlines and `$` survive unchanged).
+pub fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// What one exec session reported.
+#[derive(Debug)]
+pub enum Frame {
+    /// stdout bytes.
+    Stdout(Bytes),
+    /// stderr bytes.
+    Stderr(Bytes),
+    /// Exit code (missing `exit_code` = 0).
+    Exited(i32),
+}
+
+/// A failed session.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// The WebSocket could not be opened.
+    #[error("{0}")]
+    Connect(String),
+    /// Nomad closed the session with a reason (e.g. `Unknown allocation "..."`).
+    #[error("{0}")]
+    Closed(String),
+    /// The connection broke before the exit frame.
+    #[error("the connection to Nomad was lost before the command ended")]
+    Lost,
+}
+
+impl From<SessionError> for BackendError {
+    fn from(e: SessionError) -> Self {
+        match e {
+            SessionError::Connect(m) => BackendError::Unreachable(m),
+            SessionError::Closed(m) if m.contains("Unknown allocation") => {
+                BackendError::NodeDown(m)
+            }
+            other => BackendError::Internal(other.to_string()),
+        }
+    }
+}
+
+/// Opens an exec session.
+pub async fn connect(
+    client: &NomadClient,
+    alloc: &str,
+    argv: &[String],
+    tty: bool,
+) -> Result<Ws, SessionError> {
+    let command = serde_json::to_string(argv).unwrap_or_default();
+    let mut url = reqwest::Url::parse(&format!(
+        "{}/v1/client/allocation/{alloc}/exec",
+        client.base()
+    ))
+    .map_err(|e| SessionError::Connect(e.to_string()))?;
+    url.query_pairs_mut()
+        .append_pair("task", DEFAULT_TASK)
+        .append_pair("tty", if tty { "true" } else { "false" })
+        .append_pair("command", &command)
+        .append_pair("namespace", client.namespace());
+    let ws_url = url.as_str().replacen("http", "ws", 1);
+    let mut req = ws_url
+        .into_client_request()
+        .map_err(|e| SessionError::Connect(e.to_string()))?;
+    if !client.token().is_empty() {
+        if let Ok(v) = client.token().parse() {
+            req.headers_mut().insert("X-Nomad-Token", v);
+        }
+    }
+    let (ws, _) = tokio_tungstenite::connect_async(req)
+        .await
+        .map_err(|e| SessionError::Connect(format!("Nomad is unreachable: {e}")))?;
+    Ok(ws)
+}
+
+fn parse_frame(text: &str) -> Option<Frame> {
+    let v: Value = serde_json::from_str(text).ok()?;
+    if v["exited"] == true {
+        return Some(Frame::Exited(
+            v["result"]["exit_code"].as_i64().unwrap_or(0) as i32,
+        ));
+    }
+    for (k, f) in [("stdout", true), ("stderr", false)] {
+        if let Some(d) = v[k]["data"].as_str() {
+            let data = Bytes::from(B64.decode(d).unwrap_or_default());
+            return Some(if f {
+                Frame::Stdout(data)
+            } else {
+                Frame::Stderr(data)
+            });
+        }
+    }
+    None
+}
+
+/// Drives one session: forwards `stdin` (EOF when the sender is dropped and `close_stdin`),
+/// sends heartbeats, reports frames to `out`. Ends at the exit frame, on `kill`, or on error.
+pub async fn drive(
+    ws: Ws,
+    mut stdin: mpsc::Receiver<Bytes>,
+    close_stdin: bool,
+    out: mpsc::Sender<Frame>,
+    kill: CancellationToken,
+) -> Result<Option<i32>, SessionError> {
+    let (mut sink, mut stream) = ws.split();
+    let mut heartbeat =
+        tokio::time::interval_at(tokio::time::Instant::now() + HEARTBEAT, HEARTBEAT);
+    let mut stdin_open = true;
+    loop {
+        tokio::select! {
+            _ = kill.cancelled() => {
+                let _ = sink.close().await;
+                return Ok(None);
+            }
+            _ = heartbeat.tick() => {
+                if sink.send(Message::Text("{}".into())).await.is_err() { return Err(SessionError::Lost); }
+            }
+            data = stdin.recv(), if stdin_open => match data {
+                Some(d) => {
+                    let m = json!({"stdin": {"data": B64.encode(&d)}}).to_string();
+                    if sink.send(Message::Text(m.into())).await.is_err() { return Err(SessionError::Lost); }
+                }
+                None => {
+                    stdin_open = false;
+                    if close_stdin {
+                        let m = json!({"stdin": {"close": true}}).to_string();
+                        if sink.send(Message::Text(m.into())).await.is_err() { return Err(SessionError::Lost); }
+                    }
+                }
+            },
+            m = stream.next() => match m {
+                Some(Ok(Message::Text(t))) => match parse_frame(t.as_str()) {
+                    Some(Frame::Exited(code)) => return Ok(Some(code)),
+                    Some(f) => { let _ = out.send(f).await; }
+                    None => {}
+                },
+                Some(Ok(Message::Close(Some(f)))) if !f.reason.is_empty() => {
+                    return Err(SessionError::Closed(f.reason.to_string()))
+                }
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return Err(SessionError::Lost),
+                Some(Ok(_)) => {}
+            }
+        }
+    }
+}
+
+/// Runs a non-interactive command and collects its output.
+pub async fn run_captured(
+    client: &NomadClient,
+    alloc: &str,
+    argv: Vec<String>,
+    input: Vec<u8>,
+    timeout: Duration,
+) -> Result<(Vec<u8>, Vec<u8>, i32), BackendError> {
+    let ws = connect(client, alloc, &argv, false).await?;
+    let (in_tx, in_rx) = mpsc::channel(4);
+    let (out_tx, mut out_rx) = mpsc::channel(64);
+    let kill = CancellationToken::new();
+    let session = tokio::spawn(drive(ws, in_rx, true, out_tx, kill.clone()));
+    tokio::spawn(async move {
+        for chunk in input.chunks(64 * 1024) {
+            if in_tx.send(Bytes::copy_from_slice(chunk)).await.is_err() {
+                return;
+            }
+        }
+    });
+    let collect = async {
+        let (mut o, mut e) = (Vec::new(), Vec::new());
+        while let Some(f) = out_rx.recv().await {
+            match f {
+                Frame::Stdout(d) => o.extend_from_slice(&d),
+                Frame::Stderr(d) => e.extend_from_slice(&d),
+                Frame::Exited(_) => {}
+            }
+        }
+        (o, e)
+    };
+    match tokio::time::timeout(timeout, collect).await {
+        Ok((o, e)) => {
+            let code = session.await.map_err(BackendError::internal)??;
+            Ok((o, e, code.unwrap_or(-1)))
+        }
+        Err(_) => {
+            kill.cancel();
+            Err(BackendError::Internal(
+                "the file operation timed out".into(),
+            ))
+        }
+    }
+}
+
+/// The shell command of an execution request (poseidon-behavior.md §5.1): `env CODEOCEAN=true`
+/// and the variables, the command under `bash -c`, optionally run as the unprivileged user.
+pub fn full_command(req: &ExecRequest, unprivileged_prefix: &str) -> String {
+    let mut s = String::from("env CODEOCEAN=true");
+    for (k, v) in &req.environment {
+        if k != "CODEOCEAN" {
+            s.push(' ');
+            s.push_str(&shell_quote(&format!("{k}={v}")));
+        }
+    }
+    s.push_str(" /bin/bash -c ");
+    s.push_str(&shell_quote(&req.command));
+    if !req.privileged && !unprivileged_prefix.is_empty() {
+        s = format!("{unprivileged_prefix} {s}");
+    }
+    s
+}
+
+/// Starts an execution. With a terminal, stderr is split off through a FIFO read by a second
+/// session, as Poseidon does (§5.2); the exit code is the user command's.
+pub async fn start(
+    client: NomadClient,
+    alloc: String,
+    req: &ExecRequest,
+    unprivileged_prefix: &str,
+) -> Result<ExecProcess, BackendError> {
+    let command = full_command(req, unprivileged_prefix);
+    let (stdin_tx, stdin_rx) = mpsc::channel::<Bytes>(64);
+    let (ev_tx, ev_rx) = mpsc::channel::<ProcessEvent>(256);
+    let kill = CancellationToken::new();
+    if !req.tty {
+        let argv = vec![
+            "/bin/bash".into(),
+            "-c".into(),
+            format!("unset ${{!NOMAD_@}}; {command}"),
+        ];
+        let ws = connect(&client, &alloc, &argv, false).await?;
+        let (out_tx, mut out_rx) = mpsc::channel(64);
+        let session = tokio::spawn(drive(ws, stdin_rx, true, out_tx, kill.clone()));
+        let k = kill.clone();
+        tokio::spawn(async move {
+            while let Some(f) = out_rx.recv().await {
+                let ev = match f {
+                    Frame::Stdout(d) => ProcessEvent::Stdout(d),
+                    Frame::Stderr(d) => ProcessEvent::Stderr(d),
+                    Frame::Exited(_) => continue,
+                };
+                if ev_tx.send(ev).await.is_err() {
+                    k.cancel();
+                }
+            }
+            let last = match session.await {
+                Ok(Ok(Some(code))) => ProcessEvent::Exited(code),
+                Ok(Ok(None)) => ProcessEvent::Failed("the execution was killed".into()),
+                Ok(Err(e)) => ProcessEvent::Failed(e.to_string()),
+                Err(e) => ProcessEvent::Failed(e.to_string()),
+            };
+            let _ = ev_tx.send(last).await;
+        });
+        return Ok(ExecProcess {
+            stdin: stdin_tx,
+            events: ev_rx,
+            kill,
+        });
+    }
+    let fifo = format!(
+        "/tmp/poseidon-stderr-{}.fifo",
+        uuid::Uuid::new_v4().simple()
+    );
+    let helper_cmd = format!(
+        "mkfifo {f} && chmod 666 {f} && cat {f}; rm -f {f}",
+        f = shell_quote(&fifo)
+    );
+    let main_cmd = format!(
+        "unset ${{!NOMAD_@}}; i=0; until [ -e {f} ] || [ $i -ge 1000 ]; do sleep 0.01; i=$((i+1)); done; {command} 2> {f}",
+        f = shell_quote(&fifo)
+    );
+    let helper_argv = vec!["/bin/bash".into(), "-c".into(), helper_cmd];
+    let main_argv = vec!["/bin/bash".into(), "-c".into(), main_cmd];
+    // Like Poseidon, the helper has a terminal too, so stderr line ends are `\r\n` as on stdout.
+    let helper = connect(&client, &alloc, &helper_argv, true).await?;
+    let main = connect(&client, &alloc, &main_argv, true).await?;
+    let (_helper_in_tx, helper_in_rx) = mpsc::channel::<Bytes>(1);
+    let (out_tx, mut out_rx) = mpsc::channel(64);
+    let (err_tx, mut err_rx) = mpsc::channel(64);
+    let helper_kill = CancellationToken::new();
+    let main_task = tokio::spawn(drive(main, stdin_rx, false, out_tx, kill.clone()));
+    let helper_task = tokio::spawn(drive(
+        helper,
+        helper_in_rx,
+        false,
+        err_tx,
+        helper_kill.clone(),
+    ));
+    let k = kill.clone();
+    tokio::spawn(async move {
+        let _keep_helper_stdin_open = _helper_in_tx;
+        let mut main_task = main_task;
+        let mut helper_task = helper_task;
+        let mut main_done: Option<Result<Option<i32>, SessionError>> = None;
+        let mut helper_done = false;
+        // A background process holding the FIFO must not keep the execution open forever.
+        let mut helper_deadline: Option<tokio::time::Instant> = None;
+        let mut out_open = true;
+        let mut err_open = true;
+        loop {
+            tokio::select! {
+                f = out_rx.recv(), if out_open => match f {
+                    Some(Frame::Stdout(d)) | Some(Frame::Stderr(d)) => {
+                        if ev_tx.send(ProcessEvent::Stdout(d)).await.is_err() { k.cancel(); }
+                    }
+                    Some(Frame::Exited(_)) => {}
+                    None => out_open = false,
+                },
+                f = err_rx.recv(), if err_open => match f {
+                    Some(Frame::Stdout(d)) | Some(Frame::Stderr(d)) => {
+                        if ev_tx.send(ProcessEvent::Stderr(d)).await.is_err() { k.cancel(); }
+                    }
+                    Some(Frame::Exited(_)) => {}
+                    None => err_open = false,
+                },
+                r = &mut main_task, if main_done.is_none() => {
+                    main_done = Some(r.unwrap_or(Err(SessionError::Lost)));
+                    if matches!(main_done, Some(Ok(Some(_)))) {
+                        helper_deadline = Some(tokio::time::Instant::now() + Duration::from_secs(2));
+                    } else {
+                        helper_kill.cancel();
+                    }
+                }
+                _ = async { if let Some(d) = helper_deadline { tokio::time::sleep_until(d).await } }, if helper_deadline.is_some() && !helper_done => {
+                    helper_kill.cancel();
+                    helper_deadline = None;
+                }
+                _ = &mut helper_task, if !helper_done => { helper_done = true; }
+                _ = k.cancelled(), if !helper_kill.is_cancelled() => { helper_kill.cancel(); }
+            }
+            if main_done.is_some() && helper_done && !out_open && !err_open {
+                break;
+            }
+        }
+        let last = match main_done {
+            Some(Ok(Some(code))) => ProcessEvent::Exited(code),
+            Some(Ok(None)) => ProcessEvent::Failed("the execution was killed".into()),
+            Some(Err(e)) => ProcessEvent::Failed(e.to_string()),
+            None => ProcessEvent::Failed("the execution ended unexpectedly".into()),
+        };
+        let _ = ev_tx.send(last).await;
+    });
+    Ok(ExecProcess {
+        stdin: stdin_tx,
+        events: ev_rx,
+        kill,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wraps_like_poseidon_but_quotes_safely() {
+        let req = ExecRequest {
+            command: "echo \"$HOME\"\necho 'x'".into(),
+            environment: vec![
+                ("A".into(), "b c".into()),
+                ("CODEOCEAN".into(), "no".into()),
+            ],
+            privileged: false,
+            tty: true,
+        };
+        assert_eq!(
+            full_command(&req, "/sbin/setuser user"),
+            "/sbin/setuser user env CODEOCEAN=true 'A=b c' /bin/bash -c 'echo \"$HOME\"\necho '\\''x'\\'''"
+        );
+    }
+}

@@ -1,0 +1,217 @@
+//! Template and runner job JSON (poseidon-behavior.md §4) and the reverse mapping (§4.6).
+
+use poseidon_core::{EnvironmentConfig, EnvironmentId};
+use serde_json::{json, Map, Value};
+
+use crate::config::NomadConfig;
+
+/// Name of the runner task group.
+pub const DEFAULT_GROUP: &str = "default-group";
+/// Name of the runner task.
+pub const DEFAULT_TASK: &str = "default-task";
+/// Name of the count-0 group holding mutable meta.
+pub const CONFIG_GROUP: &str = "config";
+
+/// `template-<id>`.
+pub fn template_job_id(id: EnvironmentId) -> String {
+    format!("template-{id}")
+}
+
+/// The environment id of a template job id.
+pub fn environment_of_template(job_id: &str) -> Option<EnvironmentId> {
+    job_id.strip_prefix("template-")?.parse().ok()
+}
+
+/// Builds a job for the environment: the template job (meta with `prewarmingPoolSize`) or a
+/// runner job (meta `used`).
+pub fn build_job(
+    env: &EnvironmentConfig,
+    id: &str,
+    config_meta: Map<String, Value>,
+    force_pull: bool,
+    nomad: &NomadConfig,
+) -> Value {
+    let networks: Vec<Value> = if env.network_access {
+        let ports: Vec<Value> = env
+            .exposed_ports
+            .iter()
+            .map(|p| json!({"Label": p.to_string(), "To": p}))
+            .collect();
+        vec![json!({"Mode": nomad.network.mode, "DynamicPorts": ports})]
+    } else {
+        Vec::new()
+    };
+    // The template reserves 50 MB; a smaller limit lowers the reservation instead of failing
+    // Nomad's MemoryMaxMB >= MemoryMB validation.
+    let memory_max = i64::from(env.memory_limit);
+    let memory = if memory_max > 0 {
+        memory_max.clamp(10, 50)
+    } else {
+        50
+    };
+    let docker = nomad.driver == "docker";
+    let task_config = if docker {
+        json!({"image": env.image, "command": "sleep", "args": ["infinity"],
+               "network_mode": if env.network_access { "" } else { "none" },
+               "force_pull": force_pull && !nomad.disableforcepull})
+    } else {
+        json!({"command": "sleep", "args": ["infinity"]})
+    };
+    let mut config_meta = config_meta;
+    if !docker {
+        // Without a docker config, the image and network setting live in the meta only.
+        config_meta.insert("image".into(), json!(env.image));
+        config_meta.insert(
+            "networkAccess".into(),
+            json!(env.network_access.to_string()),
+        );
+    }
+    json!({
+        "ID": id, "Name": id, "Type": "batch", "Namespace": nomad.namespace,
+        "Datacenters": nomad.datacenters,
+        "TaskGroups": [
+            {"Name": DEFAULT_GROUP, "Count": 1,
+             "EphemeralDisk": {"Migrate": false, "SizeMB": 10, "Sticky": false},
+             "Spreads": [{"Attribute": "${node.unique.name}", "Weight": 100}],
+             "RestartPolicy": {"Attempts": 3, "Delay": 15_000_000_000i64, "Interval": 3_600_000_000_000i64, "Mode": "fail"},
+             "ReschedulePolicy": {"Unlimited": false, "Attempts": 3, "Interval": 21_600_000_000_000i64,
+                                  "Delay": 60_000_000_000i64, "MaxDelay": 240_000_000_000i64,
+                                  "DelayFunction": "exponential"},
+             "Networks": networks,
+             "Tasks": [{"Name": DEFAULT_TASK, "Driver": nomad.driver, "KillTimeout": 0, "KillSignal": "SIGKILL",
+                        "Config": task_config,
+                        "LogConfig": {"MaxFiles": 1, "MaxFileSizeMB": 1},
+                        "Resources": {"CPU": env.cpu_limit.max(1), "MemoryMB": memory, "MemoryMaxMB": memory_max}}]},
+            {"Name": CONFIG_GROUP, "Count": 0, "Meta": config_meta,
+             "Tasks": [{"Name": "config", "Driver": "exec", "Config": {"command": "true"},
+                        "LogConfig": {"MaxFiles": 1, "MaxFileSizeMB": 1},
+                        "Resources": {"CPU": 1, "MemoryMB": 10}}]}
+        ]
+    })
+}
+
+/// The template job of an environment.
+pub fn template_job(env: &EnvironmentConfig, nomad: &NomadConfig) -> Value {
+    let mut meta = Map::new();
+    meta.insert("used".into(), json!("false"));
+    meta.insert(
+        "prewarmingPoolSize".into(),
+        json!(env.prewarming_pool_size.to_string()),
+    );
+    build_job(env, &template_job_id(env.id), meta, true, nomad)
+}
+
+/// A runner job of an environment.
+pub fn runner_job(env: &EnvironmentConfig, id: &str, nomad: &NomadConfig) -> Value {
+    let mut meta = Map::new();
+    meta.insert("used".into(), json!("false"));
+    build_job(env, id, meta, true, nomad)
+}
+
+fn group<'a>(job: &'a Value, name: &str) -> Option<&'a Value> {
+    job["TaskGroups"]
+        .as_array()?
+        .iter()
+        .find(|g| g["Name"] == name)
+}
+
+/// Meta of the config group.
+pub fn config_meta(job: &Value) -> Option<&Map<String, Value>> {
+    group(job, CONFIG_GROUP)?.get("Meta")?.as_object()
+}
+
+/// Reads the environment back from a template job (§4.6).
+pub fn environment_from_job(job: &Value) -> Option<EnvironmentConfig> {
+    let id = environment_of_template(job["ID"].as_str()?)?;
+    let g = group(job, DEFAULT_GROUP)?;
+    let task = g["Tasks"]
+        .as_array()?
+        .iter()
+        .find(|t| t["Name"] == DEFAULT_TASK)?;
+    let pool = config_meta(job)
+        .and_then(|m| m.get("prewarmingPoolSize"))
+        .and_then(Value::as_str)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let meta = config_meta(job);
+    let meta_text = |key: &str| meta.and_then(|m| m.get(key)).and_then(Value::as_str);
+    let network_access = match task["Config"]["network_mode"].as_str() {
+        Some(mode) => mode != "none",
+        None => meta_text("networkAccess")
+            .map(|v| v == "true")
+            .unwrap_or(true),
+    };
+    let exposed_ports = g["Networks"]
+        .as_array()
+        .and_then(|n| n.first())
+        .and_then(|n| n["DynamicPorts"].as_array())
+        .map(|ps| {
+            ps.iter()
+                .filter_map(|p| p["To"].as_u64().and_then(|v| u16::try_from(v).ok()))
+                .collect()
+        })
+        .unwrap_or_default();
+    Some(EnvironmentConfig {
+        id,
+        image: task["Config"]["image"]
+            .as_str()
+            .or_else(|| meta_text("image"))
+            .unwrap_or("")
+            .to_string(),
+        prewarming_pool_size: pool,
+        cpu_limit: task["Resources"]["CPU"].as_u64().unwrap_or(0) as u32,
+        memory_limit: task["Resources"]["MemoryMaxMB"].as_u64().unwrap_or(0) as u32,
+        network_access,
+        exposed_ports,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn template_round_trips() {
+        let env = EnvironmentConfig {
+            id: 10,
+            image: "openhpi/docker_exec_phusion".into(),
+            prewarming_pool_size: 3,
+            cpu_limit: 40,
+            memory_limit: 512,
+            network_access: true,
+            exposed_ports: vec![8080, 3000],
+        };
+        let job = template_job(&env, &NomadConfig::default());
+        assert_eq!(job["ID"], "template-10");
+        assert_eq!(job["TaskGroups"][1]["Count"], 0);
+        assert_eq!(
+            job["TaskGroups"][0]["Networks"][0]["DynamicPorts"][0]["Label"],
+            "8080"
+        );
+        assert_eq!(environment_from_job(&job), Some(env.clone()));
+    }
+
+    #[test]
+    fn exec_driver_keeps_image_and_network_in_the_meta() {
+        let env = EnvironmentConfig {
+            id: 11,
+            image: "python".into(),
+            prewarming_pool_size: 1,
+            cpu_limit: 40,
+            memory_limit: 0,
+            network_access: false,
+            exposed_ports: vec![],
+        };
+        let nomad = NomadConfig {
+            driver: "raw_exec".into(),
+            ..NomadConfig::default()
+        };
+        let job = template_job(&env, &nomad);
+        assert_eq!(job["TaskGroups"][0]["Tasks"][0]["Driver"], "raw_exec");
+        assert_eq!(
+            job["TaskGroups"][0]["Tasks"][0]["Config"]["command"],
+            "sleep"
+        );
+        assert_eq!(environment_from_job(&job), Some(env));
+    }
+}

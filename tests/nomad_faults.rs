@@ -1,0 +1,302 @@
+//! The Nomad backend under faults, over the Nomad emulator: the server must lose no runner, create
+//! no duplicate, and bring every pool back to its target.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use support::{eventually, Backend, Options, Server, Ws};
+
+async fn nomad_server() -> Server {
+    Server::start_with(Options {
+        backend: Backend::Nomad,
+        ..Default::default()
+    })
+    .await
+}
+
+/// Ids of the runner jobs of an environment that Nomad has (not dead).
+async fn runner_jobs(s: &Server, env: u64) -> Vec<String> {
+    let url = format!("{}/v1/jobs?prefix={env}-", s.emulator_url().unwrap());
+    let jobs: Value = reqwest::get(url).await.unwrap().json().await.unwrap();
+    jobs.as_array()
+        .unwrap()
+        .iter()
+        .filter(|j| j["Status"] != "dead")
+        .map(|j| j["ID"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// The (first) allocation of a runner job.
+async fn allocation_of(s: &Server, job: &str) -> Value {
+    let url = format!("{}/v1/job/{job}/allocations", s.emulator_url().unwrap());
+    let allocs: Value = reqwest::get(url).await.unwrap().json().await.unwrap();
+    allocs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["ClientStatus"] == "running")
+        .cloned()
+        .unwrap_or_else(|| panic!("no running allocation of {job}: {allocs}"))
+}
+
+async fn fault(s: &Server, path: &str) {
+    let r = reqwest::Client::new()
+        .post(format!("{}/_emulator/{path}", s.emulator_url().unwrap()))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "fault {path}: {}", r.status());
+}
+
+async fn stats(s: &Server, env: u64) -> Value {
+    let v: Value = s
+        .http
+        .get(s.url("/statistics/execution-environments"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v[env.to_string()].clone()
+}
+
+/// Waits until the pool is at its target and Nomad holds exactly idle + used runner jobs.
+async fn settled(s: &Server, env: u64, pool: u64, used: u64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let st = stats(s, env).await;
+        let jobs = runner_jobs(s, env).await;
+        if st["idleRunners"] == pool
+            && st["usedRunners"] == used
+            && jobs.len() as u64 == pool + used
+        {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "pool of {env} not settled at {pool} idle + {used} used: statistics {st}, runner jobs in Nomad {jobs:?}\nserver log (end):\n{}",
+            s.log().lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_server_recovers_used_and_idle_runners() {
+    let mut s = nomad_server().await;
+    s.environment(1, 2, json!({})).await;
+    let runner = s.claim(1, 600).await;
+    s.copy(&runner, &[("kept.txt", b"still here")]).await;
+    settled(&s, 1, 2, 1).await;
+    s.kill_and_restart().await;
+    // The used runner keeps its id and its files; the pool is recognised, not recreated.
+    let r = s
+        .http
+        .get(s.url(&format!("/runners/{runner}/files/raw?path=kept.txt")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "still here");
+    settled(&s, 1, 2, 1).await;
+    let out = s.run(&runner, json!({"command": "echo alive"})).await;
+    assert_eq!(out.stdout, "alive\r\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_stream_cut_mid_execution_loses_nothing() {
+    let s = nomad_server().await;
+    s.environment(2, 2, json!({})).await;
+    let runner = s.claim(2, 600).await;
+    let url = s
+        .execute(&runner, json!({"command": "echo begin; sleep 1; echo end"}))
+        .await;
+    let mut ws = Ws::connect(&url).await;
+    ws.wait_stdout("begin").await;
+    fault(&s, "stream/cut").await;
+    let out = ws.finish().await;
+    assert_eq!(out.exit(), Some(0));
+    assert!(out.stdout.contains("end"));
+    settled(&s, 2, 2, 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oom_kill_ends_the_execution_and_the_pool_is_refilled() {
+    let s = nomad_server().await;
+    s.environment(3, 1, json!({"memoryLimit": 128})).await;
+    let runner = s.claim(3, 600).await;
+    let url = s
+        .execute(&runner, json!({"command": "echo up; sleep 100"}))
+        .await;
+    let mut ws = Ws::connect(&url).await;
+    ws.wait_stdout("up").await;
+    let alloc = allocation_of(&s, &runner).await;
+    fault(
+        &s,
+        &format!("allocation/{}/oom", alloc["ID"].as_str().unwrap()),
+    )
+    .await;
+    let out = ws.finish().await;
+    assert_eq!(
+        out.last,
+        json!({"type": "error", "data": "the allocation was OOM Killed"})
+    );
+    eventually("the OOM-killed runner is gone", 10, || async {
+        s.http
+            .get(s.url(&format!("/runners/{runner}/files")))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            == 410
+    })
+    .await;
+    eventually("the pool is back at its target", 30, || async {
+        stats(&s, 3).await["idleRunners"] == 1
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarted_and_lost_idle_runners_are_replaced_without_duplicates() {
+    let s = nomad_server().await;
+    s.environment(4, 3, json!({})).await;
+    let jobs = runner_jobs(&s, 4).await;
+    assert_eq!(jobs.len(), 3);
+    let restarted = allocation_of(&s, &jobs[0]).await;
+    fault(
+        &s,
+        &format!("allocation/{}/restart", restarted["ID"].as_str().unwrap()),
+    )
+    .await;
+    let lost = allocation_of(&s, &jobs[1]).await;
+    fault(
+        &s,
+        &format!("allocation/{}/lose-node", lost["ID"].as_str().unwrap()),
+    )
+    .await;
+    settled(&s, 4, 3, 0).await;
+    // Claims still work and are replaced.
+    let runner = s.claim(4, 0).await;
+    let out = s.run(&runner, json!({"command": "echo ok"})).await;
+    assert_eq!(out.stdout, "ok\r\n");
+    settled(&s, 4, 3, 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_nomad_refuses_connections_claims_work_and_the_rest_says_nomad_unreachable() {
+    let s = nomad_server().await;
+    s.environment(5, 2, json!({})).await;
+    fault(&s, "refuse?seconds=10").await;
+    // Claims are served from the warm pool.
+    let runner = s.claim(5, 0).await;
+    assert!(runner.starts_with("5-"));
+    let body = json!({"image": "x", "prewarmingPoolSize": 1, "cpuLimit": 10, "memoryLimit": 0, "networkAccess": false, "exposedPorts": []});
+    let r = s
+        .http
+        .put(s.url("/execution-environments/6"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 500);
+    let err: Value = r.json().await.unwrap();
+    assert_eq!(err["errorCode"], "NOMAD_UNREACHABLE", "{err}");
+    // Everything resumes by itself once Nomad is back.
+    eventually("Nomad accepts environments again", 30, || async {
+        s.http
+            .put(s.url("/execution-environments/6"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            == 201
+    })
+    .await;
+    settled(&s, 5, 2, 1).await;
+    s.wait_idle(6, 1).await;
+    tokio::time::sleep(Duration::from_millis(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_and_out_of_order_events_change_nothing() {
+    let s = nomad_server().await;
+    fault(&s, "events/duplicate?count=200").await;
+    fault(&s, "events/reorder?count=200").await;
+    s.environment(7, 3, json!({})).await;
+    let a = s.claim(7, 0).await;
+    let b = s.claim(7, 0).await;
+    assert_eq!(
+        s.http
+            .delete(s.url(&format!("/runners/{a}")))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        204
+    );
+    settled(&s, 7, 3, 1).await;
+    let out = s.run(&b, json!({"command": "echo fine"})).await;
+    assert_eq!(out.stdout, "fine\r\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetch_deletes_environments_whose_template_job_is_gone() {
+    let s = nomad_server().await;
+    s.environment(8, 2, json!({})).await;
+    s.environment(9, 1, json!({})).await;
+    let runner = s.claim(8, 0).await;
+    // Someone removes the template job in Nomad behind the gateway's back.
+    let r = reqwest::Client::new()
+        .delete(format!(
+            "{}/v1/job/template-8?purge=true",
+            s.emulator_url().unwrap()
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+    let r = s
+        .http
+        .get(s.url("/execution-environments/8?fetch=true"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let list: Value = s
+        .http
+        .get(s.url("/execution-environments"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ids: Vec<u64> = list["executionEnvironments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ids, vec![9]);
+    assert_eq!(
+        s.http
+            .get(s.url(&format!("/runners/{runner}/files")))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        410
+    );
+    eventually(
+        "the deleted environment's runner jobs are purged",
+        30,
+        || async { runner_jobs(&s, 8).await.is_empty() },
+    )
+    .await;
+    settled(&s, 9, 1, 0).await;
+}
