@@ -1,9 +1,9 @@
 //! Micro-benchmarks of the local backend through its public API (`LocalBackend`, `RunnerBackend`):
 //! one runner's file update, listing and command execution, each one bubblewrap sandbox.
 //!
-//! The listing parser is private to the crate, so it is measured through `list_files`: the
-//! difference between listing 1,000 entries and listing 1 is the per-entry cost of `find` inside
-//! the sandbox, the transfer and the parsing together.
+//! `list_files` is measured end to end: the difference between listing 1,000 entries and listing 1
+//! is the per-entry cost of `find` inside the sandbox, the transfer and the parsing together (the
+//! parser alone: `poseidon-core`'s `listing` bench).
 //!
 //! Needs root and bubblewrap (as the server does); otherwise every case says it is skipped.
 //! `cargo bench -p poseidon-local --bench sandbox`
