@@ -652,7 +652,14 @@ async fn nomad(run: &mut Run, levels: &[usize], programs: &[Program]) {
     if let Err(e) = client.version().await {
         return run.skip("nomad", format!("{url} does not answer: {e}"));
     }
+    // Once the server cannot even prepare a level, the later levels are skipped at once instead
+    // of each waiting for its own time-outs.
+    let mut broken: Option<String> = None;
     for &c in levels {
+        if let Some(why) = &broken {
+            run.skip(&format!("nomad claim at {c}"), why.clone());
+            continue;
+        }
         match scenarios::claim(
             &client,
             &run.settings,
@@ -668,11 +675,21 @@ async fn nomad(run: &mut Run, levels: &[usize], programs: &[Program]) {
                 let row = run.with_ratio(row, "GET /version");
                 run.push(row);
             }
-            Err(e) => run.skip(&format!("nomad claim at {c}"), format!("failed: {e}")),
+            Err(e) => {
+                run.skip(&format!("nomad claim at {c}"), format!("failed: {e}"));
+                broken = Some(format!("not run: an earlier level failed ({e})"));
+            }
         }
     }
     for program in programs {
         for &c in levels {
+            if let Some(why) = &broken {
+                run.skip(
+                    &format!("nomad execute {} at {c}", program.name),
+                    why.clone(),
+                );
+                continue;
+            }
             match scenarios::execute(
                 &client,
                 &run.settings,
@@ -690,10 +707,13 @@ async fn nomad(run: &mut Run, levels: &[usize], programs: &[Program]) {
                     let row = run.with_ratio(row, &format!("bwrap {}", program.name));
                     run.push(row);
                 }
-                Err(e) => run.skip(
-                    &format!("nomad execute {} at {c}", program.name),
-                    format!("failed: {e}"),
-                ),
+                Err(e) => {
+                    run.skip(
+                        &format!("nomad execute {} at {c}", program.name),
+                        format!("failed: {e}"),
+                    );
+                    broken = Some(format!("not run: an earlier level failed ({e})"));
+                }
             }
         }
     }

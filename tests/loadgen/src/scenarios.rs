@@ -232,20 +232,25 @@ pub async fn baseline_http(client: &Client, settings: &Settings, concurrency: us
     )
 }
 
-/// Claims a runner, retrying while the pool is empty; returns the id and the successful
+/// First and longest pause before claiming again from an empty pool.
+const RETRY_PAUSE: (Duration, Duration) = (Duration::from_millis(5), Duration::from_millis(100));
+
+/// Claims a runner, retrying (with a growing pause) while the pool is empty; returns the id and the successful
 /// request's own latency.
 async fn claim_retrying(
     client: &Client,
     environment: u64,
     empties: &AtomicUsize,
 ) -> Result<(String, Duration), ClientError> {
+    let mut pause = RETRY_PAUSE.0;
     loop {
         let started = Instant::now();
         match client.claim(environment).await {
             Ok(id) => return Ok((id, started.elapsed())),
             Err(ClientError::PoolEmpty) => {
                 empties.fetch_add(1, Ordering::Relaxed);
-                tokio::time::sleep(Duration::from_millis(10)).await;
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(RETRY_PAUSE.1);
             }
             Err(e) => return Err(e),
         }
