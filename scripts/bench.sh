@@ -10,6 +10,8 @@
 #   scripts/bench.sh --concurrency 1,8 --execute-count 50 --idle-runners 200   # a shorter run
 # BENCH_NOMAD=0 skips starting the emulator (the nomad scenario then says it is skipped, unless
 # --nomad-url is given). POSEIDON_BENCH_LOG_LEVEL sets the servers' log level (default info).
+# POSEIDON_BENCH_SERVER=PATH runs that poseidon binary instead of the fresh release build (to compare
+# two builds with the same load generator). BENCH_OUT=DIR writes the results there instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,7 +36,8 @@ done
 cargo build --release -p poseidon --bin poseidon -p poseidon-loadgen --bin poseidon-loadgen \
   -p nomad-emulator --bin nomad-emulator
 
-out=target/bench
+server_bin=${POSEIDON_BENCH_SERVER:-./target/release/poseidon}
+out=${BENCH_OUT:-target/bench}
 mkdir -p "$out"
 work=$(mktemp -d /tmp/poseidon-bench.XXXXXX)
 # Runner uids must be able to traverse to their runner directories (mktemp makes it 0700).
@@ -121,7 +124,7 @@ local:
   uidcount: 20000
 ${3:-}
 EOF
-  ./target/release/poseidon --config "$dir/configuration.yaml" >"$dir/stdout" 2>"$dir/server.log" &
+  "$server_bin" --config "$dir/configuration.yaml" >"$dir/stdout" 2>"$dir/server.log" &
   server_pid=$!
   pids+=("$server_pid")
   local line
@@ -157,6 +160,7 @@ fi
 {
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
   echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  echo "server binary: $server_bin"
   echo "nproc: $(nproc)"
   echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
   echo "kernel: $(uname -r)"
