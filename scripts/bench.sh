@@ -1,0 +1,175 @@
+#!/usr/bin/env bash
+# One command for the load benchmarks. Builds release binaries; starts a poseidon server on the local
+# backend (as root, 127.0.0.1, port 0, its own temporary state directory and cgroup parent) and, for
+# the `nomad` scenario, the Nomad emulator plus a second poseidon server on the Nomad backend over it;
+# runs every poseidon-loadgen scenario; prints the table; writes target/bench/results.json (and
+# results.md, machine.txt, the servers' logs); stops everything it started.
+#
+# Extra arguments go to poseidon-loadgen, e.g.
+#   scripts/bench.sh --plugin-url http://127.0.0.1:PORT --plugin-file F --plugin-source S
+#   scripts/bench.sh --concurrency 1,8 --execute-count 50 --idle-runners 200   # a shorter run
+# BENCH_NOMAD=0 skips starting the emulator (the nomad scenario then says it is skipped, unless
+# --nomad-url is given). POSEIDON_BENCH_LOG_LEVEL sets the servers' log level (default info).
+# POSEIDON_BENCH_SERVER=PATH runs that poseidon binary instead of the fresh release build (to compare
+# two builds with the same load generator). BENCH_OUT=DIR writes the results there instead.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" != 0 ]; then
+  echo "bench.sh: must run as root (the local backend mounts a tmpfs and creates cgroups per runner)" >&2
+  exit 1
+fi
+need_apt=()
+command -v bwrap >/dev/null 2>&1 || need_apt+=(bubblewrap)
+command -v setsid >/dev/null 2>&1 || need_apt+=(util-linux)
+[ -x /usr/bin/python3 ] || need_apt+=(python3)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "installing: ${need_apt[*]}"
+  apt-get update -qq && apt-get install -y -qq "${need_apt[@]}"
+fi
+
+start_nomad=${BENCH_NOMAD:-1}
+for arg in "$@"; do
+  [ "$arg" = "--nomad-url" ] && start_nomad=0
+done
+
+cargo build --release -p poseidon --bin poseidon -p poseidon-loadgen --bin poseidon-loadgen \
+  -p nomad-emulator --bin nomad-emulator
+
+server_bin=${POSEIDON_BENCH_SERVER:-./target/release/poseidon}
+out=${BENCH_OUT:-target/bench}
+mkdir -p "$out"
+work=$(mktemp -d /tmp/poseidon-bench.XXXXXX)
+# Runner uids must be able to traverse to their runner directories (mktemp makes it 0700).
+chmod 755 "$work"
+token="bench-$(od -An -N8 -tx8 /dev/urandom | tr -d ' ')"
+log_level=${POSEIDON_BENCH_LOG_LEVEL:-info}
+
+pids=()
+cgroups=()
+
+stop() { # pid: SIGTERM, up to 30 s, then SIGKILL
+  local pid=$1
+  kill -0 "$pid" 2>/dev/null || return 0
+  kill -TERM "$pid" 2>/dev/null || true
+  for _ in $(seq 1 300); do
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  kill -KILL "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+}
+
+cleanup() {
+  local i
+  # Servers first (newest first), then the emulator they use.
+  for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
+    stop "${pids[$i]}"
+  done
+  # Whatever a killed server left: mounts, then files, then cgroups.
+  for dir in "$work"/*/state/runners/*; do
+    [ -e "$dir" ] && umount -l "$dir" 2>/dev/null || true
+  done
+  for name in local nomad emulator; do
+    cp "$work/$name/server.log" "$out/$name.log" 2>/dev/null || true
+  done
+  rm -rf "$work"
+  for cgroup in "${cgroups[@]}"; do
+    for controller in memory pids cpu; do
+      parent="/sys/fs/cgroup/$controller/$cgroup"
+      [ -d "$parent" ] || continue
+      find "$parent" -mindepth 1 -depth -type d -exec rmdir {} \; 2>/dev/null || true
+      rmdir "$parent" 2>/dev/null || true
+    done
+  done
+}
+trap cleanup EXIT
+
+# wait_line FILE PATTERN PID: prints the first line of FILE matching PATTERN, within 30 s.
+wait_line() {
+  local line
+  for _ in $(seq 1 300); do
+    line=$(grep -m1 -E "$2" "$1" 2>/dev/null || true)
+    if [ -n "$line" ]; then
+      echo "$line"
+      return 0
+    fi
+    if ! kill -0 "$3" 2>/dev/null; then
+      echo "bench.sh: $1's process stopped at start" >&2
+      return 1
+    fi
+    sleep 0.1
+  done
+  echo "bench.sh: no line matching '$2' in $1 within 30 s" >&2
+  return 1
+}
+
+# start_server NAME UIDBASE [EXTRA_YAML]: sets server_url and server_pid.
+start_server() {
+  local name=$1 dir="$work/$1" cgroup="poseidon-bench-$$-$1"
+  mkdir -p "$dir"
+  chmod 755 "$dir"
+  cgroups+=("$cgroup")
+  cat >"$dir/configuration.yaml" <<EOF
+server:
+  address: 127.0.0.1
+  port: 0
+  token: $token
+logger:
+  level: $log_level
+local:
+  statedir: $dir/state
+  cgroupparent: $cgroup
+  uidbase: $2
+  uidcount: 20000
+${3:-}
+EOF
+  "$server_bin" --config "$dir/configuration.yaml" >"$dir/stdout" 2>"$dir/server.log" &
+  server_pid=$!
+  pids+=("$server_pid")
+  local line
+  if ! line=$(wait_line "$dir/stdout" '^poseidon listening on http://' "$server_pid"); then
+    cat "$dir/server.log" >&2
+    exit 1
+  fi
+  server_url="${line##* }"
+  echo "$name server: $server_url (pid $server_pid)"
+}
+
+start_server local 4000000
+local_url=$server_url
+local_pid=$server_pid
+
+nomad_args=()
+if [ "$start_nomad" = 1 ]; then
+  mkdir -p "$work/emulator"
+  ./target/release/nomad-emulator --bind 127.0.0.1:0 --data-dir "$work/emulator/data" \
+    >"$work/emulator/stdout" 2>"$work/emulator/server.log" &
+  emulator_pid=$!
+  pids+=("$emulator_pid")
+  emulator_addr=$(wait_line "$work/emulator/stdout" '^127\.0\.0\.1:[0-9]+$' "$emulator_pid")
+  echo "nomad emulator: $emulator_addr (pid $emulator_pid)"
+  start_server nomad 4100000 "nomad:
+  enabled: true
+  address: 127.0.0.1
+  port: ${emulator_addr##*:}
+  unprivilegedprefix: \"\""
+  nomad_args=(--nomad-url "$server_url")
+fi
+
+{
+  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  echo "server binary: $server_bin"
+  echo "nproc: $(nproc)"
+  echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
+  echo "kernel: $(uname -r)"
+  echo "bwrap: $(bwrap --version 2>/dev/null || echo unknown)"
+  echo "python3: $(/usr/bin/python3 --version 2>&1)"
+  echo "free -h:"
+  free -h
+} | tee "$out/machine.txt"
+
+./target/release/poseidon-loadgen --url "$local_url" --token "$token" --server-pid "$local_pid" \
+  "${nomad_args[@]}" --json "$out/results.json" "$@" | tee "$out/results.md"
+echo "results: $out/results.json, $out/results.md, $out/machine.txt"

@@ -1,0 +1,561 @@
+//! The scenarios: what one operation is, how the environment is prepared, and how an outcome
+//! becomes a row of figures.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::client::{Client, ClientError};
+use crate::load::{drive, Latency, Load, Outcome, Sample};
+use crate::report::{Phase, Row};
+
+/// Settings shared by all scenarios.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Operations per claim level.
+    pub claim_count: usize,
+    /// Operations per execute level.
+    pub execute_count: usize,
+    /// Operations per baseline level.
+    pub baseline_count: usize,
+    /// Longest time one level may start operations.
+    pub duration: Duration,
+    /// Longest time one operation may take.
+    pub op_timeout: Duration,
+    /// The image of the environments the load generator creates.
+    pub image: String,
+    /// Time limit of each execution, seconds.
+    pub time_limit: u32,
+    /// The bubblewrap binary for the direct baseline.
+    pub bwrap: PathBuf,
+    /// Host uid the direct baseline runs as (when this process is root).
+    pub baseline_uid: Option<u32>,
+}
+
+impl Settings {
+    fn load(&self, concurrency: usize, count: usize) -> Load {
+        Load {
+            concurrency,
+            count,
+            duration: self.duration,
+            op_timeout: self.op_timeout,
+        }
+    }
+}
+
+/// Unrecorded operations before a baseline or execute level.
+pub const WARMUP: usize = 2;
+
+/// The line the Python program prints.
+pub const PYTHON_LINE: &str = "Hello from Poseidon";
+
+/// A program an execution runs.
+#[derive(Debug, Clone)]
+pub struct Program {
+    /// Short name (`true`, `python3`).
+    pub name: &'static str,
+    /// The command sent to `POST /execute`.
+    pub command: String,
+    /// Files copied before (path, content).
+    pub files: Vec<(String, Vec<u8>)>,
+    /// Text stdout must contain.
+    pub expect: Option<&'static str>,
+    /// The same program's arguments after `bwrap ... --` for the direct baseline.
+    pub direct: Vec<String>,
+}
+
+impl Program {
+    fn files() -> Vec<(String, Vec<u8>)> {
+        vec![(
+            "main.py".to_string(),
+            format!("print({PYTHON_LINE:?})\n").into_bytes(),
+        )]
+    }
+
+    /// `true`: the cheapest possible execution.
+    pub fn true_() -> Self {
+        Self {
+            name: "true",
+            command: "true".into(),
+            files: Self::files(),
+            expect: None,
+            direct: vec!["true".into()],
+        }
+    }
+
+    /// `python3 main.py` printing one line.
+    pub fn python() -> Self {
+        Self {
+            name: "python3",
+            command: "python3 main.py".into(),
+            files: Self::files(),
+            expect: Some(PYTHON_LINE),
+            direct: vec![
+                "python3".into(),
+                "-c".into(),
+                format!("print({PYTHON_LINE:?})"),
+            ],
+        }
+    }
+}
+
+/// Counters shared across scenarios.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Executions finished against the main server.
+    pub executions: AtomicUsize,
+}
+
+/// Errors of a direct sandbox start.
+#[derive(Debug, thiserror::Error)]
+pub enum DirectError {
+    /// bwrap could not be started.
+    #[error("cannot start {program}: {source}")]
+    Spawn {
+        /// The program.
+        program: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The sandbox failed.
+    #[error("the sandbox exited with {status}: {stderr}")]
+    Failed {
+        /// Its exit status.
+        status: String,
+        /// What it wrote to stderr.
+        stderr: String,
+    },
+    /// The program did not print what it should.
+    #[error("missing output {0:?}")]
+    Output(&'static str),
+}
+
+/// Starts the program once in a bwrap sandbox directly, without the gateway.
+pub async fn run_direct(
+    bwrap: &Path,
+    program: &Program,
+    uid: Option<u32>,
+) -> Result<Sample, DirectError> {
+    let started = Instant::now();
+    let mut cmd = tokio::process::Command::new(bwrap);
+    cmd.args(["--unshare-all", "--ro-bind", "/", "/", "--"])
+        .args(&program.direct)
+        .env_clear()
+        .env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        )
+        .env("LANG", "C.UTF-8")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    if let Some(uid) = uid {
+        cmd.uid(uid).gid(uid);
+    }
+    let output = cmd.output().await.map_err(|source| DirectError::Spawn {
+        program: bwrap.display().to_string(),
+        source,
+    })?;
+    let total = started.elapsed();
+    if !output.status.success() {
+        return Err(DirectError::Failed {
+            status: output.status.to_string(),
+            stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+        });
+    }
+    if let Some(expect) = program.expect {
+        if !String::from_utf8_lossy(&output.stdout).contains(expect) {
+            return Err(DirectError::Output(expect));
+        }
+    }
+    Ok(Sample::total(total))
+}
+
+/// Direct sandbox starts at one concurrency: the baseline of the execute scenario.
+pub async fn baseline_direct(settings: &Settings, program: &Program, concurrency: usize) -> Row {
+    let bwrap = settings.bwrap.clone();
+    let uid = settings.baseline_uid;
+    // Warm-up (not recorded): the first start of a program pays for cold caches.
+    for _ in 0..WARMUP {
+        let _ = run_direct(&bwrap, program, uid).await;
+    }
+    let p = program.clone();
+    let outcome = drive(
+        settings.load(concurrency, settings.baseline_count),
+        move || {
+            let bwrap = bwrap.clone();
+            let p = p.clone();
+            async move { run_direct(&bwrap, &p, uid).await }
+        },
+    )
+    .await;
+    let target = match uid {
+        Some(uid) => format!("direct, uid {uid}"),
+        None => "direct, as this user".to_string(),
+    };
+    Row::new(
+        "baseline",
+        &format!("bwrap {}", program.name),
+        &target,
+        concurrency,
+        &outcome,
+        "runs/s",
+        1.0,
+    )
+}
+
+/// `GET /version` at one concurrency: the HTTP floor, the baseline of the claim scenario.
+pub async fn baseline_http(client: &Client, settings: &Settings, concurrency: usize) -> Row {
+    let c = client.clone();
+    let outcome = drive(
+        settings.load(concurrency, settings.baseline_count * 4),
+        move || {
+            let c = c.clone();
+            async move {
+                let started = Instant::now();
+                c.version().await?;
+                Ok::<_, ClientError>(Sample::total(started.elapsed()))
+            }
+        },
+    )
+    .await;
+    Row::new(
+        "baseline",
+        "GET /version",
+        client.base(),
+        concurrency,
+        &outcome,
+        "req/s",
+        1.0,
+    )
+}
+
+/// First and longest pause before claiming again from an empty pool.
+const RETRY_PAUSE: (Duration, Duration) = (Duration::from_millis(5), Duration::from_millis(100));
+
+/// Claims a runner, retrying (with a growing pause) while the pool is empty; returns the id and the successful
+/// request's own latency.
+async fn claim_retrying(
+    client: &Client,
+    environment: u64,
+    empties: &AtomicUsize,
+) -> Result<(String, Duration), ClientError> {
+    let mut pause = RETRY_PAUSE.0;
+    loop {
+        let started = Instant::now();
+        match client.claim(environment).await {
+            Ok(id) => return Ok((id, started.elapsed())),
+            Err(ClientError::PoolEmpty) => {
+                empties.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(RETRY_PAUSE.1);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The pool size the claim scenario gives its environment at a concurrency.
+pub fn claim_pool(concurrency: usize) -> u32 {
+    (concurrency * 4).max(16) as u32
+}
+
+/// The pool size the execute scenario gives its environment at a concurrency.
+pub fn execute_pool(concurrency: usize) -> u32 {
+    (concurrency * 2).max(8) as u32
+}
+
+/// Creates (or resizes) the environment and waits until its pool is full.
+pub async fn prepare(
+    client: &Client,
+    environment: u64,
+    pool: u32,
+    image: &str,
+) -> Result<(), ClientError> {
+    client.put_environment(environment, pool, image).await?;
+    client
+        .wait_idle(environment, pool, Duration::from_secs(180))
+        .await
+}
+
+/// Claims and destroys runners from a warm pool at one concurrency.
+pub async fn claim(
+    client: &Client,
+    settings: &Settings,
+    scenario: &str,
+    variant: &str,
+    environment: u64,
+    concurrency: usize,
+    count: usize,
+) -> Result<Row, ClientError> {
+    prepare(
+        client,
+        environment,
+        claim_pool(concurrency),
+        &settings.image,
+    )
+    .await?;
+    let empties = Arc::new(AtomicUsize::new(0));
+    let c = client.clone();
+    let e = Arc::clone(&empties);
+    let outcome = drive(settings.load(concurrency, count), move || {
+        let c = c.clone();
+        let e = Arc::clone(&e);
+        async move {
+            let (runner, claimed) = claim_retrying(&c, environment, &e).await?;
+            let started = Instant::now();
+            c.destroy(&runner).await?;
+            Ok::<_, ClientError>(Sample {
+                total: claimed,
+                phases: vec![claimed, started.elapsed()],
+            })
+        }
+    })
+    .await;
+    let mut row = Row::new(
+        scenario,
+        variant,
+        client.base(),
+        concurrency,
+        &outcome,
+        "claims/s",
+        1.0,
+    );
+    row.pool_empty = empties.load(Ordering::Relaxed);
+    row.phases = phases(&outcome, &["claim", "destroy"]);
+    Ok(row)
+}
+
+fn phases(outcome: &Outcome, names: &[&str]) -> Vec<Phase> {
+    names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| Phase {
+            name: name.to_string(),
+            latency: outcome.phase(i),
+        })
+        .collect()
+}
+
+/// One CodeOcean-like execution: claim, copy the program, execute, read the WebSocket to `exit`,
+/// destroy.
+async fn execute_once(
+    client: &Client,
+    environment: u64,
+    program: &Program,
+    time_limit: u32,
+    empties: &AtomicUsize,
+) -> Result<Sample, ClientError> {
+    let t0 = Instant::now();
+    let (runner, _) = claim_retrying(client, environment, empties).await?;
+    let t1 = Instant::now();
+    let work = async {
+        client.copy(&runner, &program.files).await?;
+        let t2 = Instant::now();
+        let url = client
+            .execute(&runner, &program.command, time_limit)
+            .await?;
+        let t3 = Instant::now();
+        let transcript = client.run_websocket(&url).await?;
+        let t4 = Instant::now();
+        if transcript.exit != Some(0) {
+            return Err(ClientError::Execution(format!(
+                "exit code {:?}, stdout {:?}",
+                transcript.exit, transcript.stdout
+            )));
+        }
+        if let Some(expect) = program.expect {
+            if !transcript.stdout.contains(expect) {
+                return Err(ClientError::Execution(format!(
+                    "stdout {:?} lacks {expect:?}",
+                    transcript.stdout
+                )));
+            }
+        }
+        Ok((t2, t3, t4))
+    }
+    .await;
+    let destroyed = client.destroy(&runner).await;
+    let t5 = Instant::now();
+    let (t2, t3, t4) = work?;
+    destroyed?;
+    Ok(Sample {
+        total: t5 - t0,
+        phases: vec![t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4],
+    })
+}
+
+/// The names of the execute scenario's phases.
+pub const EXECUTE_PHASES: [&str; 5] = ["claim", "copy", "execute", "websocket", "destroy"];
+
+/// Runs executions of the program at one concurrency.
+#[allow(clippy::too_many_arguments)]
+pub async fn execute(
+    client: &Client,
+    settings: &Settings,
+    scenario: &str,
+    environment: u64,
+    program: &Program,
+    concurrency: usize,
+    count: usize,
+    counters: Option<Arc<Counters>>,
+) -> Result<Row, ClientError> {
+    prepare(
+        client,
+        environment,
+        execute_pool(concurrency),
+        &settings.image,
+    )
+    .await?;
+    let empties = Arc::new(AtomicUsize::new(0));
+    let time_limit = settings.time_limit;
+    // Warm-up (not recorded), then wait for the pool to be full again.
+    for _ in 0..WARMUP {
+        let _ = execute_once(client, environment, program, time_limit, &empties).await;
+    }
+    client
+        .wait_idle(
+            environment,
+            execute_pool(concurrency),
+            Duration::from_secs(180),
+        )
+        .await?;
+    empties.store(0, Ordering::Relaxed);
+    let c = client.clone();
+    let e = Arc::clone(&empties);
+    let p = program.clone();
+    let outcome = drive(settings.load(concurrency, count), move || {
+        let c = c.clone();
+        let e = Arc::clone(&e);
+        let p = p.clone();
+        let counters = counters.clone();
+        async move {
+            let sample = execute_once(&c, environment, &p, time_limit, &e).await;
+            if let Some(counters) = counters {
+                counters.executions.fetch_add(1, Ordering::Relaxed);
+            }
+            sample
+        }
+    })
+    .await;
+    let mut row = Row::new(
+        scenario,
+        program.name,
+        client.base(),
+        concurrency,
+        &outcome,
+        "exec/min",
+        60.0,
+    );
+    row.pool_empty = empties.load(Ordering::Relaxed);
+    row.phases = phases(&outcome, &EXECUTE_PHASES);
+    Ok(row)
+}
+
+/// How long after a plugin swap a request still counts as "during the swap".
+pub const SWAP_WINDOW: Duration = Duration::from_millis(250);
+
+/// The claim scenario while `source` is copied over `file` every second.
+#[allow(clippy::too_many_arguments)]
+pub async fn reload(
+    client: &Client,
+    settings: &Settings,
+    environment: u64,
+    file: &Path,
+    source: &Path,
+    concurrency: usize,
+    seconds: u64,
+) -> Result<Row, ClientError> {
+    prepare(
+        client,
+        environment,
+        claim_pool(concurrency),
+        &settings.image,
+    )
+    .await?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let swaps: Arc<Mutex<Vec<Duration>>> = Arc::default();
+    let swap_errors: Arc<Mutex<Vec<String>>> = Arc::default();
+    let start = Instant::now();
+    let swapper = {
+        let (stop, swaps, swap_errors) = (
+            Arc::clone(&stop),
+            Arc::clone(&swaps),
+            Arc::clone(&swap_errors),
+        );
+        let (file, source) = (file.to_path_buf(), source.to_path_buf());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                let at = start.elapsed();
+                match tokio::fs::copy(&source, &file).await {
+                    Ok(_) => swaps.lock().unwrap().push(at),
+                    Err(e) => swap_errors.lock().unwrap().push(e.to_string()),
+                }
+            }
+        })
+    };
+    let empties = Arc::new(AtomicUsize::new(0));
+    let c = client.clone();
+    let e = Arc::clone(&empties);
+    let load = Load {
+        concurrency,
+        count: usize::MAX / 2,
+        duration: Duration::from_secs(seconds),
+        op_timeout: settings.op_timeout,
+    };
+    let outcome = drive(load, move || {
+        let c = c.clone();
+        let e = Arc::clone(&e);
+        async move {
+            let (runner, claimed) = claim_retrying(&c, environment, &e).await?;
+            c.destroy(&runner).await?;
+            Ok::<_, ClientError>(Sample::total(claimed))
+        }
+    })
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    let _ = swapper.await;
+    // `drive` started a few microseconds after `start`: negligible against the window.
+    let swaps = swaps.lock().unwrap().clone();
+    let near = |started: Duration, took: Duration| {
+        swaps
+            .iter()
+            .any(|s| started <= *s + SWAP_WINDOW && started + took >= *s)
+    };
+    let near_swap: Vec<Duration> = outcome
+        .records
+        .iter()
+        .filter_map(|r| r.result.as_ref().ok().map(|s| (r.start, s.total)))
+        .filter(|(started, took)| near(*started, *took))
+        .map(|(_, took)| took)
+        .collect();
+    let failed_near_swap = outcome
+        .records
+        .iter()
+        .filter(|r| r.result.is_err() && near(r.start, Duration::ZERO))
+        .count();
+    let mut row = Row::new(
+        "reload",
+        "claim while swapping",
+        client.base(),
+        concurrency,
+        &outcome,
+        "claims/s",
+        1.0,
+    );
+    row.pool_empty = empties.load(Ordering::Relaxed);
+    row.extra = json!({
+        "swaps": swaps.len(),
+        "swap_errors": swap_errors.lock().unwrap().clone(),
+        "window_ms": SWAP_WINDOW.as_millis(),
+        "near_swap": Latency::of(near_swap),
+        "failed_near_swap": failed_near_swap,
+    });
+    Ok(row)
+}
