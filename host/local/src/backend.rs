@@ -115,15 +115,9 @@ impl Shared {
 
     async fn check_bubblewrap(&self) -> Result<(), LocalError> {
         let output = tokio::process::Command::new(&self.launcher.bwrap)
-            .args([
-                "--unshare-user",
-                "--unshare-pid",
-                "--ro-bind",
-                "/",
-                "/",
-                "--",
-                "/bin/true",
-            ])
+            .args(["--unshare-user", "--unshare-pid"])
+            .args(crate::sandbox::host_system_binds())
+            .args(["--", "/bin/true"])
             .uid(self.config.uidbase)
             .gid(self.config.uidbase)
             .env_clear()
