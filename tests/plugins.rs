@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use hmac::{KeyInit, Mac};
 use serde_json::{json, Value};
-use support::{Options, Server};
+use support::{eventually, Options, Server};
 
 /// A built example plugin.
 fn plugin(name: &str) -> PathBuf {
@@ -353,4 +353,160 @@ fn plugin_check_command() {
         stderr.contains("accepts poseidon:plugins@0.1.x"),
         "{stderr}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_is_replaced_while_clients_keep_sending_requests() {
+    let dir = plugin_dir(&[("demand_sizer", "sizer.wasm")]);
+    // The demand sizer answers 3 (headroom, no claims); the timetable sizer 7 (its default).
+    let s = server_with_plugins(
+        &dir,
+        "    - file: sizer.wasm\n      environments: [6]\n      config: { headroom: 3, default: 7 }\n",
+    )
+    .await;
+    s.environment(6, 3, json!({"prewarmingPoolSize": 1})).await;
+    s.environment(9, 2, json!({})).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for _ in 0..2 {
+        let (http, base, stop) = (s.http.clone(), s.url(""), stop.clone());
+        clients.push(tokio::spawn(async move {
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            // Bounded: stops when told, or after 2,000 rounds at the latest.
+            for _ in 0..2000 {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                let r = http
+                    .post(format!("{base}/runners"))
+                    .json(&json!({"executionEnvironmentId": 9}))
+                    .send()
+                    .await
+                    .unwrap();
+                let status = r.status().as_u16();
+                let body: Value = r.json().await.unwrap_or(Value::Null);
+                match (status, body["runnerId"].as_str()) {
+                    (200, Some(id)) => {
+                        let d = http
+                            .delete(format!("{base}/runners/{id}"))
+                            .send()
+                            .await
+                            .unwrap()
+                            .status()
+                            .as_u16();
+                        if d == 204 {
+                            ok += 1
+                        } else {
+                            failed.push(d)
+                        }
+                    }
+                    // An empty pool is the pool's business, not the swap's: CodeOcean retries.
+                    (500, _) if body["errorCode"] == "NOMAD_OVERLOAD" => {}
+                    _ => failed.push(status),
+                }
+                let st = http
+                    .get(format!("{base}/statistics/execution-environments"))
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+                    .as_u16();
+                if st == 200 {
+                    ok += 1
+                } else {
+                    failed.push(st)
+                }
+            }
+            (ok, failed)
+        }));
+    }
+    // Swap the file the way an administrator's deployment would: write aside, rename into place.
+    let staged = dir.join(".sizer.wasm.new");
+    std::fs::copy(plugin("timetable_sizer"), &staged).unwrap();
+    std::fs::rename(&staged, dir.join("sizer.wasm")).unwrap();
+    eventually(
+        "the new sizer's target shows in /statistics",
+        60,
+        || async {
+            let stats: Value = s
+                .http
+                .get(s.url("/statistics/execution-environments"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            stats["6"]["idleRunners"].as_u64().unwrap_or(0) >= 7
+        },
+    )
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut total = 0;
+    for client in clients {
+        let (ok, failed) = client.await.unwrap();
+        assert!(
+            failed.is_empty(),
+            "failed requests during the swap: {failed:?}"
+        );
+        total += ok;
+    }
+    assert!(total > 0);
+    let plugins: Value = s
+        .http
+        .get(s.url("/plugins"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(plugins[0]["failures"], 0, "{plugins}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn looping_and_memory_hungry_plugins_are_contained() {
+    let dir = plugin_dir(&[("test_loop", "loop.wasm"), ("test_alloc", "hog.wasm")]);
+    let s = Server::start_with(Options {
+        extra_yaml: format!(
+            "plugins:\n  directory: {}\n  limits:\n    callTimeoutMs: 3000\n    epochDeadlineTicks: 100\n    memoryMb: 32\n  entries:\n    - file: loop.wasm\n      environments: [6]\n    - file: hog.wasm\n",
+            dir.display()
+        ),
+        ..Options::default()
+    })
+    .await;
+    // The looping sizer is stopped; the configured pool size is used instead.
+    s.environment(6, 2, json!({})).await;
+    let runner = s.claim(6, 0).await;
+    // The preprocessor that allocates without end is stopped; the request is refused, not lost.
+    let (status, err) = status_and_json(
+        s.http
+            .post(s.url(&format!("/runners/{runner}/execute")))
+            .json(&json!({"command": "true"}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 400, "{err}");
+    assert!(err["message"].is_string());
+    assert_eq!(
+        s.http.get(s.url("/health")).send().await.unwrap().status(),
+        204
+    );
+    let plugins: Value = s
+        .http
+        .get(s.url("/plugins"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    for p in plugins.as_array().unwrap() {
+        assert!(p["failures"].as_u64().unwrap() > 0, "{p}");
+        assert!(p["lastError"].is_string(), "{p}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
