@@ -181,10 +181,25 @@ impl Runner {
             privileged: request.privileged,
             tty: true,
         };
+        // The time limit counts from the connection, so a backend slow to start uses it up too.
+        let deadline = request
+            .time_limit
+            .and_then(|limit| tokio::time::Instant::now().checked_add(limit));
+        let time_limit = async move {
+            match deadline {
+                Some(deadline) => tokio::time::sleep_until(deadline).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(time_limit);
         let started = tokio::select! {
             r = self.backend.execute(&exec) => r,
             _ = self.destroyed.cancelled() => {
                 let _ = events.send(self.final_event()).await;
+                return;
+            }
+            _ = &mut time_limit => {
+                let _ = events.send(ExecEvent::Timeout).await;
                 return;
             }
             _ = client_gone.cancelled() => return,
@@ -202,15 +217,9 @@ impl Runner {
         let kill = process.kill.clone();
         let _kill_on_exit = kill.clone().drop_guard();
         tokio::spawn(forward_input(stdin, process.stdin.clone(), kill.clone()));
-        let time_limit = async {
-            match request.time_limit {
-                Some(limit) => tokio::time::sleep(limit).await,
-                None => std::future::pending().await,
-            }
-        };
         let last = tokio::select! {
             last = forward_output(process.events, &events) => last,
-            _ = time_limit => Some(ExecEvent::Timeout),
+            _ = &mut time_limit => Some(ExecEvent::Timeout),
             _ = self.destroyed.cancelled() => Some(self.final_event()),
             _ = restarted.cancelled() => Some(ExecEvent::Error(GENERIC_EXECUTION_ERROR.to_string())),
             _ = client_gone.cancelled() => None,
