@@ -133,6 +133,26 @@ pub enum DirectError {
     Output(&'static str),
 }
 
+/// bubblewrap arguments showing the host's system directories read-only (links stay links).
+fn system_binds() -> Vec<std::ffi::OsString> {
+    let mut args = Vec::new();
+    for dir in [
+        "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/opt",
+    ] {
+        let path = Path::new(dir);
+        match std::fs::symlink_metadata(path) {
+            Ok(m) if m.file_type().is_symlink() => {
+                if let Ok(target) = std::fs::read_link(path) {
+                    args.extend(["--symlink".into(), target.into_os_string(), path.into()]);
+                }
+            }
+            Ok(m) if m.is_dir() => args.extend(["--ro-bind".into(), path.into(), path.into()]),
+            _ => {}
+        }
+    }
+    args
+}
+
 /// Starts the program once in a bwrap sandbox directly, without the gateway.
 pub async fn run_direct(
     bwrap: &Path,
@@ -141,7 +161,11 @@ pub async fn run_direct(
 ) -> Result<Sample, DirectError> {
     let started = Instant::now();
     let mut cmd = tokio::process::Command::new(bwrap);
-    cmd.args(["--unshare-all", "--ro-bind", "/", "/", "--"])
+    // The system directories only, as the gateway's sandboxes see them: binding all of `/` would
+    // also copy every other mount (and fail when one disappears meanwhile).
+    cmd.arg("--unshare-all")
+        .args(system_binds())
+        .arg("--")
         .args(&program.direct)
         .env_clear()
         .env(
