@@ -5,11 +5,19 @@
 # runs every poseidon-loadgen scenario; prints the table; writes target/bench/results.json (and
 # results.md, machine.txt, the servers' logs); stops everything it started.
 #
+# For the `plugins` and `reload` scenarios it builds the example plugins (plugins/build.sh) and starts
+# a third poseidon server whose plugin directory holds jwt_auth.wasm (authenticator, one tenant
+# "bench" with a random HS256 key and the load generator's environments) and submission_guard.wasm
+# (preprocessor with a few limits); the load generator signs its own bearer token with that key.
+# `reload` copies two builds of jwt_auth.wasm (the second with an extra custom section, so its
+# content differs) over the watched file in turn, every second.
+#
 # Extra arguments go to poseidon-loadgen, e.g.
 #   scripts/bench.sh --plugin-url http://127.0.0.1:PORT --plugin-file F --plugin-source S
 #   scripts/bench.sh --concurrency 1,8 --execute-count 50 --idle-runners 200   # a shorter run
 # BENCH_NOMAD=0 skips starting the emulator (the nomad scenario then says it is skipped, unless
-# --nomad-url is given). POSEIDON_BENCH_LOG_LEVEL sets the servers' log level (default info).
+# --nomad-url is given). BENCH_PLUGINS=0 skips building the plugins and starting their server (the
+# plugins and reload scenarios then say they are skipped, unless --plugin-url is given). POSEIDON_BENCH_LOG_LEVEL sets the servers' log level (default info).
 # POSEIDON_BENCH_SERVER=PATH runs that poseidon binary instead of the fresh release build (to compare
 # two builds with the same load generator). BENCH_OUT=DIR writes the results there instead.
 set -euo pipefail
@@ -29,12 +37,23 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 
 start_nomad=${BENCH_NOMAD:-1}
+start_plugins=${BENCH_PLUGINS:-1}
+env_base=9100
+prev=
 for arg in "$@"; do
   [ "$arg" = "--nomad-url" ] && start_nomad=0
+  [ "$arg" = "--plugin-url" ] && start_plugins=0
+  [ "$prev" = "--env-base" ] && env_base=$arg
+  case "$arg" in --env-base=*) env_base=${arg#*=} ;; esac
+  prev=$arg
 done
 
 cargo build --release -p poseidon --bin poseidon -p poseidon-loadgen --bin poseidon-loadgen \
   -p nomad-emulator --bin nomad-emulator
+if [ "$start_plugins" = 1 ]; then
+  plugins/build.sh -p jwt-auth -p submission-guard >/dev/null
+fi
+wasm_dir=plugins/target/wasm32-wasip2/release
 
 server_bin=${POSEIDON_BENCH_SERVER:-./target/release/poseidon}
 out=${BENCH_OUT:-target/bench}
@@ -70,7 +89,7 @@ cleanup() {
   for dir in "$work"/*/state/runners/*; do
     [ -e "$dir" ] && umount -l "$dir" 2>/dev/null || true
   done
-  for name in local nomad emulator; do
+  for name in local nomad emulator plugins; do
     cp "$work/$name/server.log" "$out/$name.log" 2>/dev/null || true
   done
   rm -rf "$work"
@@ -157,6 +176,33 @@ if [ "$start_nomad" = 1 ]; then
   nomad_args=(--nomad-url "$server_url")
 fi
 
+plugin_args=()
+if [ "$start_plugins" = 1 ]; then
+  plugin_dir="$work/plugins/plugins"
+  mkdir -p "$plugin_dir"
+  cp "$wasm_dir/jwt_auth.wasm" "$wasm_dir/submission_guard.wasm" "$plugin_dir/"
+  # The second build for `reload`: the same component plus a custom section (id 0, 7 bytes: name
+  # "bench", payload "b"), so its digest differs and every swap is a real recompile and swap.
+  cp "$wasm_dir/jwt_auth.wasm" "$work/plugins/jwt_auth-a.wasm"
+  cp "$wasm_dir/jwt_auth.wasm" "$work/plugins/jwt_auth-b.wasm"
+  printf '\x00\x07\x05benchb' >>"$work/plugins/jwt_auth-b.wasm"
+  jwt_key="bench-key-$(od -An -N16 -tx8 /dev/urandom | tr -d ' ')"
+  environments=$(seq -s, $((env_base + 1)) $((env_base + 5)))
+  start_server plugins 4200000 "plugins:
+  directory: $plugin_dir
+  entries:
+    - file: jwt_auth.wasm
+      kind: authenticator
+      config: { key.bench: \"$jwt_key\", environments.bench: \"$environments\" }
+    - file: submission_guard.wasm
+      failOpen: false
+      config: { maxFiles: 50, maxFileBytes: 1048576, maxTotalBytes: 4194304, forbiddenPaths: \"**/*.so\", maxTimeLimit: 60, denyPrivileged: true }"
+  plugins_url=$server_url
+  plugin_args=(--plugin-url "$plugins_url" --plugin-jwt-key "$jwt_key"
+    --plugin-file "$plugin_dir/jwt_auth.wasm"
+    --plugin-source "$work/plugins/jwt_auth-b.wasm,$work/plugins/jwt_auth-a.wasm")
+fi
+
 {
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
   echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
@@ -171,5 +217,11 @@ fi
 } | tee "$out/machine.txt"
 
 ./target/release/poseidon-loadgen --url "$local_url" --token "$token" --server-pid "$local_pid" \
-  "${nomad_args[@]}" --json "$out/results.json" "$@" | tee "$out/results.md"
+  "${nomad_args[@]}" "${plugin_args[@]}" --json "$out/results.json" "$@" | tee "$out/results.md"
+if [ "$start_plugins" = 1 ]; then
+  # The plugin host's view after the run, and how often it loaded the watched file.
+  curl -s -H "Poseidon-Token: $token" "$plugins_url/api/v1/plugins" >"$out/plugins.json" || true
+  echo "plugin loads logged by the plugin server: $(grep -c 'plugin loaded' "$work/plugins/server.log" || true)" \
+    | tee -a "$out/results.md"
+fi
 echo "results: $out/results.json, $out/results.md, $out/machine.txt"

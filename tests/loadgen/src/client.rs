@@ -67,6 +67,8 @@ pub struct Client {
     http: reqwest::Client,
     base: String,
     token: String,
+    /// `Authorization: Bearer …` for a server with an authenticator plugin.
+    bearer: Option<String>,
 }
 
 /// What an execution's WebSocket delivered.
@@ -109,6 +111,41 @@ impl Client {
             http,
             base: base.trim_end_matches('/').to_string(),
             token: token.to_string(),
+            bearer: None,
+        })
+    }
+
+    /// The same server, with `Authorization: Bearer {bearer}` on every request and WebSocket
+    /// (for an authenticator plugin such as `jwt_auth`).
+    pub fn with_bearer(base: &str, token: &str, bearer: &str) -> Result<Self, ClientError> {
+        let authorization: reqwest::header::HeaderValue = format!("Bearer {bearer}")
+            .parse()
+            .map_err(|_| ClientError::Invalid {
+                what: "bearer token",
+                detail: "not a valid header value".into(),
+            })?;
+        let mut headers = reqwest::header::HeaderMap::new();
+        if !token.is_empty() {
+            let value = token.parse().map_err(|_| ClientError::Invalid {
+                what: "token",
+                detail: "not a valid header value".into(),
+            })?;
+            headers.insert("Poseidon-Token", value);
+        }
+        headers.insert(reqwest::header::AUTHORIZATION, authorization);
+        let http = reqwest::Client::builder()
+            .default_headers(headers)
+            .timeout(REQUEST_TIMEOUT)
+            .build()
+            .map_err(|source| ClientError::Http {
+                what: "building the HTTP client",
+                source,
+            })?;
+        Ok(Self {
+            http,
+            base: base.trim_end_matches('/').to_string(),
+            token: token.to_string(),
+            bearer: Some(bearer.to_string()),
         })
     }
 
@@ -319,6 +356,15 @@ impl Client {
                 detail: "not a valid header value".into(),
             })?;
             request.headers_mut().insert("Poseidon-Token", value);
+        }
+        if let Some(bearer) = &self.bearer {
+            let value = format!("Bearer {bearer}")
+                .parse()
+                .map_err(|_| ClientError::Invalid {
+                    what: "bearer token",
+                    detail: "not a valid header value".into(),
+                })?;
+            request.headers_mut().insert("Authorization", value);
         }
         let (mut stream, _) =
             tokio::time::timeout(REQUEST_TIMEOUT, tokio_tungstenite::connect_async(request))

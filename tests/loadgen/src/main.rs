@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 mod client;
+mod jwt;
 mod load;
 mod machine;
 mod memory;
@@ -112,12 +113,23 @@ struct Args {
     /// Token of the plugin server (default: `--token`).
     #[arg(long)]
     plugin_token: Option<String>,
+    /// `Authorization: Bearer` token for the plugin server (its authenticator plugin).
+    #[arg(long, conflicts_with = "plugin_jwt_key")]
+    plugin_bearer: Option<String>,
+    /// HS256 key of `--plugin-jwt-tenant` in the plugin server's `jwt_auth` authenticator: the
+    /// generator signs its own bearer token (claims `iss` = tenant, `exp` = now + 1 day).
+    #[arg(long)]
+    plugin_jwt_key: Option<String>,
+    /// Tenant (`iss` claim) of the signed token.
+    #[arg(long, default_value = "bench")]
+    plugin_jwt_tenant: String,
     /// The plugin file the server watches, replaced every second by `reload`.
     #[arg(long)]
     plugin_file: Option<PathBuf>,
-    /// What is copied over `--plugin-file`.
-    #[arg(long)]
-    plugin_source: Option<PathBuf>,
+    /// What is copied over `--plugin-file`; with several (comma-separated), each swap copies the
+    /// next, so every swap changes the file's content (the host reloads only changed content).
+    #[arg(long, value_delimiter = ',')]
+    plugin_source: Vec<PathBuf>,
     /// Duration of the reload scenario, seconds.
     #[arg(long, default_value_t = 10)]
     reload_seconds: u64,
@@ -495,6 +507,23 @@ fn other_client(url: &str, token: &str) -> Result<Client, ClientError> {
     Client::new(url, token)
 }
 
+/// A client for the plugin server: its token, and the bearer token if one is given or signed.
+fn plugin_client(args: &Args, url: &str, token: &str) -> Result<Client, ClientError> {
+    let bearer = match (&args.plugin_bearer, &args.plugin_jwt_key) {
+        (Some(bearer), _) => Some(bearer.clone()),
+        (None, Some(key)) => Some(jwt::hs256(
+            &args.plugin_jwt_tenant,
+            key.as_bytes(),
+            24 * 3600,
+        )),
+        (None, None) => None,
+    };
+    match bearer {
+        Some(bearer) => Client::with_bearer(url, token, &bearer),
+        None => Client::new(url, token),
+    }
+}
+
 async fn plugins(run: &mut Run, main: &Client, levels: &[usize]) {
     let Some(url) = run.args.plugin_url.clone() else {
         run.skip(
@@ -509,7 +538,7 @@ async fn plugins(run: &mut Run, main: &Client, levels: &[usize]) {
         .plugin_token
         .clone()
         .unwrap_or_else(|| run.args.token.clone());
-    let plugged = match other_client(&url, &token) {
+    let plugged = match plugin_client(&run.args, &url, &token) {
         Ok(c) => c,
         Err(e) => return run.skip("plugins", format!("failed: {e}")),
     };
@@ -573,6 +602,8 @@ async fn plugins(run: &mut Run, main: &Client, levels: &[usize]) {
                     with,
                     added_p50_ms: with.p50_ms - base.p50_ms,
                     added_p99_ms: with.p99_ms - base.p99_ms,
+                    ratio_p50: with.p50_ms / base.p50_ms.max(1e-6),
+                    ratio_p99: with.p99_ms / base.p99_ms.max(1e-6),
                 });
             }
         }
@@ -584,16 +615,19 @@ async fn plugins(run: &mut Run, main: &Client, levels: &[usize]) {
 }
 
 async fn reload(run: &mut Run) {
-    let (Some(file), Some(source)) = (run.args.plugin_file.clone(), run.args.plugin_source.clone())
-    else {
+    let (Some(file), false) = (
+        run.args.plugin_file.clone(),
+        run.args.plugin_source.is_empty(),
+    ) else {
         run.skip(
             "reload",
             "no --plugin-file and --plugin-source given (the plugin file a server watches, and what to copy over it)",
         );
         return;
     };
-    if !source.is_file() {
-        return run.skip("reload", format!("{} is not a file", source.display()));
+    let sources = run.args.plugin_source.clone();
+    if let Some(missing) = sources.iter().find(|s| !s.is_file()) {
+        return run.skip("reload", format!("{} is not a file", missing.display()));
     }
     let (url, token) = match &run.args.plugin_url {
         Some(url) => (
@@ -606,7 +640,11 @@ async fn reload(run: &mut Run) {
         None => (run.args.url.clone(), run.args.token.clone()),
     };
     eprintln!("reload (against {url})");
-    let client = match other_client(&url, &token) {
+    let client = match run.args.plugin_url.is_some() {
+        true => plugin_client(&run.args, &url, &token),
+        false => other_client(&url, &token),
+    };
+    let client = match client {
         Ok(c) => c,
         Err(e) => return run.skip("reload", format!("failed: {e}")),
     };
@@ -616,7 +654,7 @@ async fn reload(run: &mut Run) {
         &run.settings,
         environment,
         &file,
-        &source,
+        &sources,
         run.args.reload_concurrency,
         run.args.reload_seconds,
     )

@@ -126,6 +126,10 @@ pub struct Comparison {
     pub added_p50_ms: f64,
     /// `with.p99 - base.p99`, ms.
     pub added_p99_ms: f64,
+    /// `with.p50 / base.p50`.
+    pub ratio_p50: f64,
+    /// `with.p99 / base.p99`.
+    pub ratio_p99: f64,
 }
 
 /// One resident-memory reading of the server.
@@ -330,13 +334,13 @@ impl Report {
         if !self.comparisons.is_empty() {
             let _ = writeln!(
                 out,
-                "\n| comparison | operation | conc | base p50 | with p50 | added p50 ms | base p99 | with p99 | added p99 ms |"
+                "\n| comparison | operation | conc | base p50 | with p50 | added p50 ms | base p99 | with p99 | added p99 ms | ratio p50 / p99 |"
             );
-            let _ = writeln!(out, "|---|---|--:|--:|--:|--:|--:|--:|--:|");
+            let _ = writeln!(out, "|---|---|--:|--:|--:|--:|--:|--:|--:|---|");
             for c in &self.comparisons {
                 let _ = writeln!(
                     out,
-                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.2}× / {:.2}× |",
                     c.scenario,
                     c.operation,
                     c.concurrency,
@@ -345,7 +349,9 @@ impl Report {
                     f(c.added_p50_ms),
                     f(c.base.p99_ms),
                     f(c.with.p99_ms),
-                    f(c.added_p99_ms)
+                    f(c.added_p99_ms),
+                    c.ratio_p50,
+                    c.ratio_p99
                 );
             }
         }

@@ -481,14 +481,14 @@ pub async fn execute(
 /// How long after a plugin swap a request still counts as "during the swap".
 pub const SWAP_WINDOW: Duration = Duration::from_millis(250);
 
-/// The claim scenario while `source` is copied over `file` every second.
+/// The claim scenario while `sources` are copied over `file` every second, in turn.
 #[allow(clippy::too_many_arguments)]
 pub async fn reload(
     client: &Client,
     settings: &Settings,
     environment: u64,
     file: &Path,
-    source: &Path,
+    sources: &[PathBuf],
     concurrency: usize,
     seconds: u64,
 ) -> Result<Row, ClientError> {
@@ -509,15 +509,16 @@ pub async fn reload(
             Arc::clone(&swaps),
             Arc::clone(&swap_errors),
         );
-        let (file, source) = (file.to_path_buf(), source.to_path_buf());
+        let (file, sources) = (file.to_path_buf(), sources.to_vec());
         tokio::spawn(async move {
-            loop {
+            for next in 0.. {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 if stop.load(Ordering::SeqCst) {
                     break;
                 }
                 let at = start.elapsed();
-                match tokio::fs::copy(&source, &file).await {
+                let source = &sources[next % sources.len()];
+                match tokio::fs::copy(source, &file).await {
                     Ok(_) => swaps.lock().unwrap().push(at),
                     Err(e) => swap_errors.lock().unwrap().push(e.to_string()),
                 }

@@ -2,8 +2,10 @@
 //! `tests/support/mod.rs`), runs every scenario with a handful of requests and checks that figures
 //! are produced. It never asserts how fast anything is.
 //!
-//! The plain server stands in for the plugin and the Nomad server here: the test checks the load
-//! generator's mechanics, not those servers.
+//! The plain server stands in for the Nomad server here: the test checks the load generator's
+//! mechanics, not that server. For the plugin server it starts a second server with the example
+//! plugins `jwt_auth` (authenticator) and `submission_guard` (preprocessor) when
+//! `plugins/build.sh` has built them; otherwise the plain server stands in for it too.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -13,6 +15,12 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 const TOKEN: &str = "loadgen-smoke-token";
+const JWT_KEY: &str = "loadgen-smoke-jwt-key";
+
+/// The example plugins' build directory (`plugins/build.sh`).
+fn wasm_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../plugins/target/wasm32-wasip2/release")
+}
 
 /// The `poseidon` binary: `POSEIDON_BIN`, else the workspace's debug build (built if missing).
 fn poseidon_binary() -> PathBuf {
@@ -46,6 +54,12 @@ struct Server {
 
 impl Server {
     fn start() -> Self {
+        Self::start_with(false)
+    }
+
+    /// With `plugins`: `jwt_auth.wasm` and `submission_guard.wasm` from [`wasm_dir`] in
+    /// `STATE/plugins`, the authenticator's tenant `bench` with [`JWT_KEY`].
+    fn start_with(plugins: bool) -> Self {
         let id = format!(
             "{}-{}",
             std::process::id(),
@@ -58,16 +72,25 @@ impl Server {
         let state = std::env::temp_dir().join(format!("poseidon-loadgen-smoke-{id}"));
         std::fs::create_dir_all(&state).unwrap();
         let cgroup = format!("poseidon-loadgen-smoke-{id}");
-        let uid_base = 3_000_000 + (std::process::id() % 1000) * 1_000;
+        let uid_base =
+            3_000_000 + (std::process::id() % 1000) * 2_000 + if plugins { 1_000 } else { 0 };
         let config = state.join("configuration.yaml");
-        std::fs::write(
-            &config,
-            format!(
-                "server:\n  address: 127.0.0.1\n  port: 0\n  token: {TOKEN}\nlogger:\n  level: info\nlocal:\n  statedir: {}\n  cgroupparent: {cgroup}\n  uidbase: {uid_base}\n  uidcount: 1000\n",
-                state.join("state").display()
-            ),
-        )
-        .unwrap();
+        let mut yaml = format!(
+            "server:\n  address: 127.0.0.1\n  port: 0\n  token: {TOKEN}\nlogger:\n  level: info\nlocal:\n  statedir: {}\n  cgroupparent: {cgroup}\n  uidbase: {uid_base}\n  uidcount: 1000\n",
+            state.join("state").display()
+        );
+        if plugins {
+            let dir = state.join("plugins");
+            std::fs::create_dir_all(&dir).unwrap();
+            for file in ["jwt_auth.wasm", "submission_guard.wasm"] {
+                std::fs::copy(wasm_dir().join(file), dir.join(file)).unwrap();
+            }
+            yaml.push_str(&format!(
+                "plugins:\n  directory: {}\n  entries:\n    - file: jwt_auth.wasm\n      kind: authenticator\n      config: {{ key.bench: \"{JWT_KEY}\", environments.bench: \"9101,9102,9103,9104,9105\" }}\n    - file: submission_guard.wasm\n      config: {{ maxFiles: 50, forbiddenPaths: \"**/*.so\", maxTimeLimit: 60 }}\n",
+                dir.display()
+            ));
+        }
+        std::fs::write(&config, yaml).unwrap();
         let log = std::fs::File::create(state.join("server.log")).unwrap();
         let mut child = Command::new(poseidon_binary())
             .arg("--config")
@@ -171,11 +194,37 @@ fn every_scenario_produces_figures() {
     let dir = server.state.join("loadgen");
     std::fs::create_dir_all(&dir).unwrap();
     let json = dir.join("results.json");
-    let plugin_file = dir.join("plugin.wasm");
-    let plugin_source = dir.join("plugin-source.wasm");
-    std::fs::write(&plugin_source, b"not really a component").unwrap();
+    // The plugin server: the example plugins if built, else the plain server again.
+    let built = wasm_dir().join("jwt_auth.wasm").is_file()
+        && wasm_dir().join("submission_guard.wasm").is_file();
+    let plugged = built.then(|| Server::start_with(true));
+    let (plugin_url, plugin_file, plugin_sources) = match &plugged {
+        Some(p) => {
+            // Two builds with different content: the second has an extra custom section.
+            let a = dir.join("jwt_auth-a.wasm");
+            let b = dir.join("jwt_auth-b.wasm");
+            std::fs::copy(wasm_dir().join("jwt_auth.wasm"), &a).unwrap();
+            let mut bytes = std::fs::read(&a).unwrap();
+            bytes.extend_from_slice(b"\x00\x07\x05benchb");
+            std::fs::write(&b, bytes).unwrap();
+            (
+                p.url.clone(),
+                p.state.join("plugins/jwt_auth.wasm"),
+                format!("{},{}", b.display(), a.display()),
+            )
+        }
+        None => {
+            let source = dir.join("plugin-source.wasm");
+            std::fs::write(&source, b"not really a component").unwrap();
+            (
+                server.url.clone(),
+                dir.join("plugin.wasm"),
+                source.display().to_string(),
+            )
+        }
+    };
     let pid = server.child.id().to_string();
-    let (table, _) = loadgen(&[
+    let mut args = vec![
         "--url",
         &server.url,
         "--token",
@@ -197,11 +246,11 @@ fn every_scenario_produces_figures() {
         "--leak-executions",
         "3",
         "--plugin-url",
-        &server.url,
+        &plugin_url,
         "--plugin-file",
         plugin_file.to_str().unwrap(),
         "--plugin-source",
-        plugin_source.to_str().unwrap(),
+        &plugin_sources,
         "--reload-seconds",
         "2",
         "--reload-concurrency",
@@ -210,7 +259,11 @@ fn every_scenario_produces_figures() {
         &server.url,
         "--json",
         json.to_str().unwrap(),
-    ]);
+    ];
+    if plugged.is_some() {
+        args.extend(["--plugin-jwt-key", JWT_KEY]);
+    }
+    let (table, _) = loadgen(&args);
     let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
 
     for scenario in ["baseline", "claim", "execute", "plugins", "reload", "nomad"] {
@@ -242,10 +295,10 @@ fn every_scenario_produces_figures() {
     // The reload scenario swapped the file.
     let reload = rows(&report, "reload")[0];
     assert!(reload["extra"]["swaps"].as_u64().unwrap() >= 1, "{reload}");
-    assert_eq!(
-        std::fs::read(&plugin_file).unwrap(),
-        std::fs::read(&plugin_source).unwrap()
-    );
+    let swapped_in = std::fs::read(&plugin_file).unwrap();
+    assert!(plugin_sources
+        .split(',')
+        .any(|source| std::fs::read(source).unwrap() == swapped_in));
     // Memory readings: idle, after executions, with idle runners.
     let memory = &report["memory"];
     assert!(
