@@ -183,14 +183,8 @@ async fn environments_can_be_created_read_replaced_and_deleted(backend: Backend)
     );
     s.wait_idle(7, 2).await;
     let stats: Value = s
-        .http
-        .get(s.url("/statistics/execution-environments"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .get_json(s.url("/statistics/execution-environments"))
+        .await;
     assert_eq!(stats["7"]["prewarmingPoolSize"], 2);
     assert_eq!(stats["7"]["usedRunners"], 0);
     assert_eq!(s.http.delete(&url).send().await.unwrap().status(), 204);
@@ -429,14 +423,8 @@ async fn runners_are_claimed_from_the_pool_and_destroyed(backend: Backend) {
     // The pool is refilled in the background.
     s.wait_idle(4, 2).await;
     let stats: Value = s
-        .http
-        .get(s.url("/statistics/execution-environments"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .get_json(s.url("/statistics/execution-environments"))
+        .await;
     assert_eq!(stats["4"]["usedRunners"], 1);
     assert_eq!(
         s.http
@@ -797,14 +785,8 @@ async fn the_inactivity_timeout_destroys_idle_runners_but_not_running_ones(backe
     // Polling the statistics is no activity of the runners.
     eventually("both runners expired", 15, || async {
         let stats: Value = s
-            .http
-            .get(s.url("/statistics/execution-environments"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+            .get_json(s.url("/statistics/execution-environments"))
+            .await;
         stats["1"]["usedRunners"] == 0
     })
     .await;
@@ -858,15 +840,7 @@ async fn environments_survive_a_restart_and_claimed_runners_are_cleaned_up() {
     .await;
     s.kill_and_restart().await;
     drop(ws);
-    let env: Value = s
-        .http
-        .get(s.url("/execution-environments/5"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let env: Value = s.get_json(s.url("/execution-environments/5")).await;
     assert_eq!(env["memoryLimit"], 256);
     s.wait_idle(5, 2).await;
     assert_eq!(

@@ -52,14 +52,8 @@ async fn fault(s: &Server, path: &str) {
 
 async fn stats(s: &Server, env: u64) -> Value {
     let v: Value = s
-        .http
-        .get(s.url("/statistics/execution-environments"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .get_json(s.url("/statistics/execution-environments"))
+        .await;
     v[env.to_string()].clone()
 }
 
@@ -281,15 +275,7 @@ async fn fetch_deletes_environments_whose_template_job_is_gone() {
         .await
         .unwrap();
     assert_eq!(r.status(), 404);
-    let list: Value = s
-        .http
-        .get(s.url("/execution-environments"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: Value = s.get_json(s.url("/execution-environments")).await;
     let ids: Vec<u64> = list["executionEnvironments"]
         .as_array()
         .unwrap()
@@ -390,15 +376,7 @@ async fn an_administrators_template_job_shapes_every_job() {
         );
         assert_eq!(task["Resources"]["MemoryMaxMB"], 128, "{id}");
     }
-    let env: Value = s
-        .http
-        .get(s.url("/execution-environments/11"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let env: Value = s.get_json(s.url("/execution-environments/11")).await;
     assert_eq!(env["memoryLimit"], 128);
     let runner = s.claim(11, 0).await;
     let out = s.run(&runner, json!({"command": "echo templated"})).await;

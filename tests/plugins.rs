@@ -307,25 +307,11 @@ async fn pool_sizer_sets_the_pool_target() {
     // Environment 9 has no sizer: its configured size holds.
     s.environment(9, 1, json!({})).await;
     let stats: Value = s
-        .http
-        .get(s.url("/statistics/execution-environments"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .get_json(s.url("/statistics/execution-environments"))
+        .await;
     assert_eq!(stats["6"]["prewarmingPoolSize"], 1);
     assert!(stats["6"]["idleRunners"].as_u64().unwrap() >= 3, "{stats}");
-    let plugins: Value = s
-        .http
-        .get(s.url("/plugins"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let plugins: Value = s.get_json(s.url("/plugins")).await;
     assert!(plugins[0]["calls"].as_u64().unwrap() > 0);
     assert_eq!(plugins[0]["failures"], 0);
 }
@@ -429,14 +415,8 @@ async fn a_plugin_is_replaced_while_clients_keep_sending_requests() {
         60,
         || async {
             let stats: Value = s
-                .http
-                .get(s.url("/statistics/execution-environments"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+                .get_json(s.url("/statistics/execution-environments"))
+                .await;
             stats["6"]["idleRunners"].as_u64().unwrap_or(0) >= 7
         },
     )
@@ -452,15 +432,7 @@ async fn a_plugin_is_replaced_while_clients_keep_sending_requests() {
         total += ok;
     }
     assert!(total > 0);
-    let plugins: Value = s
-        .http
-        .get(s.url("/plugins"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let plugins: Value = s.get_json(s.url("/plugins")).await;
     assert_eq!(plugins[0]["failures"], 0, "{plugins}");
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -495,15 +467,7 @@ async fn looping_and_memory_hungry_plugins_are_contained() {
         s.http.get(s.url("/health")).send().await.unwrap().status(),
         204
     );
-    let plugins: Value = s
-        .http
-        .get(s.url("/plugins"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let plugins: Value = s.get_json(s.url("/plugins")).await;
     for p in plugins.as_array().unwrap() {
         assert!(p["failures"].as_u64().unwrap() > 0, "{p}");
         assert!(p["lastError"].is_string(), "{p}");

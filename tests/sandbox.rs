@@ -251,13 +251,7 @@ async fn files_persist_between_executions_and_processes_end_with_the_runner() {
     .await;
     drop(ws);
     let stats: Value = s
-        .http
-        .get(s.url("/statistics/execution-environments"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .get_json(s.url("/statistics/execution-environments"))
+        .await;
     assert_eq!(stats["1"]["usedRunners"], 0);
 }

@@ -217,6 +217,15 @@ impl Server {
         format!("{}/api/v1{path}", self.base)
     }
 
+    /// GETs a URL with the token and decodes the JSON answer.
+    pub async fn get_json(&self, url: String) -> Value {
+        let response = self.http.get(&url).send().await.unwrap();
+        let status = response.status();
+        let text = response.text().await.unwrap();
+        serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("GET {url}: {status}, not JSON ({e}): {text}"))
+    }
+
     /// Creates an environment and waits until its pool has `pool` idle runners.
     pub async fn environment(&self, id: u64, pool: u32, body: Value) -> Value {
         let mut env = json!({
