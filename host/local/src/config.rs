@@ -15,7 +15,8 @@ pub struct LocalConfig {
     pub workspacesizemb: u64,
     /// Most processes and threads one runner may have at once.
     pub pidslimit: u64,
-    /// Memory limit in MB for environments whose `memoryLimit` is 0 (0 = none).
+    /// Memory limit in MB for environments whose `memoryLimit` is 0, so that no runner is unbounded
+    /// by default (0 = none; Nomad would apply the template's reservation instead).
     pub defaultmemorylimitmb: u64,
     /// Image name → root filesystem directory; unmapped images use the host's system directories.
     pub images: HashMap<String, PathBuf>,
@@ -38,7 +39,7 @@ impl Default for LocalConfig {
             workdir: "/workspace".to_string(),
             workspacesizemb: 512,
             pidslimit: 512,
-            defaultmemorylimitmb: 0,
+            defaultmemorylimitmb: 1024,
             images: HashMap::new(),
             bwrap: PathBuf::from("bwrap"),
             uidbase: 200_000,
