@@ -621,6 +621,33 @@ async fn files_are_copied_listed_downloaded_and_deleted(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(r.status(), 204);
+    // What CodeOcean sends: `delete: ["./"]` (a no-op, as in Poseidon) with the new files.
+    let r = s
+        .http
+        .patch(&files_url)
+        .json(&json!({"delete": ["./"], "copy": [{"path": "fresh.txt", "content": "ZnJlc2g="}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let r = s
+        .http
+        .get(format!("{files_url}/raw?path=fresh.txt"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.text().await.unwrap(), "fresh");
+    // `./*` clears the working directory.
+    let r = s
+        .http
+        .patch(&files_url)
+        .json(&json!({"delete": ["./*"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let list = s.get_json(format!("{files_url}?recursive=false")).await;
+    assert_eq!(test_files(&list), Vec::<&str>::new(), "{list}");
 }
 
 async fn executions_stream_stdout_and_stderr_apart_and_end_with_the_exit_code(backend: Backend) {
