@@ -10,10 +10,6 @@ use crate::error::ApiError;
 use crate::policy::AuthRequest;
 use crate::AppState;
 
-/// The server's own address of a connection (request extension set by the binary, optional).
-#[derive(Debug, Clone, Copy)]
-pub struct LocalAddr(pub std::net::SocketAddr);
-
 /// Checks the token and runs the authenticator; the principal goes into the request extensions.
 pub(crate) async fn authenticate(
     State(state): State<AppState>,
@@ -103,11 +99,7 @@ fn check_caller(state: &AppState, request: &Request) -> Result<(), ApiError> {
             .extensions()
             .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
             .map(|c| c.0);
-        let local = request
-            .extensions()
-            .get::<LocalAddr>()
-            .map(|l| l.0)
-            .or(state.settings.listen_address);
+        let local = state.settings.listen_address;
         if peer.is_some_and(|p| crate::peer::from_sandbox(p, local, uids)) {
             return Err(ApiError::new(
                 StatusCode::FORBIDDEN,

@@ -21,7 +21,6 @@ use axum::routing::{get, post};
 use axum::Router;
 use poseidon_core::Manager;
 
-pub use auth::LocalAddr;
 pub use error::ApiError;
 pub use policy::{AuthRequest, Denial, NoPolicies, Policies, Principal};
 
