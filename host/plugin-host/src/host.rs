@@ -11,6 +11,27 @@ use tokio::sync::Semaphore;
 use wasmtime::Store;
 
 use crate::bindings::types as wit;
+
+/// The preprocessor interface of a preprocessor plugin instance.
+type PreprocessorGuest =
+    crate::bindings::preprocessor::exports::poseidon::plugins::preprocessor::Guest;
+
+/// The environment a request is for (preprocessors apply per environment).
+trait HasEnvironment {
+    fn environment_id(&self) -> i64;
+}
+
+impl HasEnvironment for ExecuteInput {
+    fn environment_id(&self) -> i64 {
+        self.environment_id
+    }
+}
+
+impl HasEnvironment for FilesInput {
+    fn environment_id(&self) -> i64 {
+        self.environment_id
+    }
+}
 use crate::config::{Limits, PluginEntry, PluginKind, PluginsConfig};
 use crate::error::{CallError, PluginError};
 use crate::loader::{self, LoadedPlugin, PluginPre};
@@ -271,69 +292,36 @@ impl PluginHost {
         let Some(inner) = &self.inner else {
             return Ok(req);
         };
-        let mut req = req;
-        for slot in inner.preprocessors(req.environment_id) {
-            let request = wit::ExecuteRequest {
-                command: req.command.clone(),
-                env: req.env.clone(),
-                time_limit: req.time_limit,
-                privileged: req.privileged,
-                environment_id: req.environment_id,
-                principal: req.principal.clone(),
-            };
-            let result = inner
-                .call(&slot, move |store, pre| match pre {
-                    PluginPre::Preprocessor(pre) => {
-                        let instance =
-                            pre.instantiate(&mut *store).map_err(Failure::Instantiate)?;
-                        instance
-                            .poseidon_plugins_preprocessor()
-                            .call_preprocess_execute(&mut *store, &request)
-                            .map_err(Failure::Call)
-                            .map(Ok)
-                    }
-                    _ => Ok(Err("the loaded file is not a preprocessor".to_string())),
-                })
-                .await;
-            match result {
-                Ok(Ok(out)) => {
+        inner
+            .preprocess(
+                req,
+                |req| wit::ExecuteRequest {
+                    command: req.command.clone(),
+                    env: req.env.clone(),
+                    time_limit: req.time_limit,
+                    privileged: req.privileged,
+                    environment_id: req.environment_id,
+                    principal: req.principal.clone(),
+                },
+                |guest, store, request| guest.call_preprocess_execute(store, request),
+                |req, out| {
                     if out.environment_id != req.environment_id || out.principal != req.principal {
-                        inner.record_failure(
-                            &slot,
-                            CallError::BadAnswer(
-                                "a preprocessor may not change environment-id or principal".into(),
-                            ),
-                        );
-                        inner.fail_preprocessor(&slot, "changed environment-id or principal")?;
-                        continue;
+                        return Err("changed environment-id or principal");
                     }
                     if out.time_limit < 0 {
-                        inner.record_failure(
-                            &slot,
-                            CallError::BadAnswer("negative time-limit".into()),
-                        );
-                        inner.fail_preprocessor(&slot, "answered a negative time limit")?;
-                        continue;
+                        return Err("answered a negative time limit");
                     }
-                    req = ExecuteInput {
+                    Ok(ExecuteInput {
                         command: out.command,
                         env: out.env,
                         time_limit: out.time_limit,
                         privileged: out.privileged,
                         environment_id: req.environment_id,
-                        principal: req.principal,
-                    };
-                }
-                Ok(Err(message)) => {
-                    return Err(Rejection {
-                        plugin: slot.name.clone(),
-                        message,
+                        principal: req.principal.clone(),
                     })
-                }
-                Err(e) => inner.fail_preprocessor(&slot, &e.to_string())?,
-            }
-        }
-        Ok(req)
+                },
+            )
+            .await
     }
 
     /// Runs a file update through the preprocessors that apply to its environment, in
@@ -342,48 +330,28 @@ impl PluginHost {
         let Some(inner) = &self.inner else {
             return Ok(req);
         };
-        let mut req = req;
-        for slot in inner.preprocessors(req.environment_id) {
-            let update = wit::FileUpdate {
-                copy: req
-                    .copy
-                    .iter()
-                    .map(|f| wit::File {
-                        path: f.path.clone(),
-                        content: f.content.clone(),
-                    })
-                    .collect(),
-                delete: req.delete.clone(),
-                environment_id: req.environment_id,
-                principal: req.principal.clone(),
-            };
-            let result = inner
-                .call(&slot, move |store, pre| match pre {
-                    PluginPre::Preprocessor(pre) => {
-                        let instance =
-                            pre.instantiate(&mut *store).map_err(Failure::Instantiate)?;
-                        instance
-                            .poseidon_plugins_preprocessor()
-                            .call_preprocess_files(&mut *store, &update)
-                            .map_err(Failure::Call)
-                            .map(Ok)
-                    }
-                    _ => Ok(Err("the loaded file is not a preprocessor".to_string())),
-                })
-                .await;
-            match result {
-                Ok(Ok(out)) => {
+        inner
+            .preprocess(
+                req,
+                |req| wit::FileUpdate {
+                    copy: req
+                        .copy
+                        .iter()
+                        .map(|f| wit::File {
+                            path: f.path.clone(),
+                            content: f.content.clone(),
+                        })
+                        .collect(),
+                    delete: req.delete.clone(),
+                    environment_id: req.environment_id,
+                    principal: req.principal.clone(),
+                },
+                |guest, store, update| guest.call_preprocess_files(store, update),
+                |req, out| {
                     if out.environment_id != req.environment_id || out.principal != req.principal {
-                        inner.record_failure(
-                            &slot,
-                            CallError::BadAnswer(
-                                "a preprocessor may not change environment-id or principal".into(),
-                            ),
-                        );
-                        inner.fail_preprocessor(&slot, "changed environment-id or principal")?;
-                        continue;
+                        return Err("changed environment-id or principal");
                     }
-                    req = FilesInput {
+                    Ok(FilesInput {
                         copy: out
                             .copy
                             .into_iter()
@@ -394,19 +362,11 @@ impl PluginHost {
                             .collect(),
                         delete: out.delete,
                         environment_id: req.environment_id,
-                        principal: req.principal,
-                    };
-                }
-                Ok(Err(message)) => {
-                    return Err(Rejection {
-                        plugin: slot.name.clone(),
-                        message,
+                        principal: req.principal.clone(),
                     })
-                }
-                Err(e) => inner.fail_preprocessor(&slot, &e.to_string())?,
-            }
-        }
-        Ok(req)
+                },
+            )
+            .await
     }
 
     /// Whether an authenticator is configured (loaded or not). If so, the server must
@@ -529,6 +489,57 @@ impl Inner {
     }
 
     /// After a failed preprocessor call: `Ok` to go on (fail open), `Err` to reject.
+    /// The chain both preprocessor hooks share: every preprocessor that applies, in configuration
+    /// order, sees the request as the previous one left it. A rejection ends the chain (HTTP 400);
+    /// a failed call or an answer `accept` refuses follows the plugin's `failOpen`.
+    async fn preprocess<T, W>(
+        &self,
+        mut req: T,
+        to_wit: impl Fn(&T) -> W,
+        invoke: impl Fn(&PreprocessorGuest, &mut Store<HostState>, &W) -> wasmtime::Result<Result<W, String>>
+            + Copy
+            + Send
+            + 'static,
+        accept: impl Fn(&T, W) -> Result<T, &'static str>,
+    ) -> Result<T, Rejection>
+    where
+        T: HasEnvironment,
+        W: Send + 'static,
+    {
+        for slot in self.preprocessors(req.environment_id()) {
+            let request = to_wit(&req);
+            let result = self
+                .call(&slot, move |store, pre| match pre {
+                    PluginPre::Preprocessor(pre) => {
+                        let instance =
+                            pre.instantiate(&mut *store).map_err(Failure::Instantiate)?;
+                        invoke(instance.poseidon_plugins_preprocessor(), store, &request)
+                            .map_err(Failure::Call)
+                            .map(Ok)
+                    }
+                    _ => Ok(Err("the loaded file is not a preprocessor".to_string())),
+                })
+                .await;
+            match result {
+                Ok(Ok(out)) => match accept(&req, out) {
+                    Ok(next) => req = next,
+                    Err(why) => {
+                        self.record_failure(&slot, CallError::BadAnswer(why.into()));
+                        self.fail_preprocessor(&slot, why)?;
+                    }
+                },
+                Ok(Err(message)) => {
+                    return Err(Rejection {
+                        plugin: slot.name.clone(),
+                        message,
+                    })
+                }
+                Err(e) => self.fail_preprocessor(&slot, &e.to_string())?,
+            }
+        }
+        Ok(req)
+    }
+
     fn fail_preprocessor(&self, slot: &Slot, why: &str) -> Result<(), Rejection> {
         if slot.entry.fail_open {
             tracing::warn!(plugin = %slot.name, "preprocessor failed ({why}); failOpen: request passes unchanged");
