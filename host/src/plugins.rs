@@ -86,6 +86,10 @@ fn to_i64(id: EnvironmentId) -> i64 {
 
 #[async_trait]
 impl Policies for PluginPolicies {
+    fn authenticates(&self) -> bool {
+        self.host.has_authenticator()
+    }
+
     async fn authenticate(&self, request: &AuthRequest) -> Result<Option<Principal>, Denial> {
         if !self.host.has_authenticator() {
             return Ok(None);

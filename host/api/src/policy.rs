@@ -48,6 +48,12 @@ pub struct AuthRequest {
 /// Policies applied to API requests.
 #[async_trait]
 pub trait Policies: Send + Sync + 'static {
+    /// Whether [`Policies::authenticate`] needs to be asked at all (an authenticator is
+    /// configured); `false` spares every request the copy of its headers.
+    fn authenticates(&self) -> bool {
+        true
+    }
+
     /// `Ok(None)` when no authenticator is configured.
     async fn authenticate(&self, request: &AuthRequest) -> Result<Option<Principal>, Denial>;
 
@@ -78,6 +84,10 @@ pub struct NoPolicies;
 
 #[async_trait]
 impl Policies for NoPolicies {
+    fn authenticates(&self) -> bool {
+        false
+    }
+
     async fn authenticate(&self, _request: &AuthRequest) -> Result<Option<Principal>, Denial> {
         Ok(None)
     }
