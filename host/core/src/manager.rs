@@ -54,6 +54,28 @@ struct Inner {
     changes: tokio::sync::Mutex<()>,
 }
 
+impl Inner {
+    /// The environments now (a snapshot; the lock is not held afterwards).
+    fn environment_list(&self) -> Vec<Arc<Environment>> {
+        self.environments
+            .read()
+            .unwrap()
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Claimed runners of one environment.
+    fn used_in(&self, id: EnvironmentId) -> u32 {
+        self.runners
+            .read()
+            .unwrap()
+            .values()
+            .filter(|r| r.environment() == id)
+            .count() as u32
+    }
+}
+
 impl Manager {
     /// Creates the manager and recovers environments and runners from the backend.
     pub async fn start(
@@ -146,19 +168,7 @@ impl Manager {
     fn spawn_reconciler(&self, env: Arc<Environment>) {
         let weak: Weak<Inner> = Arc::downgrade(&self.inner);
         let id = env.config.id;
-        let used = move || {
-            weak.upgrade()
-                .map(|inner| {
-                    inner
-                        .runners
-                        .read()
-                        .unwrap()
-                        .values()
-                        .filter(|r| r.environment() == id)
-                        .count() as u32
-                })
-                .unwrap_or(0)
-        };
+        let used = move || weak.upgrade().map_or(0, |inner| inner.used_in(id));
         tokio::spawn(reconcile(
             env,
             Arc::clone(&self.inner.backend),
@@ -393,14 +403,7 @@ impl Manager {
                     claimed.mark_destroyed(DestroyReason::Lost(reason));
                     return;
                 }
-                let envs: Vec<_> = self
-                    .inner
-                    .environments
-                    .read()
-                    .unwrap()
-                    .values()
-                    .cloned()
-                    .collect();
+                let envs = self.inner.environment_list();
                 for env in &envs {
                     if env.remove_idle(&runner).is_some() {
                         return;
@@ -431,26 +434,21 @@ impl Manager {
 
     /// Pool figures of every environment, ordered by id.
     pub fn statistics(&self) -> Vec<EnvironmentStatistics> {
-        let envs: Vec<_> = self
+        // One pass over the claimed runners, not one per environment.
+        let mut used: HashMap<EnvironmentId, u32> = HashMap::new();
+        for runner in self.inner.runners.read().unwrap().values() {
+            *used.entry(runner.environment()).or_default() += 1;
+        }
+        let mut stats: Vec<_> = self
             .inner
-            .environments
-            .read()
-            .unwrap()
-            .values()
-            .cloned()
-            .collect();
-        let runners = self.inner.runners.read().unwrap();
-        let mut stats: Vec<_> = envs
+            .environment_list()
             .iter()
             .map(|env| EnvironmentStatistics {
                 id: env.config.id,
                 prewarming_pool_size: env.config.prewarming_pool_size,
                 target: env.target(),
                 idle_runners: env.idle_count() as u32,
-                used_runners: runners
-                    .values()
-                    .filter(|r| r.environment() == env.config.id)
-                    .count() as u32,
+                used_runners: used.get(&env.config.id).copied().unwrap_or(0),
             })
             .collect();
         stats.sort_by_key(|s| s.id);

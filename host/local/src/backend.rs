@@ -233,6 +233,17 @@ impl Backend for LocalBackend {
         id: RunnerId,
     ) -> Result<Arc<dyn RunnerBackend>, BackendError> {
         let shared = Arc::clone(&self.shared);
+        // Checked before anything is created: a missing image must not cost a mount and cgroups.
+        let rootfs = shared.config.images.get(&config.image).cloned();
+        if let Some(root) = &rootfs {
+            if !root.join("bin").exists() && !root.join("usr").exists() {
+                return Err(BackendError::Internal(format!(
+                    "the root filesystem {} of image {} is missing or empty",
+                    root.display(),
+                    config.image
+                )));
+            }
+        }
         let uid = shared
             .uids
             .allocate(shared.config.uidbase, shared.config.uidcount)
@@ -258,19 +269,6 @@ impl Backend for LocalBackend {
             cpu_weight_mhz: (config.cpu_limit > 0).then(|| u64::from(config.cpu_limit)),
         };
         let cgroup = shared.hierarchy.create(id.as_str(), limits, uid);
-        let rootfs = shared.config.images.get(&config.image).cloned();
-        if let Some(root) = &rootfs {
-            if !root.join("bin").exists() && !root.join("usr").exists() {
-                self.shared.remove_runner_dir(&dir, mounted).await;
-                cgroup.kill_and_remove().await;
-                self.shared.uids.release(uid);
-                return Err(BackendError::Internal(format!(
-                    "the root filesystem {} of image {} is missing or empty",
-                    root.display(),
-                    config.image
-                )));
-            }
-        }
         Ok(Arc::new(LocalRunner {
             id,
             dir,
