@@ -6,7 +6,7 @@ mod support;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use support::{eventually, host_processes_with, Backend, Options, Server, Ws};
+use support::{eventually, host_processes_with, status_and_json, Backend, Options, Server, Ws};
 
 /// Runs each named scenario once per backend, with the same assertions.
 macro_rules! on_both_backends {
@@ -63,12 +63,6 @@ fn test_files(list: &Value) -> Vec<&str> {
                 .any(|d| n.starts_with(d))
         })
         .collect()
-}
-
-async fn status_and_json(r: reqwest::Response) -> (u16, Value) {
-    let status = r.status().as_u16();
-    let text = r.text().await.unwrap();
-    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
 }
 
 async fn health_and_version_are_open_everything_else_needs_the_token(backend: Backend) {
@@ -474,15 +468,7 @@ async fn files_are_copied_listed_downloaded_and_deleted(backend: Backend) {
     )
     .await;
     let files_url = s.url(&format!("/runners/{runner}/files"));
-    let list: Value = s
-        .http
-        .get(&files_url)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: Value = s.get_json(&files_url).await;
     let names = test_files(&list);
     assert_eq!(names, vec!["./a.txt", "./dir", "./dir/b.bin", "./empty"]);
     let a = list["files"]
@@ -497,24 +483,10 @@ async fn files_are_copied_listed_downloaded_and_deleted(backend: Backend) {
     assert_eq!(a["permissions"].as_str().unwrap().len(), 9);
     assert!(a["owner"].is_string() && a["group"].is_string());
     let flat: Value = s
-        .http
-        .get(format!("{files_url}?recursive=false&path=dir"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .get_json(format!("{files_url}?recursive=false&path=dir"))
+        .await;
     assert_eq!(flat["files"][0]["name"], "b.bin");
-    let tmp: Value = s
-        .http
-        .get(format!("{files_url}?path=/tmp"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let tmp: Value = s.get_json(format!("{files_url}?path=/tmp")).await;
     assert!(
         tmp["files"]
             .as_array()
@@ -579,15 +551,7 @@ async fn files_are_copied_listed_downloaded_and_deleted(backend: Backend) {
     // Delete, then copy over an existing file.
     let r = s.http.patch(&files_url).json(&json!({"delete": ["dir", "./a.txt"], "copy": [{"path": "out.txt", "content": "bmV3"}]})).send().await.unwrap();
     assert_eq!(r.status(), 204);
-    let list: Value = s
-        .http
-        .get(&files_url)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: Value = s.get_json(&files_url).await;
     let names = test_files(&list);
     assert_eq!(names, vec!["./empty", "./out.txt"]);
     let r = s

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use hmac::{KeyInit, Mac};
 use serde_json::{json, Value};
-use support::{eventually, Options, Server};
+use support::{eventually, status_and_json, Options, Server};
 
 /// A built example plugin.
 fn plugin(name: &str) -> PathBuf {
@@ -51,12 +51,6 @@ async fn server_with_plugins(dir: &Path, entries_yaml: &str) -> Server {
         ..Options::default()
     })
     .await
-}
-
-async fn status_and_json(r: reqwest::Response) -> (u16, Value) {
-    let status = r.status().as_u16();
-    let text = r.text().await.unwrap();
-    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
 }
 
 fn sign(claims: Value, key: &[u8]) -> String {

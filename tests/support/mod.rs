@@ -218,8 +218,9 @@ impl Server {
     }
 
     /// GETs a URL with the token and decodes the JSON answer.
-    pub async fn get_json(&self, url: String) -> Value {
-        let response = self.http.get(&url).send().await.unwrap();
+    pub async fn get_json(&self, url: impl AsRef<str>) -> Value {
+        let url = url.as_ref();
+        let response = self.http.get(url).send().await.unwrap();
         let status = response.status();
         let text = response.text().await.unwrap();
         serde_json::from_str(&text)
@@ -382,6 +383,13 @@ pub fn client() -> reqwest::Client {
         .default_headers(headers)
         .build()
         .unwrap()
+}
+
+/// The status of an answer and its body as JSON (`Null` when it has none).
+pub async fn status_and_json(r: reqwest::Response) -> (u16, Value) {
+    let status = r.status().as_u16();
+    let text = r.text().await.unwrap();
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
 }
 
 /// Messages of a finished execution.
