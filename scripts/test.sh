@@ -7,9 +7,16 @@ need_apt=()
 command -v bwrap >/dev/null 2>&1 || need_apt+=(bubblewrap)
 command -v setsid >/dev/null 2>&1 || need_apt+=(util-linux)
 command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
+command -v pasta >/dev/null 2>&1 || need_apt+=(passt)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "installing: ${need_apt[*]}"
   if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq "${need_apt[@]}"; else sudo apt-get update -qq && sudo apt-get install -y -qq "${need_apt[@]}"; fi
+fi
+# pasta (runners' user-mode network) opens /dev/net/tun as the runner's uid; standard distributions
+# leave it 0666, some containers 0600.
+if [ -c /dev/net/tun ] && [ "$(stat -c %a /dev/net/tun)" != 666 ]; then
+  echo "making /dev/net/tun usable by unprivileged users (mode 0666, as on standard distributions)"
+  chmod 0666 /dev/net/tun
 fi
 if [ -x plugins/build.sh ]; then
   plugins/build.sh

@@ -28,7 +28,7 @@ async fn runners_cannot_see_each_others_files_or_processes() {
     let url = s
         .execute(
             &a,
-            json!({"command": format!("echo up; sleep 1000 # {marker}")}),
+            json!({"command": format!("echo up; sleep 1000; echo {marker}")}),
         )
         .await;
     let mut ws = Ws::connect(&url).await;
@@ -68,7 +68,7 @@ async fn system_directories_are_read_only_even_for_root() {
     let url = s
         .execute(
             &r,
-            json!({"command": format!("sleep 1000 # {marker}"), "privilegedExecution": true}),
+            json!({"command": format!("sleep 1000; echo {marker}"), "privilegedExecution": true}),
         )
         .await;
     let ws = Ws::connect(&url).await;
@@ -141,7 +141,7 @@ async fn executions_see_only_their_own_environment_and_no_inherited_descriptors(
 }
 
 #[tokio::test]
-async fn network_is_off_unless_allowed_and_the_api_still_needs_the_token() {
+async fn network_is_off_unless_allowed_and_never_reaches_host_loopback() {
     let s = Server::start().await;
     s.environment(1, 1, json!({})).await;
     s.environment(2, 1, json!({"networkAccess": true})).await;
@@ -157,10 +157,25 @@ async fn network_is_off_unless_allowed_and_the_api_still_needs_the_token() {
         "offline runner reached the API: {}",
         out.stdout
     );
+    // Network access goes out through a user-mode network: an interface and a default route of
+    // its own, but never the host's loopback services (the gateway itself here).
     let out = s.run(&online, json!({"command": probe})).await;
     assert!(
-        out.stdout.contains("HTTPError 401"),
-        "online runner: {}",
+        out.stdout.contains("URLError"),
+        "online runner reached the host's loopback: {}",
+        out.stdout
+    );
+    let route = "ls /sys/class/net | grep -vx lo | head -1; awk '$2 == \"00000000\" {print \"default via\", $1}' /proc/net/route";
+    let out = s.run(&online, json!({"command": route})).await;
+    assert!(
+        out.stdout.contains("default via"),
+        "online runner has no default route: {}",
+        out.stdout
+    );
+    let out = s.run(&offline, json!({"command": route})).await;
+    assert!(
+        !out.stdout.contains("default via"),
+        "offline runner has a route out: {}",
         out.stdout
     );
 }
@@ -227,7 +242,7 @@ async fn files_persist_between_executions_and_processes_end_with_the_runner() {
     assert_eq!(out.stdout, "1\r\n2\r\n");
     let marker = format!("end-{}", std::process::id());
     let url = s
-        .execute(&r, json!({"command": format!("sleep 1000 # {marker}")}))
+        .execute(&r, json!({"command": format!("sleep 1000; echo {marker}")}))
         .await;
     let ws = Ws::connect(&url).await;
     eventually("the program runs", 10, || async {

@@ -346,10 +346,12 @@ impl Drop for Server {
                 }
             }
         }
-        // Whatever a killed server left: mounts, then files, then cgroups.
+        // Runners outlive the server (for the next process to recover): end their sandboxes,
+        // then remove mounts, files and cgroups.
         let runners = self.state.join("state/runners");
         if let Ok(entries) = std::fs::read_dir(&runners) {
             for e in entries.flatten() {
+                kill_runner(&e.path());
                 let _ = Command::new("umount").arg("-l").arg(e.path()).status();
             }
         }
@@ -364,6 +366,24 @@ impl Drop for Server {
                 }
             }
             let _ = std::fs::remove_dir(&dir);
+        }
+    }
+}
+
+/// Kills the processes a runner directory's `runner.json` names.
+fn kill_runner(dir: &std::path::Path) {
+    let Ok(text) = std::fs::read_to_string(dir.join("runner.json")) else {
+        return;
+    };
+    let Ok(state) = serde_json::from_str::<Value>(&text) else {
+        return;
+    };
+    for key in ["initPid", "init_pid", "monitor_pid", "network_pid"] {
+        if let Some(pid) = state[key].as_u64().filter(|p| *p > 1) {
+            let _ = Command::new("kill")
+                .arg("-KILL")
+                .arg(pid.to_string())
+                .status();
         }
     }
 }
