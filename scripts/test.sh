@@ -27,4 +27,8 @@ if [ -z "${NOMAD_ADDR:-}" ]; then
 else
   echo "NOTE: NOMAD_ADDR=$NOMAD_ADDR: the API tests of the Nomad backend also run against this real Nomad."
 fi
+rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt
+rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy
+cargo fmt --all --check
+cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace --no-fail-fast -- --test-threads="${TEST_THREADS:-4}"
