@@ -81,9 +81,20 @@ impl Sandbox for LocalSandbox {
         if self.is_destroyed() {
             return Err(BackendError::Internal("the runner was destroyed".into()));
         }
-        let stream = tokio::net::UnixStream::connect(self.socket())
+        // A socket path is limited to 108 bytes and the state directory may be deep: connect
+        // through a descriptor of the control directory instead.
+        let unreachable = |e: std::io::Error| {
+            BackendError::Internal(format!("cannot reach the runner's agent: {e}"))
+        };
+        let control = std::fs::File::open(self.dir.join("ctl")).map_err(unreachable)?;
+        let short = format!(
+            "/proc/self/fd/{}/agent.sock",
+            std::os::fd::AsRawFd::as_raw_fd(&control)
+        );
+        let stream = tokio::net::UnixStream::connect(short)
             .await
-            .map_err(|e| BackendError::Internal(format!("cannot reach the runner's agent: {e}")))?;
+            .map_err(unreachable)?;
+        drop(control);
         let (reader, writer) = stream.into_split();
         Ok((Box::pin(reader), Box::pin(writer)))
     }
