@@ -689,7 +689,7 @@ async fn the_time_limit_ends_an_execution_with_timeout(backend: Backend) {
     let out = s
         .run(
             &runner,
-            json!({"command": format!("echo started; sleep 1000; echo {marker}"), "timeLimit": 1}),
+            json!({"command": format!("echo started; sleep 1000; echo {marker}"), "timeLimit": 5}),
         )
         .await;
     assert_eq!(out.last, json!({"type": "timeout"}));

@@ -254,7 +254,8 @@ impl Server {
 
     /// Polls the statistics until the environment has at least `n` idle runners.
     pub async fn wait_idle(&self, id: u64, n: u32) {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        // Generous: the cgroup v2 VM runs the tests under software emulation.
+        let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let stats: Value = self
                 .http
@@ -268,10 +269,19 @@ impl Server {
             if stats[id.to_string()]["idleRunners"].as_u64().unwrap_or(0) >= u64::from(n) {
                 return;
             }
-            assert!(
-                Instant::now() < deadline,
-                "pool of {id} not filled: {stats}"
-            );
+            if Instant::now() >= deadline {
+                let log = self.log();
+                let tail: Vec<&str> = log
+                    .lines()
+                    .filter(|l| !l.contains("DEBUG"))
+                    .rev()
+                    .take(15)
+                    .collect();
+                panic!(
+                    "pool of {id} not filled: {stats}\nserver log (last lines):\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
+            }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }

@@ -104,7 +104,7 @@ type Spawned = (
 );
 
 fn spawn(session: &Session, stream: u32, spec: &ExecSpec) -> std::io::Result<Spawned> {
-    let exe = std::env::current_exe()?;
+    let exe = crate::SELF_EXE;
     let id = match spec.identity {
         Identity::Root => 0,
         Identity::User => USER_ID,

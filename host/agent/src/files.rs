@@ -141,7 +141,7 @@ pub(crate) fn spawn_list(
 }
 
 fn as_user(args: Vec<String>) -> tokio::process::Command {
-    let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe"));
+    let exe = crate::SELF_EXE;
     let mut cmd = tokio::process::Command::new(exe);
     cmd.arg(AS_USER_ARG)
         .args(args)

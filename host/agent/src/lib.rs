@@ -24,6 +24,11 @@ mod users;
 /// Uid and gid of the unprivileged `user` inside a runner.
 pub const USER_ID: u32 = 1000;
 
+/// How the agent starts copies of itself (the launcher, file operations as `user`): through the
+/// kernel's link to its own binary, which stays valid when the file was replaced on disk since
+/// (a newer agent installed while this runner lives on).
+pub(crate) const SELF_EXE: &str = "/proc/self/exe";
+
 /// Runs the agent with these command-line arguments; returns the process's exit code.
 pub fn main_with_args(args: Vec<String>) -> i32 {
     match args.get(1).map(String::as_str) {

@@ -78,6 +78,7 @@ impl LocalBackend {
         }
         let store = EnvironmentStore::open(state.join("environments"))
             .map_err(io("opening the environment store"))?;
+        let agent = install_agent(&agent, &state).map_err(io("copying the runner agent"))?;
         let hierarchy = Hierarchy::detect(&config.cgroupparent);
         tracing::info!(limits = %hierarchy.describe(), "local backend resource limits");
         let network = Network::detect(&config);
@@ -135,7 +136,8 @@ fn find_program(name: &Path) -> Option<PathBuf> {
 
 /// The agent binary: `local.agent`, or `poseidon-agent` next to the server's own executable.
 fn find_agent(config: &LocalConfig) -> Result<PathBuf, LocalError> {
-    let candidate = match &config.agent {
+    let configured = config.agent.as_ref().filter(|p| !p.as_os_str().is_empty());
+    let candidate = match configured {
         Some(path) => path.clone(),
         None => std::env::current_exe()
             .ok()
@@ -150,6 +152,21 @@ fn find_agent(config: &LocalConfig) -> Result<PathBuf, LocalError> {
             candidate.display()
         )))
     }
+}
+
+/// Copies the agent into the state directory, where every runner's uid can reach it (the build
+/// or install directory may not be traversable for them). A new file each time, so that agents of
+/// running sandboxes keep their own copy.
+fn install_agent(agent: &Path, state: &Path) -> std::io::Result<PathBuf> {
+    let dir = state.join("agent");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+    let target = dir.join("poseidon-agent");
+    let tmp = dir.join(format!("poseidon-agent.{}", std::process::id()));
+    std::fs::copy(agent, &tmp)?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))?;
+    std::fs::rename(&tmp, &target)?;
+    Ok(target)
 }
 
 /// Marks every descriptor this process inherited (beyond stdin, stdout, stderr) close-on-exec, so
