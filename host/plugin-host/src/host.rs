@@ -144,6 +144,13 @@ fn validate(config: &PluginsConfig) -> Result<(), PluginError> {
     Ok(())
 }
 
+/// Whether guest calls may run on the calling worker thread (`block_in_place`): only on
+/// tokio's multi-threaded runtime; elsewhere they go to the blocking pool.
+fn inline_calls_possible() -> bool {
+    tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
+}
+
 /// The outcome of one attempt to call a guest export, before classification.
 enum Failure {
     Instantiate(wasmtime::Error),
@@ -595,9 +602,11 @@ impl Inner {
                 Err(_) => return Err(CallError::Timeout(timeout_ms)),
             };
         let cancel = Arc::new(AtomicBool::new(false));
-        let store = self.runtime.store(plugin.identity.clone(), cancel.clone());
+        let store =
+            self.runtime
+                .store(plugin.identity.clone(), cancel.clone(), deadline.into_std());
         let runtime_limits = limits.clone();
-        let task = tokio::task::spawn_blocking(move || {
+        let run = move || {
             // The permit is held until the guest has really stopped.
             let _permit = permit;
             let mut store = store;
@@ -616,7 +625,19 @@ impl Inner {
             };
             Runtime::forward_stderr(&store);
             result
-        });
+        };
+        if inline_calls_possible() {
+            // On the multi-threaded runtime the guest runs right here: `block_in_place` hands
+            // this worker's other tasks to another thread first, so the executor keeps serving,
+            // and the call costs no thread switch (a hop to the blocking pool and back waits
+            // for the scheduler twice, which on a busy machine is most of a call's time). The
+            // wall-clock deadline is enforced by the store's epoch callback.
+            return tokio::task::block_in_place(|| {
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(run))
+                    .unwrap_or_else(|_| Err(CallError::Host("call panicked".into())))
+            });
+        }
+        let task = tokio::task::spawn_blocking(run);
         match tokio::time::timeout_at(deadline, task).await {
             Ok(Ok(result)) => result,
             Ok(Err(join)) => Err(CallError::Host(format!("call panicked: {join}"))),

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use semver::Version;
 use sha2::{Digest, Sha256};
@@ -201,7 +201,8 @@ pub(crate) fn load(
         config,
     });
     // Smoke test: the instance must fit the limits and its start-up code must not trap.
-    let mut store = runtime.store(identity.clone(), Arc::new(AtomicBool::new(false)));
+    let deadline = Instant::now() + Duration::from_millis(runtime.limits.call_timeout_ms);
+    let mut store = runtime.store(identity.clone(), Arc::new(AtomicBool::new(false)), deadline);
     let smoke = match &pre {
         PluginPre::PoolSizer(p) => p.instantiate(&mut store).map(drop),
         PluginPre::Preprocessor(p) => p.instantiate(&mut store).map(drop),
