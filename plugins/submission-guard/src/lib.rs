@@ -32,26 +32,33 @@ use poseidon_plugin_api::{
 /// An invalid pattern is an error naming it, so a typo in the configuration refuses
 /// requests visibly instead of letting everything pass.
 pub fn glob_match(pattern: &str, text: &str, segments: bool) -> Result<bool, String> {
-    let glob = globset::GlobBuilder::new(pattern)
-        .literal_separator(segments)
-        .backslash_escape(true)
-        .build()
-        .map_err(|e| format!("invalid pattern {pattern:?}: {e}"))?;
-    Ok(glob.compile_matcher().is_match(text))
+    let patterns = [pattern.to_string()];
+    Ok(first_match(&glob_set(&patterns, segments)?, &patterns, text).is_some())
 }
 
-/// The first of `patterns` that matches `text`.
+/// Compiles `patterns` into one matcher. A `GlobSet` sorts patterns into literal, prefix,
+/// suffix and extension lookups and builds a regular expression only for the rest, which
+/// matters because the guard compiles its patterns anew in every call.
+fn glob_set(patterns: &[String], segments: bool) -> Result<globset::GlobSet, String> {
+    let mut set = globset::GlobSetBuilder::new();
+    for p in patterns {
+        let glob = globset::GlobBuilder::new(p)
+            .literal_separator(segments)
+            .backslash_escape(true)
+            .build()
+            .map_err(|e| format!("invalid pattern {p:?}: {e}"))?;
+        set.add(glob);
+    }
+    set.build().map_err(|e| format!("invalid patterns: {e}"))
+}
+
+/// The first of `patterns` (compiled into `set`) that matches `text`.
 fn first_match<'p>(
+    set: &globset::GlobSet,
     patterns: &'p [String],
     text: &str,
-    segments: bool,
-) -> Result<Option<&'p String>, String> {
-    for p in patterns {
-        if glob_match(p, text, segments)? {
-            return Ok(Some(p));
-        }
-    }
-    Ok(None)
+) -> Option<&'p String> {
+    set.matches(text).into_iter().min().map(|i| &patterns[i])
 }
 
 /// The guard's settings.
@@ -105,12 +112,12 @@ impl Settings {
         }
     }
 
-    fn check_path(&self, path: &str) -> Result<(), String> {
+    fn check_path(&self, forbidden: &globset::GlobSet, path: &str) -> Result<(), String> {
         let normalized = path.trim_start_matches("./");
         if !self.allow_parent_dirs && normalized.split('/').any(|c| c == "..") {
             return Err(format!("path {path:?} leaves the working directory"));
         }
-        if let Some(p) = first_match(&self.forbidden_paths, normalized, true)? {
+        if let Some(p) = first_match(forbidden, &self.forbidden_paths, normalized) {
             return Err(format!("path {path:?} is forbidden (matches {p:?})"));
         }
         Ok(())
@@ -141,13 +148,14 @@ impl Settings {
                 return Err(format!("files too large: {total} bytes (at most {max})"));
             }
         }
+        let forbidden = glob_set(&self.forbidden_paths, true)?;
         for path in update
             .copy
             .iter()
             .map(|f| f.path.as_str())
             .chain(update.delete.iter().map(String::as_str))
         {
-            self.check_path(path)?;
+            self.check_path(&forbidden, path)?;
         }
         Ok(update)
     }
@@ -157,7 +165,8 @@ impl Settings {
         if self.deny_privileged && request.privileged {
             return Err("privileged execution is not allowed".to_string());
         }
-        if let Some(p) = first_match(&self.forbidden_commands, &request.command, false)? {
+        let forbidden = glob_set(&self.forbidden_commands, false)?;
+        if let Some(p) = first_match(&forbidden, &self.forbidden_commands, &request.command) {
             return Err(format!("command refused (matches {p:?})"));
         }
         if let Some(max) = self.max_time_limit {
