@@ -468,3 +468,98 @@ async fn looping_and_memory_hungry_plugins_are_contained() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// An HTTP client that sends `token` as its `Poseidon-Token`, as a CodeOcean configured
+/// with that token does.
+fn codeocean(token: &str) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert("Poseidon-Token", token.parse().unwrap());
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_poseidon_token_per_institution_with_an_observer_watching() {
+    let dir = plugin_dir(&[
+        ("token_tenants", "tokens.wasm"),
+        ("audit_observer", "audit.wasm"),
+    ]);
+    let s = server_with_plugins(
+        &dir,
+        &format!(
+            "    - file: tokens.wasm\n      kind: authenticator\n      config:\n        token.ops: {}\n        token.hpi: hpi-token\n        environments.hpi: \"12\"\n        token.tum: tum-token\n        environments.tum: \"13\"\n    - file: audit.wasm\n",
+            support::TOKEN
+        ),
+    )
+    .await;
+    // The operator's token (the server's) is a tenant with every environment.
+    s.environment(12, 2, json!({})).await;
+    let hpi = codeocean("hpi-token");
+    let tum = codeocean("tum-token");
+
+    // Unmodified CodeOcean: only the Poseidon-Token says which institution calls.
+    let (status, body) = status_and_json(
+        hpi.post(s.url("/runners"))
+            .json(&json!({"executionEnvironmentId": 12, "inactivityTimeout": 60}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let runner = body["runnerId"].as_str().unwrap().to_string();
+    let files = s.url(&format!("/runners/{runner}/files"));
+    assert_eq!(hpi.get(&files).send().await.unwrap().status(), 200);
+    assert_eq!(tum.get(&files).send().await.unwrap().status(), 410);
+    let r = tum
+        .post(s.url("/runners"))
+        .json(&json!({"executionEnvironmentId": 12}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let (status, body) =
+        status_and_json(codeocean("guess").get(&files).send().await.unwrap()).await;
+    assert_eq!(
+        (status, body["message"].as_str()),
+        (401, Some("unknown Poseidon-Token"))
+    );
+    // Operator routes still need the server's token.
+    assert_eq!(
+        hpi.get(s.url("/plugins")).send().await.unwrap().status(),
+        401
+    );
+    assert_eq!(
+        hpi.delete(s.url(&format!("/runners/{runner}")))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        204
+    );
+
+    // A whole execution of the operator tenant, watched by the audit observer.
+    let own = s.claim(12, 60).await;
+    s.copy(&own, &[("main.sh", b"exit 3")]).await;
+    let session = s.run(&own, json!({"command": "sh main.sh"})).await;
+    assert_eq!(session.exit(), Some(3), "{session:?}");
+    let expected = [
+        format!("runner {runner} (environment 12, tenant hpi) claimed"),
+        format!("runner {runner} (environment 12, tenant hpi) destroyed"),
+        format!("runner {own} (environment 12, tenant ops) files changed: 1 written (6 bytes), 0 deleted"),
+        format!("runner {own} (environment 12, tenant ops) execution started: \"sh main.sh\""),
+        format!("runner {own} (environment 12, tenant ops) execution ended: exited 3 after"),
+    ];
+    eventually("the observer logged every event", 30, || {
+        let log = s.log();
+        let found = expected.iter().all(|line| log.contains(line.as_str()));
+        async move { found }
+    })
+    .await;
+    let (_, plugins) = status_and_json(s.http.get(s.url("/plugins")).send().await.unwrap()).await;
+    assert_eq!(plugins[0]["witVersion"], "0.2.0");
+    assert_eq!(plugins[1]["kind"], "observer");
+    assert_eq!(plugins[1]["failures"], 0, "{plugins}");
+}

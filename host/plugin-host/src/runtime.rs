@@ -14,7 +14,7 @@ use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use crate::bindings::host::{self, LogLevel};
+use crate::bindings::{v1, v2};
 use crate::config::{Limits, PluginKind};
 use crate::error::{CallError, PluginError};
 
@@ -102,8 +102,8 @@ impl WasiView for HostState {
     }
 }
 
-impl host::Host for HostState {
-    fn log(&mut self, level: LogLevel, message: String) {
+impl HostState {
+    fn log_line(&mut self, level: tracing::Level, message: String) {
         self.log_lines += 1;
         if self.log_lines > MAX_LOG_LINES {
             return;
@@ -120,19 +120,19 @@ impl host::Host for HostState {
         let p = &self.plugin;
         let digest = &p.digest[..12.min(p.digest.len())];
         match level {
-            LogLevel::Trace => {
+            tracing::Level::TRACE => {
                 tracing::trace!(plugin = %p.name, kind = %p.kind, digest, "{message}")
             }
-            LogLevel::Debug => {
+            tracing::Level::DEBUG => {
                 tracing::debug!(plugin = %p.name, kind = %p.kind, digest, "{message}")
             }
-            LogLevel::Info => {
+            tracing::Level::INFO => {
                 tracing::info!(plugin = %p.name, kind = %p.kind, digest, "{message}")
             }
-            LogLevel::Warn => {
+            tracing::Level::WARN => {
                 tracing::warn!(plugin = %p.name, kind = %p.kind, digest, "{message}")
             }
-            LogLevel::Error => {
+            tracing::Level::ERROR => {
                 tracing::error!(plugin = %p.name, kind = %p.kind, digest, "{message}")
             }
         }
@@ -141,11 +141,11 @@ impl host::Host for HostState {
         }
     }
 
-    fn config_get(&mut self, key: String) -> Option<String> {
-        self.plugin.config.get(&key).cloned()
+    fn config_value(&self, key: &str) -> Option<String> {
+        self.plugin.config.get(key).cloned()
     }
 
-    fn config_entries(&mut self) -> Vec<(String, String)> {
+    fn config_list(&self) -> Vec<(String, String)> {
         self.plugin
             .config
             .iter()
@@ -154,7 +154,37 @@ impl host::Host for HostState {
     }
 }
 
-impl crate::bindings::types::Host for HostState {}
+/// The `host` interface of one WIT version, implemented by [`HostState`]'s shared methods.
+macro_rules! host_interface {
+    ($version:ident) => {
+        impl crate::bindings::$version::host::Host for HostState {
+            fn log(&mut self, level: crate::bindings::$version::host::LogLevel, message: String) {
+                use crate::bindings::$version::host::LogLevel as L;
+                let level = match level {
+                    L::Trace => tracing::Level::TRACE,
+                    L::Debug => tracing::Level::DEBUG,
+                    L::Info => tracing::Level::INFO,
+                    L::Warn => tracing::Level::WARN,
+                    L::Error => tracing::Level::ERROR,
+                };
+                self.log_line(level, message)
+            }
+
+            fn config_get(&mut self, key: String) -> Option<String> {
+                self.config_value(&key)
+            }
+
+            fn config_entries(&mut self) -> Vec<(String, String)> {
+                self.config_list()
+            }
+        }
+
+        impl crate::bindings::$version::types::Host for HostState {}
+    };
+}
+
+host_interface!(v1);
+host_interface!(v2);
 
 /// The engine and what belongs to it: linker, limits, ticker lifetime.
 pub(crate) struct Runtime {
@@ -186,8 +216,11 @@ impl Runtime {
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
             .map_err(|e| PluginError::Engine(format!("WASI: {e}")))?;
-        host::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
-            .map_err(|e| PluginError::Engine(format!("host interface: {e}")))?;
+        // Both versions of the host interface: their names differ (`@0.1.0`, `@0.2.0`).
+        v1::host::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
+            .map_err(|e| PluginError::Engine(format!("host interface 0.1: {e}")))?;
+        v2::host::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
+            .map_err(|e| PluginError::Engine(format!("host interface 0.2: {e}")))?;
         let alive = Arc::new(());
         spawn_ticker(
             engine.clone(),

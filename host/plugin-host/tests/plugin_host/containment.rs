@@ -219,7 +219,10 @@ async fn incompatible_version_and_wrong_kind_are_refused() {
         error.contains("built for poseidon:plugins@1.0.0"),
         "{error}"
     );
-    assert!(error.contains("accepts poseidon:plugins@0.1.x"), "{error}");
+    assert!(
+        error.contains("accepts poseidon:plugins@0.1.x or 0.2.x"),
+        "{error}"
+    );
     let error = status(&host, "sizer").last_error.unwrap();
     assert!(
         error.contains("is a pool-sizer plugin, but its entry says preprocessor"),

@@ -119,6 +119,7 @@ async fn measure() {
                 path: "/api/v1/runners".into(),
                 headers: vec![("authorization".into(), "Bearer a.b.c".into())],
                 peer_address: "127.0.0.1:1".into(),
+                poseidon_token: None,
             })
             .await
             .is_err_and(|d| d.status == 401)
