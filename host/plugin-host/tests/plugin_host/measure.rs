@@ -65,7 +65,11 @@ async fn measure() {
         &dir,
         vec![
             entry("demand.wasm", None, &[("headroom", "2")]),
-            entry("guard.wasm", None, &[("maxFiles", "10"), ("env.X", "1")]),
+            entry(
+                "guard.wasm",
+                None,
+                &[("maxFiles", "10"), ("env.X", "1"), ("forbiddenPaths", "**/*.so")],
+            ),
             entry("jwt.wasm", None, &[("key.t", "k")]),
         ],
     );
@@ -126,9 +130,43 @@ async fn measure() {
         }
     })
     .await;
+    // WIT 0.2 plugins in a second host: the token authenticator and a local-time sizer.
+    let dir2 = temp_dir("measure-v2");
+    install(&dir2, "token_tenants", "tokens.wasm");
+    install(&dir2, "test_v2_sizer", "local.wasm");
+    let mut local = entry("local.wasm", None, &[]);
+    local.time_zone = Some("Europe/Berlin".into());
+    let host2 = PluginHost::start(config(
+        &dir2,
+        vec![entry("tokens.wasm", None, &[("token.t", "secret")]), local],
+    ))
+    .await
+    .unwrap();
+    let sizer2 = time(n, || {
+        let host = host2.clone();
+        async move { host.pool_size(sizer_input(1, 3)).await.is_some() }
+    })
+    .await;
+    let tokens = time(n, || {
+        let host = host2.clone();
+        async move {
+            host.authenticate(AuthInput {
+                method: "GET".into(),
+                path: "/api/v1/runners".into(),
+                headers: vec![],
+                peer_address: "127.0.0.1:1".into(),
+                poseidon_token: Some("secret".into()),
+            })
+            .await
+            .is_ok()
+        }
+    })
+    .await;
     println!("per call (fresh instance each, pooling allocator):");
     println!("  pool-sizer        {sizer}");
     println!("  preprocess-exec   {execute}");
     println!("  preprocess-files  {files} (one 4 KiB file)");
     println!("  authenticate      {auth}");
+    println!("  pool-sizer 0.2    {sizer2} (local time, Europe/Berlin)");
+    println!("  authenticate 0.2  {tokens} (token_tenants, accepted)");
 }
