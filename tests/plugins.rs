@@ -330,9 +330,128 @@ fn plugin_check_command() {
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("accepts poseidon:plugins@0.1.x"),
+        stderr.contains("accepts poseidon:plugins@0.1.x or 0.2.x"),
         "{stderr}"
     );
+}
+
+/// `poseidon plugin ARGS…`: exit code, stdout, stderr.
+fn plugin_command(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_poseidon"))
+        .arg("plugin")
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn plugin_call_command_runs_one_call_without_a_server() {
+    let guard = plugin("submission_guard");
+    let guard = guard.to_str().unwrap();
+    // A top-level shared library is refused by `**/*.so` (the globset fix).
+    let (code, stdout, stderr) = plugin_command(&[
+        "call",
+        guard,
+        "--kind",
+        "preprocessor",
+        "--input",
+        r#"{"copy":[{"path":"x.so","content":[1]}],"environmentId":1}"#,
+        "--config",
+        "forbiddenPaths=**/*.so",
+    ]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let answer: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(
+        answer["Err"]["message"],
+        "path \"x.so\" is forbidden (matches \"**/*.so\")"
+    );
+    assert!(
+        stderr.contains("preprocessor (WIT 0.1.0), call took"),
+        "{stderr}"
+    );
+
+    // A 0.2 authenticator with its token, and an observer.
+    let (code, stdout, stderr) = plugin_command(&[
+        "call",
+        plugin("token_tenants").to_str().unwrap(),
+        "--kind",
+        "authenticator",
+        "--input",
+        r#"{"method":"GET","path":"/","poseidonToken":"s3cret"}"#,
+        "--config",
+        "token.hpi=s3cret",
+    ]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains(r#""tenant":"hpi""#), "{stdout}");
+    let (code, _, stderr) = plugin_command(&[
+        "call",
+        plugin("test_observer").to_str().unwrap(),
+        "--kind",
+        "observer",
+        "--input",
+        r#"{"atMs":0,"runnerId":"r","environmentId":1,"tenant":null,"kind":"claimed"}"#,
+        "--config",
+        "trapAlways=true",
+    ]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("test-observer traps on every event"),
+        "{stderr}"
+    );
+
+    // Wrong kind and bad input are clear errors.
+    let (code, _, stderr) =
+        plugin_command(&["call", guard, "--kind", "pool-sizer", "--input", "{}"]);
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("is a preprocessor"), "{stderr}");
+    let (code, _, stderr) = plugin_command(&["call", guard, "--kind", "preprocessor"]);
+    assert_eq!(code, Some(2));
+    assert!(stderr.contains("--input is required"), "{stderr}");
+}
+
+#[test]
+fn plugin_new_command_writes_a_project() {
+    let dir = std::env::temp_dir().join(format!("poseidon-new-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let project = dir.join("my-observer");
+    let (code, stdout, stderr) = plugin_command(&[
+        "new",
+        "observer",
+        project.to_str().unwrap(),
+        "--lang",
+        "rust",
+    ]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stdout.contains("cargo build --target wasm32-wasip2 --release"),
+        "{stdout}"
+    );
+    let lib = std::fs::read_to_string(project.join("src/lib.rs")).unwrap();
+    assert!(lib.contains("world: \"observer-plugin\""), "{lib}");
+    let wit = std::fs::read_to_string(project.join("wit/plugins.wit")).unwrap();
+    assert!(wit.contains("package poseidon:plugins@0.2.0;"));
+    // Not twice, and not an unknown kind or language.
+    let (code, _, stderr) = plugin_command(&["new", "observer", project.to_str().unwrap()]);
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("exists already"), "{stderr}");
+    let (code, _, _) = plugin_command(&["new", "sizer", dir.join("x").to_str().unwrap()]);
+    assert_eq!(code, Some(1));
+    let (code, _, stderr) = plugin_command(&[
+        "new",
+        "observer",
+        dir.join("y").to_str().unwrap(),
+        "--lang",
+        "cobol",
+    ]);
+    assert_eq!(code, Some(2));
+    assert!(stderr.contains("only rust"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

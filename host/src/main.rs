@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 mod config;
+mod plugin_cli;
 mod plugins;
 mod tls;
 
@@ -27,19 +28,14 @@ use poseidon_plugin_host::PluginHost;
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(15);
 
 fn usage() -> ! {
-    eprintln!("usage: poseidon [--config PATH]\n       poseidon plugin check FILE");
+    eprintln!("usage: poseidon [--config PATH]\n{}", plugin_cli::USAGE);
     std::process::exit(2);
 }
 
 fn main() {
     let all: Vec<String> = std::env::args().skip(1).collect();
     if all.first().map(String::as_str) == Some("plugin") {
-        match all.get(1..).unwrap_or_default() {
-            [check, file] if check == "check" => {
-                std::process::exit(plugins::check_command(std::path::Path::new(file)))
-            }
-            _ => usage(),
-        }
+        std::process::exit(plugin_cli::run(all.get(1..).unwrap_or_default()));
     }
     let mut args = all.into_iter();
     let mut config_path: Option<PathBuf> = None;

@@ -203,6 +203,16 @@ pub struct Limits {
     /// Use wasmtime's pooling allocator (faster instantiation); falls back to
     /// on-demand allocation if the address space cannot be reserved.
     pub pooling: bool,
+    /// Pooling only: KiB of each linear memory kept resident between calls. A freed slot's
+    /// dirty pages (found with the kernel's `PAGEMAP_SCAN` where available, Linux 6.7+)
+    /// are reset in place instead of being returned to the kernel, so the next call does
+    /// not page-fault its way back into its stack and heap. `0` = always `madvise`.
+    #[serde(alias = "keepresidentkb")]
+    pub keep_resident_kb: u64,
+    /// Run guest calls on the calling worker thread (`block_in_place`) instead of hopping
+    /// to tokio's blocking pool; the hop waits for the scheduler twice per call.
+    #[serde(alias = "inlinecalls")]
+    pub inline_calls: bool,
 }
 
 impl Default for Limits {
@@ -215,6 +225,8 @@ impl Default for Limits {
             memory_mb: 64,
             max_concurrent_calls: 16,
             pooling: true,
+            keep_resident_kb: 2048,
+            inline_calls: true,
         }
     }
 }

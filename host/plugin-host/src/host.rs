@@ -714,7 +714,7 @@ impl Inner {
             Runtime::forward_stderr(&store);
             result
         };
-        if inline_calls_possible() {
+        if limits.inline_calls && inline_calls_possible() {
             // On the multi-threaded runtime the guest runs right here: `block_in_place` hands
             // this worker's other tasks to another thread first, so the executor keeps serving,
             // and the call costs no thread switch (a hop to the blocking pool and back waits

@@ -25,9 +25,6 @@ const MAX_LOG_LINES: u32 = 100;
 /// Longest forwarded log message, in bytes.
 const MAX_LOG_MESSAGE: usize = 4096;
 
-/// Bytes of each pooled linear memory kept resident between calls.
-const KEEP_RESIDENT: usize = 1 << 20;
-
 /// Identity of a loaded plugin version, for log lines.
 #[derive(Debug)]
 pub(crate) struct PluginIdentity {
@@ -245,6 +242,9 @@ impl Runtime {
             // Enough for every admitted call plus loads and checks, with margin: Rust
             // components have a handful of core instances and one or two memories.
             let slots = limits.max_concurrent_calls.max(1) + 8;
+            let keep_resident = usize::try_from(limits.keep_resident_kb.saturating_mul(1024))
+                .unwrap_or(usize::MAX)
+                .min(memory_bytes);
             let mut pool = wasmtime::PoolingAllocationConfig::default();
             pool.total_component_instances(slots)
                 .total_core_instances(slots * 16)
@@ -253,11 +253,16 @@ impl Runtime {
                 .total_stacks(slots)
                 .max_memories_per_component(4)
                 .max_memory_size(memory_bytes)
-                // Reset a freed slot's first pages with `memset` instead of `madvise`, so the
-                // next instance does not page-fault its way back into the memory a plugin
-                // touches on every call (stack, heap start, data segments).
-                .linear_memory_keep_resident(KEEP_RESIDENT)
-                .table_keep_resident(KEEP_RESIDENT / 16);
+                // Reset a freed slot's dirty pages in place (found with PAGEMAP_SCAN where the
+                // kernel has it) instead of `madvise`, so the next instance does not
+                // page-fault its way back into the memory a plugin touches on every call.
+                .linear_memory_keep_resident(keep_resident)
+                .table_keep_resident(keep_resident.min(64 * 1024))
+                .pagemap_scan(if keep_resident > 0 {
+                    wasmtime::Enabled::Auto
+                } else {
+                    wasmtime::Enabled::No
+                });
             config.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
         }
         Engine::new(&config).map_err(|e| PluginError::Engine(e.to_string()))

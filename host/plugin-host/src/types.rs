@@ -6,7 +6,7 @@ use crate::config::PluginKind;
 
 /// An execution environment, as passed to pool sizers.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", default)]
 pub struct EnvironmentInfo {
     /// Environment id.
     pub id: i64,
@@ -26,7 +26,7 @@ pub struct EnvironmentInfo {
 
 /// The state of an environment's idle-runner pool, as passed to pool sizers.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", default)]
 pub struct PoolStateInfo {
     /// The configured pool size.
     pub configured_size: u32,
@@ -48,7 +48,7 @@ pub struct PoolStateInfo {
 
 /// Input of [`crate::PluginHost::pool_size`].
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", default)]
 pub struct PoolSizerInput {
     /// The environment.
     pub environment: EnvironmentInfo,
@@ -58,7 +58,7 @@ pub struct PoolSizerInput {
 
 /// An execute request, as passed to (and returned by) preprocessors.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", default)]
 pub struct ExecuteInput {
     /// The command line.
     pub command: String,
@@ -86,7 +86,7 @@ pub struct FileEntry {
 /// A file update (`PATCH /runners/{id}/files`), as passed to (and returned by)
 /// preprocessors.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", default)]
 pub struct FilesInput {
     /// Files to create or overwrite.
     pub copy: Vec<FileEntry>,
@@ -100,7 +100,7 @@ pub struct FilesInput {
 
 /// An HTTP request to authenticate.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", default)]
 pub struct AuthInput {
     /// Method, upper case.
     pub method: String,
@@ -267,7 +267,7 @@ pub enum ExecutionOutcome {
 
 /// Counters of the observer queue, for the status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", default)]
 pub struct ObserverStats {
     /// Events accepted into the queue.
     pub queued: u64,

@@ -76,7 +76,7 @@ pub fn relaxed_limits() -> Limits {
         fuel: None,
         memory_mb: 64,
         max_concurrent_calls: 8,
-        pooling: true,
+        ..Limits::default()
     }
 }
 
