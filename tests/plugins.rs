@@ -48,6 +48,12 @@ async fn server_with_plugins(dir: &Path, entries_yaml: &str) -> Server {
             "plugins:\n  directory: {}\n  limits:\n    callTimeoutMs: 30000\n    epochDeadlineTicks: 1000\n  entries:\n{entries_yaml}",
             dir.display()
         ),
+        // Cranelift's debug log (every function it compiles) makes starting with a large
+        // plugin slow on a busy machine; the server's own debug log stays on.
+        env: vec![(
+            "POSEIDON_LOG".into(),
+            "debug,cranelift_codegen=info,wasmtime_internal_cranelift=info,wasmtime=info".into(),
+        )],
         ..Options::default()
     })
     .await
@@ -681,4 +687,48 @@ async fn one_poseidon_token_per_institution_with_an_observer_watching() {
     assert_eq!(plugins[0]["witVersion"], "0.2.0");
     assert_eq!(plugins[1]["kind"], "observer");
     assert_eq!(plugins[1]["failures"], 0, "{plugins}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_applies_a_changed_plugin_config_without_a_restart() {
+    let dir = plugin_dir(&[("submission_guard", "guard.wasm")]);
+    let s = server_with_plugins(
+        &dir,
+        "    - file: guard.wasm\n      config:\n        env.ROUND: first\n",
+    )
+    .await;
+    s.environment(9, 1, json!({})).await;
+    let runner = s.claim(9, 60).await;
+    s.copy(&runner, &[("main.sh", b"echo \"$ROUND\"")]).await;
+    let session = s.run(&runner, json!({"command": "sh main.sh"})).await;
+    assert_eq!(session.stdout.trim(), "first", "{session:?}");
+
+    let yaml = std::fs::read_to_string(s.config_path()).unwrap();
+    std::fs::write(
+        s.config_path(),
+        yaml.replace("env.ROUND: first", "env.ROUND: second"),
+    )
+    .unwrap();
+    let hup = std::process::Command::new("kill")
+        .args(["-HUP", &s.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    // Every execution succeeds while the change is applied; soon they see the new value.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let session = s.run(&runner, json!({"command": "sh main.sh"})).await;
+        assert_eq!(session.exit(), Some(0), "{session:?}");
+        if session.stdout.trim() == "second" {
+            break;
+        }
+        assert_eq!(session.stdout.trim(), "first");
+        assert!(
+            Instant::now() < deadline,
+            "the new configuration was not applied"
+        );
+    }
+    let (_, plugins) = status_and_json(s.http.get(s.url("/plugins")).send().await.unwrap()).await;
+    assert_eq!(plugins[0]["failures"], 0, "{plugins}");
+    assert!(s.log().contains("SIGHUP: plugin configuration reloaded"));
 }

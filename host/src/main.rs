@@ -67,7 +67,7 @@ fn main() {
         .enable_all()
         .build()
         .expect("cannot start the async runtime");
-    if let Err(e) = runtime.block_on(serve(config)) {
+    if let Err(e) = runtime.block_on(serve(config, config_path)) {
         tracing::error!("{e}");
         eprintln!("poseidon: {e}");
         std::process::exit(1);
@@ -98,7 +98,10 @@ fn init_logging(config: &Config) {
     }
 }
 
-async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
+async fn serve(
+    config: Config,
+    config_path: Option<PathBuf>,
+) -> Result<(), Box<dyn std::error::Error>> {
     let (backend, local): (Arc<dyn Backend>, Option<Arc<LocalBackend>>) = if config.nomad.enabled {
         let mut nomad = NomadConfig::from_yaml(&config.nomad.rest)
             .map_err(|e| format!("invalid configuration: {e}"))?;
@@ -128,6 +131,7 @@ async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
                     "plugin"
                 );
             }
+            plugins::reload_on_sighup(host.clone(), config_path);
             Some(Arc::new(plugins::PluginPolicies::new(host)))
         }
         None => None,

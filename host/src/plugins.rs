@@ -31,6 +31,40 @@ pub fn config(section: &serde_yaml::Value) -> Result<Option<PluginsConfig>, Stri
         .map_err(|e| format!("invalid configuration: plugins.{}: {}", e.path(), e.inner()))
 }
 
+/// On SIGHUP, re-reads the configuration file (as at start, `POSEIDON_*` variables
+/// included) and applies a changed `plugins:` section without a restart
+/// ([`PluginHost::reconfigure`]: changed `config:` values at once, changed files reloaded);
+/// what needs a restart is logged.
+pub fn reload_on_sighup(host: PluginHost, config_path: Option<std::path::PathBuf>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP; plugin configuration changes need a restart");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            let section = crate::config::Config::load(config_path.as_deref(), std::env::vars())
+                .map_err(|e| e.to_string())
+                .and_then(|c| config(&c.plugins));
+            match section {
+                Ok(Some(new)) => {
+                    for line in host.reconfigure(&new).await {
+                        tracing::warn!("{line}; restart the server to apply it");
+                    }
+                    tracing::info!("SIGHUP: plugin configuration reloaded");
+                }
+                Ok(None) => tracing::warn!(
+                    "SIGHUP: the plugins section is gone; restart the server to apply it"
+                ),
+                Err(e) => tracing::error!("SIGHUP: configuration not reloaded: {e}"),
+            }
+        }
+    });
+}
+
 /// The plugin host as the API's and the pools' policy.
 pub struct PluginPolicies {
     host: PluginHost,

@@ -41,7 +41,7 @@ use crate::bindings::v2;
 use crate::config::{Limits, PluginEntry, PluginKind, PluginsConfig};
 use crate::error::{CallError, PluginError};
 use crate::loader::{self, LoadedPlugin, PluginPre};
-use crate::runtime::{HostState, Runtime};
+use crate::runtime::{HostState, PluginIdentity, Runtime};
 use crate::types::{
     AuthInput, Denial, ExecuteInput, FilesInput, LifecycleEvent, ObserverStats, PluginDescription,
     PluginStatus, PoolSizerInput, PoolStateInfo, Principal, Rejection,
@@ -101,7 +101,8 @@ struct Slot {
     entry: PluginEntry,
     name: String,
     path: PathBuf,
-    config: Arc<BTreeMap<String, String>>,
+    /// The entry's `config:` values; replaced by [`PluginHost::reconfigure`].
+    config: arc_swap::ArcSwap<BTreeMap<String, String>>,
     /// The zone of the local time given to 0.2 pool sizers.
     time_zone: jiff::tz::TimeZone,
     current: ArcSwapOption<LoadedPlugin>,
@@ -213,7 +214,7 @@ impl PluginHost {
                 Ok(Arc::new(Slot {
                     name: entry.display_name(),
                     path: config.directory.join(&entry.file),
-                    config: Arc::new(entry.config.clone()),
+                    config: arc_swap::ArcSwap::from_pointee(entry.config.clone()),
                     time_zone,
                     entry: entry.clone(),
                     current: ArcSwapOption::empty(),
@@ -491,6 +492,69 @@ impl PluginHost {
         }
     }
 
+    /// Applies a changed `plugins:` section without a restart: an entry (matched by name)
+    /// whose `config:` values changed gets them at once — its loaded version is re-issued
+    /// with the new values (same compiled code, swapped atomically: calls running finish
+    /// with the old values, no call fails) — and every file is re-read as by
+    /// [`PluginHost::reload`], so a replaced file is loaded too. Returns what could not be
+    /// applied and needs a restart (added, removed or otherwise changed entries, changed
+    /// limits), one line each.
+    pub async fn reconfigure(&self, new: &PluginsConfig) -> Vec<String> {
+        let Some(inner) = &self.inner else {
+            return vec!["plugins were not enabled at start".into()];
+        };
+        let mut restart = Vec::new();
+        let old = &inner.config;
+        if old.directory != new.directory || old.limits != new.limits || old.sizer != new.sizer {
+            restart.push("plugins.directory, limits or sizer changed".to_string());
+        }
+        let names: HashSet<String> = new.entries.iter().map(|e| e.display_name()).collect();
+        for slot in &inner.slots {
+            if !names.contains(&slot.name) {
+                restart.push(format!("plugin {:?} was removed", slot.name));
+            }
+        }
+        for entry in &new.entries {
+            let name = entry.display_name();
+            let Some(slot) = inner.slots.iter().find(|s| s.name == name) else {
+                restart.push(format!("plugin {name:?} was added"));
+                continue;
+            };
+            let same_but_config = PluginEntry {
+                config: slot.entry.config.clone(),
+                ..entry.clone()
+            };
+            if same_but_config != slot.entry {
+                restart.push(format!(
+                    "plugin {name:?}: only `config:` changes apply without a restart"
+                ));
+                continue;
+            }
+            if **slot.config.load() == entry.config {
+                continue;
+            }
+            let config = Arc::new(entry.config.clone());
+            slot.config.store(Arc::clone(&config));
+            if let Some(current) = slot.current.load_full() {
+                let identity = Arc::new(PluginIdentity {
+                    config,
+                    name: current.identity.name.clone(),
+                    kind: current.identity.kind,
+                    digest: current.identity.digest.clone(),
+                });
+                slot.current.store(Some(Arc::new(LoadedPlugin {
+                    identity,
+                    wit_version: current.wit_version.clone(),
+                    loaded_at: std::time::SystemTime::now(),
+                    pre: current.pre.clone(),
+                })));
+            }
+            tracing::info!(plugin = %name, "plugin configuration changed; applied");
+        }
+        inner.reload_all().await;
+        restart
+    }
+
     /// Whether the authenticator in use sees the `Poseidon-Token` (it is loaded and built
     /// for WIT 0.2 or later), so the server may leave unknown tokens to it.
     pub fn authenticator_reads_tokens(&self) -> bool {
@@ -683,12 +747,19 @@ impl Inner {
         let limits: &Limits = &self.runtime.limits;
         let timeout_ms = limits.call_timeout_ms;
         let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout_ms);
-        let permit =
-            match tokio::time::timeout_at(deadline, self.admission.clone().acquire_owned()).await {
-                Ok(Ok(permit)) => permit,
-                Ok(Err(_)) => return Err(CallError::Host("admission semaphore closed".into())),
-                Err(_) => return Err(CallError::Timeout(timeout_ms)),
-            };
+        // A free slot is taken without arming a timer; only a wait is bounded by one.
+        let permit = match self.admission.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                match tokio::time::timeout_at(deadline, self.admission.clone().acquire_owned())
+                    .await
+                {
+                    Ok(Ok(permit)) => permit,
+                    Ok(Err(_)) => return Err(CallError::Host("admission semaphore closed".into())),
+                    Err(_) => return Err(CallError::Timeout(timeout_ms)),
+                }
+            }
+        };
         let cancel = Arc::new(AtomicBool::new(false));
         let store =
             self.runtime
@@ -782,7 +853,7 @@ impl Inner {
         let path = slot.path.clone();
         let expected = slot.entry.kind;
         let name = slot.name.clone();
-        let config = slot.config.clone();
+        let config = slot.config.load_full();
         let inner = Arc::clone(self);
         // Compilation is CPU-bound: keep it off the async executor.
         let loaded = tokio::task::spawn_blocking(move || {

@@ -21,6 +21,7 @@ const PACKAGE: &str = "poseidon:plugins";
 
 /// The pre-instantiated component, typed by kind and WIT version (`V1` = 0.1.x, served
 /// through the 0.1 bindings and adapted; `V2` = 0.2.x).
+#[derive(Clone)]
 pub(crate) enum PluginPre {
     PoolSizerV1(v1::pool_sizer::PoolSizerPluginPre<HostState>),
     PoolSizerV2(v2::pool_sizer::PoolSizerPluginPre<HostState>),
