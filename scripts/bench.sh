@@ -18,6 +18,8 @@
 # BENCH_NOMAD=0 skips starting the emulator (the nomad scenario then says it is skipped, unless
 # --nomad-url is given). BENCH_PLUGINS=0 skips building the plugins and starting their server (the
 # plugins and reload scenarios then say they are skipped, unless --plugin-url is given). POSEIDON_BENCH_LOG_LEVEL sets the servers' log level (default info).
+# BENCH_PLUGIN_LIMITS='{ inlineCalls: false, keepResidentKb: 0 }' sets the plugin server's `limits:`
+# (e.g. to compare the plugin host's call paths with one binary).
 # POSEIDON_BENCH_SERVER=PATH runs that poseidon binary instead of the fresh release build (to compare
 # two builds with the same load generator). BENCH_OUT=DIR writes the results there instead.
 set -euo pipefail
@@ -197,7 +199,8 @@ if [ "$start_plugins" = 1 ]; then
       config: { key.bench: \"$jwt_key\", environments.bench: \"$environments\" }
     - file: submission_guard.wasm
       failOpen: false
-      config: { maxFiles: 50, maxFileBytes: 1048576, maxTotalBytes: 4194304, forbiddenPaths: \"**/*.so\", maxTimeLimit: 60, denyPrivileged: true }"
+      config: { maxFiles: 50, maxFileBytes: 1048576, maxTotalBytes: 4194304, forbiddenPaths: \"**/*.so\", maxTimeLimit: 60, denyPrivileged: true }${BENCH_PLUGIN_LIMITS:+
+  limits: $BENCH_PLUGIN_LIMITS}"
   plugins_url=$server_url
   plugin_args=(--plugin-url "$plugins_url" --plugin-jwt-key "$jwt_key"
     --plugin-file "$plugin_dir/jwt_auth.wasm"

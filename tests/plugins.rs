@@ -48,6 +48,12 @@ async fn server_with_plugins(dir: &Path, entries_yaml: &str) -> Server {
             "plugins:\n  directory: {}\n  limits:\n    callTimeoutMs: 30000\n    epochDeadlineTicks: 1000\n  entries:\n{entries_yaml}",
             dir.display()
         ),
+        // Cranelift's debug log (every function it compiles) makes starting with a large
+        // plugin slow on a busy machine; the server's own debug log stays on.
+        env: vec![(
+            "POSEIDON_LOG".into(),
+            "debug,cranelift_codegen=info,wasmtime_internal_cranelift=info,wasmtime=info".into(),
+        )],
         ..Options::default()
     })
     .await
@@ -330,9 +336,128 @@ fn plugin_check_command() {
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("accepts poseidon:plugins@0.1.x"),
+        stderr.contains("accepts poseidon:plugins@0.1.x or 0.2.x"),
         "{stderr}"
     );
+}
+
+/// `poseidon plugin ARGS…`: exit code, stdout, stderr.
+fn plugin_command(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_poseidon"))
+        .arg("plugin")
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn plugin_call_command_runs_one_call_without_a_server() {
+    let guard = plugin("submission_guard");
+    let guard = guard.to_str().unwrap();
+    // A top-level shared library is refused by `**/*.so` (the globset fix).
+    let (code, stdout, stderr) = plugin_command(&[
+        "call",
+        guard,
+        "--kind",
+        "preprocessor",
+        "--input",
+        r#"{"copy":[{"path":"x.so","content":[1]}],"environmentId":1}"#,
+        "--config",
+        "forbiddenPaths=**/*.so",
+    ]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let answer: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(
+        answer["Err"]["message"],
+        "path \"x.so\" is forbidden (matches \"**/*.so\")"
+    );
+    assert!(
+        stderr.contains("preprocessor (WIT 0.1.0), call took"),
+        "{stderr}"
+    );
+
+    // A 0.2 authenticator with its token, and an observer.
+    let (code, stdout, stderr) = plugin_command(&[
+        "call",
+        plugin("token_tenants").to_str().unwrap(),
+        "--kind",
+        "authenticator",
+        "--input",
+        r#"{"method":"GET","path":"/","poseidonToken":"s3cret"}"#,
+        "--config",
+        "token.hpi=s3cret",
+    ]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains(r#""tenant":"hpi""#), "{stdout}");
+    let (code, _, stderr) = plugin_command(&[
+        "call",
+        plugin("test_observer").to_str().unwrap(),
+        "--kind",
+        "observer",
+        "--input",
+        r#"{"atMs":0,"runnerId":"r","environmentId":1,"tenant":null,"kind":"claimed"}"#,
+        "--config",
+        "trapAlways=true",
+    ]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("test-observer traps on every event"),
+        "{stderr}"
+    );
+
+    // Wrong kind and bad input are clear errors.
+    let (code, _, stderr) =
+        plugin_command(&["call", guard, "--kind", "pool-sizer", "--input", "{}"]);
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("is a preprocessor"), "{stderr}");
+    let (code, _, stderr) = plugin_command(&["call", guard, "--kind", "preprocessor"]);
+    assert_eq!(code, Some(2));
+    assert!(stderr.contains("--input is required"), "{stderr}");
+}
+
+#[test]
+fn plugin_new_command_writes_a_project() {
+    let dir = std::env::temp_dir().join(format!("poseidon-new-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let project = dir.join("my-observer");
+    let (code, stdout, stderr) = plugin_command(&[
+        "new",
+        "observer",
+        project.to_str().unwrap(),
+        "--lang",
+        "rust",
+    ]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stdout.contains("cargo build --target wasm32-wasip2 --release"),
+        "{stdout}"
+    );
+    let lib = std::fs::read_to_string(project.join("src/lib.rs")).unwrap();
+    assert!(lib.contains("world: \"observer-plugin\""), "{lib}");
+    let wit = std::fs::read_to_string(project.join("wit/plugins.wit")).unwrap();
+    assert!(wit.contains("package poseidon:plugins@0.2.0;"));
+    // Not twice, and not an unknown kind or language.
+    let (code, _, stderr) = plugin_command(&["new", "observer", project.to_str().unwrap()]);
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("exists already"), "{stderr}");
+    let (code, _, _) = plugin_command(&["new", "sizer", dir.join("x").to_str().unwrap()]);
+    assert_eq!(code, Some(1));
+    let (code, _, stderr) = plugin_command(&[
+        "new",
+        "observer",
+        dir.join("y").to_str().unwrap(),
+        "--lang",
+        "cobol",
+    ]);
+    assert_eq!(code, Some(2));
+    assert!(stderr.contains("only rust"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -467,4 +592,143 @@ async fn looping_and_memory_hungry_plugins_are_contained() {
         assert!(p["lastError"].is_string(), "{p}");
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// An HTTP client that sends `token` as its `Poseidon-Token`, as a CodeOcean configured
+/// with that token does.
+fn codeocean(token: &str) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert("Poseidon-Token", token.parse().unwrap());
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_poseidon_token_per_institution_with_an_observer_watching() {
+    let dir = plugin_dir(&[
+        ("token_tenants", "tokens.wasm"),
+        ("audit_observer", "audit.wasm"),
+    ]);
+    let s = server_with_plugins(
+        &dir,
+        &format!(
+            "    - file: tokens.wasm\n      kind: authenticator\n      config:\n        token.ops: {}\n        token.hpi: hpi-token\n        environments.hpi: \"12\"\n        token.tum: tum-token\n        environments.tum: \"13\"\n    - file: audit.wasm\n",
+            support::TOKEN
+        ),
+    )
+    .await;
+    // The operator's token (the server's) is a tenant with every environment.
+    s.environment(12, 2, json!({})).await;
+    let hpi = codeocean("hpi-token");
+    let tum = codeocean("tum-token");
+
+    // Unmodified CodeOcean: only the Poseidon-Token says which institution calls.
+    let (status, body) = status_and_json(
+        hpi.post(s.url("/runners"))
+            .json(&json!({"executionEnvironmentId": 12, "inactivityTimeout": 60}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let runner = body["runnerId"].as_str().unwrap().to_string();
+    let files = s.url(&format!("/runners/{runner}/files"));
+    assert_eq!(hpi.get(&files).send().await.unwrap().status(), 200);
+    assert_eq!(tum.get(&files).send().await.unwrap().status(), 410);
+    let r = tum
+        .post(s.url("/runners"))
+        .json(&json!({"executionEnvironmentId": 12}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let (status, body) =
+        status_and_json(codeocean("guess").get(&files).send().await.unwrap()).await;
+    assert_eq!(
+        (status, body["message"].as_str()),
+        (401, Some("unknown Poseidon-Token"))
+    );
+    // Operator routes still need the server's token.
+    assert_eq!(
+        hpi.get(s.url("/plugins")).send().await.unwrap().status(),
+        401
+    );
+    assert_eq!(
+        hpi.delete(s.url(&format!("/runners/{runner}")))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        204
+    );
+
+    // A whole execution of the operator tenant, watched by the audit observer.
+    let own = s.claim(12, 60).await;
+    s.copy(&own, &[("main.sh", b"exit 3")]).await;
+    let session = s.run(&own, json!({"command": "sh main.sh"})).await;
+    assert_eq!(session.exit(), Some(3), "{session:?}");
+    let expected = [
+        format!("runner {runner} (environment 12, tenant hpi) claimed"),
+        format!("runner {runner} (environment 12, tenant hpi) destroyed"),
+        format!("runner {own} (environment 12, tenant ops) files changed: 1 written (6 bytes), 0 deleted"),
+        format!("runner {own} (environment 12, tenant ops) execution started: \"sh main.sh\""),
+        format!("runner {own} (environment 12, tenant ops) execution ended: exited 3 after"),
+    ];
+    eventually("the observer logged every event", 30, || {
+        let log = s.log();
+        let found = expected.iter().all(|line| log.contains(line.as_str()));
+        async move { found }
+    })
+    .await;
+    let (_, plugins) = status_and_json(s.http.get(s.url("/plugins")).send().await.unwrap()).await;
+    assert_eq!(plugins[0]["witVersion"], "0.2.0");
+    assert_eq!(plugins[1]["kind"], "observer");
+    assert_eq!(plugins[1]["failures"], 0, "{plugins}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_applies_a_changed_plugin_config_without_a_restart() {
+    let dir = plugin_dir(&[("submission_guard", "guard.wasm")]);
+    let s = server_with_plugins(
+        &dir,
+        "    - file: guard.wasm\n      config:\n        env.ROUND: first\n",
+    )
+    .await;
+    s.environment(9, 1, json!({})).await;
+    let runner = s.claim(9, 60).await;
+    s.copy(&runner, &[("main.sh", b"echo \"$ROUND\"")]).await;
+    let session = s.run(&runner, json!({"command": "sh main.sh"})).await;
+    assert_eq!(session.stdout.trim(), "first", "{session:?}");
+
+    let yaml = std::fs::read_to_string(s.config_path()).unwrap();
+    std::fs::write(
+        s.config_path(),
+        yaml.replace("env.ROUND: first", "env.ROUND: second"),
+    )
+    .unwrap();
+    let hup = std::process::Command::new("kill")
+        .args(["-HUP", &s.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    // Every execution succeeds while the change is applied; soon they see the new value.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let session = s.run(&runner, json!({"command": "sh main.sh"})).await;
+        assert_eq!(session.exit(), Some(0), "{session:?}");
+        if session.stdout.trim() == "second" {
+            break;
+        }
+        assert_eq!(session.stdout.trim(), "first");
+        assert!(
+            Instant::now() < deadline,
+            "the new configuration was not applied"
+        );
+    }
+    let (_, plugins) = status_and_json(s.http.get(s.url("/plugins")).send().await.unwrap()).await;
+    assert_eq!(plugins[0]["failures"], 0, "{plugins}");
+    assert!(s.log().contains("SIGHUP: plugin configuration reloaded"));
 }

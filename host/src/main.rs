@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 mod config;
+mod plugin_cli;
 mod plugins;
 mod tls;
 
@@ -27,19 +28,14 @@ use poseidon_plugin_host::PluginHost;
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(15);
 
 fn usage() -> ! {
-    eprintln!("usage: poseidon [--config PATH]\n       poseidon plugin check FILE");
+    eprintln!("usage: poseidon [--config PATH]\n{}", plugin_cli::USAGE);
     std::process::exit(2);
 }
 
 fn main() {
     let all: Vec<String> = std::env::args().skip(1).collect();
     if all.first().map(String::as_str) == Some("plugin") {
-        match all.get(1..).unwrap_or_default() {
-            [check, file] if check == "check" => {
-                std::process::exit(plugins::check_command(std::path::Path::new(file)))
-            }
-            _ => usage(),
-        }
+        std::process::exit(plugin_cli::run(all.get(1..).unwrap_or_default()));
     }
     let mut args = all.into_iter();
     let mut config_path: Option<PathBuf> = None;
@@ -71,7 +67,7 @@ fn main() {
         .enable_all()
         .build()
         .expect("cannot start the async runtime");
-    if let Err(e) = runtime.block_on(serve(config)) {
+    if let Err(e) = runtime.block_on(serve(config, config_path)) {
         tracing::error!("{e}");
         eprintln!("poseidon: {e}");
         std::process::exit(1);
@@ -102,7 +98,10 @@ fn init_logging(config: &Config) {
     }
 }
 
-async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
+async fn serve(
+    config: Config,
+    config_path: Option<PathBuf>,
+) -> Result<(), Box<dyn std::error::Error>> {
     let (backend, local): (Arc<dyn Backend>, Option<Arc<LocalBackend>>) = if config.nomad.enabled {
         let mut nomad = NomadConfig::from_yaml(&config.nomad.rest)
             .map_err(|e| format!("invalid configuration: {e}"))?;
@@ -132,6 +131,7 @@ async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
                     "plugin"
                 );
             }
+            plugins::reload_on_sighup(host.clone(), config_path);
             Some(Arc::new(plugins::PluginPolicies::new(host)))
         }
         None => None,

@@ -8,11 +8,14 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use poseidon_api::{AuthRequest, Denial, Policies, Principal};
+use poseidon_api::{
+    AuthRequest, Denial, ExecutionOutcome, LifecycleEvent, LifecycleKind, Policies, Principal,
+};
 use poseidon_core::execution::ExecutionRequest;
 use poseidon_core::files::{FileCopy, FileUpdate};
 use poseidon_core::policy::{PoolPolicy, PoolSnapshot};
 use poseidon_core::EnvironmentId;
+use poseidon_plugin_host as ph;
 use poseidon_plugin_host::{
     AuthInput, EnvironmentInfo, ExecuteInput, FileEntry, FilesInput, PluginHost, PluginsConfig,
     PoolSizerInput, PoolStateInfo,
@@ -26,6 +29,40 @@ pub fn config(section: &serde_yaml::Value) -> Result<Option<PluginsConfig>, Stri
     serde_path_to_error::deserialize(section.clone())
         .map(Some)
         .map_err(|e| format!("invalid configuration: plugins.{}: {}", e.path(), e.inner()))
+}
+
+/// On SIGHUP, re-reads the configuration file (as at start, `POSEIDON_*` variables
+/// included) and applies a changed `plugins:` section without a restart
+/// ([`PluginHost::reconfigure`]: changed `config:` values at once, changed files reloaded);
+/// what needs a restart is logged.
+pub fn reload_on_sighup(host: PluginHost, config_path: Option<std::path::PathBuf>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP; plugin configuration changes need a restart");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            let section = crate::config::Config::load(config_path.as_deref(), std::env::vars())
+                .map_err(|e| e.to_string())
+                .and_then(|c| config(&c.plugins));
+            match section {
+                Ok(Some(new)) => {
+                    for line in host.reconfigure(&new).await {
+                        tracing::warn!("{line}; restart the server to apply it");
+                    }
+                    tracing::info!("SIGHUP: plugin configuration reloaded");
+                }
+                Ok(None) => tracing::warn!(
+                    "SIGHUP: the plugins section is gone; restart the server to apply it"
+                ),
+                Err(e) => tracing::error!("SIGHUP: configuration not reloaded: {e}"),
+            }
+        }
+    });
 }
 
 /// The plugin host as the API's and the pools' policy.
@@ -90,6 +127,18 @@ impl Policies for PluginPolicies {
         self.host.has_authenticator()
     }
 
+    fn reads_tokens(&self) -> bool {
+        self.host.authenticator_reads_tokens()
+    }
+
+    fn observes(&self) -> bool {
+        self.host.has_observer()
+    }
+
+    fn observe(&self, event: LifecycleEvent) {
+        self.host.observe(lifecycle_event(event));
+    }
+
     async fn authenticate(&self, request: &AuthRequest) -> Result<Option<Principal>, Denial> {
         if !self.host.has_authenticator() {
             return Ok(None);
@@ -99,6 +148,7 @@ impl Policies for PluginPolicies {
             path: request.path.clone(),
             headers: request.headers.clone(),
             peer_address: request.peer.clone().unwrap_or_default(),
+            poseidon_token: request.token.clone(),
         };
         match self.host.authenticate(input).await {
             Ok(p) => Ok(Some(Principal {
@@ -220,6 +270,50 @@ impl PoolPolicy for PluginPolicies {
             },
         };
         self.host.pool_size(input).await
+    }
+}
+
+/// The API's lifecycle event as the plugin host takes it.
+fn lifecycle_event(e: LifecycleEvent) -> ph::LifecycleEvent {
+    let at_ms =
+        e.at.duration_since(std::time::UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+            .unwrap_or(0);
+    ph::LifecycleEvent {
+        at_ms,
+        runner_id: e.runner_id,
+        environment_id: to_i64(e.environment),
+        tenant: e.tenant,
+        kind: match e.kind {
+            LifecycleKind::Claimed => ph::LifecycleKind::Claimed,
+            LifecycleKind::FilesChanged {
+                copied,
+                deleted,
+                bytes,
+            } => ph::LifecycleKind::FilesChanged {
+                copied,
+                deleted,
+                bytes,
+            },
+            LifecycleKind::ExecutionStarted { command } => {
+                ph::LifecycleKind::ExecutionStarted { command }
+            }
+            LifecycleKind::ExecutionEnded {
+                outcome,
+                exit_code,
+                duration,
+            } => ph::LifecycleKind::ExecutionEnded {
+                outcome: match outcome {
+                    ExecutionOutcome::Exited => ph::ExecutionOutcome::Exited,
+                    ExecutionOutcome::TimedOut => ph::ExecutionOutcome::TimedOut,
+                    ExecutionOutcome::Failed => ph::ExecutionOutcome::Failed,
+                    ExecutionOutcome::Abandoned => ph::ExecutionOutcome::Abandoned,
+                },
+                exit_code,
+                duration_ms: u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
+            },
+            LifecycleKind::Destroyed => ph::LifecycleKind::Destroyed,
+        },
     }
 }
 

@@ -4,7 +4,7 @@
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -225,6 +225,19 @@ impl Server {
         let text = response.text().await.unwrap();
         serde_json::from_str(&text)
             .unwrap_or_else(|e| panic!("GET {url}: {status}, not JSON ({e}): {text}"))
+    }
+
+    /// The server's configuration file.
+    pub fn config_path(&self) -> &Path {
+        &self.config
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child
+            .as_ref()
+            .map(|c| c.id())
+            .expect("the server runs")
     }
 
     /// Creates an environment and waits until its pool has `pool` idle runners.

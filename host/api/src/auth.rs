@@ -16,7 +16,9 @@ pub(crate) async fn authenticate(
     mut request: Request,
     next: Next,
 ) -> Response {
-    if let Err(refused) = check_caller(&state, &request) {
+    // An authenticator that reads tokens decides about tokens other than `server.token`.
+    let delegate = state.policies.authenticates() && state.policies.reads_tokens();
+    if let Err(refused) = check_caller(&state, &request, delegate) {
         return refused.into_response();
     }
     if !state.policies.authenticates() {
@@ -40,6 +42,10 @@ pub(crate) async fn authenticate(
             .extensions()
             .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
             .map(|c| c.0.to_string()),
+        token: request
+            .headers()
+            .get("Poseidon-Token")
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()),
     };
     match state.policies.authenticate(&auth).await {
         Ok(principal) => {
@@ -66,16 +72,17 @@ pub(crate) async fn token_only(
     request: Request,
     next: Next,
 ) -> Response {
-    match check_caller(&state, &request) {
+    match check_caller(&state, &request, false) {
         Ok(()) => next.run(request).await,
         Err(refused) => refused.into_response(),
     }
 }
 
-/// The `Poseidon-Token` check and the refusal of requests from sandboxes.
-fn check_caller(state: &AppState, request: &Request) -> Result<(), ApiError> {
+/// The `Poseidon-Token` check and the refusal of requests from sandboxes. With
+/// `delegate_token`, a token other than `server.token` is left to the authenticator.
+fn check_caller(state: &AppState, request: &Request, delegate_token: bool) -> Result<(), ApiError> {
     let expected = state.settings.token.as_bytes();
-    if !expected.is_empty() {
+    if !expected.is_empty() && !delegate_token {
         let given = request
             .headers()
             .get("Poseidon-Token")

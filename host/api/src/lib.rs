@@ -8,6 +8,7 @@
 pub mod auth;
 mod body;
 mod error;
+mod observe;
 mod peer;
 mod policy;
 mod query;
@@ -22,7 +23,10 @@ use axum::Router;
 use poseidon_core::Manager;
 
 pub use error::ApiError;
-pub use policy::{AuthRequest, Denial, NoPolicies, Policies, Principal};
+pub use policy::{
+    AuthRequest, Denial, ExecutionOutcome, LifecycleEvent, LifecycleKind, NoPolicies, Policies,
+    Principal,
+};
 
 /// Settings of the API layer.
 #[derive(Debug, Clone)]

@@ -43,6 +43,69 @@ pub struct AuthRequest {
     pub headers: Vec<(String, String)>,
     /// Peer address, when known.
     pub peer: Option<String>,
+    /// The `Poseidon-Token` header's value (not among `headers`), for authenticators that
+    /// tell tenants apart by their token ([`Policies::reads_tokens`]).
+    pub token: Option<String>,
+}
+
+/// Something that happened to a runner, for observers ([`Policies::observe`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LifecycleEvent {
+    /// When it happened.
+    pub at: std::time::SystemTime,
+    /// The runner's id.
+    pub runner_id: String,
+    /// The runner's environment.
+    pub environment: EnvironmentId,
+    /// The tenant that claimed the runner, when an authenticator is in use.
+    pub tenant: Option<String>,
+    /// What happened.
+    pub kind: LifecycleKind,
+}
+
+/// What happened to a runner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LifecycleKind {
+    /// Claimed from its pool.
+    Claimed,
+    /// Files copied into it or deleted.
+    FilesChanged {
+        /// Files written.
+        copied: u32,
+        /// Paths deleted.
+        deleted: u32,
+        /// Bytes written.
+        bytes: u64,
+    },
+    /// An execution started.
+    ExecutionStarted {
+        /// Its command line.
+        command: String,
+    },
+    /// An execution ended.
+    ExecutionEnded {
+        /// How.
+        outcome: ExecutionOutcome,
+        /// The exit code, when it exited.
+        exit_code: Option<i32>,
+        /// From start to end.
+        duration: std::time::Duration,
+    },
+    /// Destroyed at its client's request.
+    Destroyed,
+}
+
+/// How an execution ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExecutionOutcome {
+    /// The program exited.
+    Exited,
+    /// Its time limit ended it.
+    TimedOut,
+    /// The runner or the backend failed.
+    Failed,
+    /// The client went away first.
+    Abandoned,
 }
 
 /// Policies applied to API requests.
@@ -53,6 +116,21 @@ pub trait Policies: Send + Sync + 'static {
     fn authenticates(&self) -> bool {
         true
     }
+
+    /// Whether the authenticator tells tenants apart by their `Poseidon-Token`: then a
+    /// token other than `server.token` is not refused by the server but handed to the
+    /// authenticator (operator routes such as `/plugins` still need `server.token`).
+    fn reads_tokens(&self) -> bool {
+        false
+    }
+
+    /// Whether [`Policies::observe`] wants events at all.
+    fn observes(&self) -> bool {
+        false
+    }
+
+    /// Takes a lifecycle event; must return at once (queue it, never wait).
+    fn observe(&self, _event: LifecycleEvent) {}
 
     /// `Ok(None)` when no authenticator is configured.
     async fn authenticate(&self, request: &AuthRequest) -> Result<Option<Principal>, Denial>;

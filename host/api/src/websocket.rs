@@ -17,7 +17,7 @@ use crate::error::ApiError;
 use crate::policy::Principal;
 use crate::routes::runner;
 use crate::wire::WsMessage;
-use crate::{query, AppState};
+use crate::{observe, query, AppState};
 
 /// Checks runner, execution id and origin, then upgrades.
 pub(crate) async fn connect(
@@ -53,7 +53,7 @@ pub(crate) async fn connect(
     })?;
     let request = runner.take_execution(&execution).map_err(|_| unknown())?;
     runner.touch();
-    Ok(upgrade.on_upgrade(move |socket| session(socket, runner, request)))
+    Ok(upgrade.on_upgrade(move |socket| session(socket, state, runner, request)))
 }
 
 /// Like gorilla/websocket: an `Origin`, if sent, must name the same host as `Host`.
@@ -73,11 +73,21 @@ fn text(message: &WsMessage) -> Message {
     Message::Text(serde_json::to_string(message).unwrap_or_default().into())
 }
 
-async fn session(socket: WebSocket, runner: Arc<Runner>, request: ExecutionRequest) {
+async fn session(
+    socket: WebSocket,
+    state: AppState,
+    runner: Arc<Runner>,
+    request: ExecutionRequest,
+) {
     let (mut sink, mut stream) = socket.split();
     if sink.send(text(&WsMessage::Start)).await.is_err() {
         return;
     }
+    let started = std::time::Instant::now();
+    observe::emit(&state, &runner, || crate::LifecycleKind::ExecutionStarted {
+        command: request.command.clone(),
+    });
+    let mut last = None;
     let mut execution = runner.run(request);
     let stdin = execution.stdin.clone();
     let gone = CancellationToken::new();
@@ -105,6 +115,9 @@ async fn session(socket: WebSocket, runner: Arc<Runner>, request: ExecutionReque
         };
         let Some(event) = event else { break };
         let is_final = event.is_final();
+        if is_final {
+            last = Some(event.clone());
+        }
         let message = match event {
             ExecEvent::Stdout(s) => WsMessage::Stdout(s),
             ExecEvent::Stderr(s) => WsMessage::Stderr(s),
@@ -126,6 +139,9 @@ async fn session(socket: WebSocket, runner: Arc<Runner>, request: ExecutionReque
         }
     }
     drop(execution); // ends the program if it is still running (client gone)
+    observe::emit(&state, &runner, || {
+        observe::ended(last.as_ref(), started.elapsed())
+    });
     reader.abort();
     let _ = sink.close().await;
 }

@@ -53,6 +53,13 @@ pub struct PluginsConfig {
     /// Quiet period after a file change before it is reloaded, in milliseconds.
     #[serde(alias = "debouncems")]
     pub debounce_ms: u64,
+    /// Lifecycle events waiting for the observers at most; an event that finds the
+    /// queue full is dropped and counted, so observers never slow a request.
+    #[serde(alias = "observerqueue")]
+    pub observer_queue: usize,
+    /// Most events handed to an observer in one call.
+    #[serde(alias = "observerbatch")]
+    pub observer_batch: usize,
 }
 
 impl Default for PluginsConfig {
@@ -64,6 +71,8 @@ impl Default for PluginsConfig {
             sizer: SizerBounds::default(),
             watch: true,
             debounce_ms: 100,
+            observer_queue: 4096,
+            observer_batch: 64,
         }
     }
 }
@@ -90,6 +99,10 @@ pub struct PluginEntry {
     /// request through unchanged instead of rejecting it.
     #[serde(default, alias = "failopen")]
     pub fail_open: bool,
+    /// Pool sizers of WIT 0.2: the IANA time zone of the `local` time they are given
+    /// (e.g. `Europe/Berlin`); default: the server's time zone.
+    #[serde(default, alias = "timezone")]
+    pub time_zone: Option<String>,
 }
 
 impl PluginEntry {
@@ -111,7 +124,7 @@ impl PluginEntry {
     }
 }
 
-/// The three kinds of plugin.
+/// The kinds of plugin.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum PluginKind {
     /// Decides how many idle runners an environment keeps (`pool-sizer` world).
@@ -123,14 +136,18 @@ pub enum PluginKind {
     /// Authenticates API requests (`authenticator` world).
     #[serde(rename = "authenticator")]
     Authenticator,
+    /// Receives runner lifecycle events (`observer` world, WIT 0.2 and later).
+    #[serde(rename = "observer")]
+    Observer,
 }
 
 impl PluginKind {
     /// All kinds.
-    pub const ALL: [PluginKind; 3] = [
+    pub const ALL: [PluginKind; 4] = [
         PluginKind::PoolSizer,
         PluginKind::Preprocessor,
         PluginKind::Authenticator,
+        PluginKind::Observer,
     ];
 
     /// The WIT interface a plugin of this kind exports (without package and version).
@@ -139,6 +156,7 @@ impl PluginKind {
             PluginKind::PoolSizer => "pool-sizer",
             PluginKind::Preprocessor => "preprocessor",
             PluginKind::Authenticator => "authenticator",
+            PluginKind::Observer => "observer",
         }
     }
 
@@ -148,6 +166,7 @@ impl PluginKind {
             PluginKind::PoolSizer => "pool-sizer-plugin",
             PluginKind::Preprocessor => "preprocessor-plugin",
             PluginKind::Authenticator => "authenticator-plugin",
+            PluginKind::Observer => "observer-plugin",
         }
     }
 }
@@ -184,6 +203,16 @@ pub struct Limits {
     /// Use wasmtime's pooling allocator (faster instantiation); falls back to
     /// on-demand allocation if the address space cannot be reserved.
     pub pooling: bool,
+    /// Pooling only: KiB of each linear memory kept resident between calls. A freed slot's
+    /// dirty pages (found with the kernel's `PAGEMAP_SCAN` where available, Linux 6.7+)
+    /// are reset in place instead of being returned to the kernel, so the next call does
+    /// not page-fault its way back into its stack and heap. `0` = always `madvise`.
+    #[serde(alias = "keepresidentkb")]
+    pub keep_resident_kb: u64,
+    /// Run guest calls on the calling worker thread (`block_in_place`) instead of hopping
+    /// to tokio's blocking pool; the hop waits for the scheduler twice per call.
+    #[serde(alias = "inlinecalls")]
+    pub inline_calls: bool,
 }
 
 impl Default for Limits {
@@ -196,6 +225,8 @@ impl Default for Limits {
             memory_mb: 64,
             max_concurrent_calls: 16,
             pooling: true,
+            keep_resident_kb: 2048,
+            inline_calls: true,
         }
     }
 }

@@ -10,20 +10,18 @@ use arc_swap::ArcSwapOption;
 use tokio::sync::Semaphore;
 use wasmtime::Store;
 
-use crate::bindings::types as wit;
-
-/// The preprocessor interface of a preprocessor plugin instance.
-type PreprocessorGuest =
-    crate::bindings::preprocessor::exports::poseidon::plugins::preprocessor::Guest;
-
 /// The environment a request is for (preprocessors apply per environment).
 trait HasEnvironment {
     fn environment_id(&self) -> i64;
+    fn principal(&self) -> Option<&str>;
 }
 
 impl HasEnvironment for ExecuteInput {
     fn environment_id(&self) -> i64 {
         self.environment_id
+    }
+    fn principal(&self) -> Option<&str> {
+        self.principal.as_deref()
     }
 }
 
@@ -31,15 +29,33 @@ impl HasEnvironment for FilesInput {
     fn environment_id(&self) -> i64 {
         self.environment_id
     }
+    fn principal(&self) -> Option<&str> {
+        self.principal.as_deref()
+    }
 }
+
+/// What a preprocessor call gives back: the request as rewritten or the plugin's
+/// rejection (inner), a bad answer (middle), or a failed call (outer).
+type PreprocessOutcome<T> = Result<Result<Result<T, String>, String>, Failure>;
+use crate::bindings::v2;
 use crate::config::{Limits, PluginEntry, PluginKind, PluginsConfig};
 use crate::error::{CallError, PluginError};
 use crate::loader::{self, LoadedPlugin, PluginPre};
-use crate::runtime::{HostState, Runtime};
+use crate::runtime::{HostState, PluginIdentity, Runtime};
 use crate::types::{
-    AuthInput, Denial, ExecuteInput, FileEntry, FilesInput, PluginDescription, PluginStatus,
-    PoolSizerInput, Principal, Rejection,
+    AuthInput, Denial, ExecuteInput, FilesInput, LifecycleEvent, ObserverStats, PluginDescription,
+    PluginStatus, PoolSizerInput, PoolStateInfo, Principal, Rejection,
 };
+
+/// What a pool sizer call needs, prepared once for either WIT version.
+pub(crate) struct SizerCall {
+    /// The pool, as the caller described it.
+    pub pool: PoolStateInfo,
+    /// Exactly 60 per-minute claim counts, oldest first.
+    pub claims: Vec<u32>,
+    /// The time zone of the local time given to 0.2 sizers.
+    pub time_zone: jiff::tz::TimeZone,
+}
 
 /// Number of per-minute claim counts passed to sizers.
 const CLAIM_MINUTES: usize = 60;
@@ -72,6 +88,12 @@ pub(crate) struct Inner {
     reload_lock: tokio::sync::Mutex<()>,
     /// Keeps the file watcher alive as long as the host.
     pub(crate) watcher: Mutex<Option<notify::RecommendedWatcher>>,
+    /// The bounded queue of lifecycle events for the observers.
+    observer_tx: tokio::sync::mpsc::Sender<LifecycleEvent>,
+    /// Events queued, dropped (queue full) and delivered.
+    observer_queued: AtomicU64,
+    observer_dropped: AtomicU64,
+    observer_delivered: AtomicU64,
 }
 
 /// One configured plugin entry and its currently loaded version.
@@ -79,7 +101,10 @@ struct Slot {
     entry: PluginEntry,
     name: String,
     path: PathBuf,
-    config: Arc<BTreeMap<String, String>>,
+    /// The entry's `config:` values; replaced by [`PluginHost::reconfigure`].
+    config: arc_swap::ArcSwap<BTreeMap<String, String>>,
+    /// The zone of the local time given to 0.2 pool sizers.
+    time_zone: jiff::tz::TimeZone,
     current: ArcSwapOption<LoadedPlugin>,
     /// Digest of the last file version that failed to load (not retried until changed).
     failed_digest: Mutex<Option<String>>,
@@ -135,6 +160,11 @@ fn validate(config: &PluginsConfig) -> Result<(), PluginError> {
             "limits.maxConcurrentCalls must be positive".into(),
         ));
     }
+    if config.observer_queue == 0 || config.observer_batch == 0 {
+        return Err(PluginError::Config(
+            "observerQueue and observerBatch must be positive".into(),
+        ));
+    }
     if config.sizer.min > config.sizer.max {
         return Err(PluginError::Config(format!(
             "sizer.min ({}) is larger than sizer.max ({})",
@@ -142,6 +172,13 @@ fn validate(config: &PluginsConfig) -> Result<(), PluginError> {
         )));
     }
     Ok(())
+}
+
+/// Whether guest calls may run on the calling worker thread (`block_in_place`): only on
+/// tokio's multi-threaded runtime; elsewhere they go to the blocking pool.
+fn inline_calls_possible() -> bool {
+    tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
 }
 
 /// The outcome of one attempt to call a guest export, before classification.
@@ -165,20 +202,35 @@ impl PluginHost {
             .entries
             .iter()
             .map(|entry| {
-                Arc::new(Slot {
+                let time_zone = match &entry.time_zone {
+                    Some(name) => jiff::tz::TimeZone::get(name).map_err(|e| {
+                        PluginError::Config(format!(
+                            "plugin {:?}: timeZone {name:?} is not a known time zone: {e}",
+                            entry.display_name()
+                        ))
+                    })?,
+                    None => jiff::tz::TimeZone::try_system().unwrap_or(jiff::tz::TimeZone::UTC),
+                };
+                Ok(Arc::new(Slot {
                     name: entry.display_name(),
                     path: config.directory.join(&entry.file),
-                    config: Arc::new(entry.config.clone()),
+                    config: arc_swap::ArcSwap::from_pointee(entry.config.clone()),
+                    time_zone,
                     entry: entry.clone(),
                     current: ArcSwapOption::empty(),
                     failed_digest: Mutex::new(None),
                     calls: AtomicU64::new(0),
                     failures: AtomicU64::new(0),
                     last_error: Mutex::new(None),
-                })
+                }))
             })
-            .collect();
+            .collect::<Result<Vec<_>, PluginError>>()?;
+        let (observer_tx, observer_rx) = tokio::sync::mpsc::channel(config.observer_queue);
         let inner = Arc::new(Inner {
+            observer_tx,
+            observer_queued: AtomicU64::new(0),
+            observer_dropped: AtomicU64::new(0),
+            observer_delivered: AtomicU64::new(0),
             admission: Arc::new(Semaphore::new(config.limits.max_concurrent_calls as usize)),
             runtime,
             config,
@@ -188,6 +240,7 @@ impl PluginHost {
             watcher: Mutex::new(None),
         });
         inner.reload_all().await;
+        tokio::spawn(deliver_events(Arc::downgrade(&inner), observer_rx));
         if inner.config.watch && !inner.slots.is_empty() {
             crate::watch::start(&inner)?;
         }
@@ -226,16 +279,7 @@ impl PluginHost {
             .slots
             .iter()
             .find(|s| s.kind() == Some(PluginKind::PoolSizer) && s.entry.applies_to(env_id))?;
-        let environment = wit::Environment {
-            id: input.environment.id,
-            image: input.environment.image,
-            prewarming_pool_size: input.environment.prewarming_pool_size,
-            cpu_limit: input.environment.cpu_limit,
-            memory_limit: input.environment.memory_limit,
-            network_access: input.environment.network_access,
-            exposed_ports: input.environment.exposed_ports,
-        };
-        let mut claims = input.pool.claims_per_minute;
+        let mut claims = input.pool.claims_per_minute.clone();
         if claims.len() > CLAIM_MINUTES {
             claims.drain(..claims.len() - CLAIM_MINUTES);
         }
@@ -244,22 +288,27 @@ impl PluginHost {
             padded.extend(claims);
             claims = padded;
         }
-        let state = wit::PoolState {
-            configured_size: input.pool.configured_size,
-            idle: input.pool.idle,
-            used: input.pool.used,
-            starting: input.pool.starting,
-            claims_per_minute: claims,
-            empty_pool_misses: input.pool.empty_pool_misses,
-            now: input.pool.now,
+        let call = SizerCall {
+            pool: input.pool,
+            claims,
+            time_zone: slot.time_zone.clone(),
         };
+        let environment = input.environment;
         let answer = inner
             .call(slot, move |store, pre| match pre {
-                PluginPre::PoolSizer(pre) => {
+                PluginPre::PoolSizerV1(pre) => {
                     let instance = pre.instantiate(&mut *store).map_err(Failure::Instantiate)?;
                     instance
                         .poseidon_plugins_pool_sizer()
-                        .call_wanted_idle(&mut *store, &environment, &state)
+                        .call_wanted_idle(&mut *store, &(&environment).into(), &(&call).into())
+                        .map_err(Failure::Call)
+                        .map(Ok)
+                }
+                PluginPre::PoolSizerV2(pre) => {
+                    let instance = pre.instantiate(&mut *store).map_err(Failure::Instantiate)?;
+                    instance
+                        .poseidon_plugins_pool_sizer()
+                        .call_wanted_idle(&mut *store, &(&environment).into(), &(&call).into())
                         .map_err(Failure::Call)
                         .map(Ok)
                 }
@@ -295,30 +344,32 @@ impl PluginHost {
         inner
             .preprocess(
                 req,
-                |req| wit::ExecuteRequest {
-                    command: req.command.clone(),
-                    env: req.env.clone(),
-                    time_limit: req.time_limit,
-                    privileged: req.privileged,
-                    environment_id: req.environment_id,
-                    principal: req.principal.clone(),
-                },
-                |guest, store, request| guest.call_preprocess_execute(store, request),
-                |req, out| {
-                    if out.environment_id != req.environment_id || out.principal != req.principal {
-                        return Err("changed environment-id or principal");
+                |store, pre, req| match pre {
+                    PluginPre::PreprocessorV1(pre) => {
+                        let instance =
+                            pre.instantiate(&mut *store).map_err(Failure::Instantiate)?;
+                        instance
+                            .poseidon_plugins_preprocessor()
+                            .call_preprocess_execute(&mut *store, &req.into())
+                            .map(|r| Ok(r.map(ExecuteInput::from)))
+                            .map_err(Failure::Call)
                     }
+                    PluginPre::PreprocessorV2(pre) => {
+                        let instance =
+                            pre.instantiate(&mut *store).map_err(Failure::Instantiate)?;
+                        instance
+                            .poseidon_plugins_preprocessor()
+                            .call_preprocess_execute(&mut *store, &req.into())
+                            .map(|r| Ok(r.map(ExecuteInput::from)))
+                            .map_err(Failure::Call)
+                    }
+                    _ => Ok(Err("the loaded file is not a preprocessor".to_string())),
+                },
+                |_, out| {
                     if out.time_limit < 0 {
                         return Err("answered a negative time limit");
                     }
-                    Ok(ExecuteInput {
-                        command: out.command,
-                        env: out.env,
-                        time_limit: out.time_limit,
-                        privileged: out.privileged,
-                        environment_id: req.environment_id,
-                        principal: req.principal.clone(),
-                    })
+                    Ok(out)
                 },
             )
             .await
@@ -333,38 +384,28 @@ impl PluginHost {
         inner
             .preprocess(
                 req,
-                |req| wit::FileUpdate {
-                    copy: req
-                        .copy
-                        .iter()
-                        .map(|f| wit::File {
-                            path: f.path.clone(),
-                            content: f.content.clone(),
-                        })
-                        .collect(),
-                    delete: req.delete.clone(),
-                    environment_id: req.environment_id,
-                    principal: req.principal.clone(),
-                },
-                |guest, store, update| guest.call_preprocess_files(store, update),
-                |req, out| {
-                    if out.environment_id != req.environment_id || out.principal != req.principal {
-                        return Err("changed environment-id or principal");
+                |store, pre, req| match pre {
+                    PluginPre::PreprocessorV1(pre) => {
+                        let instance =
+                            pre.instantiate(&mut *store).map_err(Failure::Instantiate)?;
+                        instance
+                            .poseidon_plugins_preprocessor()
+                            .call_preprocess_files(&mut *store, &req.into())
+                            .map(|r| Ok(r.map(FilesInput::from)))
+                            .map_err(Failure::Call)
                     }
-                    Ok(FilesInput {
-                        copy: out
-                            .copy
-                            .into_iter()
-                            .map(|f| FileEntry {
-                                path: f.path,
-                                content: f.content,
-                            })
-                            .collect(),
-                        delete: out.delete,
-                        environment_id: req.environment_id,
-                        principal: req.principal.clone(),
-                    })
+                    PluginPre::PreprocessorV2(pre) => {
+                        let instance =
+                            pre.instantiate(&mut *store).map_err(Failure::Instantiate)?;
+                        instance
+                            .poseidon_plugins_preprocessor()
+                            .call_preprocess_files(&mut *store, &req.into())
+                            .map(|r| Ok(r.map(FilesInput::from)))
+                            .map_err(Failure::Call)
+                    }
+                    _ => Ok(Err("the loaded file is not a preprocessor".to_string())),
                 },
+                |_, out| Ok(out),
             )
             .await
     }
@@ -402,25 +443,32 @@ impl PluginHost {
         else {
             return Ok(everyone);
         };
-        let request = wit::AuthRequest {
+        let request = AuthInput {
             method: req.method.to_ascii_uppercase(),
-            path: req.path,
             headers: req
                 .headers
                 .into_iter()
                 .map(|(k, v)| (k.to_ascii_lowercase(), v))
                 .collect(),
-            peer_address: req.peer_address,
+            ..req
         };
         let result = inner
             .call(slot, move |store, pre| match pre {
-                PluginPre::Authenticator(pre) => {
+                PluginPre::AuthenticatorV1(pre) => {
                     let instance = pre.instantiate(&mut *store).map_err(Failure::Instantiate)?;
                     instance
                         .poseidon_plugins_authenticator()
-                        .call_authenticate(&mut *store, &request)
+                        .call_authenticate(&mut *store, &(&request).into())
+                        .map(|r| Ok(r.map(Principal::from).map_err(Denial::from)))
                         .map_err(Failure::Call)
-                        .map(Ok)
+                }
+                PluginPre::AuthenticatorV2(pre) => {
+                    let instance = pre.instantiate(&mut *store).map_err(Failure::Instantiate)?;
+                    instance
+                        .poseidon_plugins_authenticator()
+                        .call_authenticate(&mut *store, &(&request).into())
+                        .map(|r| Ok(r.map(Principal::from).map_err(Denial::from)))
+                        .map_err(Failure::Call)
                 }
                 _ => Ok(Err("the loaded file is not an authenticator".to_string())),
             })
@@ -430,14 +478,8 @@ impl PluginHost {
             message: format!("authentication unavailable: plugin {:?} {e}", slot.name),
         };
         match result {
-            Ok(Ok(p)) => Ok(Principal {
-                tenant: p.tenant,
-                environments: p.environments,
-            }),
-            Ok(Err(d)) if d.status == 401 || d.status == 403 => Err(Denial {
-                status: d.status,
-                message: d.message,
-            }),
+            Ok(Ok(p)) => Ok(p),
+            Ok(Err(d)) if d.status == 401 || d.status == 403 => Err(d),
             Ok(Err(d)) => {
                 let e = CallError::BadAnswer(format!(
                     "denial status {} (only 401 and 403 are allowed)",
@@ -448,6 +490,128 @@ impl PluginHost {
             }
             Err(e) => Err(unavailable(&e)),
         }
+    }
+
+    /// Applies a changed `plugins:` section without a restart: an entry (matched by name)
+    /// whose `config:` values changed gets them at once — its loaded version is re-issued
+    /// with the new values (same compiled code, swapped atomically: calls running finish
+    /// with the old values, no call fails) — and every file is re-read as by
+    /// [`PluginHost::reload`], so a replaced file is loaded too. Returns what could not be
+    /// applied and needs a restart (added, removed or otherwise changed entries, changed
+    /// limits), one line each.
+    pub async fn reconfigure(&self, new: &PluginsConfig) -> Vec<String> {
+        let Some(inner) = &self.inner else {
+            return vec!["plugins were not enabled at start".into()];
+        };
+        let mut restart = Vec::new();
+        let old = &inner.config;
+        if old.directory != new.directory || old.limits != new.limits || old.sizer != new.sizer {
+            restart.push("plugins.directory, limits or sizer changed".to_string());
+        }
+        let names: HashSet<String> = new.entries.iter().map(|e| e.display_name()).collect();
+        for slot in &inner.slots {
+            if !names.contains(&slot.name) {
+                restart.push(format!("plugin {:?} was removed", slot.name));
+            }
+        }
+        for entry in &new.entries {
+            let name = entry.display_name();
+            let Some(slot) = inner.slots.iter().find(|s| s.name == name) else {
+                restart.push(format!("plugin {name:?} was added"));
+                continue;
+            };
+            let same_but_config = PluginEntry {
+                config: slot.entry.config.clone(),
+                ..entry.clone()
+            };
+            if same_but_config != slot.entry {
+                restart.push(format!(
+                    "plugin {name:?}: only `config:` changes apply without a restart"
+                ));
+                continue;
+            }
+            if **slot.config.load() == entry.config {
+                continue;
+            }
+            let config = Arc::new(entry.config.clone());
+            slot.config.store(Arc::clone(&config));
+            if let Some(current) = slot.current.load_full() {
+                let identity = Arc::new(PluginIdentity {
+                    config,
+                    name: current.identity.name.clone(),
+                    kind: current.identity.kind,
+                    digest: current.identity.digest.clone(),
+                });
+                slot.current.store(Some(Arc::new(LoadedPlugin {
+                    identity,
+                    wit_version: current.wit_version.clone(),
+                    loaded_at: std::time::SystemTime::now(),
+                    pre: current.pre.clone(),
+                })));
+            }
+            tracing::info!(plugin = %name, "plugin configuration changed; applied");
+        }
+        inner.reload_all().await;
+        restart
+    }
+
+    /// Whether the authenticator in use sees the `Poseidon-Token` (it is loaded and built
+    /// for WIT 0.2 or later), so the server may leave unknown tokens to it.
+    pub fn authenticator_reads_tokens(&self) -> bool {
+        self.inner.as_ref().is_some_and(|inner| {
+            inner
+                .slots
+                .iter()
+                .find(|s| s.kind() == Some(PluginKind::Authenticator))
+                .and_then(|s| s.current.load_full())
+                .is_some_and(|p| matches!(p.pre, PluginPre::AuthenticatorV2(_)))
+        })
+    }
+
+    /// Whether an observer is configured (loaded or not); without one, [`PluginHost::observe`]
+    /// does nothing and callers may skip building events.
+    pub fn has_observer(&self) -> bool {
+        self.inner.as_ref().is_some_and(|inner| {
+            inner
+                .slots
+                .iter()
+                .any(|s| s.kind() == Some(PluginKind::Observer))
+        })
+    }
+
+    /// Queues a lifecycle event for the observers and returns at once. When the queue is
+    /// full the event is dropped and counted ([`PluginHost::observer_stats`]): observers
+    /// never slow a request.
+    pub fn observe(&self, event: LifecycleEvent) {
+        let Some(inner) = &self.inner else {
+            return;
+        };
+        if !self.has_observer() {
+            return;
+        }
+        match inner.observer_tx.try_send(event) {
+            Ok(()) => {
+                inner.observer_queued.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(_) => {
+                let dropped = inner.observer_dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                if dropped.is_power_of_two() {
+                    tracing::warn!(dropped, "observer queue full; lifecycle events dropped");
+                }
+            }
+        }
+    }
+
+    /// Counters of the observer queue.
+    pub fn observer_stats(&self) -> ObserverStats {
+        self.inner
+            .as_ref()
+            .map(|inner| ObserverStats {
+                queued: inner.observer_queued.load(Ordering::Relaxed),
+                dropped: inner.observer_dropped.load(Ordering::Relaxed),
+                delivered: inner.observer_delivered.load(Ordering::Relaxed),
+            })
+            .unwrap_or_default()
     }
 
     /// The state of every configured plugin, in configuration order.
@@ -492,42 +656,37 @@ impl Inner {
     /// The chain both preprocessor hooks share: every preprocessor that applies, in configuration
     /// order, sees the request as the previous one left it. A rejection ends the chain (HTTP 400);
     /// a failed call or an answer `accept` refuses follows the plugin's `failOpen`.
-    async fn preprocess<T, W>(
+    async fn preprocess<T>(
         &self,
         mut req: T,
-        to_wit: impl Fn(&T) -> W,
-        invoke: impl Fn(&PreprocessorGuest, &mut Store<HostState>, &W) -> wasmtime::Result<Result<W, String>>
-            + Copy
-            + Send
-            + 'static,
-        accept: impl Fn(&T, W) -> Result<T, &'static str>,
+        invoke: fn(&mut Store<HostState>, &PluginPre, &T) -> PreprocessOutcome<T>,
+        accept: impl Fn(&T, T) -> Result<T, &'static str>,
     ) -> Result<T, Rejection>
     where
-        T: HasEnvironment,
-        W: Send + 'static,
+        T: HasEnvironment + Clone + Send + 'static,
     {
         for slot in self.preprocessors(req.environment_id()) {
-            let request = to_wit(&req);
+            let request = req.clone();
             let result = self
-                .call(&slot, move |store, pre| match pre {
-                    PluginPre::Preprocessor(pre) => {
-                        let instance =
-                            pre.instantiate(&mut *store).map_err(Failure::Instantiate)?;
-                        invoke(instance.poseidon_plugins_preprocessor(), store, &request)
-                            .map_err(Failure::Call)
-                            .map(Ok)
-                    }
-                    _ => Ok(Err("the loaded file is not a preprocessor".to_string())),
-                })
+                .call(&slot, move |store, pre| invoke(store, pre, &request))
                 .await;
             match result {
-                Ok(Ok(out)) => match accept(&req, out) {
-                    Ok(next) => req = next,
-                    Err(why) => {
-                        self.record_failure(&slot, CallError::BadAnswer(why.into()));
-                        self.fail_preprocessor(&slot, why)?;
+                Ok(Ok(out)) => {
+                    let checked = if out.environment_id() != req.environment_id()
+                        || out.principal() != req.principal()
+                    {
+                        Err("changed environment-id or principal")
+                    } else {
+                        accept(&req, out)
+                    };
+                    match checked {
+                        Ok(next) => req = next,
+                        Err(why) => {
+                            self.record_failure(&slot, CallError::BadAnswer(why.into()));
+                            self.fail_preprocessor(&slot, why)?;
+                        }
                     }
-                },
+                }
                 Ok(Err(message)) => {
                     return Err(Rejection {
                         plugin: slot.name.clone(),
@@ -588,16 +747,25 @@ impl Inner {
         let limits: &Limits = &self.runtime.limits;
         let timeout_ms = limits.call_timeout_ms;
         let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout_ms);
-        let permit =
-            match tokio::time::timeout_at(deadline, self.admission.clone().acquire_owned()).await {
-                Ok(Ok(permit)) => permit,
-                Ok(Err(_)) => return Err(CallError::Host("admission semaphore closed".into())),
-                Err(_) => return Err(CallError::Timeout(timeout_ms)),
-            };
+        // A free slot is taken without arming a timer; only a wait is bounded by one.
+        let permit = match self.admission.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                match tokio::time::timeout_at(deadline, self.admission.clone().acquire_owned())
+                    .await
+                {
+                    Ok(Ok(permit)) => permit,
+                    Ok(Err(_)) => return Err(CallError::Host("admission semaphore closed".into())),
+                    Err(_) => return Err(CallError::Timeout(timeout_ms)),
+                }
+            }
+        };
         let cancel = Arc::new(AtomicBool::new(false));
-        let store = self.runtime.store(plugin.identity.clone(), cancel.clone());
+        let store =
+            self.runtime
+                .store(plugin.identity.clone(), cancel.clone(), deadline.into_std());
         let runtime_limits = limits.clone();
-        let task = tokio::task::spawn_blocking(move || {
+        let run = move || {
             // The permit is held until the guest has really stopped.
             let _permit = permit;
             let mut store = store;
@@ -616,7 +784,19 @@ impl Inner {
             };
             Runtime::forward_stderr(&store);
             result
-        });
+        };
+        if limits.inline_calls && inline_calls_possible() {
+            // On the multi-threaded runtime the guest runs right here: `block_in_place` hands
+            // this worker's other tasks to another thread first, so the executor keeps serving,
+            // and the call costs no thread switch (a hop to the blocking pool and back waits
+            // for the scheduler twice, which on a busy machine is most of a call's time). The
+            // wall-clock deadline is enforced by the store's epoch callback.
+            return tokio::task::block_in_place(|| {
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(run))
+                    .unwrap_or_else(|_| Err(CallError::Host("call panicked".into())))
+            });
+        }
+        let task = tokio::task::spawn_blocking(run);
         match tokio::time::timeout_at(deadline, task).await {
             Ok(Ok(result)) => result,
             Ok(Err(join)) => Err(CallError::Host(format!("call panicked: {join}"))),
@@ -673,7 +853,7 @@ impl Inner {
         let path = slot.path.clone();
         let expected = slot.entry.kind;
         let name = slot.name.clone();
-        let config = slot.config.clone();
+        let config = slot.config.load_full();
         let inner = Arc::clone(self);
         // Compilation is CPU-bound: keep it off the async executor.
         let loaded = tokio::task::spawn_blocking(move || {
@@ -727,6 +907,55 @@ impl Inner {
             .iter()
             .filter_map(|s| s.path.file_name().map(|n| n.to_os_string()))
             .collect()
+    }
+}
+
+/// The observer worker: takes batches of events from the queue and hands each batch to
+/// every observer in turn (each call bounded like any other). Ends when the host is gone.
+async fn deliver_events(
+    inner: std::sync::Weak<Inner>,
+    mut rx: tokio::sync::mpsc::Receiver<LifecycleEvent>,
+) {
+    let mut batch = Vec::new();
+    loop {
+        let limit = match inner.upgrade() {
+            Some(inner) => inner.config.observer_batch,
+            None => return,
+        };
+        batch.clear();
+        if rx.recv_many(&mut batch, limit).await == 0 {
+            return;
+        }
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        let events: Arc<Vec<v2::types::LifecycleEvent>> =
+            Arc::new(batch.iter().map(Into::into).collect());
+        for slot in inner
+            .slots
+            .iter()
+            .filter(|s| s.kind() == Some(PluginKind::Observer))
+        {
+            let count = events.len() as u64;
+            let events = Arc::clone(&events);
+            let delivered = inner
+                .call(slot, move |store, pre| match pre {
+                    PluginPre::Observer(pre) => {
+                        let instance =
+                            pre.instantiate(&mut *store).map_err(Failure::Instantiate)?;
+                        instance
+                            .poseidon_plugins_observer()
+                            .call_observe(&mut *store, &events)
+                            .map(Ok)
+                            .map_err(Failure::Call)
+                    }
+                    _ => Ok(Err("the loaded file is not an observer".to_string())),
+                })
+                .await;
+            if delivered.is_ok() {
+                inner.observer_delivered.fetch_add(count, Ordering::Relaxed);
+            }
+        }
     }
 }
 

@@ -63,6 +63,7 @@
 #[allow(unsafe_code, missing_docs, unused, clippy::all)]
 mod bindings;
 mod config;
+mod convert;
 mod error;
 mod host;
 mod loader;
@@ -74,11 +75,17 @@ pub use config::{Limits, PluginEntry, PluginKind, PluginsConfig, SizerBounds};
 pub use error::{CallError, PluginError};
 pub use host::{check_file, PluginHost};
 pub use types::{
-    AuthInput, Denial, EnvironmentInfo, ExecuteInput, FileEntry, FilesInput, PluginDescription,
-    PluginStatus, PoolSizerInput, PoolStateInfo, Principal, Rejection,
+    AuthInput, Denial, EnvironmentInfo, ExecuteInput, ExecutionOutcome, FileEntry, FilesInput,
+    LifecycleEvent, LifecycleKind, ObserverStats, PluginDescription, PluginStatus, PoolSizerInput,
+    PoolStateInfo, Principal, Rejection,
 };
 
-/// The version of the `poseidon:plugins` WIT package this host implements. Plugins
-/// built for a semver-compatible version are accepted: the same minor version while
-/// the package is 0.x, the same major version from 1.0 on.
-pub const WIT_VERSION: &str = "0.1.0";
+/// The newest version of the `poseidon:plugins` WIT package this host implements.
+pub const WIT_VERSION: &str = "0.2.0";
+
+/// Every version of the `poseidon:plugins` WIT package this host implements, oldest
+/// first; components of all of them load side by side (0.1 components through adapted
+/// inputs: no `Poseidon-Token`, no local time). A plugin built for a semver-compatible
+/// version is accepted: the same minor version while the package is 0.x, the same
+/// major version from 1.0 on.
+pub const WIT_VERSIONS: [&str; 2] = ["0.1.0", "0.2.0"];

@@ -4,28 +4,47 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use semver::Version;
 use sha2::{Digest, Sha256};
 use wasmtime::component::Component;
 
-use crate::bindings::authenticator::AuthenticatorPluginPre;
-use crate::bindings::pool_sizer::PoolSizerPluginPre;
-use crate::bindings::preprocessor::PreprocessorPluginPre;
+use crate::bindings::{v1, v2};
 use crate::config::PluginKind;
 use crate::error::PluginError;
 use crate::runtime::{HostState, PluginIdentity, Runtime};
-use crate::WIT_VERSION;
+use crate::WIT_VERSIONS;
 
 /// WIT package of the plugin interfaces.
 const PACKAGE: &str = "poseidon:plugins";
 
-/// The pre-instantiated component, typed by kind.
+/// The pre-instantiated component, typed by kind and WIT version (`V1` = 0.1.x, served
+/// through the 0.1 bindings and adapted; `V2` = 0.2.x).
+#[derive(Clone)]
 pub(crate) enum PluginPre {
-    PoolSizer(PoolSizerPluginPre<HostState>),
-    Preprocessor(PreprocessorPluginPre<HostState>),
-    Authenticator(AuthenticatorPluginPre<HostState>),
+    PoolSizerV1(v1::pool_sizer::PoolSizerPluginPre<HostState>),
+    PoolSizerV2(v2::pool_sizer::PoolSizerPluginPre<HostState>),
+    PreprocessorV1(v1::preprocessor::PreprocessorPluginPre<HostState>),
+    PreprocessorV2(v2::preprocessor::PreprocessorPluginPre<HostState>),
+    AuthenticatorV1(v1::authenticator::AuthenticatorPluginPre<HostState>),
+    AuthenticatorV2(v2::authenticator::AuthenticatorPluginPre<HostState>),
+    Observer(v2::observer::ObserverPluginPre<HostState>),
+}
+
+impl PluginPre {
+    /// Instantiates the component once, dropping the instance (the load's smoke test).
+    fn smoke(&self, store: &mut wasmtime::Store<HostState>) -> wasmtime::Result<()> {
+        match self {
+            PluginPre::PoolSizerV1(p) => p.instantiate(store).map(drop),
+            PluginPre::PoolSizerV2(p) => p.instantiate(store).map(drop),
+            PluginPre::PreprocessorV1(p) => p.instantiate(store).map(drop),
+            PluginPre::PreprocessorV2(p) => p.instantiate(store).map(drop),
+            PluginPre::AuthenticatorV1(p) => p.instantiate(store).map(drop),
+            PluginPre::AuthenticatorV2(p) => p.instantiate(store).map(drop),
+            PluginPre::Observer(p) => p.instantiate(store).map(drop),
+        }
+    }
 }
 
 /// One loaded version of a plugin file.
@@ -51,29 +70,42 @@ pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
         .collect()
 }
 
-/// The versions of `poseidon:plugins` this host accepts, for messages (`0.1.x`).
+/// The versions of `poseidon:plugins` this host accepts, for messages (`0.1.x or 0.2.x`).
 pub(crate) fn accepted_versions() -> String {
-    let host = host_version();
-    if host.major == 0 {
-        format!("0.{}.x", host.minor)
-    } else {
-        format!("{}.x", host.major)
-    }
+    WIT_VERSIONS
+        .iter()
+        .map(|v| {
+            let v = Version::parse(v).expect("WIT_VERSIONS are valid semver versions");
+            if v.major == 0 {
+                format!("0.{}.x", v.minor)
+            } else {
+                format!("{}.x", v.major)
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" or ")
 }
 
-fn host_version() -> Version {
-    Version::parse(WIT_VERSION).expect("WIT_VERSION is a valid semver version")
-}
-
-/// Whether a plugin built for `version` can be served by this host: the same minor
-/// version for 0.x, the same major version from 1.0 on.
-pub(crate) fn compatible(version: &Version) -> bool {
-    let host = host_version();
-    if host.major == 0 {
-        version.major == 0 && version.minor == host.minor
-    } else {
-        version.major == host.major
-    }
+/// Which of the host's WIT versions serves a plugin built for `version`: the one with
+/// the same minor version for 0.x, the same major version from 1.0 on. `None` if none.
+pub(crate) fn compatible(version: &Version) -> Option<u64> {
+    WIT_VERSIONS
+        .iter()
+        .map(|v| Version::parse(v).expect("WIT_VERSIONS are valid semver versions"))
+        .find(|host| {
+            if host.major == 0 {
+                version.major == 0 && version.minor == host.minor
+            } else {
+                version.major == host.major
+            }
+        })
+        .map(|host| {
+            if host.major == 0 {
+                host.minor
+            } else {
+                host.major * 100
+            }
+        })
 }
 
 /// Splits an export name `poseidon:plugins/<interface>@<version>` into interface and
@@ -132,10 +164,12 @@ pub(crate) fn inspect(
     };
     let version = version.ok_or_else(|| incompatible("(no version)"))?;
     let version = Version::parse(version).map_err(|_| incompatible(version))?;
-    if !compatible(&version) {
-        return Err(incompatible(&version.to_string()));
+    match compatible(&version) {
+        None => Err(incompatible(&version.to_string())),
+        // The observer interface exists from 0.2 on.
+        Some(1) if kind == PluginKind::Observer => Err(incompatible(&version.to_string())),
+        Some(_) => Ok((kind, version)),
     }
-    Ok((kind, version))
 }
 
 /// Compiles `bytes`, checks that they are a compatible plugin (of `expected` kind, if
@@ -183,16 +217,29 @@ pub(crate) fn load(
         .linker
         .instantiate_pre(&component)
         .map_err(link_error)?;
-    let pre = match kind {
-        PluginKind::PoolSizer => {
-            PluginPre::PoolSizer(PoolSizerPluginPre::new(instance_pre).map_err(link_error)?)
-        }
-        PluginKind::Preprocessor => {
-            PluginPre::Preprocessor(PreprocessorPluginPre::new(instance_pre).map_err(link_error)?)
-        }
-        PluginKind::Authenticator => {
-            PluginPre::Authenticator(AuthenticatorPluginPre::new(instance_pre).map_err(link_error)?)
-        }
+    let v1 = compatible(&wit_version) == Some(1);
+    let pre = match (kind, v1) {
+        (PluginKind::PoolSizer, true) => PluginPre::PoolSizerV1(
+            v1::pool_sizer::PoolSizerPluginPre::new(instance_pre).map_err(link_error)?,
+        ),
+        (PluginKind::PoolSizer, false) => PluginPre::PoolSizerV2(
+            v2::pool_sizer::PoolSizerPluginPre::new(instance_pre).map_err(link_error)?,
+        ),
+        (PluginKind::Preprocessor, true) => PluginPre::PreprocessorV1(
+            v1::preprocessor::PreprocessorPluginPre::new(instance_pre).map_err(link_error)?,
+        ),
+        (PluginKind::Preprocessor, false) => PluginPre::PreprocessorV2(
+            v2::preprocessor::PreprocessorPluginPre::new(instance_pre).map_err(link_error)?,
+        ),
+        (PluginKind::Authenticator, true) => PluginPre::AuthenticatorV1(
+            v1::authenticator::AuthenticatorPluginPre::new(instance_pre).map_err(link_error)?,
+        ),
+        (PluginKind::Authenticator, false) => PluginPre::AuthenticatorV2(
+            v2::authenticator::AuthenticatorPluginPre::new(instance_pre).map_err(link_error)?,
+        ),
+        (PluginKind::Observer, _) => PluginPre::Observer(
+            v2::observer::ObserverPluginPre::new(instance_pre).map_err(link_error)?,
+        ),
     };
     let identity = Arc::new(PluginIdentity {
         name,
@@ -201,13 +248,9 @@ pub(crate) fn load(
         config,
     });
     // Smoke test: the instance must fit the limits and its start-up code must not trap.
-    let mut store = runtime.store(identity.clone(), Arc::new(AtomicBool::new(false)));
-    let smoke = match &pre {
-        PluginPre::PoolSizer(p) => p.instantiate(&mut store).map(drop),
-        PluginPre::Preprocessor(p) => p.instantiate(&mut store).map(drop),
-        PluginPre::Authenticator(p) => p.instantiate(&mut store).map(drop),
-    };
-    if let Err(e) = smoke {
+    let deadline = Instant::now() + Duration::from_millis(runtime.limits.call_timeout_ms);
+    let mut store = runtime.store(identity.clone(), Arc::new(AtomicBool::new(false)), deadline);
+    if let Err(e) = pre.smoke(&mut store) {
         let message = runtime.classify(&store, e).to_string();
         return Err(PluginError::Link {
             path: path.to_path_buf(),
@@ -235,11 +278,13 @@ mod tests {
 
     #[test]
     fn version_compatibility_follows_semver() {
-        assert!(compatible(&Version::new(0, 1, 0)));
-        assert!(compatible(&Version::new(0, 1, 7)));
-        assert!(!compatible(&Version::new(0, 2, 0)));
-        assert!(!compatible(&Version::new(1, 0, 0)));
-        assert_eq!(accepted_versions(), "0.1.x");
+        assert_eq!(compatible(&Version::new(0, 1, 0)), Some(1));
+        assert_eq!(compatible(&Version::new(0, 1, 7)), Some(1));
+        assert_eq!(compatible(&Version::new(0, 2, 0)), Some(2));
+        assert_eq!(compatible(&Version::new(0, 2, 3)), Some(2));
+        assert_eq!(compatible(&Version::new(0, 3, 0)), None);
+        assert_eq!(compatible(&Version::new(1, 0, 0)), None);
+        assert_eq!(accepted_versions(), "0.1.x or 0.2.x");
     }
 
     #[test]
@@ -263,7 +308,8 @@ mod tests {
         let e = inspect(p, &["poseidon:plugins/pool-sizer@1.0.0".into()]).unwrap_err();
         assert!(e.to_string().contains("poseidon:plugins@1.0.0"), "{e}");
         assert!(
-            e.to_string().contains("accepts poseidon:plugins@0.1.x"),
+            e.to_string()
+                .contains("accepts poseidon:plugins@0.1.x or 0.2.x"),
             "{e}"
         );
         let e = inspect(p, &["wasi:cli/run@0.2.0".into()]).unwrap_err();
@@ -277,5 +323,9 @@ mod tests {
         )
         .unwrap_err();
         assert!(matches!(e, PluginError::SeveralKinds { .. }), "{e}");
+        let ok = inspect(p, &["poseidon:plugins/observer@0.2.0".into()]).unwrap();
+        assert_eq!(ok, (PluginKind::Observer, Version::new(0, 2, 0)));
+        let e = inspect(p, &["poseidon:plugins/observer@0.1.0".into()]).unwrap_err();
+        assert!(matches!(e, PluginError::IncompatibleVersion { .. }), "{e}");
     }
 }

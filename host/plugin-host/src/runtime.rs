@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use wasmtime::component::{HasSelf, Linker, ResourceTable};
 use wasmtime::{Engine, Store, UpdateDeadline};
@@ -14,7 +14,7 @@ use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use crate::bindings::host::{self, LogLevel};
+use crate::bindings::{v1, v2};
 use crate::config::{Limits, PluginKind};
 use crate::error::{CallError, PluginError};
 
@@ -85,6 +85,8 @@ pub(crate) struct HostState {
     log_lines: u32,
     ticks_left: u64,
     cancel: Arc<AtomicBool>,
+    /// The call's wall-clock deadline, checked at every epoch tick.
+    deadline: Instant,
     stderr: CappedPipe,
 }
 
@@ -97,8 +99,8 @@ impl WasiView for HostState {
     }
 }
 
-impl host::Host for HostState {
-    fn log(&mut self, level: LogLevel, message: String) {
+impl HostState {
+    fn log_line(&mut self, level: tracing::Level, message: String) {
         self.log_lines += 1;
         if self.log_lines > MAX_LOG_LINES {
             return;
@@ -115,19 +117,19 @@ impl host::Host for HostState {
         let p = &self.plugin;
         let digest = &p.digest[..12.min(p.digest.len())];
         match level {
-            LogLevel::Trace => {
+            tracing::Level::TRACE => {
                 tracing::trace!(plugin = %p.name, kind = %p.kind, digest, "{message}")
             }
-            LogLevel::Debug => {
+            tracing::Level::DEBUG => {
                 tracing::debug!(plugin = %p.name, kind = %p.kind, digest, "{message}")
             }
-            LogLevel::Info => {
+            tracing::Level::INFO => {
                 tracing::info!(plugin = %p.name, kind = %p.kind, digest, "{message}")
             }
-            LogLevel::Warn => {
+            tracing::Level::WARN => {
                 tracing::warn!(plugin = %p.name, kind = %p.kind, digest, "{message}")
             }
-            LogLevel::Error => {
+            tracing::Level::ERROR => {
                 tracing::error!(plugin = %p.name, kind = %p.kind, digest, "{message}")
             }
         }
@@ -136,11 +138,11 @@ impl host::Host for HostState {
         }
     }
 
-    fn config_get(&mut self, key: String) -> Option<String> {
-        self.plugin.config.get(&key).cloned()
+    fn config_value(&self, key: &str) -> Option<String> {
+        self.plugin.config.get(key).cloned()
     }
 
-    fn config_entries(&mut self) -> Vec<(String, String)> {
+    fn config_list(&self) -> Vec<(String, String)> {
         self.plugin
             .config
             .iter()
@@ -149,7 +151,37 @@ impl host::Host for HostState {
     }
 }
 
-impl crate::bindings::types::Host for HostState {}
+/// The `host` interface of one WIT version, implemented by [`HostState`]'s shared methods.
+macro_rules! host_interface {
+    ($version:ident) => {
+        impl crate::bindings::$version::host::Host for HostState {
+            fn log(&mut self, level: crate::bindings::$version::host::LogLevel, message: String) {
+                use crate::bindings::$version::host::LogLevel as L;
+                let level = match level {
+                    L::Trace => tracing::Level::TRACE,
+                    L::Debug => tracing::Level::DEBUG,
+                    L::Info => tracing::Level::INFO,
+                    L::Warn => tracing::Level::WARN,
+                    L::Error => tracing::Level::ERROR,
+                };
+                self.log_line(level, message)
+            }
+
+            fn config_get(&mut self, key: String) -> Option<String> {
+                self.config_value(&key)
+            }
+
+            fn config_entries(&mut self) -> Vec<(String, String)> {
+                self.config_list()
+            }
+        }
+
+        impl crate::bindings::$version::types::Host for HostState {}
+    };
+}
+
+host_interface!(v1);
+host_interface!(v2);
 
 /// The engine and what belongs to it: linker, limits, ticker lifetime.
 pub(crate) struct Runtime {
@@ -181,8 +213,11 @@ impl Runtime {
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
             .map_err(|e| PluginError::Engine(format!("WASI: {e}")))?;
-        host::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
-            .map_err(|e| PluginError::Engine(format!("host interface: {e}")))?;
+        // Both versions of the host interface: their names differ (`@0.1.0`, `@0.2.0`).
+        v1::host::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
+            .map_err(|e| PluginError::Engine(format!("host interface 0.1: {e}")))?;
+        v2::host::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
+            .map_err(|e| PluginError::Engine(format!("host interface 0.2: {e}")))?;
         let alive = Arc::new(());
         spawn_ticker(
             engine.clone(),
@@ -207,6 +242,9 @@ impl Runtime {
             // Enough for every admitted call plus loads and checks, with margin: Rust
             // components have a handful of core instances and one or two memories.
             let slots = limits.max_concurrent_calls.max(1) + 8;
+            let keep_resident = usize::try_from(limits.keep_resident_kb.saturating_mul(1024))
+                .unwrap_or(usize::MAX)
+                .min(memory_bytes);
             let mut pool = wasmtime::PoolingAllocationConfig::default();
             pool.total_component_instances(slots)
                 .total_core_instances(slots * 16)
@@ -214,14 +252,30 @@ impl Runtime {
                 .total_tables(slots * 8)
                 .total_stacks(slots)
                 .max_memories_per_component(4)
-                .max_memory_size(memory_bytes);
+                .max_memory_size(memory_bytes)
+                // Reset a freed slot's dirty pages in place (found with PAGEMAP_SCAN where the
+                // kernel has it) instead of `madvise`, so the next instance does not
+                // page-fault its way back into the memory a plugin touches on every call.
+                .linear_memory_keep_resident(keep_resident)
+                .table_keep_resident(keep_resident.min(64 * 1024))
+                .pagemap_scan(if keep_resident > 0 {
+                    wasmtime::Enabled::Auto
+                } else {
+                    wasmtime::Enabled::No
+                });
             config.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
         }
         Engine::new(&config).map_err(|e| PluginError::Engine(e.to_string()))
     }
 
-    /// A fresh store for one call of `plugin`.
-    pub fn store(&self, plugin: Arc<PluginIdentity>, cancel: Arc<AtomicBool>) -> Store<HostState> {
+    /// A fresh store for one call of `plugin`; the guest is stopped at the first epoch
+    /// tick after `cancel` is set or `deadline` has passed.
+    pub fn store(
+        &self,
+        plugin: Arc<PluginIdentity>,
+        cancel: Arc<AtomicBool>,
+        deadline: Instant,
+    ) -> Store<HostState> {
         let stderr = CappedPipe::new(STDERR_CAPTURE);
         let wasi = WasiCtx::builder()
             .stderr(stderr.clone())
@@ -240,6 +294,7 @@ impl Runtime {
             log_lines: 0,
             ticks_left: self.limits.epoch_deadline_ticks.max(1),
             cancel,
+            deadline,
             stderr,
         };
         let mut store = Store::new(&self.engine, state);
@@ -251,7 +306,7 @@ impl Runtime {
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(|mut ctx| {
             let state = ctx.data_mut();
-            if state.cancel.load(Ordering::Relaxed) {
+            if state.cancel.load(Ordering::Relaxed) || Instant::now() >= state.deadline {
                 return Err(wasmtime::Error::new(Interrupted::Cancelled));
             }
             state.ticks_left = state.ticks_left.saturating_sub(1);

@@ -6,7 +6,7 @@ use crate::config::PluginKind;
 
 /// An execution environment, as passed to pool sizers.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", default)]
 pub struct EnvironmentInfo {
     /// Environment id.
     pub id: i64,
@@ -26,7 +26,7 @@ pub struct EnvironmentInfo {
 
 /// The state of an environment's idle-runner pool, as passed to pool sizers.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", default)]
 pub struct PoolStateInfo {
     /// The configured pool size.
     pub configured_size: u32,
@@ -48,7 +48,7 @@ pub struct PoolStateInfo {
 
 /// Input of [`crate::PluginHost::pool_size`].
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", default)]
 pub struct PoolSizerInput {
     /// The environment.
     pub environment: EnvironmentInfo,
@@ -58,7 +58,7 @@ pub struct PoolSizerInput {
 
 /// An execute request, as passed to (and returned by) preprocessors.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", default)]
 pub struct ExecuteInput {
     /// The command line.
     pub command: String,
@@ -86,7 +86,7 @@ pub struct FileEntry {
 /// A file update (`PATCH /runners/{id}/files`), as passed to (and returned by)
 /// preprocessors.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", default)]
 pub struct FilesInput {
     /// Files to create or overwrite.
     pub copy: Vec<FileEntry>,
@@ -100,7 +100,7 @@ pub struct FilesInput {
 
 /// An HTTP request to authenticate.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", default)]
 pub struct AuthInput {
     /// Method, upper case.
     pub method: String,
@@ -110,6 +110,10 @@ pub struct AuthInput {
     pub headers: Vec<(String, String)>,
     /// Peer address, e.g. `127.0.0.1:50000`.
     pub peer_address: String,
+    /// The `Poseidon-Token` header's value; passed to authenticators of WIT 0.2 and
+    /// later (0.1 authenticators never see it).
+    #[serde(default)]
+    pub poseidon_token: Option<String>,
 }
 
 /// Who is calling, as decided by the authenticator.
@@ -196,4 +200,79 @@ pub struct PluginDescription {
     pub exports: Vec<String>,
     /// Time to compile the file, milliseconds.
     pub compile_ms: u64,
+}
+
+/// Something that happened to a runner, for observer plugins.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LifecycleEvent {
+    /// When, in milliseconds since the Unix epoch.
+    pub at_ms: i64,
+    /// The runner's id.
+    pub runner_id: String,
+    /// The runner's environment.
+    pub environment_id: i64,
+    /// The tenant that claimed the runner, when an authenticator is in use.
+    pub tenant: Option<String>,
+    /// What happened.
+    pub kind: LifecycleKind,
+}
+
+/// What happened to a runner.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum LifecycleKind {
+    /// Claimed from the pool.
+    Claimed,
+    /// Files copied or deleted.
+    FilesChanged {
+        /// Files written.
+        copied: u32,
+        /// Paths deleted.
+        deleted: u32,
+        /// Bytes written.
+        bytes: u64,
+    },
+    /// An execution started.
+    ExecutionStarted {
+        /// Its command line.
+        command: String,
+    },
+    /// An execution ended.
+    ExecutionEnded {
+        /// How.
+        outcome: ExecutionOutcome,
+        /// Exit code, when it exited.
+        exit_code: Option<i32>,
+        /// Run time in milliseconds.
+        duration_ms: u64,
+    },
+    /// Destroyed by its client.
+    Destroyed,
+}
+
+/// How an execution ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ExecutionOutcome {
+    /// The program exited.
+    Exited,
+    /// Its time limit ended it.
+    TimedOut,
+    /// The runner or backend failed.
+    Failed,
+    /// The client went away first.
+    Abandoned,
+}
+
+/// Counters of the observer queue, for the status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ObserverStats {
+    /// Events accepted into the queue.
+    pub queued: u64,
+    /// Events dropped because the queue was full.
+    pub dropped: u64,
+    /// Events delivered to observers (per observer).
+    pub delivered: u64,
 }

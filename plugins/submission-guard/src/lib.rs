@@ -14,71 +14,51 @@
 //! | `denyPrivileged` | `true` to refuse privileged executions |
 //! | `env.NAME` | environment variable `NAME` to set on every execution (overrides the client) |
 //!
-//! Path patterns: `*` matches within one path segment, `**` matches across segments,
-//! `?` matches one character; a leading `./` of paths is ignored. Command patterns:
-//! `*` and `**` match any text, `?` one character.
+//! Patterns are globs in the syntax of the `globset` crate. Path patterns: `*` and `?`
+//! match within one path segment, `**` matches any number of whole segments (`**/*.so`
+//! matches `x.so` and `lib/x.so`), `{a,b}` and `[ab]` work as in a shell; a leading
+//! `./` of paths is ignored. Command patterns: `*` matches any text, `?` one character.
+//! An invalid pattern refuses every request it is checked against, with a message naming it.
 
 use poseidon_plugin_api::{
     config, export_preprocessor, info, ExecuteRequest, FileUpdate, Preprocessor,
 };
 
-/// Matches `text` against a glob `pattern`. With `segments`, `*` and `?` do not match
-/// `/` (only `**` does).
+/// Matches `text` against a glob `pattern` (the `globset` crate's syntax). With
+/// `segments`, `*` and `?` do not match `/`, and `**` matches any number of whole path
+/// segments, none included: `**/*.so` matches `x.so` as well as `lib/x.so`. Without
+/// `segments` (commands), `*` matches any text.
 ///
-/// Runs in O(pattern × text): the set of text positions reachable after each pattern
-/// token is computed in one sweep, so hostile input cannot make it backtrack.
-pub fn glob_match(pattern: &str, text: &str, segments: bool) -> bool {
-    enum Token {
-        Star { crosses: bool },
-        One,
-        Lit(char),
+/// An invalid pattern is an error naming it, so a typo in the configuration refuses
+/// requests visibly instead of letting everything pass.
+pub fn glob_match(pattern: &str, text: &str, segments: bool) -> Result<bool, String> {
+    let patterns = [pattern.to_string()];
+    Ok(first_match(&glob_set(&patterns, segments)?, &patterns, text).is_some())
+}
+
+/// Compiles `patterns` into one matcher. A `GlobSet` sorts patterns into literal, prefix,
+/// suffix and extension lookups and builds a regular expression only for the rest, which
+/// matters because the guard compiles its patterns anew in every call.
+fn glob_set(patterns: &[String], segments: bool) -> Result<globset::GlobSet, String> {
+    let mut set = globset::GlobSetBuilder::new();
+    for p in patterns {
+        let glob = globset::GlobBuilder::new(p)
+            .literal_separator(segments)
+            .backslash_escape(true)
+            .build()
+            .map_err(|e| format!("invalid pattern {p:?}: {e}"))?;
+        set.add(glob);
     }
-    let mut tokens = Vec::new();
-    let mut chars = pattern.chars().peekable();
-    while let Some(c) = chars.next() {
-        tokens.push(match c {
-            '*' => {
-                let mut double = false;
-                while chars.peek() == Some(&'*') {
-                    chars.next();
-                    double = true;
-                }
-                Token::Star {
-                    crosses: double || !segments,
-                }
-            }
-            '?' => Token::One,
-            c => Token::Lit(c),
-        });
-    }
-    let t: Vec<char> = text.chars().collect();
-    // reach[j]: the tokens so far can match exactly t[..j].
-    let mut reach = vec![false; t.len() + 1];
-    reach[0] = true;
-    for token in &tokens {
-        let mut next = vec![false; t.len() + 1];
-        match token {
-            Token::Star { crosses } => {
-                let mut active = false;
-                for j in 0..=t.len() {
-                    active = reach[j] || (active && (*crosses || t[j - 1] != '/'));
-                    next[j] = active;
-                }
-            }
-            Token::One => {
-                for j in 0..t.len() {
-                    next[j + 1] = reach[j] && !(segments && t[j] == '/');
-                }
-            }
-            Token::Lit(c) => {
-                for j in 0..t.len() {
-                    next[j + 1] = reach[j] && t[j] == *c;
-                }
-            }
-        }
-        reach = next;
-    }
-    reach[t.len()]
+    set.build().map_err(|e| format!("invalid patterns: {e}"))
+}
+
+/// The first of `patterns` (compiled into `set`) that matches `text`.
+fn first_match<'p>(
+    set: &globset::GlobSet,
+    patterns: &'p [String],
+    text: &str,
+) -> Option<&'p String> {
+    set.matches(text).into_iter().min().map(|i| &patterns[i])
 }
 
 /// The guard's settings.
@@ -132,16 +112,12 @@ impl Settings {
         }
     }
 
-    fn check_path(&self, path: &str) -> Result<(), String> {
+    fn check_path(&self, forbidden: &globset::GlobSet, path: &str) -> Result<(), String> {
         let normalized = path.trim_start_matches("./");
         if !self.allow_parent_dirs && normalized.split('/').any(|c| c == "..") {
             return Err(format!("path {path:?} leaves the working directory"));
         }
-        if let Some(p) = self
-            .forbidden_paths
-            .iter()
-            .find(|p| glob_match(p, normalized, true))
-        {
+        if let Some(p) = first_match(forbidden, &self.forbidden_paths, normalized) {
             return Err(format!("path {path:?} is forbidden (matches {p:?})"));
         }
         Ok(())
@@ -172,13 +148,14 @@ impl Settings {
                 return Err(format!("files too large: {total} bytes (at most {max})"));
             }
         }
+        let forbidden = glob_set(&self.forbidden_paths, true)?;
         for path in update
             .copy
             .iter()
             .map(|f| f.path.as_str())
             .chain(update.delete.iter().map(String::as_str))
         {
-            self.check_path(path)?;
+            self.check_path(&forbidden, path)?;
         }
         Ok(update)
     }
@@ -188,11 +165,8 @@ impl Settings {
         if self.deny_privileged && request.privileged {
             return Err("privileged execution is not allowed".to_string());
         }
-        if let Some(p) = self
-            .forbidden_commands
-            .iter()
-            .find(|p| glob_match(p, &request.command, false))
-        {
+        let forbidden = glob_set(&self.forbidden_commands, false)?;
+        if let Some(p) = first_match(&forbidden, &self.forbidden_commands, &request.command) {
             return Err(format!("command refused (matches {p:?})"));
         }
         if let Some(max) = self.max_time_limit {
@@ -259,17 +233,48 @@ mod tests {
 
     #[test]
     fn globs() {
-        assert!(glob_match("*.so", "x.so", true));
-        assert!(!glob_match("*.so", "lib/x.so", true));
-        assert!(glob_match("**/*.so", "lib/x.so", true));
-        assert!(glob_match("**.so", "a/b/x.so", true));
-        assert!(glob_match(".git/**", ".git/config", true));
-        assert!(glob_match("?.py", "a.py", true));
-        assert!(!glob_match("?.py", "ab.py", true));
-        assert!(glob_match("*curl *", "cd x && curl http://h", false));
-        assert!(!glob_match("*curl *", "make", false));
-        assert!(glob_match("", "", true));
-        assert!(!glob_match("", "a", true));
+        let m = |p: &str, t: &str, seg: bool| glob_match(p, t, seg).unwrap();
+        assert!(m("*.so", "x.so", true));
+        assert!(!m("*.so", "lib/x.so", true));
+        assert!(m("**/*.so", "lib/x.so", true));
+        assert!(m("**/*.so", "a/b/x.so", true));
+        assert!(m(".git/**", ".git/config", true));
+        assert!(m("?.py", "a.py", true));
+        assert!(!m("?.py", "ab.py", true));
+        assert!(!m("?", "/", true));
+        assert!(m("*.{so,dll}", "x.dll", true));
+        assert!(m("*curl *", "cd x && curl http://h", false));
+        assert!(!m("*curl *", "make", false));
+        assert!(m("", "", true));
+        assert!(!m("", "a", true));
+        let e = glob_match("[a", "a", true).unwrap_err();
+        assert!(e.contains("invalid pattern \"[a\""), "{e}");
+    }
+
+    /// The bug of the hand-written matcher: `**/` had to match at least one directory,
+    /// so a shared library at the top level passed `**/*.so`.
+    #[test]
+    fn double_star_slash_matches_top_level_files() {
+        assert!(glob_match("**/*.so", "x.so", true).unwrap());
+        assert!(glob_match("**/secret/**", "secret/key", true).unwrap());
+        let s = Settings {
+            forbidden_paths: vec!["**/*.so".into()],
+            ..Settings::default()
+        };
+        let e = s.check_files(update(&[("x.so", 1)], &[])).unwrap_err();
+        assert!(e.contains("path \"x.so\" is forbidden"), "{e}");
+        assert!(s.check_files(update(&[("./x.so", 1)], &[])).is_err());
+        assert!(s.check_files(update(&[], &["x.so"])).is_err());
+    }
+
+    #[test]
+    fn invalid_patterns_refuse_with_a_message() {
+        let s = Settings {
+            forbidden_paths: vec!["src/[".into()],
+            ..Settings::default()
+        };
+        let e = s.check_files(update(&[("a.py", 1)], &[])).unwrap_err();
+        assert!(e.contains("invalid pattern"), "{e}");
     }
 
     #[test]

@@ -7,7 +7,8 @@
 //! |---|---|---|
 //! | `slots` | none | `;`- or newline-separated slots `DAYS HH:MM-HH:MM = N` |
 //! | `default` | the configured pool size | size outside every slot |
-//! | `utcOffsetMinutes` | `0` | local time = UTC + offset (e.g. `60` for CET) |
+//! | `timeZone` | none | IANA time zone of the slots, e.g. `Europe/Berlin`; daylight saving time is applied (rules bundled into the plugin) |
+//! | `utcOffsetMinutes` | `0` | a fixed offset instead (local = UTC + offset), used only without `timeZone` |
 //!
 //! `DAYS` is a comma-separated list of days (`mon` … `sun`) or day ranges (`mon-fri`),
 //! or `daily`. Times are local; the end is exclusive, and a slot whose end is not after
@@ -16,7 +17,7 @@
 //!
 //! ```yaml
 //! config:
-//!   utcOffsetMinutes: "60"
+//!   timeZone: Europe/Berlin
 //!   default: "2"
 //!   slots: "mon-fri 08:00-10:00 = 20; tue,thu 14:15-15:45 = 35"
 //! ```
@@ -127,7 +128,8 @@ pub fn parse_slots(s: &str) -> (Vec<Slot>, Vec<String>) {
     (slots, errors)
 }
 
-/// Local weekday (0 = Monday) and minute of the day for a Unix time and UTC offset.
+/// Local weekday (0 = Monday) and minute of the day for a Unix time and a fixed UTC
+/// offset.
 pub fn local_time(unix_seconds: i64, utc_offset_minutes: i64) -> (usize, u32) {
     let local_minutes = unix_seconds.div_euclid(60) + utc_offset_minutes;
     let days = local_minutes.div_euclid(i64::from(MINUTES_PER_DAY));
@@ -135,6 +137,32 @@ pub fn local_time(unix_seconds: i64, utc_offset_minutes: i64) -> (usize, u32) {
     // 1970-01-01 was a Thursday (index 3).
     let weekday = (days + 3).rem_euclid(7) as usize;
     (weekday, minute)
+}
+
+/// Local weekday (0 = Monday) and minute of the day for a Unix time in an IANA time
+/// zone, daylight saving time included (jiff with its bundled copy of the tz database,
+/// so the plugin needs no file from the host).
+pub fn zoned_local_time(unix_seconds: i64, zone: &str) -> Result<(usize, u32), String> {
+    let tz = jiff::tz::TimeZone::get(zone).map_err(|e| format!("time zone {zone:?}: {e}"))?;
+    let at = jiff::Timestamp::from_second(unix_seconds)
+        .map_err(|e| format!("time {unix_seconds}: {e}"))?
+        .to_zoned(tz);
+    let weekday = at.weekday().to_monday_zero_offset() as usize;
+    let minute = at.hour() as u32 * 60 + at.minute() as u32;
+    Ok((weekday, minute))
+}
+
+/// The local time the slots are read in: `timeZone` if configured (an unknown zone is
+/// logged and falls back to UTC), else `utcOffsetMinutes`.
+fn configured_local_time(now: i64) -> (usize, u32) {
+    if let Some(zone) = config::get("timeZone") {
+        match zoned_local_time(now, zone.trim()) {
+            Ok(local) => return local,
+            Err(e) => warn!("{e}; using UTC"),
+        }
+        return local_time(now, 0);
+    }
+    local_time(now, config::parse("utcOffsetMinutes").unwrap_or(0))
 }
 
 impl Slot {
@@ -172,8 +200,7 @@ impl PoolSizer for TimetableSizer {
             warn!("ignoring slot: {e}");
         }
         let default = config::parse("default").unwrap_or(state.configured_size);
-        let offset = config::parse("utcOffsetMinutes").unwrap_or(0);
-        let (weekday, minute) = local_time(state.now, offset);
+        let (weekday, minute) = configured_local_time(state.now);
         size_at(&slots, default, weekday, minute)
     }
 }
@@ -195,6 +222,64 @@ mod tests {
         assert_eq!(local_time(1_704_101_400, 60), (0, 10 * 60 + 30));
         // Before the epoch: 1969-12-31 23:59 was a Wednesday.
         assert_eq!(local_time(-60, 0), (2, 23 * 60 + 59));
+    }
+
+    /// The bug of the fixed offset: a Berlin lecture plan is an hour off from the last
+    /// Sunday of March to the last Sunday of October.
+    #[test]
+    fn berlin_follows_daylight_saving_time() {
+        // 2024-01-08 (Monday) 08:30 UTC = 09:30 CET.
+        assert_eq!(
+            zoned_local_time(1_704_702_600, "Europe/Berlin"),
+            Ok((0, 9 * 60 + 30))
+        );
+        // 2024-07-08 (Monday) 08:30 UTC = 10:30 CEST.
+        assert_eq!(
+            zoned_local_time(1_720_427_400, "Europe/Berlin"),
+            Ok((0, 10 * 60 + 30))
+        );
+        // The switch: 2024-03-31 00:59:59 UTC is 01:59:59 CET, one second later 03:00 CEST.
+        assert_eq!(
+            zoned_local_time(1_711_846_799, "Europe/Berlin"),
+            Ok((6, 119))
+        );
+        assert_eq!(
+            zoned_local_time(1_711_846_800, "Europe/Berlin"),
+            Ok((6, 180))
+        );
+        let e = zoned_local_time(0, "Mars/Olympus").unwrap_err();
+        assert!(e.contains("Mars/Olympus"), "{e}");
+    }
+
+    #[test]
+    fn summer_lecture_uses_the_summer_offset() {
+        set_config([
+            ("slots", "mon 10:00-12:00 = 12"),
+            ("timeZone", "Europe/Berlin"),
+        ]);
+        let env = Environment {
+            id: 1,
+            image: "i".into(),
+            prewarming_pool_size: 4,
+            cpu_limit: 1,
+            memory_limit: 1,
+            network_access: false,
+            exposed_ports: vec![],
+        };
+        let mut state = PoolState {
+            configured_size: 4,
+            idle: 0,
+            used: 0,
+            starting: 0,
+            claims_per_minute: vec![0; 60],
+            empty_pool_misses: 0,
+            // Monday 2024-07-08 08:30 UTC = 10:30 in Berlin (CEST): in the slot.
+            now: 1_720_427_400,
+        };
+        assert_eq!(TimetableSizer::wanted_idle(env.clone(), state.clone()), 12);
+        // The same UTC time in January is 09:30 in Berlin: before the slot.
+        state.now = 1_704_702_600;
+        assert_eq!(TimetableSizer::wanted_idle(env, state), 4);
     }
 
     #[test]

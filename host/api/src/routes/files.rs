@@ -60,6 +60,11 @@ pub(crate) async fn update(
     let result = runner.backend().update_files(&update).await;
     runner.touch();
     result?;
+    crate::observe::emit(&state, &runner, || crate::LifecycleKind::FilesChanged {
+        copied: u32::try_from(update.copy.len()).unwrap_or(u32::MAX),
+        deleted: u32::try_from(update.delete.len()).unwrap_or(u32::MAX),
+        bytes: update.copy.iter().map(|f| f.content.len() as u64).sum(),
+    });
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

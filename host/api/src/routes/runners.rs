@@ -39,6 +39,7 @@ pub(crate) async fn claim(
     }
     let owner = principal.map(|p| p.0.tenant);
     let runner = state.manager.claim(environment, timeout, owner)?;
+    crate::observe::emit(&state, &runner, || crate::LifecycleKind::Claimed);
     let view = ClaimView {
         runner_id: runner.id().to_string(),
         mapped_ports: runner
@@ -77,7 +78,10 @@ pub(crate) async fn destroy(
         .destroy_runner(runner.id(), DestroyReason::ClientRequest)
         .await
     {
-        Ok(()) => Ok(StatusCode::NO_CONTENT.into_response()),
+        Ok(()) => {
+            crate::observe::emit(&state, &runner, || crate::LifecycleKind::Destroyed);
+            Ok(StatusCode::NO_CONTENT.into_response())
+        }
         Err(poseidon_core::CoreError::Backend(e)) => Err(ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("cannot destroy runner: {e}"),

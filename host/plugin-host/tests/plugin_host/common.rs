@@ -62,6 +62,7 @@ pub fn entry(file: &str, kind: Option<PluginKind>, config: &[(&str, &str)]) -> P
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect::<BTreeMap<_, _>>(),
         fail_open: false,
+        time_zone: None,
     }
 }
 
@@ -75,7 +76,7 @@ pub fn relaxed_limits() -> Limits {
         fuel: None,
         memory_mb: 64,
         max_concurrent_calls: 8,
-        pooling: true,
+        ..Limits::default()
     }
 }
 
@@ -92,6 +93,7 @@ pub fn config(dir: &Path, entries: Vec<PluginEntry>) -> PluginsConfig {
         },
         watch: true,
         debounce_ms: 50,
+        ..PluginsConfig::default()
     }
 }
 

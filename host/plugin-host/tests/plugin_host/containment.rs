@@ -219,7 +219,10 @@ async fn incompatible_version_and_wrong_kind_are_refused() {
         error.contains("built for poseidon:plugins@1.0.0"),
         "{error}"
     );
-    assert!(error.contains("accepts poseidon:plugins@0.1.x"), "{error}");
+    assert!(
+        error.contains("accepts poseidon:plugins@0.1.x or 0.2.x"),
+        "{error}"
+    );
     let error = status(&host, "sizer").last_error.unwrap();
     assert!(
         error.contains("is a pool-sizer plugin, but its entry says preprocessor"),
@@ -265,4 +268,27 @@ async fn invalid_configuration_is_refused() {
         e.to_string().contains("two plugin entries are named \"a\""),
         "{e}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncated_component_is_refused_with_a_message_and_others_load() {
+    let dir = temp_dir("truncated");
+    let bytes = std::fs::read(plugin("token_tenants")).unwrap();
+    install_bytes(&dir, &bytes[..bytes.len() / 2], "cut.wasm");
+    install(&dir, "test_v2_sizer", "local.wasm");
+    let host = PluginHost::start(config(
+        &dir,
+        vec![entry("cut.wasm", None, &[]), entry("local.wasm", None, &[])],
+    ))
+    .await
+    .unwrap();
+    let cut = status(&host, "cut");
+    assert!(!cut.loaded);
+    let error = cut.last_error.unwrap();
+    assert!(
+        error.contains("cut.wasm: not a valid WebAssembly component"),
+        "{error}"
+    );
+    assert!(status(&host, "local").loaded);
+    assert!(host.pool_size(sizer_input(1, 0)).await.is_some());
 }

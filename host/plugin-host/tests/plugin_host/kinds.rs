@@ -208,6 +208,7 @@ fn auth_request(token: Option<&str>) -> AuthInput {
             .map(|t| vec![("Authorization".to_string(), format!("Bearer {t}"))])
             .unwrap_or_default(),
         peer_address: "127.0.0.1:5000".into(),
+        poseidon_token: None,
     }
 }
 

@@ -8,3 +8,4 @@ mod containment;
 mod kinds;
 mod measure;
 mod reload;
+mod versions;

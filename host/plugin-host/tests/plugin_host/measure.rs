@@ -1,14 +1,16 @@
-//! Figures, not assertions: compile time per plugin and per-call latency per kind.
+//! Figures, not assertions: compile time per plugin and per-call latency per kind, A/B in one
+//! run: "before" = calls hop to tokio's blocking pool and freed memory is `madvise`d (the
+//! host as it was), "after" = calls run in place and dirty pages stay resident (the default).
 //!
 //! ```sh
 //! plugins/build.sh
-//! cargo test -p poseidon-plugin-host --test plugin_host -- --ignored --nocapture measure
+//! cargo test --release -p poseidon-plugin-host --test plugin_host -- --ignored --nocapture measure
 //! ```
 
 use std::time::{Duration, Instant};
 
 use poseidon_plugin_host::{
-    check_file, AuthInput, ExecuteInput, FileEntry, FilesInput, PluginHost,
+    check_file, AuthInput, ExecuteInput, FileEntry, FilesInput, Limits, PluginHost,
 };
 
 use crate::common::*;
@@ -18,7 +20,7 @@ fn summary(mut samples: Vec<Duration>) -> String {
     let n = samples.len();
     let mean = samples.iter().sum::<Duration>() / n as u32;
     format!(
-        "mean {:>7.1} µs  p50 {:>7.1} µs  p99 {:>7.1} µs  (n={n})",
+        "mean {:>7.1} µs  p50 {:>6.1} µs  p99 {:>7.1} µs",
         mean.as_secs_f64() * 1e6,
         samples[n / 2].as_secs_f64() * 1e6,
         samples[n * 99 / 100].as_secs_f64() * 1e6,
@@ -43,40 +45,43 @@ where
     summary(samples)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "prints figures; run explicitly"]
-async fn measure() {
-    println!("compile (check_file, no pooling):");
-    for name in [
-        "demand_sizer",
-        "timetable_sizer",
-        "submission_guard",
-        "jwt_auth",
-    ] {
-        let d = check_file(&plugin(name)).unwrap();
-        println!("  {name:<18} {:>7} bytes  {:>5} ms", d.size, d.compile_ms);
-    }
-
+/// Every kind under `limits`: (row name, figures).
+async fn per_kind(limits: Limits, n: usize) -> Vec<(&'static str, String)> {
     let dir = temp_dir("measure");
     install(&dir, "demand_sizer", "demand.wasm");
     install(&dir, "submission_guard", "guard.wasm");
     install(&dir, "jwt_auth", "jwt.wasm");
-    let cfg = config(
+    let mut cfg = config(
         &dir,
         vec![
             entry("demand.wasm", None, &[("headroom", "2")]),
-            entry("guard.wasm", None, &[("maxFiles", "10"), ("env.X", "1")]),
+            entry(
+                "guard.wasm",
+                None,
+                &[
+                    ("maxFiles", "10"),
+                    ("env.X", "1"),
+                    ("forbiddenPaths", "**/*.so"),
+                ],
+            ),
             entry("jwt.wasm", None, &[("key.t", "k")]),
         ],
     );
-    let started = Instant::now();
+    cfg.limits = limits.clone();
     let host = PluginHost::start(cfg).await.unwrap();
-    println!(
-        "start with 3 plugins (compile + pre-instantiate): {} ms",
-        started.elapsed().as_millis()
+    // WIT 0.2 plugins in a second host: the token authenticator and a local-time sizer.
+    let dir2 = temp_dir("measure-v2");
+    install(&dir2, "token_tenants", "tokens.wasm");
+    install(&dir2, "test_v2_sizer", "local.wasm");
+    let mut local = entry("local.wasm", None, &[]);
+    local.time_zone = Some("Europe/Berlin".into());
+    let mut cfg2 = config(
+        &dir2,
+        vec![entry("tokens.wasm", None, &[("token.t", "secret")]), local],
     );
+    cfg2.limits = limits;
+    let host2 = PluginHost::start(cfg2).await.unwrap();
 
-    let n = 500;
     let sizer = time(n, || {
         let host = host.clone();
         async move { host.pool_size(sizer_input(1, 3)).await.is_some() }
@@ -119,15 +124,71 @@ async fn measure() {
                 path: "/api/v1/runners".into(),
                 headers: vec![("authorization".into(), "Bearer a.b.c".into())],
                 peer_address: "127.0.0.1:1".into(),
+                poseidon_token: None,
             })
             .await
             .is_err_and(|d| d.status == 401)
         }
     })
     .await;
-    println!("per call (fresh instance each, pooling allocator):");
-    println!("  pool-sizer        {sizer}");
-    println!("  preprocess-exec   {execute}");
-    println!("  preprocess-files  {files} (one 4 KiB file)");
-    println!("  authenticate      {auth}");
+    let sizer2 = time(n, || {
+        let host = host2.clone();
+        async move { host.pool_size(sizer_input(1, 3)).await.is_some() }
+    })
+    .await;
+    let tokens = time(n, || {
+        let host = host2.clone();
+        async move {
+            host.authenticate(AuthInput {
+                method: "GET".into(),
+                path: "/api/v1/runners".into(),
+                poseidon_token: Some("secret".into()),
+                ..AuthInput::default()
+            })
+            .await
+            .is_ok()
+        }
+    })
+    .await;
+    vec![
+        ("pool-sizer 0.1 (demand_sizer)", sizer),
+        ("preprocess-execute 0.1 (submission_guard)", execute),
+        ("preprocess-files 0.1 (one 4 KiB file)", files),
+        ("authenticate 0.1 (jwt_auth, refusal)", auth),
+        ("pool-sizer 0.2 (local time, Europe/Berlin)", sizer2),
+        ("authenticate 0.2 (token_tenants, accepted)", tokens),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "prints figures; run explicitly"]
+async fn measure() {
+    println!("compile (check_file, no pooling):");
+    for name in [
+        "demand_sizer",
+        "timetable_sizer",
+        "submission_guard",
+        "jwt_auth",
+        "token_tenants",
+        "audit_observer",
+    ] {
+        let d = check_file(&plugin(name)).unwrap();
+        println!("  {name:<18} {:>7} bytes  {:>5} ms", d.size, d.compile_ms);
+    }
+    let n = 2000;
+    let before = Limits {
+        inline_calls: false,
+        keep_resident_kb: 0,
+        ..relaxed_limits()
+    };
+    // Alternate before/after twice, so a change in the machine's load shows as a
+    // difference between the two rounds of the same variant.
+    for round in 1..=2 {
+        for (variant, limits) in [("before", before.clone()), ("after", relaxed_limits())] {
+            println!("round {round}, {variant} (n={n} per kind, fresh instance per call):");
+            for (row, figures) in per_kind(limits, n).await {
+                println!("  {row:<44} {figures}");
+            }
+        }
+    }
 }

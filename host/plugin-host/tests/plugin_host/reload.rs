@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use poseidon_plugin_host::{PluginHost, PluginKind};
+use poseidon_plugin_host::{ExecuteInput, PluginHost, PluginKind};
 use sha2::Digest;
 
 use crate::common::*;
@@ -149,4 +149,60 @@ async fn explicit_reload_without_watcher() {
     install(&dir, "timetable_sizer", "s.wasm");
     host.reload().await;
     assert_eq!(host.pool_size(sizer_input(1, 0)).await, Some(7));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changed_config_applies_without_restart_and_without_failed_calls() {
+    let dir = temp_dir("reconfigure");
+    install(&dir, "submission_guard", "guard.wasm");
+    let cfg = config(&dir, vec![entry("guard.wasm", None, &[("env.ROUND", "1")])]);
+    let host = PluginHost::start(cfg.clone()).await.unwrap();
+    let round = |host: PluginHost| async move {
+        let out = host
+            .preprocess_execute(ExecuteInput {
+                command: "make".into(),
+                environment_id: 1,
+                ..ExecuteInput::default()
+            })
+            .await
+            .expect("no call may fail while the configuration changes");
+        out.env
+            .iter()
+            .find(|(k, _)| k == "ROUND")
+            .map(|(_, v)| v.clone())
+            .unwrap()
+    };
+    assert_eq!(round(host.clone()).await, "1");
+    // Clients keep calling while the configuration changes.
+    let stop = Arc::new(AtomicBool::new(false));
+    let client = {
+        let (host, stop) = (host.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut calls = 0u32;
+            while !stop.load(Ordering::Relaxed) {
+                let seen = round(host.clone()).await;
+                assert!(seen == "1" || seen == "2", "{seen}");
+                calls += 1;
+            }
+            calls
+        })
+    };
+    let mut changed = cfg.clone();
+    changed.entries[0]
+        .config
+        .insert("env.ROUND".into(), "2".into());
+    let needs_restart = host.reconfigure(&changed).await;
+    assert!(needs_restart.is_empty(), "{needs_restart:?}");
+    assert_eq!(round(host.clone()).await, "2");
+    stop.store(true, Ordering::Relaxed);
+    assert!(client.await.unwrap() > 0);
+    let st = status(&host, "guard");
+    assert_eq!(st.failures, 0, "{st:?}");
+    // What cannot change at run time is reported, not half-applied.
+    let mut added = changed.clone();
+    added.entries.push(entry("other.wasm", None, &[]));
+    added.entries[0].fail_open = true;
+    let needs_restart = host.reconfigure(&added).await;
+    assert_eq!(needs_restart.len(), 2, "{needs_restart:?}");
+    assert_eq!(round(host.clone()).await, "2");
 }

@@ -1,0 +1,238 @@
+//! Translations between the host's plain types ([`crate::types`]) and the generated WIT
+//! types of each supported version. The records 0.1 and 0.2 share are translated by one
+//! macro instantiated per version; what 0.2 added is translated next to it.
+
+use crate::types::{Denial, EnvironmentInfo, ExecuteInput, FileEntry, FilesInput, Principal};
+
+/// Translations of the records every version has, for the `types` module `$wit`.
+macro_rules! shared_records {
+    ($wit:path) => {
+        use $wit as wit;
+
+        impl From<&EnvironmentInfo> for wit::Environment {
+            fn from(e: &EnvironmentInfo) -> Self {
+                wit::Environment {
+                    id: e.id,
+                    image: e.image.clone(),
+                    prewarming_pool_size: e.prewarming_pool_size,
+                    cpu_limit: e.cpu_limit,
+                    memory_limit: e.memory_limit,
+                    network_access: e.network_access,
+                    exposed_ports: e.exposed_ports.clone(),
+                }
+            }
+        }
+
+        impl From<&ExecuteInput> for wit::ExecuteRequest {
+            fn from(r: &ExecuteInput) -> Self {
+                wit::ExecuteRequest {
+                    command: r.command.clone(),
+                    env: r.env.clone(),
+                    time_limit: r.time_limit,
+                    privileged: r.privileged,
+                    environment_id: r.environment_id,
+                    principal: r.principal.clone(),
+                }
+            }
+        }
+
+        impl From<wit::ExecuteRequest> for ExecuteInput {
+            fn from(r: wit::ExecuteRequest) -> Self {
+                ExecuteInput {
+                    command: r.command,
+                    env: r.env,
+                    time_limit: r.time_limit,
+                    privileged: r.privileged,
+                    environment_id: r.environment_id,
+                    principal: r.principal,
+                }
+            }
+        }
+
+        impl From<&FilesInput> for wit::FileUpdate {
+            fn from(u: &FilesInput) -> Self {
+                wit::FileUpdate {
+                    copy: u
+                        .copy
+                        .iter()
+                        .map(|f| wit::File {
+                            path: f.path.clone(),
+                            content: f.content.clone(),
+                        })
+                        .collect(),
+                    delete: u.delete.clone(),
+                    environment_id: u.environment_id,
+                    principal: u.principal.clone(),
+                }
+            }
+        }
+
+        impl From<wit::FileUpdate> for FilesInput {
+            fn from(u: wit::FileUpdate) -> Self {
+                FilesInput {
+                    copy: u
+                        .copy
+                        .into_iter()
+                        .map(|f| FileEntry {
+                            path: f.path,
+                            content: f.content,
+                        })
+                        .collect(),
+                    delete: u.delete,
+                    environment_id: u.environment_id,
+                    principal: u.principal,
+                }
+            }
+        }
+
+        impl From<wit::Principal> for Principal {
+            fn from(p: wit::Principal) -> Self {
+                Principal {
+                    tenant: p.tenant,
+                    environments: p.environments,
+                }
+            }
+        }
+
+        impl From<wit::Denial> for Denial {
+            fn from(d: wit::Denial) -> Self {
+                Denial {
+                    status: d.status,
+                    message: d.message,
+                }
+            }
+        }
+    };
+}
+
+/// `poseidon:plugins@0.1.0`.
+pub(crate) mod v1 {
+    use super::*;
+    use crate::host::SizerCall;
+    use crate::types::AuthInput;
+    shared_records!(crate::bindings::v1::types);
+
+    impl From<&SizerCall> for wit::PoolState {
+        fn from(c: &SizerCall) -> Self {
+            wit::PoolState {
+                configured_size: c.pool.configured_size,
+                idle: c.pool.idle,
+                used: c.pool.used,
+                starting: c.pool.starting,
+                claims_per_minute: c.claims.clone(),
+                empty_pool_misses: c.pool.empty_pool_misses,
+                now: c.pool.now,
+            }
+        }
+    }
+
+    /// A 0.1 authenticator never sees the `Poseidon-Token`.
+    impl From<&AuthInput> for wit::AuthRequest {
+        fn from(r: &AuthInput) -> Self {
+            wit::AuthRequest {
+                method: r.method.clone(),
+                path: r.path.clone(),
+                headers: r.headers.clone(),
+                peer_address: r.peer_address.clone(),
+            }
+        }
+    }
+}
+
+/// `poseidon:plugins@0.2.0`.
+pub(crate) mod v2 {
+    use super::*;
+    use crate::host::SizerCall;
+    use crate::types::{AuthInput, ExecutionOutcome, LifecycleEvent, LifecycleKind};
+    shared_records!(crate::bindings::v2::types);
+
+    impl From<&SizerCall> for wit::PoolState {
+        fn from(c: &SizerCall) -> Self {
+            wit::PoolState {
+                configured_size: c.pool.configured_size,
+                idle: c.pool.idle,
+                used: c.pool.used,
+                starting: c.pool.starting,
+                claims_per_minute: c.claims.clone(),
+                empty_pool_misses: c.pool.empty_pool_misses,
+                now: c.pool.now,
+                local: local_time(c.pool.now, &c.time_zone),
+            }
+        }
+    }
+
+    /// `now` as civil time in `zone`, daylight saving time applied.
+    pub(crate) fn local_time(now: i64, zone: &jiff::tz::TimeZone) -> wit::LocalTime {
+        let at = jiff::Timestamp::from_second(now)
+            .unwrap_or(jiff::Timestamp::UNIX_EPOCH)
+            .to_zoned(zone.clone());
+        wit::LocalTime {
+            time_zone: zone.iana_name().unwrap_or("UTC").to_string(),
+            utc_offset_seconds: at.offset().seconds(),
+            year: at.year(),
+            month: at.month() as u8,
+            day: at.day() as u8,
+            weekday: at.weekday().to_monday_zero_offset() as u8,
+            hour: at.hour() as u8,
+            minute: at.minute() as u8,
+            second: at.second() as u8,
+        }
+    }
+
+    impl From<&AuthInput> for wit::AuthRequest {
+        fn from(r: &AuthInput) -> Self {
+            wit::AuthRequest {
+                method: r.method.clone(),
+                path: r.path.clone(),
+                headers: r.headers.clone(),
+                peer_address: r.peer_address.clone(),
+                poseidon_token: r.poseidon_token.clone(),
+            }
+        }
+    }
+
+    impl From<&LifecycleEvent> for wit::LifecycleEvent {
+        fn from(e: &LifecycleEvent) -> Self {
+            wit::LifecycleEvent {
+                at_ms: e.at_ms,
+                runner: wit::RunnerRef {
+                    runner_id: e.runner_id.clone(),
+                    environment_id: e.environment_id,
+                    tenant: e.tenant.clone(),
+                },
+                kind: match &e.kind {
+                    LifecycleKind::Claimed => wit::EventKind::Claimed,
+                    LifecycleKind::FilesChanged {
+                        copied,
+                        deleted,
+                        bytes,
+                    } => wit::EventKind::FilesChanged(wit::FilesChanged {
+                        copied: *copied,
+                        deleted: *deleted,
+                        bytes: *bytes,
+                    }),
+                    LifecycleKind::ExecutionStarted { command } => {
+                        wit::EventKind::ExecutionStarted(wit::ExecutionStarted {
+                            command: command.clone(),
+                        })
+                    }
+                    LifecycleKind::ExecutionEnded {
+                        outcome,
+                        exit_code,
+                        duration_ms,
+                    } => wit::EventKind::ExecutionEnded(wit::ExecutionEnded {
+                        outcome: match outcome {
+                            ExecutionOutcome::Exited => wit::ExecutionOutcome::Exited,
+                            ExecutionOutcome::TimedOut => wit::ExecutionOutcome::TimedOut,
+                            ExecutionOutcome::Failed => wit::ExecutionOutcome::Failed,
+                            ExecutionOutcome::Abandoned => wit::ExecutionOutcome::Abandoned,
+                        },
+                        exit_code: *exit_code,
+                        duration_ms: *duration_ms,
+                    }),
+                    LifecycleKind::Destroyed => wit::EventKind::Destroyed,
+                },
+            }
+        }
+    }
+}

@@ -1,0 +1,331 @@
+//! `poseidon plugin …`: the plugin author's commands, none of which needs a server or root.
+//!
+//! - `check FILE`: what the server would think of the file (see [`crate::plugins::check_command`]);
+//! - `call FILE --kind KIND --input JSON [--config k=v]…`: one call on your own input, with the
+//!   server's bounds, printing the answer and how long the call took;
+//! - `new KIND NAME`: a buildable Rust project for a plugin of that kind (WIT 0.2).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use poseidon_plugin_host::{
+    AuthInput, ExecuteInput, FilesInput, LifecycleEvent, PluginEntry, PluginHost, PluginKind,
+    PluginsConfig, PoolSizerInput,
+};
+
+/// The usage of the plugin commands.
+pub const USAGE: &str = "       poseidon plugin check FILE
+       poseidon plugin call FILE --kind KIND --input JSON [--config KEY=VALUE]...
+       poseidon plugin new KIND NAME [--lang rust]";
+
+/// Runs `poseidon plugin ARGS…`; returns the process exit code (2: bad usage).
+pub fn run(args: &[String]) -> i32 {
+    match args {
+        [check, file] if check == "check" => crate::plugins::check_command(Path::new(file)),
+        [call, file, rest @ ..] if call == "call" => match CallArgs::parse(file, rest) {
+            Ok(call) => report(call.run()),
+            Err(e) => usage_error(&e),
+        },
+        [new, kind, name, rest @ ..] if new == "new" => match rest {
+            [] => report(new_project(kind, Path::new(name))),
+            [lang, rust] if lang == "--lang" && rust == "rust" => {
+                report(new_project(kind, Path::new(name)))
+            }
+            [lang, other] if lang == "--lang" => {
+                usage_error(&format!("--lang {other}: only rust is supported so far"))
+            }
+            _ => usage_error("unexpected arguments after NAME"),
+        },
+        _ => usage_error("unknown plugin command"),
+    }
+}
+
+fn usage_error(message: &str) -> i32 {
+    eprintln!("{message}\nusage:\n{USAGE}");
+    2
+}
+
+fn report(result: Result<(), String>) -> i32 {
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("{e}");
+            1
+        }
+    }
+}
+
+fn parse_kind(kind: &str) -> Result<PluginKind, String> {
+    PluginKind::ALL
+        .into_iter()
+        .find(|k| k.interface() == kind)
+        .ok_or_else(|| {
+            let all: Vec<_> = PluginKind::ALL.iter().map(|k| k.interface()).collect();
+            format!("unknown kind {kind:?}; one of {}", all.join(", "))
+        })
+}
+
+/// The arguments of `plugin call`.
+struct CallArgs {
+    file: PathBuf,
+    kind: PluginKind,
+    input: serde_json::Value,
+    config: BTreeMap<String, String>,
+}
+
+impl CallArgs {
+    fn parse(file: &str, rest: &[String]) -> Result<CallArgs, String> {
+        let mut kind = None;
+        let mut input = None;
+        let mut config = BTreeMap::new();
+        let mut it = rest.iter();
+        while let Some(flag) = it.next() {
+            let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value"));
+            match flag.as_str() {
+                "--kind" => kind = Some(parse_kind(value()?)?),
+                "--input" => {
+                    let text = value()?;
+                    input = Some(
+                        serde_json::from_str(text)
+                            .map_err(|e| format!("--input is not JSON: {e}"))?,
+                    )
+                }
+                "--config" => {
+                    let pair = value()?;
+                    let (k, v) = pair
+                        .split_once('=')
+                        .ok_or_else(|| format!("--config {pair:?} is not KEY=VALUE"))?;
+                    config.insert(k.to_string(), v.to_string());
+                }
+                other => return Err(format!("unknown option {other:?}")),
+            }
+        }
+        Ok(CallArgs {
+            file: PathBuf::from(file),
+            kind: kind.ok_or("--kind is required")?,
+            input: input.ok_or("--input is required")?,
+            config,
+        })
+    }
+
+    fn run(self) -> Result<(), String> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .map_err(|e| format!("cannot start a runtime: {e}"))?;
+        runtime.block_on(self.call())
+    }
+
+    async fn call(self) -> Result<(), String> {
+        let file = std::fs::canonicalize(&self.file)
+            .map_err(|e| format!("{}: {e}", self.file.display()))?;
+        let (Some(directory), Some(name)) = (file.parent(), file.file_name()) else {
+            return Err(format!("{}: not a file", file.display()));
+        };
+        let entry: PluginEntry = serde_json::from_value(serde_json::json!({
+            "file": name.to_string_lossy(),
+            "kind": self.kind,
+        }))
+        .map_err(|e| e.to_string())?;
+        let config = PluginsConfig {
+            directory: directory.to_path_buf(),
+            entries: vec![PluginEntry {
+                config: self.config,
+                ..entry
+            }],
+            watch: false,
+            ..PluginsConfig::default()
+        };
+        let host = PluginHost::start(config).await.map_err(|e| e.to_string())?;
+        let status = || host.status().into_iter().next();
+        if let Some(error) = status().and_then(|s| if s.loaded { None } else { s.last_error }) {
+            return Err(error);
+        }
+        let input = self.input;
+        let bad_input = |e: serde_json::Error| format!("--input does not fit a {}: {e}", self.kind);
+        let started = Instant::now();
+        let answer = match self.kind {
+            PluginKind::PoolSizer => {
+                let input: PoolSizerInput = serde_json::from_value(input).map_err(bad_input)?;
+                serde_json::to_value(host.pool_size(input).await)
+            }
+            PluginKind::Preprocessor if input.get("command").is_some() => {
+                let input: ExecuteInput = serde_json::from_value(input).map_err(bad_input)?;
+                serde_json::to_value(host.preprocess_execute(input).await)
+            }
+            PluginKind::Preprocessor => {
+                let input: FilesInput = serde_json::from_value(input).map_err(bad_input)?;
+                serde_json::to_value(host.preprocess_files(input).await)
+            }
+            PluginKind::Authenticator => {
+                let input: AuthInput = serde_json::from_value(input).map_err(bad_input)?;
+                serde_json::to_value(host.authenticate(input).await)
+            }
+            PluginKind::Observer => {
+                let events: Vec<LifecycleEvent> = match input {
+                    serde_json::Value::Array(_) => serde_json::from_value(input),
+                    one => serde_json::from_value(one).map(|e| vec![e]),
+                }
+                .map_err(bad_input)?;
+                let count = events.len() as u64;
+                for event in events {
+                    host.observe(event);
+                }
+                // The observer runs after the fact: wait until it has taken the events.
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while host.observer_stats().delivered < count
+                    && status().is_some_and(|s| s.failures == 0)
+                    && Instant::now() < deadline
+                {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                serde_json::to_value(host.observer_stats())
+            }
+        }
+        .map_err(|e| e.to_string())?;
+        let took = started.elapsed();
+        let st = status().ok_or("the plugin vanished")?;
+        println!("{answer}");
+        eprintln!(
+            "{}: {} (WIT {}), call took {} µs",
+            file.display(),
+            self.kind,
+            st.wit_version.unwrap_or_default(),
+            took.as_micros()
+        );
+        match (st.failures, st.last_error) {
+            (0, _) => Ok(()),
+            (_, error) => Err(format!(
+                "the call failed: {}",
+                error.unwrap_or_else(|| "unknown error".into())
+            )),
+        }
+    }
+}
+
+/// The WIT the generated projects are built against (copied into each project).
+const WIT: &str = include_str!("../../wit/v0.2/plugins.wit");
+
+/// Writes a buildable Rust plugin project of `kind` into the new directory `dir`.
+fn new_project(kind: &str, dir: &Path) -> Result<(), String> {
+    let kind = parse_kind(kind)?;
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .filter(|n| {
+            !n.is_empty()
+                && n.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        })
+        .ok_or_else(|| {
+            format!(
+                "{}: the name may hold letters, digits, - and _",
+                dir.display()
+            )
+        })?;
+    if dir.exists() {
+        return Err(format!("{} exists already", dir.display()));
+    }
+    let write = |path: &Path, text: &str| {
+        std::fs::create_dir_all(path.parent().unwrap_or(dir))
+            .and_then(|()| std::fs::write(path, text))
+            .map_err(|e| format!("{}: {e}", path.display()))
+    };
+    write(&dir.join("wit/plugins.wit"), WIT)?;
+    write(
+        &dir.join("Cargo.toml"),
+        &format!(
+            "[package]\nname = \"{name}\"\nversion = \"0.1.0\"\nedition = \"2021\"\n\n\
+             [lib]\ncrate-type = [\"cdylib\"]\n\n\
+             [dependencies]\nwit-bindgen = \"0.61\"\n\n\
+             # Small components load faster.\n[profile.release]\nopt-level = \"s\"\nlto = true\nstrip = \"debuginfo\"\n"
+        ),
+    )?;
+    write(&dir.join("src/lib.rs"), &template(kind))?;
+    write(&dir.join(".gitignore"), "/target\n")?;
+    println!(
+        "created {dir}: a {kind} plugin (poseidon:plugins@0.2.0)\n\
+         build:  cd {dir} && cargo build --target wasm32-wasip2 --release\n\
+         try:    poseidon plugin call {dir}/target/wasm32-wasip2/release/{file}.wasm --kind {kind} --input '{input}'",
+        dir = dir.display(),
+        file = name.replace('-', "_"),
+        input = example_input(kind),
+    );
+    Ok(())
+}
+
+/// A JSON input for `plugin call` of `kind`, shown after `plugin new`.
+fn example_input(kind: PluginKind) -> &'static str {
+    match kind {
+        PluginKind::PoolSizer => {
+            r#"{"environment":{"id":10},"pool":{"configuredSize":5,"now":1767225600}}"#
+        }
+        PluginKind::Preprocessor => r#"{"command":"python main.py","environmentId":10}"#,
+        PluginKind::Authenticator => {
+            r#"{"method":"GET","path":"/api/v1/runners","poseidonToken":"t"}"#
+        }
+        PluginKind::Observer => {
+            r#"{"atMs":0,"runnerId":"10-a","environmentId":10,"tenant":null,"kind":"claimed"}"#
+        }
+    }
+}
+
+/// `src/lib.rs` of a new plugin: the kind's interface, implemented trivially.
+fn template(kind: PluginKind) -> String {
+    let (imports, body) = match kind {
+        PluginKind::PoolSizer => (
+            "use bindings::exports::poseidon::plugins::pool_sizer::Guest;\nuse bindings::poseidon::plugins::types::{Environment, PoolState};",
+            "    /// Keeps one more idle runner than configured during working hours (local time).\n    fn wanted_idle(_environment: Environment, state: PoolState) -> u32 {\n        let working = state.local.weekday < 5 && (8..18).contains(&state.local.hour);\n        state.configured_size + u32::from(working)\n    }",
+        ),
+        PluginKind::Preprocessor => (
+            "use bindings::exports::poseidon::plugins::preprocessor::Guest;\nuse bindings::poseidon::plugins::types::{ExecuteRequest, FileUpdate};",
+            "    /// Refuses privileged executions, passes everything else.\n    fn preprocess_execute(request: ExecuteRequest) -> Result<ExecuteRequest, String> {\n        if request.privileged {\n            return Err(\"privileged execution is not allowed\".into());\n        }\n        Ok(request)\n    }\n\n    /// Passes file updates unchanged.\n    fn preprocess_files(update: FileUpdate) -> Result<FileUpdate, String> {\n        Ok(update)\n    }",
+        ),
+        PluginKind::Authenticator => (
+            "use bindings::exports::poseidon::plugins::authenticator::Guest;\nuse bindings::poseidon::plugins::host;\nuse bindings::poseidon::plugins::types::{AuthRequest, Denial, Principal};",
+            "    /// The tenant whose `token.TENANT` configuration value is the request's Poseidon-Token.\n    fn authenticate(request: AuthRequest) -> Result<Principal, Denial> {\n        let token = request.poseidon_token.unwrap_or_default();\n        host::config_entries()\n            .into_iter()\n            .find(|(k, v)| k.starts_with(\"token.\") && *v == token)\n            .map(|(k, _)| Principal { tenant: k[\"token.\".len()..].to_string(), environments: None })\n            .ok_or(Denial { status: 401, message: \"unknown Poseidon-Token\".into() })\n    }",
+        ),
+        PluginKind::Observer => (
+            "use bindings::exports::poseidon::plugins::observer::Guest;\nuse bindings::poseidon::plugins::host;\nuse bindings::poseidon::plugins::types::LifecycleEvent;",
+            "    /// Logs how many events arrived.\n    fn observe(events: Vec<LifecycleEvent>) {\n        host::log(host::LogLevel::Info, &format!(\"{} events\", events.len()));\n    }",
+        ),
+    };
+    format!(
+        "//! A Poseidon {kind} plugin (WIT poseidon:plugins@0.2.0, see wit/plugins.wit).\n\n\
+         mod bindings {{\n    wit_bindgen::generate!({{ world: \"{world}\", path: \"wit\" }});\n}}\n\n\
+         {imports}\n\nstruct Plugin;\n\nimpl Guest for Plugin {{\n{body}\n}}\n\n\
+         bindings::export!(Plugin with_types_in bindings);\n",
+        world = kind.world(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn call_arguments_are_parsed_and_checked() {
+        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let c = CallArgs::parse(
+            "x.wasm",
+            &args(&["--kind", "observer", "--input", "[]", "--config", "a=b=c"]),
+        )
+        .unwrap();
+        assert_eq!(c.kind, PluginKind::Observer);
+        assert_eq!(c.config.get("a").map(String::as_str), Some("b=c"));
+        let e = CallArgs::parse("x.wasm", &args(&["--kind", "sizer", "--input", "{}"]))
+            .err()
+            .unwrap();
+        assert!(e.contains("unknown kind \"sizer\""), "{e}");
+        let e = CallArgs::parse("x.wasm", &args(&["--kind", "observer", "--input", "{"]))
+            .err()
+            .unwrap();
+        assert!(e.contains("--input is not JSON"), "{e}");
+        let e = CallArgs::parse("x.wasm", &args(&["--kind", "observer"]))
+            .err()
+            .unwrap();
+        assert_eq!(e, "--input is required");
+    }
+}
