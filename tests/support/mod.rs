@@ -32,6 +32,113 @@ pub struct Server {
     /// The backend in use.
     pub backend: Backend,
     emulator: Option<nomad_emulator::Emulator>,
+    /// On a real Nomad: the namespace of this server's jobs, purged and deleted when it is dropped.
+    real_nomad: Option<RealNomad>,
+}
+
+/// A real Nomad agent (`NOMAD_ADDR`, `NOMAD_TOKEN`) and the namespace one test server uses on it,
+/// so that tests sharing the cluster never see each other's environments or runners.
+#[derive(Debug, Clone)]
+pub struct RealNomad {
+    /// `http://host:port`.
+    pub addr: String,
+    /// ACL token (empty without ACLs).
+    pub token: String,
+    /// The test's own namespace.
+    pub namespace: String,
+    /// Task driver of the runners (`POSEIDON_TEST_NOMAD_DRIVER`, default docker).
+    pub driver: String,
+}
+
+impl RealNomad {
+    /// Creates a fresh namespace on the agent at `NOMAD_ADDR`.
+    pub async fn create() -> RealNomad {
+        let addr = std::env::var("NOMAD_ADDR")
+            .expect("NOMAD_ADDR")
+            .trim_end_matches('/')
+            .to_string();
+        let real = RealNomad {
+            addr,
+            token: std::env::var("NOMAD_TOKEN").unwrap_or_default(),
+            namespace: format!("poseidon-test-{}", unique()),
+            driver: std::env::var("POSEIDON_TEST_NOMAD_DRIVER").unwrap_or_else(|_| "docker".into()),
+        };
+        let r = real
+            .request(
+                reqwest::Method::PUT,
+                &format!("/v1/namespace/{}", real.namespace),
+            )
+            .json(&json!({"Name": real.namespace, "Description": "Poseidon (Rust) test"}))
+            .send()
+            .await
+            .expect("real Nomad answers");
+        assert!(
+            r.status().is_success(),
+            "cannot create namespace {}: {}",
+            real.namespace,
+            r.text().await.unwrap_or_default()
+        );
+        real
+    }
+
+    /// A request to the agent with the token.
+    pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let mut r = reqwest::Client::new().request(method, format!("{}{path}", self.addr));
+        if !self.token.is_empty() {
+            r = r.header("X-Nomad-Token", &self.token);
+        }
+        r
+    }
+
+    /// Jobs of the namespace (stubs), dead ones included.
+    pub async fn jobs(&self) -> Vec<Value> {
+        let r = self
+            .request(reqwest::Method::GET, "/v1/jobs")
+            .query(&[("namespace", self.namespace.as_str())])
+            .send()
+            .await
+            .expect("real Nomad answers");
+        r.json::<Value>()
+            .await
+            .ok()
+            .and_then(|v| v.as_array().cloned())
+            .unwrap_or_default()
+    }
+
+    /// Purges every job of the namespace and deletes it.
+    pub async fn clean_up(&self) {
+        for job in self.jobs().await {
+            if let Some(id) = job["ID"].as_str() {
+                let _ = self
+                    .request(reqwest::Method::DELETE, &format!("/v1/job/{id}"))
+                    .query(&[("namespace", self.namespace.as_str()), ("purge", "true")])
+                    .send()
+                    .await;
+            }
+        }
+        // Nomad refuses to delete a namespace while it still has (non-terminal) jobs.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let r = self
+                .request(
+                    reqwest::Method::DELETE,
+                    &format!("/v1/namespace/{}", self.namespace),
+                )
+                .send()
+                .await;
+            if r.is_ok_and(|r| r.status().is_success()) || Instant::now() > deadline {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// The image of environments on this agent (`POSEIDON_TEST_IMAGE`, default the CodeOcean-like
+    /// image that `real-nomad/up.sh` builds).
+    pub fn image() -> String {
+        std::env::var("POSEIDON_TEST_IMAGE")
+            .unwrap_or_else(|_| "openhpi/co_execenv_python:3.8".into())
+    }
 }
 
 /// Which backend a test server uses.
@@ -47,13 +154,13 @@ pub enum Backend {
     RealNomad,
 }
 
-/// Whether a real Nomad is configured for the tests; says so when it is not.
-pub fn real_nomad_available(test: &str) -> bool {
-    if std::env::var_os("NOMAD_ADDR").is_some() {
-        return true;
-    }
-    println!("skipped: {test} against a real Nomad (NOMAD_ADDR is not set)");
-    false
+/// Stops a real-Nomad test that was asked for (`--ignored`) without a real Nomad configured.
+/// Without `--ignored` these tests are counted as ignored, never as passed.
+pub fn require_real_nomad(test: &str) {
+    assert!(
+        std::env::var_os("NOMAD_ADDR").is_some(),
+        "{test} needs a real Nomad: set NOMAD_ADDR (e.g. after shared/tools/real-nomad/up.sh)"
+    );
 }
 
 /// Options for [`Server::start_with`].
@@ -69,6 +176,8 @@ pub struct Options {
     pub local_yaml: String,
     /// Extra environment variables of the server process.
     pub env: Vec<(String, String)>,
+    /// Extra lines inside `nomad:` (Nomad backends only; indented by the caller with 2 spaces).
+    pub nomad_yaml: String,
 }
 
 fn unique() -> String {
@@ -119,20 +228,33 @@ impl Server {
                 .expect("cannot start the Nomad emulator");
             extra.push_str(&format!(
                 "\nnomad:\n  enabled: true\n  address: 127.0.0.1\n  port: {}\n  unprivilegedprefix: \"\"\n",
+
                 emu.addr().port()
             ));
             emulator = Some(emu);
         }
+        let mut real_nomad = None;
         if options.backend == Backend::RealNomad {
-            let addr = std::env::var("NOMAD_ADDR").expect("NOMAD_ADDR");
-            let hostport = addr.split("://").last().unwrap().trim_end_matches('/');
-            let (host, port) = hostport.rsplit_once(':').unwrap_or((hostport, "4646"));
-            let driver =
-                std::env::var("POSEIDON_TEST_NOMAD_DRIVER").unwrap_or_else(|_| "raw_exec".into());
-            let token = std::env::var("NOMAD_TOKEN").unwrap_or_default();
+            let real = RealNomad::create().await;
+            let hostport = real.addr.split("://").last().unwrap().to_string();
+            let (host, port) = hostport.rsplit_once(':').unwrap_or((&hostport, "4646"));
+            // Docker runs commands as the image's `user` through /sbin/setuser, as in production;
+            // exec/raw_exec have no such user and run them as the task's user.
+            let prefix = if real.driver == "docker" {
+                "/sbin/setuser user"
+            } else {
+                ""
+            };
             extra.push_str(&format!(
-                "\nnomad:\n  enabled: true\n  address: {host}\n  port: {port}\n  token: \"{token}\"\n  driver: {driver}\n  unprivilegedprefix: \"\"\n"
+                "\nnomad:\n  enabled: true\n  address: {host}\n  port: {port}\n  token: \"{token}\"\n  namespace: {ns}\n  driver: {driver}\n  unprivilegedprefix: \"{prefix}\"\n{more}",
+                token = real.token,
+                ns = real.namespace,
+                driver = real.driver,
+                more = options.nomad_yaml,
             ));
+            real_nomad = Some(real);
+        } else if options.backend == Backend::Nomad {
+            extra.push_str(&options.nomad_yaml);
         }
         let yaml = format!(
             "server:\n  address: 127.0.0.1\n  port: 0\n  token: {TOKEN}\n{server}\nlogger:\n  level: debug\nlocal:\n  statedir: {state}\n  cgroupparent: {cgroup}\n  uidbase: {uid_base}\n  uidcount: 5000\n{local}\n{extra}\n",
@@ -153,6 +275,7 @@ impl Server {
             http: client(),
             backend: options.backend,
             emulator,
+            real_nomad,
         };
         server.spawn();
         server
@@ -198,6 +321,28 @@ impl Server {
         self.emulator.as_ref().map(|e| e.url())
     }
 
+    /// The real Nomad and namespace the server uses, if any.
+    pub fn real_nomad(&self) -> Option<&RealNomad> {
+        self.real_nomad.as_ref()
+    }
+
+    /// The image environments of tests use: none for the local backend and the emulator
+    /// (`host`), the CodeOcean-like test image on a real Nomad.
+    pub fn test_image(&self) -> String {
+        match self.backend {
+            Backend::RealNomad => RealNomad::image(),
+            _ => "host".into(),
+        }
+    }
+
+    /// How long a pool may take to fill: a real Nomad starts containers (vfs copies images).
+    fn fill_deadline(&self) -> Duration {
+        match self.backend {
+            Backend::RealNomad => Duration::from_secs(180),
+            _ => Duration::from_secs(30),
+        }
+    }
+
     /// The server's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.state.join("server.log")).unwrap_or_default()
@@ -230,7 +375,7 @@ impl Server {
     /// Creates an environment and waits until its pool has `pool` idle runners.
     pub async fn environment(&self, id: u64, pool: u32, body: Value) -> Value {
         let mut env = json!({
-            "id": id, "image": "host", "prewarmingPoolSize": pool, "cpuLimit": 100,
+            "id": id, "image": self.test_image(), "prewarmingPoolSize": pool, "cpuLimit": 100,
             "memoryLimit": 0, "networkAccess": false, "exposedPorts": []
         });
         for (k, v) in body.as_object().unwrap() {
@@ -254,7 +399,7 @@ impl Server {
 
     /// Polls the statistics until the environment has at least `n` idle runners.
     pub async fn wait_idle(&self, id: u64, n: u32) {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + self.fill_deadline();
         loop {
             let stats: Value = self
                 .http
@@ -270,7 +415,8 @@ impl Server {
             }
             assert!(
                 Instant::now() < deadline,
-                "pool of {id} not filled: {stats}"
+                "pool of {id} not filled: {stats}; server log: {}",
+                log_tail(&self.log())
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -346,6 +492,17 @@ impl Drop for Server {
                 }
             }
         }
+        if let Some(real) = self.real_nomad.take() {
+            // Not on the test's runtime: Drop may run inside it.
+            let _ = std::thread::spawn(move || {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap()
+                    .block_on(real.clean_up())
+            })
+            .join();
+        }
         // Whatever a killed server left: mounts, then files, then cgroups.
         let runners = self.state.join("state/runners");
         if let Ok(entries) = std::fs::read_dir(&runners) {
@@ -373,6 +530,12 @@ fn nix_term(pid: u32) -> std::io::Result<std::process::ExitStatus> {
         .arg("-TERM")
         .arg(pid.to_string())
         .status()
+}
+
+/// The last lines of a log, for assertion messages.
+pub fn log_tail(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(15)..].join("\n")
 }
 
 /// An HTTP client that sends the token.

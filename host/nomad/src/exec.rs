@@ -7,6 +7,8 @@ use futures::{SinkExt, StreamExt};
 use poseidon_core::backend::{ExecProcess, ExecRequest, ProcessEvent};
 use poseidon_core::BackendError;
 use serde_json::{json, Value};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -19,6 +21,57 @@ use crate::jobs::DEFAULT_TASK;
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 /// Interval of `{}` heartbeats towards Nomad (the Go client's value).
 const HEARTBEAT: Duration = Duration::from_secs(10);
+
+/// Ends the processes recorded in the pid files given as arguments (and the files; a file not
+/// written yet is waited for up to 2 s, as the kill can overtake the start): the recorded
+/// process, its process group and session (when it leads them) and all its descendants, from a
+/// snapshot of `/proc` taken three times so that children forked meanwhile are caught too. Real
+/// Nomad does not kill an exec'd process when its WebSocket closes (nor does Docker), so a time
+/// limit or a client that went away needs this second, short exec session.
+pub const KILL_SCRIPT: &str = r#"declare -A doomed=()
+roots=()
+for f in "$@"; do
+  for ((i = 0; i < 100; i++)); do [ -e "$f" ] && break; sleep 0.02; done
+  read -r p < "$f" 2>/dev/null && [[ $p =~ ^[0-9]+$ ]] && [ "$p" -gt 1 ] && roots+=("$p")
+  rm -f -- "$f"
+done
+[ ${#roots[@]} -gt 0 ] || exit 0
+for round in 1 2 3; do
+  declare -A parent=()
+  for d in /proc/[0-9]*; do
+    s=$(< "$d/stat") 2>/dev/null || continue
+    q=${d#/proc/}; s=${s##*) }
+    read -r _ ppid pgrp sid _ <<< "$s"
+    parent[$q]=$ppid
+    for r in "${roots[@]}"; do
+      if [ "$q" = "$r" ] || [ "$pgrp" = "$r" ] || [ "$sid" = "$r" ]; then doomed[$q]=1; fi
+    done
+  done
+  changed=1
+  while [ $changed = 1 ]; do
+    changed=0
+    for q in "${!parent[@]}"; do
+      if [ -z "${doomed[$q]}" ] && [ -n "${doomed[${parent[$q]}]}" ]; then doomed[$q]=1; changed=1; fi
+    done
+  done
+  unset 'doomed[$$]' 'doomed[1]'
+  [ ${#doomed[@]} -gt 0 ] && kill -9 "${!doomed[@]}" 2>/dev/null
+  unset parent
+done
+exit 0"#;
+
+/// Where the wrapper of an execution records its process id inside the runner (root-owned, in
+/// the sticky `/tmp`, so the learner's program cannot redirect a kill).
+fn pid_file(execution: &str, role: &str) -> String {
+    format!("/tmp/poseidon-{execution}.{role}.pid")
+}
+
+/// Wraps a shell script so that it records its process id in `pid_file` first and removes the
+/// file when it ends; the exit status is the script's.
+fn recorded(pid_file: &str, script: &str) -> String {
+    let f = shell_quote(pid_file);
+    format!("echo $$ > {f}; {script}\nc=$?; rm -f {f}; exit $c")
+}
 
 /// Quotes a string for a POSIX shell (single quotes; newlines and `$` survive unchanged).
 pub fn shell_quote(s: &str) -> String {
@@ -233,8 +286,50 @@ pub fn full_command(req: &ExecRequest, unprivileged_prefix: &str) -> String {
     s
 }
 
+/// Ends an execution's processes through a short root exec session running [`KILL_SCRIPT`].
+async fn kill_remote(client: &NomadClient, alloc: &str, pid_files: &[String]) {
+    let mut argv = vec![
+        "/bin/bash".to_string(),
+        "-c".to_string(),
+        KILL_SCRIPT.to_string(),
+        "bash".to_string(),
+    ];
+    argv.extend(pid_files.iter().cloned());
+    match run_captured(client, alloc, argv, Vec::new(), KILL_WAIT).await {
+        Ok((_, _, 0)) => tracing::debug!(alloc, "killed an execution's processes"),
+        Ok((_, err, code)) => tracing::warn!(
+            alloc,
+            code,
+            stderr = %String::from_utf8_lossy(&err),
+            "the kill session of an execution failed"
+        ),
+        Err(e) => tracing::warn!(alloc, error = %e, "could not kill an execution's processes"),
+    }
+}
+
+/// Longest a kill session may take.
+const KILL_WAIT: Duration = Duration::from_secs(15);
+
+/// Kills the execution's processes in the runner when `kill` is cancelled before the execution
+/// ended on its own (`finished`): a time limit, a client that went away, a broken session.
+fn kill_when_cancelled(
+    client: NomadClient,
+    alloc: String,
+    pid_files: Vec<String>,
+    kill: CancellationToken,
+    finished: Arc<AtomicBool>,
+) {
+    tokio::spawn(async move {
+        kill.cancelled().await;
+        if !finished.load(Ordering::SeqCst) {
+            kill_remote(&client, &alloc, &pid_files).await;
+        }
+    });
+}
+
 /// Starts an execution. With a terminal, stderr is split off through a FIFO read by a second
-/// session, as Poseidon does (§5.2); the exit code is the user command's.
+/// session, as Poseidon does (§5.2); the exit code is the user command's. The command runs under a
+/// wrapper that records its process id, so that cancelling `kill` ends it in the runner too.
 pub async fn start(
     client: NomadClient,
     alloc: String,
@@ -242,16 +337,26 @@ pub async fn start(
     unprivileged_prefix: &str,
 ) -> Result<ExecProcess, BackendError> {
     let command = full_command(req, unprivileged_prefix);
+    let execution = uuid::Uuid::new_v4().simple().to_string();
     let (stdin_tx, stdin_rx) = mpsc::channel::<Bytes>(64);
     let (ev_tx, ev_rx) = mpsc::channel::<ProcessEvent>(256);
     let kill = CancellationToken::new();
+    let finished = Arc::new(AtomicBool::new(false));
     if !req.tty {
+        let main_pid = pid_file(&execution, "main");
         let argv = vec![
             "/bin/bash".into(),
             "-c".into(),
-            format!("unset ${{!NOMAD_@}}; {command}"),
+            recorded(&main_pid, &format!("unset ${{!NOMAD_@}}; {command}")),
         ];
         let ws = connect(&client, &alloc, &argv, false).await?;
+        kill_when_cancelled(
+            client.clone(),
+            alloc.clone(),
+            vec![main_pid],
+            kill.clone(),
+            finished.clone(),
+        );
         let (out_tx, mut out_rx) = mpsc::channel(64);
         let session = tokio::spawn(drive(ws, stdin_rx, true, out_tx, kill.clone()));
         let k = kill.clone();
@@ -267,7 +372,10 @@ pub async fn start(
                 }
             }
             let last = match session.await {
-                Ok(Ok(Some(code))) => ProcessEvent::Exited(code),
+                Ok(Ok(Some(code))) => {
+                    finished.store(true, Ordering::SeqCst);
+                    ProcessEvent::Exited(code)
+                }
                 Ok(Ok(None)) => ProcessEvent::Failed("the execution was killed".into()),
                 Ok(Err(e)) => ProcessEvent::Failed(e.to_string()),
                 Err(e) => ProcessEvent::Failed(e.to_string()),
@@ -280,23 +388,40 @@ pub async fn start(
             kill,
         });
     }
-    let fifo = format!(
-        "/tmp/poseidon-stderr-{}.fifo",
-        uuid::Uuid::new_v4().simple()
+    let fifo = format!("/tmp/poseidon-stderr-{execution}.fifo");
+    let (main_pid, helper_pid) = (pid_file(&execution, "main"), pid_file(&execution, "stderr"));
+    let helper_cmd = recorded(
+        &helper_pid,
+        &format!(
+            "mkfifo {f} && chmod 666 {f} && cat {f}; rm -f {f}",
+            f = shell_quote(&fifo)
+        ),
     );
-    let helper_cmd = format!(
-        "mkfifo {f} && chmod 666 {f} && cat {f}; rm -f {f}",
-        f = shell_quote(&fifo)
-    );
-    let main_cmd = format!(
-        "unset ${{!NOMAD_@}}; i=0; until [ -e {f} ] || [ $i -ge 1000 ]; do sleep 0.01; i=$((i+1)); done; {command} 2> {f}",
-        f = shell_quote(&fifo)
+    let main_cmd = recorded(
+        &main_pid,
+        &format!(
+            "unset ${{!NOMAD_@}}; i=0; until [ -e {f} ] || [ $i -ge 1000 ]; do sleep 0.01; i=$((i+1)); done; {command} 2> {f}",
+            f = shell_quote(&fifo)
+        ),
     );
     let helper_argv = vec!["/bin/bash".into(), "-c".into(), helper_cmd];
     let main_argv = vec!["/bin/bash".into(), "-c".into(), main_cmd];
     // Like Poseidon, the helper has a terminal too, so stderr line ends are `\r\n` as on stdout.
     let helper = connect(&client, &alloc, &helper_argv, true).await?;
-    let main = connect(&client, &alloc, &main_argv, true).await?;
+    let main = match connect(&client, &alloc, &main_argv, true).await {
+        Ok(main) => main,
+        Err(e) => {
+            kill_remote(&client, &alloc, &[helper_pid]).await;
+            return Err(e.into());
+        }
+    };
+    kill_when_cancelled(
+        client.clone(),
+        alloc.clone(),
+        vec![main_pid, helper_pid],
+        kill.clone(),
+        finished.clone(),
+    );
     let (_helper_in_tx, helper_in_rx) = mpsc::channel::<Bytes>(1);
     let (out_tx, mut out_rx) = mpsc::channel(64);
     let (err_tx, mut err_rx) = mpsc::channel(64);
@@ -356,7 +481,10 @@ pub async fn start(
             }
         }
         let last = match main_done {
-            Some(Ok(Some(code))) => ProcessEvent::Exited(code),
+            Some(Ok(Some(code))) => {
+                finished.store(true, Ordering::SeqCst);
+                ProcessEvent::Exited(code)
+            }
             Some(Ok(None)) => ProcessEvent::Failed("the execution was killed".into()),
             Some(Err(e)) => ProcessEvent::Failed(e.to_string()),
             None => ProcessEvent::Failed("the execution ended unexpectedly".into()),
