@@ -54,7 +54,7 @@ on_both_backends!(
 fn test_files(list: &Value) -> Vec<&str> {
     list["files"]
         .as_array()
-        .unwrap()
+        .unwrap_or_else(|| panic!("not a listing: {list}"))
         .iter()
         .map(|f| f["name"].as_str().unwrap())
         .filter(|n| {

@@ -245,8 +245,9 @@ impl Server {
             } else {
                 ""
             };
+            // The test image exists only on this machine: Nomad must not try to pull it.
             extra.push_str(&format!(
-                "\nnomad:\n  enabled: true\n  address: {host}\n  port: {port}\n  token: \"{token}\"\n  namespace: {ns}\n  driver: {driver}\n  unprivilegedprefix: \"{prefix}\"\n{more}",
+                "\nnomad:\n  enabled: true\n  address: {host}\n  port: {port}\n  token: \"{token}\"\n  namespace: {ns}\n  driver: {driver}\n  disableforcepull: true\n  unprivilegedprefix: \"{prefix}\"\n{more}",
                 token = real.token,
                 ns = real.namespace,
                 driver = real.driver,

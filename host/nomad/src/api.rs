@@ -303,7 +303,14 @@ impl NomadClient {
                         None => Ok(()),
                         Some(groups) => Err(NomadError::Evaluation(format!(
                             "{id} could not place {}{}",
-                            groups.keys().cloned().collect::<Vec<_>>().join(", "),
+                            groups
+                                .iter()
+                                .map(|(g, metric)| format!(
+                                    "{g} ({})",
+                                    crate::reasons::placement_failure(metric)
+                                ))
+                                .collect::<Vec<_>>()
+                                .join(", "),
                             eval["BlockedEval"]
                                 .as_str()
                                 .map(|b| format!(" (blocked evaluation {b})"))

@@ -13,6 +13,7 @@ use crate::api::{NomadClient, NomadError};
 use crate::config::NomadConfig;
 use crate::events::{self, Tracker};
 use crate::jobs::{self, CONFIG_GROUP};
+use crate::reasons;
 use crate::runner::{ports_of, NomadRunner};
 
 /// How long registration waits for its evaluation (Poseidon: 10 s, then assumes success).
@@ -92,6 +93,7 @@ impl NomadBackend {
         let timeout = Duration::from_secs(self.shared.config.startuptimeoutseconds.max(1));
         let deadline = tokio::time::Instant::now() + timeout;
         let mut index = 0;
+        let mut progress = None;
         for _ in 0..100_000 {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             if left.is_zero() {
@@ -111,18 +113,24 @@ impl NomadBackend {
                     "failed" | "lost" | "complete"
                         if a["NextAllocation"].as_str().unwrap_or("").is_empty() =>
                     {
+                        let why = reasons::allocation_failure(a)
+                            .or_else(|| a["ClientDescription"].as_str().map(String::from))
+                            .unwrap_or_else(|| "Nomad gave no reason".into());
                         return Err(BackendError::Internal(format!(
-                            "the allocation of {job} ended with status {}",
+                            "the allocation of {job} ended with status {}: {why}",
                             a["ClientStatus"].as_str().unwrap_or("")
                         )));
                     }
-                    _ => {}
+                    _ => progress = reasons::allocation_progress(a),
                 }
             }
         }
         Err(BackendError::Internal(format!(
-            "the allocation of {job} did not start within {} s",
-            timeout.as_secs()
+            "the allocation of {job} did not start within {} s{}",
+            timeout.as_secs(),
+            progress
+                .map(|p| format!(" (Nomad's last word: {p})"))
+                .unwrap_or_default()
         )))
     }
 }

@@ -85,6 +85,14 @@ fn oom_killed(alloc: &Value) -> bool {
         .unwrap_or(false)
 }
 
+/// `what`, with Nomad's explanation from the allocation's task events when it has one.
+fn with_reason(what: &str, alloc: &Value) -> String {
+    match crate::reasons::allocation_failure(alloc) {
+        Some(why) => format!("{what}: {why}"),
+        None => what.to_string(),
+    }
+}
+
 /// Applies one event; returns the runner that was lost, if any.
 pub fn apply(tracker: &mut Tracker, event: &Value) -> Option<(String, LostReason)> {
     match event["Topic"].as_str()? {
@@ -131,6 +139,11 @@ pub fn apply(tracker: &mut Tracker, event: &Value) -> Option<(String, LostReason
                     if let Some(p) = prev {
                         track(tracker);
                         if p.client == "running" {
+                            tracing::info!(
+                                runner = %job,
+                                reason = %crate::reasons::allocation_failure(a).unwrap_or_default(),
+                                "Nomad restarts the runner's task"
+                            );
                             let reason = if oom_killed(a) {
                                 LostReason::OomKilled
                             } else {
@@ -164,7 +177,7 @@ pub fn apply(tracker: &mut Tracker, event: &Value) -> Option<(String, LostReason
                     prev.filter(|p| p.desired == "run").map(|_| {
                         (
                             job,
-                            LostReason::Other("the runner's main process exited".into()),
+                            LostReason::Other(with_reason("the runner's main process exited", a)),
                         )
                     })
                 }
@@ -178,7 +191,7 @@ pub fn apply(tracker: &mut Tracker, event: &Value) -> Option<(String, LostReason
                     }
                     Some((
                         job,
-                        LostReason::Other("the runner stopped unexpectedly".into()),
+                        LostReason::Other(with_reason("the runner stopped unexpectedly", a)),
                     ))
                 }
                 _ => None,

@@ -268,6 +268,91 @@ pub async fn run_captured(
     }
 }
 
+/// Nomad's Docker driver ends an exec session as soon as Docker reports the process gone (it polls
+/// every 100 ms) and closes the attach stream then, so the last output of a short command can be
+/// lost, or arrive after the exit frame (seen under load: `cat` of a file just copied answered
+/// nothing). A script run with [`run_until_end_marker`] therefore prints an end marker with its exit
+/// status after its output and waits for stdin to close before it exits: once the marker arrived,
+/// all output before it has.
+pub fn with_end_marker(script: &str, marker: &str) -> String {
+    format!(
+        "( {script}\n) </dev/null; c=$?; printf '\\n%s %d\\n' {m} $c; read -r -t 30 _; exit $c",
+        m = shell_quote(marker)
+    )
+}
+
+/// Finds `\n<marker> <code>\n` at the end of `out`; returns the output before it and the code.
+fn split_end_marker<'a>(out: &'a [u8], marker: &str) -> Option<(&'a [u8], i32)> {
+    if !out.ends_with(b"\n") {
+        return None;
+    }
+    let body = &out[..out.len() - 1];
+    let line_start = body.iter().rposition(|b| *b == b'\n')?;
+    let line = std::str::from_utf8(&body[line_start + 1..]).ok()?;
+    let code = line.strip_prefix(marker)?.strip_prefix(' ')?.parse().ok()?;
+    Some((&out[..line_start], code))
+}
+
+/// Runs `argv`, whose script was wrapped with [`with_end_marker`] (the caller passes the same
+/// `marker`), without input; returns stdout before the marker, stderr and the script's status.
+pub async fn run_until_end_marker(
+    client: &NomadClient,
+    alloc: &str,
+    argv: Vec<String>,
+    marker: &str,
+    timeout: Duration,
+) -> Result<(Vec<u8>, Vec<u8>, i32), BackendError> {
+    let ws = connect(client, alloc, &argv, false).await?;
+    let (in_tx, in_rx) = mpsc::channel::<Bytes>(1);
+    let (out_tx, mut out_rx) = mpsc::channel(64);
+    let kill = CancellationToken::new();
+    let session = tokio::spawn(drive(ws, in_rx, true, out_tx, kill.clone()));
+    let collect = async {
+        let mut in_tx = Some(in_tx);
+        let (mut o, mut e) = (Vec::new(), Vec::new());
+        let mut marked = None;
+        while let Some(f) = out_rx.recv().await {
+            match f {
+                Frame::Stdout(d) => o.extend_from_slice(&d),
+                Frame::Stderr(d) => e.extend_from_slice(&d),
+                Frame::Exited(_) => {}
+            }
+            if marked.is_none() {
+                if let Some((body, code)) = split_end_marker(&o, marker) {
+                    marked = Some((body.len(), code));
+                    in_tx = None; // closing stdin lets the script exit
+                }
+            }
+        }
+        drop(in_tx);
+        (o, e, marked)
+    };
+    let (mut o, e, marked) = match tokio::time::timeout(timeout, collect).await {
+        Ok(r) => r,
+        Err(_) => {
+            kill.cancel();
+            return Err(BackendError::Internal(
+                "the file operation timed out".into(),
+            ));
+        }
+    };
+    let ended = session.await.map_err(BackendError::internal)?;
+    match marked {
+        Some((len, code)) => {
+            o.truncate(len);
+            Ok((o, e, code))
+        }
+        // Without the marker the output may be incomplete: an error, never a silent truncation.
+        None => match ended {
+            Err(e) => Err(e.into()),
+            Ok(code) => Err(BackendError::Internal(format!(
+                "the command in the runner ended (status {}) before its output was complete",
+                code.unwrap_or(-1)
+            ))),
+        },
+    }
+}
+
 /// The shell command of an execution request (poseidon-behavior.md §5.1): `env CODEOCEAN=true`
 /// and the variables, the command under `bash -c`, optionally run as the unprivileged user.
 pub fn full_command(req: &ExecRequest, unprivileged_prefix: &str) -> String {
@@ -501,6 +586,22 @@ pub async fn start(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_end_marker_is_found_only_at_the_end() {
+        let m = "poseidon-end-abc";
+        assert_eq!(
+            split_end_marker(b"a\0b\0\nposeidon-end-abc 2\n", m),
+            Some((&b"a\0b\0"[..], 2))
+        );
+        assert_eq!(
+            split_end_marker(b"\nposeidon-end-abc 0\n", m),
+            Some((&b""[..], 0))
+        );
+        assert_eq!(split_end_marker(b"x\nposeidon-end-abc 0\nmore\n", m), None);
+        assert_eq!(split_end_marker(b"x\nposeidon-end-abc 0", m), None);
+        assert!(with_end_marker("exec find \"$1\"", m).starts_with("( exec find"));
+    }
 
     #[test]
     fn wraps_like_poseidon_but_quotes_safely() {

@@ -382,6 +382,8 @@ async fn real_nomad_smoke_test() {
         port: url.port().unwrap_or(4646),
         token: std::env::var("NOMAD_TOKEN").unwrap_or_default(),
         namespace: std::env::var("NOMAD_NAMESPACE").unwrap_or_else(|_| "default".into()),
+        // The test image is built locally by real-nomad/up.sh: there is nothing to pull.
+        disableforcepull: true,
         ..NomadConfig::default()
     })
     .unwrap();
