@@ -6,7 +6,7 @@ mod support;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use support::{eventually, Backend, Options, Server, Ws};
+use support::{eventually, log_tail, status_and_json, Backend, Options, Server, Ws};
 
 async fn nomad_server() -> Server {
     Server::start_with(Options {
@@ -382,4 +382,68 @@ async fn an_administrators_template_job_shapes_every_job() {
     let out = s.run(&runner, json!({"command": "echo templated"})).await;
     assert_eq!(out.stdout, "templated\r\n");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// An environment whose image cannot be pulled: the pool stays empty, and the statistics, a claim
+/// and `/health` all carry Nomad's reason (the emulator treats `missing/*` images as unpullable;
+/// a real agent without that image and without registry access fails the same way).
+async fn a_pool_that_cannot_be_filled_says_why(backend: Backend) {
+    let s = Server::start_with(Options {
+        backend,
+        server_yaml: "  alert:\n    prewarmingpoolthreshold: 0.5".into(),
+        ..Default::default()
+    })
+    .await;
+    let body = json!({"image": "missing/python", "prewarmingPoolSize": 1, "cpuLimit": 20,
+        "memoryLimit": 64, "networkAccess": false, "exposedPorts": []});
+    let r = s
+        .http
+        .put(s.url("/execution-environments/21"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let reason = "Failed to pull `missing/python`";
+    eventually("the statistics name the start failure", 240, || async {
+        let st = stats(&s, 21).await;
+        st["idleRunners"] == 0
+            && st["startFailure"]
+                .as_str()
+                .is_some_and(|m| m.contains(reason))
+    })
+    .await;
+    let (status, err) = status_and_json(
+        s.http
+            .post(s.url("/runners"))
+            .json(&json!({"executionEnvironmentId": 21}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 500);
+    assert_eq!(err["errorCode"], "NOMAD_OVERLOAD");
+    assert!(err["message"].as_str().unwrap().contains(reason), "{err}");
+    let (status, err) = status_and_json(s.http.get(s.url("/health")).send().await.unwrap()).await;
+    assert_eq!(status, 503);
+    let message = err["message"].as_str().unwrap();
+    assert!(message.contains("21") && message.contains(reason), "{err}");
+    assert!(
+        s.log().contains(reason),
+        "the log names Nomad's reason: {}",
+        log_tail(&s.log())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_that_cannot_be_filled_says_why_on_the_emulator() {
+    a_pool_that_cannot_be_filled_says_why(Backend::Nomad).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a real Nomad: NOMAD_ADDR=http://127.0.0.1:4646 cargo test -- --ignored real_nomad"]
+async fn real_nomad_a_pool_that_cannot_be_filled_says_why() {
+    support::require_real_nomad("real_nomad_a_pool_that_cannot_be_filled_says_why");
+    a_pool_that_cannot_be_filled_says_why(Backend::RealNomad).await;
 }

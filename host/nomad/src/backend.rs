@@ -110,8 +110,11 @@ impl NomadBackend {
                         self.shared.tracker.lock().unwrap().seed(&full);
                         return Ok(full);
                     }
-                    "failed" | "lost" | "complete"
-                        if a["NextAllocation"].as_str().unwrap_or("").is_empty() =>
+                    // A runner whose first allocation failed (image pull, driver, restarts used
+                    // up) has failed to start: Nomad's reschedule, a minute later, is not waited for.
+                    status @ ("failed" | "lost" | "complete")
+                        if status == "failed"
+                            || a["NextAllocation"].as_str().unwrap_or("").is_empty() =>
                     {
                         let why = reasons::allocation_failure(a)
                             .or_else(|| a["ClientDescription"].as_str().map(String::from))
