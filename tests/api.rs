@@ -486,6 +486,30 @@ async fn files_are_copied_listed_downloaded_and_deleted(backend: Backend) {
         .get_json(format!("{files_url}?recursive=false&path=dir"))
         .await;
     assert_eq!(flat["files"][0]["name"], "b.bin");
+    // A symbolic link to a directory is listed as the link (as `ls -l` in Poseidon), also
+    // /proc/self/cwd.
+    let out = s
+        .run(&runner, json!({"command": "ln -s dir dirlink"}))
+        .await;
+    assert_eq!(out.exit(), Some(0));
+    for (path, target) in [("dirlink", Some("dir")), ("/proc/self/cwd", None)] {
+        let link: Value = s.get_json(format!("{files_url}?path={path}")).await;
+        let files = link["files"].as_array().unwrap();
+        assert_eq!(files.len(), 1, "{path}: {link}");
+        assert_eq!(files[0]["name"], path);
+        assert_eq!(files[0]["entryType"], "l");
+        if let Some(target) = target {
+            assert_eq!(files[0]["linkTarget"], target);
+        }
+    }
+    let r = s
+        .http
+        .patch(&files_url)
+        .json(&json!({"delete": ["dirlink"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
     let tmp: Value = s.get_json(format!("{files_url}?path=/tmp")).await;
     assert!(
         tmp["files"]

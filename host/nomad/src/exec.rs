@@ -73,6 +73,80 @@ fn recorded(pid_file: &str, script: &str) -> String {
     format!("echo $$ > {f}; {script}\nc=$?; rm -f {f}; exit $c")
 }
 
+/// Like [`recorded`], for a session with a terminal: after the script, prints the end marker
+/// `\x1e<marker> <status>\x1e` on the terminal and waits (up to 30 s) for a line of input, the
+/// gateway's acknowledgement that all output arrived (see [`with_end_marker`] for why).
+fn recorded_with_end(pid_file: &str, script: &str, marker: &str) -> String {
+    let f = shell_quote(pid_file);
+    format!(
+        "echo $$ > {f}; {script}\nc=$?; rm -f {f}; printf '\\036%s %d\\036' {m} $c; stty -echo 2>/dev/null; read -r -t 30 _; exit $c",
+        m = shell_quote(marker)
+    )
+}
+
+/// Finds the end marker of [`recorded_with_end`] in a terminal's output: output before it is
+/// passed on at once, except a tail that may be the start of the marker; after it, nothing is.
+struct EndScanner {
+    /// `\x1e<marker> `.
+    prefix: Vec<u8>,
+    pending: Vec<u8>,
+    /// The status the marker carried, once seen.
+    status: Option<i32>,
+}
+
+impl EndScanner {
+    fn new(marker: &str) -> Self {
+        let mut prefix = vec![0x1e];
+        prefix.extend_from_slice(marker.as_bytes());
+        prefix.push(b' ');
+        EndScanner {
+            prefix,
+            pending: Vec::new(),
+            status: None,
+        }
+    }
+
+    /// Takes output; returns what can be passed on.
+    fn feed(&mut self, data: &[u8]) -> Vec<u8> {
+        if self.status.is_some() {
+            return Vec::new(); // e.g. the echo of the acknowledgement
+        }
+        self.pending.extend_from_slice(data);
+        if let Some(pos) = self
+            .pending
+            .windows(self.prefix.len())
+            .position(|w| w == self.prefix.as_slice())
+        {
+            let rest = &self.pending[pos + self.prefix.len()..];
+            if let Some(end) = rest.iter().position(|b| *b == 0x1e) {
+                self.status = Some(
+                    std::str::from_utf8(&rest[..end])
+                        .ok()
+                        .and_then(|c| c.parse().ok())
+                        .unwrap_or(-1),
+                );
+            }
+            let out = self.pending[..pos].to_vec();
+            self.pending.drain(..pos);
+            if self.status.is_some() {
+                self.pending.clear();
+            }
+            return out;
+        }
+        let len = self.pending.len();
+        let keep = (1..self.prefix.len().min(len + 1))
+            .rev()
+            .find(|n| self.pending.ends_with(&self.prefix[..*n]))
+            .unwrap_or(0);
+        self.pending.drain(..len - keep).collect()
+    }
+
+    /// What was held back, when the session ended without a marker.
+    fn flush(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.pending)
+    }
+}
+
 /// Quotes a string for a POSIX shell (single quotes; newlines and `$` survive unchanged).
 pub fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
@@ -475,19 +549,22 @@ pub async fn start(
     }
     let fifo = format!("/tmp/poseidon-stderr-{execution}.fifo");
     let (main_pid, helper_pid) = (pid_file(&execution, "main"), pid_file(&execution, "stderr"));
-    let helper_cmd = recorded(
+    let marker = format!("poseidon-end-{execution}");
+    let helper_cmd = recorded_with_end(
         &helper_pid,
         &format!(
             "mkfifo {f} && chmod 666 {f} && cat {f}; rm -f {f}",
             f = shell_quote(&fifo)
         ),
+        &marker,
     );
-    let main_cmd = recorded(
+    let main_cmd = recorded_with_end(
         &main_pid,
         &format!(
             "unset ${{!NOMAD_@}}; i=0; until [ -e {f} ] || [ $i -ge 1000 ]; do sleep 0.01; i=$((i+1)); done; {command} 2> {f}",
             f = shell_quote(&fifo)
         ),
+        &marker,
     );
     let helper_argv = vec!["/bin/bash".into(), "-c".into(), helper_cmd];
     let main_argv = vec!["/bin/bash".into(), "-c".into(), main_cmd];
@@ -507,11 +584,22 @@ pub async fn start(
         kill.clone(),
         finished.clone(),
     );
-    let (_helper_in_tx, helper_in_rx) = mpsc::channel::<Bytes>(1);
+    let (helper_in_tx, helper_in_rx) = mpsc::channel::<Bytes>(1);
+    // The main session's input: the client's, and the gateway's acknowledgement of the end marker.
+    let (main_in_tx, main_in_rx) = mpsc::channel::<Bytes>(64);
+    let main_ack = main_in_tx.clone();
+    tokio::spawn(async move {
+        let mut client_input = stdin_rx;
+        while let Some(d) = client_input.recv().await {
+            if main_in_tx.send(d).await.is_err() {
+                return;
+            }
+        }
+    });
     let (out_tx, mut out_rx) = mpsc::channel(64);
     let (err_tx, mut err_rx) = mpsc::channel(64);
     let helper_kill = CancellationToken::new();
-    let main_task = tokio::spawn(drive(main, stdin_rx, false, out_tx, kill.clone()));
+    let main_task = tokio::spawn(drive(main, main_in_rx, false, out_tx, kill.clone()));
     let helper_task = tokio::spawn(drive(
         helper,
         helper_in_rx,
@@ -521,7 +609,10 @@ pub async fn start(
     ));
     let k = kill.clone();
     tokio::spawn(async move {
-        let _keep_helper_stdin_open = _helper_in_tx;
+        let mut main_ack = Some(main_ack);
+        let mut helper_ack = Some(helper_in_tx);
+        let mut out_scan = EndScanner::new(&marker);
+        let mut err_scan = EndScanner::new(&marker);
         let mut main_task = main_task;
         let mut helper_task = helper_task;
         let mut main_done: Option<Result<Option<i32>, SessionError>> = None;
@@ -534,22 +625,44 @@ pub async fn start(
             tokio::select! {
                 f = out_rx.recv(), if out_open => match f {
                     Some(Frame::Stdout(d)) | Some(Frame::Stderr(d)) => {
-                        if ev_tx.send(ProcessEvent::Stdout(d)).await.is_err() { k.cancel(); }
+                        let pass = out_scan.feed(&d);
+                        if !pass.is_empty() && ev_tx.send(ProcessEvent::Stdout(pass.into())).await.is_err() { k.cancel(); }
+                        if out_scan.status.is_some() {
+                            if let Some(ack) = main_ack.take() {
+                                finished.store(true, Ordering::SeqCst);
+                                let _ = ack.send(Bytes::from_static(b"\n")).await;
+                                helper_deadline.get_or_insert(tokio::time::Instant::now() + Duration::from_secs(2));
+                            }
+                        }
                     }
                     Some(Frame::Exited(_)) => {}
-                    None => out_open = false,
+                    None => {
+                        out_open = false;
+                        let held = out_scan.flush();
+                        if !held.is_empty() { let _ = ev_tx.send(ProcessEvent::Stdout(held.into())).await; }
+                    }
                 },
                 f = err_rx.recv(), if err_open => match f {
                     Some(Frame::Stdout(d)) | Some(Frame::Stderr(d)) => {
-                        if ev_tx.send(ProcessEvent::Stderr(d)).await.is_err() { k.cancel(); }
+                        let pass = err_scan.feed(&d);
+                        if !pass.is_empty() && ev_tx.send(ProcessEvent::Stderr(pass.into())).await.is_err() { k.cancel(); }
+                        if err_scan.status.is_some() {
+                            if let Some(ack) = helper_ack.take() {
+                                let _ = ack.send(Bytes::from_static(b"\n")).await;
+                            }
+                        }
                     }
                     Some(Frame::Exited(_)) => {}
-                    None => err_open = false,
+                    None => {
+                        err_open = false;
+                        let held = err_scan.flush();
+                        if !held.is_empty() { let _ = ev_tx.send(ProcessEvent::Stderr(held.into())).await; }
+                    }
                 },
                 r = &mut main_task, if main_done.is_none() => {
                     main_done = Some(r.unwrap_or(Err(SessionError::Lost)));
-                    if matches!(main_done, Some(Ok(Some(_)))) {
-                        helper_deadline = Some(tokio::time::Instant::now() + Duration::from_secs(2));
+                    if matches!(main_done, Some(Ok(Some(_)))) || out_scan.status.is_some() {
+                        helper_deadline.get_or_insert(tokio::time::Instant::now() + Duration::from_secs(2));
                     } else {
                         helper_kill.cancel();
                     }
@@ -565,14 +678,15 @@ pub async fn start(
                 break;
             }
         }
-        let last = match main_done {
-            Some(Ok(Some(code))) => {
+        // The marker's status is the command's even when the session broke after it.
+        let last = match (out_scan.status, main_done) {
+            (Some(code), _) | (None, Some(Ok(Some(code)))) => {
                 finished.store(true, Ordering::SeqCst);
                 ProcessEvent::Exited(code)
             }
-            Some(Ok(None)) => ProcessEvent::Failed("the execution was killed".into()),
-            Some(Err(e)) => ProcessEvent::Failed(e.to_string()),
-            None => ProcessEvent::Failed("the execution ended unexpectedly".into()),
+            (None, Some(Ok(None))) => ProcessEvent::Failed("the execution was killed".into()),
+            (None, Some(Err(e))) => ProcessEvent::Failed(e.to_string()),
+            (None, None) => ProcessEvent::Failed("the execution ended unexpectedly".into()),
         };
         let _ = ev_tx.send(last).await;
     });
@@ -586,6 +700,25 @@ pub async fn start(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_terminal_end_marker_is_cut_out_across_chunks() {
+        let mut scan = EndScanner::new("poseidon-end-1");
+        let mut out = scan.feed(b"hello\r\n\x1eposeid");
+        assert_eq!(out, b"hello\r\n");
+        assert_eq!(scan.status, None);
+        out = scan.feed(b"on-end-1 4");
+        assert!(out.is_empty());
+        out = scan.feed(b"2\x1e\r\n");
+        assert!(out.is_empty());
+        assert_eq!(scan.status, Some(42));
+        assert!(scan.feed(b"late echo").is_empty());
+        // A lone record separator in the output is passed on once it cannot be the marker.
+        let mut scan = EndScanner::new("m");
+        assert_eq!(scan.feed(b"a\x1e"), b"a");
+        assert_eq!(scan.feed(b"b"), b"\x1eb");
+        assert_eq!(scan.flush(), b"");
+    }
 
     #[test]
     fn the_end_marker_is_found_only_at_the_end() {
