@@ -447,3 +447,51 @@ async fn real_nomad_a_pool_that_cannot_be_filled_says_why() {
     support::require_real_nomad("real_nomad_a_pool_that_cannot_be_filled_says_why");
     a_pool_that_cannot_be_filled_says_why(Backend::RealNomad).await;
 }
+
+/// `server.interactivestderr: false` (Poseidon's setting): one exec session per execution, stderr
+/// shares the terminal with stdout; the exit code and the time limit work as with two sessions.
+async fn without_interactive_stderr_one_terminal_carries_both_streams(backend: Backend) {
+    let s = Server::start_with(Options {
+        backend,
+        server_yaml: "  interactivestderr: false".into(),
+        ..Default::default()
+    })
+    .await;
+    s.environment(22, 1, json!({})).await;
+    let runner = s.claim(22, 60).await;
+    let out = s
+        .run(
+            &runner,
+            json!({"command": "echo out; echo err >&2; exit 5"}),
+        )
+        .await;
+    assert_eq!(out.exit(), Some(5));
+    assert_eq!(out.stdout, "out\r\nerr\r\n");
+    assert_eq!(out.stderr, "");
+    let marker = format!("single-{}", std::process::id());
+    let out = s
+        .run(
+            &runner,
+            json!({"command": format!("echo started; sleep 1000 # {marker}"), "timeLimit": 1}),
+        )
+        .await;
+    assert_eq!(out.last, json!({"type": "timeout"}));
+    eventually("the timed-out program ended", 20, || async {
+        support::host_processes_with(&marker).is_empty()
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_interactive_stderr_one_terminal_carries_both_streams_on_the_emulator() {
+    without_interactive_stderr_one_terminal_carries_both_streams(Backend::Nomad).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a real Nomad: NOMAD_ADDR=http://127.0.0.1:4646 cargo test -- --ignored real_nomad"]
+async fn real_nomad_without_interactive_stderr_one_terminal_carries_both_streams() {
+    support::require_real_nomad(
+        "real_nomad_without_interactive_stderr_one_terminal_carries_both_streams",
+    );
+    without_interactive_stderr_one_terminal_carries_both_streams(Backend::RealNomad).await;
+}

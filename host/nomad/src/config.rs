@@ -74,6 +74,10 @@ pub struct NomadConfig {
     /// `server.templatejobfile` by the server.
     #[serde(skip)]
     pub template: Option<serde_json::Value>,
+    /// `server.interactivestderr` (Poseidon): with a terminal, stderr is split off through a FIFO
+    /// read by a second exec session; `false` runs one session and stderr arrives as stdout.
+    #[serde(skip)]
+    pub interactive_stderr: bool,
 }
 
 impl Default for NomadConfig {
@@ -91,6 +95,7 @@ impl Default for NomadConfig {
             driver: "docker".into(),
             datacenters: vec!["dc1".into()],
             template: None,
+            interactive_stderr: true,
         }
     }
 }

@@ -494,6 +494,7 @@ pub async fn start(
     alloc: String,
     req: &ExecRequest,
     unprivileged_prefix: &str,
+    interactive_stderr: bool,
 ) -> Result<ExecProcess, BackendError> {
     let command = full_command(req, unprivileged_prefix);
     let execution = uuid::Uuid::new_v4().simple().to_string();
@@ -558,29 +559,40 @@ pub async fn start(
         ),
         &marker,
     );
-    let main_cmd = recorded_with_end(
-        &main_pid,
-        &format!(
+    let main_script = if interactive_stderr {
+        format!(
             "unset ${{!NOMAD_@}}; i=0; until [ -e {f} ] || [ $i -ge 1000 ]; do sleep 0.01; i=$((i+1)); done; {command} 2> {f}",
             f = shell_quote(&fifo)
-        ),
-        &marker,
-    );
+        )
+    } else {
+        // `server.interactivestderr: false`: one session; stderr shares the terminal with stdout.
+        format!("unset ${{!NOMAD_@}}; {command}")
+    };
+    let main_cmd = recorded_with_end(&main_pid, &main_script, &marker);
     let helper_argv = vec!["/bin/bash".into(), "-c".into(), helper_cmd];
     let main_argv = vec!["/bin/bash".into(), "-c".into(), main_cmd];
     // Like Poseidon, the helper has a terminal too, so stderr line ends are `\r\n` as on stdout.
-    let helper = connect(&client, &alloc, &helper_argv, true).await?;
+    let helper = match interactive_stderr {
+        true => Some(connect(&client, &alloc, &helper_argv, true).await?),
+        false => None,
+    };
     let main = match connect(&client, &alloc, &main_argv, true).await {
         Ok(main) => main,
         Err(e) => {
-            kill_remote(&client, &alloc, &[helper_pid]).await;
+            if helper.is_some() {
+                kill_remote(&client, &alloc, &[helper_pid]).await;
+            }
             return Err(e.into());
         }
     };
+    let mut pid_files = vec![main_pid];
+    if helper.is_some() {
+        pid_files.push(helper_pid);
+    }
     kill_when_cancelled(
         client.clone(),
         alloc.clone(),
-        vec![main_pid, helper_pid],
+        pid_files,
         kill.clone(),
         finished.clone(),
     );
@@ -600,13 +612,20 @@ pub async fn start(
     let (err_tx, mut err_rx) = mpsc::channel(64);
     let helper_kill = CancellationToken::new();
     let main_task = tokio::spawn(drive(main, main_in_rx, false, out_tx, kill.clone()));
-    let helper_task = tokio::spawn(drive(
-        helper,
-        helper_in_rx,
-        false,
-        err_tx,
-        helper_kill.clone(),
-    ));
+    let helper_task = match helper {
+        Some(helper) => tokio::spawn(drive(
+            helper,
+            helper_in_rx,
+            false,
+            err_tx,
+            helper_kill.clone(),
+        )),
+        // Without a helper session its output channel is closed and its task done at once.
+        None => tokio::spawn(async move {
+            drop((err_tx, helper_in_rx));
+            Ok(None)
+        }),
+    };
     let k = kill.clone();
     tokio::spawn(async move {
         let mut main_ack = Some(main_ack);

@@ -206,6 +206,7 @@ impl RunnerBackend for NomadRunner {
             alloc,
             request,
             &self.shared.config.unprivilegedprefix,
+            self.shared.config.interactive_stderr,
         )
         .await?;
         let mut running = self.running.lock().unwrap();
