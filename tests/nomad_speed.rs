@@ -42,33 +42,6 @@ fn row(what: &str, samples: &mut [Duration]) {
     );
 }
 
-/// The Docker container of a runner: Nomad names it `default-task-<allocation id>`.
-async fn container_of(s: &Server, runner: &str) -> String {
-    let real = s.real_nomad().unwrap();
-    let allocs: Value = real
-        .request(
-            reqwest::Method::GET,
-            &format!("/v1/job/{runner}/allocations"),
-        )
-        .query(&[("namespace", real.namespace.as_str())])
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let alloc = allocs
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|a| a["ClientStatus"] == "running")
-        .expect("a running allocation")["ID"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    format!("default-task-{alloc}")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "prints figures; needs a real Nomad with Docker: NOMAD_ADDR=... cargo test -- --ignored --nocapture"]
 async fn speed_on_a_real_nomad() {
@@ -128,7 +101,7 @@ async fn speed_on_a_real_nomad() {
     row("claim (POST /runners)", &mut claims);
 
     let runner = &runners[0];
-    let container = container_of(&s, runner).await;
+    let container = s.real_nomad().unwrap().container_of(runner).await;
     let mut gateway = Vec::new();
     let mut bare = Vec::new();
     for _ in 0..EXECUTIONS {

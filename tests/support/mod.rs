@@ -105,15 +105,45 @@ impl RealNomad {
             .unwrap_or_default()
     }
 
-    /// Purges every job of the namespace and deletes it.
+    /// Stops every job of the namespace, waits until their allocations ended (purging at once can
+    /// leave a container behind that Docker was still creating), purges them and deletes the
+    /// namespace.
     pub async fn clean_up(&self) {
-        for job in self.jobs().await {
-            if let Some(id) = job["ID"].as_str() {
+        let ids: Vec<String> = self
+            .jobs()
+            .await
+            .iter()
+            .filter_map(|j| j["ID"].as_str().map(String::from))
+            .collect();
+        for purge in ["false", "true"] {
+            for id in &ids {
                 let _ = self
                     .request(reqwest::Method::DELETE, &format!("/v1/job/{id}"))
-                    .query(&[("namespace", self.namespace.as_str()), ("purge", "true")])
+                    .query(&[("namespace", self.namespace.as_str()), ("purge", purge)])
                     .send()
                     .await;
+            }
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while purge == "false" && Instant::now() < deadline {
+                let allocs: Value = match self
+                    .request(reqwest::Method::GET, "/v1/allocations")
+                    .query(&[("namespace", self.namespace.as_str())])
+                    .send()
+                    .await
+                {
+                    Ok(r) => r.json().await.unwrap_or(Value::Null),
+                    Err(_) => break,
+                };
+                let live = allocs.as_array().into_iter().flatten().any(|a| {
+                    !matches!(
+                        a["ClientStatus"].as_str(),
+                        Some("complete" | "failed" | "lost")
+                    )
+                });
+                if !live {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
         // Nomad refuses to delete a namespace while it still has (non-terminal) jobs.
@@ -131,6 +161,33 @@ impl RealNomad {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+
+    /// The Docker container of a runner's running allocation (Nomad names it
+    /// `default-task-<allocation id>`).
+    pub async fn container_of(&self, runner: &str) -> String {
+        let allocs: Value = self
+            .request(
+                reqwest::Method::GET,
+                &format!("/v1/job/{runner}/allocations"),
+            )
+            .query(&[("namespace", self.namespace.as_str())])
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let alloc = allocs
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["ClientStatus"] == "running")
+            .unwrap_or_else(|| panic!("no running allocation of {runner}: {allocs}"))["ID"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        format!("default-task-{alloc}")
     }
 
     /// The image of environments on this agent (`POSEIDON_TEST_IMAGE`, default the CodeOcean-like

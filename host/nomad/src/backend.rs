@@ -1,9 +1,11 @@
 //! The Nomad [`Backend`]: environments are template jobs, runners are batch jobs.
 
 use async_trait::async_trait;
-use poseidon_core::backend::{Backend, BackendError, BackendEvent, RecoveredRunner, RunnerBackend};
+use poseidon_core::backend::{
+    Backend, BackendError, BackendEvent, MappedPort, RecoveredRunner, RunnerBackend,
+};
 use poseidon_core::{EnvironmentConfig, EnvironmentId, RunnerId};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -25,11 +27,15 @@ pub struct Shared {
     pub(crate) config: NomadConfig,
     pub(crate) tracker: Mutex<Tracker>,
     destroyed: Mutex<HashSet<String>>,
+    /// Mapped ports of each live runner, refreshed from the event stream when its allocation
+    /// changes (a rescheduled runner gets new host ports).
+    pub(crate) ports: Mutex<HashMap<String, Vec<MappedPort>>>,
 }
 
 impl Shared {
     /// Stops reporting a runner (it is being destroyed on purpose).
     pub(crate) fn forget(&self, id: &RunnerId) {
+        self.ports.lock().unwrap().remove(id.as_str());
         self.mark_destroyed(id.as_str());
         self.tracker.lock().unwrap().forget_job(id.as_str());
     }
@@ -63,6 +69,7 @@ impl NomadBackend {
             config,
             tracker: Mutex::new(Tracker::default()),
             destroyed: Mutex::new(HashSet::new()),
+            ports: Mutex::new(HashMap::new()),
         });
         let (tx, rx) = mpsc::channel(256);
         let stop = CancellationToken::new();
@@ -79,10 +86,14 @@ impl NomadBackend {
     }
 
     fn runner(&self, id: RunnerId, alloc: &serde_json::Value) -> Arc<NomadRunner> {
+        self.shared
+            .ports
+            .lock()
+            .unwrap()
+            .insert(id.as_str().to_string(), ports_of(alloc));
         Arc::new(NomadRunner {
             id,
             shared: self.shared.clone(),
-            ports: Mutex::new(ports_of(alloc)),
             running: Mutex::new(Vec::new()),
             job_lock: tokio::sync::Mutex::new(false),
         })
@@ -187,7 +198,7 @@ impl Backend for NomadBackend {
         let runners = self.client().list_jobs(&format!("{id}-")).await?;
         let deletions = runners.iter().filter_map(|j| j["ID"].as_str()).map(|job| {
             self.shared.mark_destroyed(job);
-            self.client().deregister(job, true)
+            self.client().retire(job)
         });
         for r in futures::future::join_all(deletions).await {
             r?;
@@ -235,7 +246,7 @@ impl Backend for NomadBackend {
             Ok(alloc) => Ok(self.runner(id, &alloc)),
             Err(e) => {
                 self.shared.mark_destroyed(id.as_str());
-                let _ = self.client().deregister(id.as_str(), true).await;
+                let _ = self.client().retire(id.as_str()).await;
                 Err(e)
             }
         }
@@ -248,6 +259,10 @@ impl Backend for NomadBackend {
         let mut out = Vec::new();
         for stub in self.client().list_jobs(&format!("{}-", config.id)).await? {
             if stub["Status"] == "dead" {
+                // A runner stopped by a gateway that died before purging it.
+                if let Some(id) = stub["ID"].as_str() {
+                    let _ = self.client().deregister(id, true).await;
+                }
                 continue;
             }
             let Some(id) = stub["ID"].as_str() else {

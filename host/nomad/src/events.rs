@@ -201,6 +201,27 @@ pub fn apply(tracker: &mut Tracker, event: &Value) -> Option<(String, LostReason
     }
 }
 
+/// Takes the host ports of a runner's running allocation (a rescheduled runner has new ones).
+fn refresh_ports(shared: &Shared, event: &Value) {
+    let a = &event["Payload"]["Allocation"];
+    if event["Topic"] != "Allocation" || a["ClientStatus"] != "running" {
+        return;
+    }
+    let (Some(job), Some(_)) = (
+        a["JobID"].as_str(),
+        a["AllocatedResources"]["Shared"]["Ports"].as_array(),
+    ) else {
+        return;
+    };
+    if let Some(ports) = shared.ports.lock().unwrap().get_mut(job) {
+        let fresh = crate::runner::ports_of(a);
+        if *ports != fresh {
+            tracing::info!(runner = %job, ports = ?fresh, "the runner's mapped ports changed");
+            *ports = fresh;
+        }
+    }
+}
+
 /// Re-reads `GET /v1/allocations` after (re)connecting: allocations that disappeared are
 /// lost, new ones are tracked; known ones keep their state so that the replayed events
 /// (resuming at the last processed index) are applied to it. Returns the lost runners and
@@ -256,6 +277,7 @@ async fn report(
         return;
     }
     tracing::info!(runner = %job, ?reason, "runner lost");
+    shared.ports.lock().unwrap().remove(&job);
     let _ = tx
         .send(BackendEvent::RunnerLost {
             runner: RunnerId::from_raw(job.clone()),
@@ -267,7 +289,7 @@ async fn report(
     let s = shared.clone();
     tokio::spawn(async move {
         s.mark_destroyed(&job);
-        let _ = s.client.deregister(&job, true).await;
+        let _ = s.client.retire(&job).await;
     });
 }
 
@@ -327,6 +349,7 @@ async fn subscribe(
                     if !t.seen_at_last.insert(e.to_string()) {
                         continue; // duplicate delivery
                     }
+                    refresh_ports(shared, e);
                     if let Some(l) = apply(&mut t, e) {
                         lost.push(l);
                     }

@@ -82,7 +82,6 @@ fn end_marker() -> String {
 pub struct NomadRunner {
     pub(crate) id: RunnerId,
     pub(crate) shared: Arc<Shared>,
-    pub(crate) ports: Mutex<Vec<MappedPort>>,
     pub(crate) running: Mutex<Vec<CancellationToken>>,
     /// Serialises writes of the runner's job; `true` once it was purged. A meta update (claim)
     /// that re-registered the job after its purge would bring the runner back as an orphan.
@@ -171,7 +170,8 @@ impl RunnerBackend for NomadRunner {
     }
 
     fn mapped_ports(&self) -> Vec<MappedPort> {
-        self.ports.lock().unwrap().clone()
+        let ports = self.shared.ports.lock().unwrap();
+        ports.get(self.id.as_str()).cloned().unwrap_or_default()
     }
 
     async fn mark_claimed(&self, inactivity_timeout: Option<i64>) -> Result<(), BackendError> {
@@ -334,7 +334,7 @@ impl RunnerBackend for NomadRunner {
         *purged = true;
         let mut last = None;
         for attempt in 0..3u32 {
-            match self.client().deregister(self.id.as_str(), true).await {
+            match self.client().retire(self.id.as_str()).await {
                 Ok(()) => return Ok(()),
                 Err(e) => {
                     last = Some(e);
