@@ -466,6 +466,57 @@ async fn kill_remote(client: &NomadClient, alloc: &str, pid_files: &[String]) {
     }
 }
 
+/// How long an exit by a signal (status > 128) waits for Nomad to tell whether the runner's
+/// container died with it (`docker kill`, a restart): Poseidon holds such exits for 1 s too.
+const SANDBOX_DEATH_WAIT: Duration = Duration::from_millis(1500);
+
+/// Nanoseconds since the Unix epoch (Nomad's task event times).
+fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+/// Whether the runner's task ended or restarted since `since_ns` (then the exit by a signal was
+/// the container's death, not the program's own): Nomad's reason, if so.
+async fn sandbox_death(client: &NomadClient, alloc: &str, since_ns: i64) -> Option<String> {
+    let deadline = tokio::time::Instant::now() + SANDBOX_DEATH_WAIT;
+    loop {
+        if let Ok(a) = client.allocation(alloc).await {
+            let state = &a["TaskStates"][DEFAULT_TASK];
+            let died = state["Events"].as_array().into_iter().flatten().any(|e| {
+                e["Time"].as_i64().unwrap_or(0) >= since_ns
+                    && matches!(
+                        e["Type"].as_str(),
+                        Some("Terminated" | "Killing" | "Restarting" | "Not Restarting")
+                    )
+            });
+            if died || a["ClientStatus"] != "running" {
+                return Some(
+                    crate::reasons::allocation_failure(&a)
+                        .unwrap_or_else(|| "the runner's task stopped".into()),
+                );
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// The final event of an execution that exited with `code`: an exit by a signal because the
+/// runner's container died is a failure of the runner, not the program's exit code.
+async fn final_event(client: &NomadClient, alloc: &str, since_ns: i64, code: i32) -> ProcessEvent {
+    if code > 128 {
+        if let Some(why) = sandbox_death(client, alloc, since_ns).await {
+            return ProcessEvent::Failed(format!("the runner's container ended: {why}"));
+        }
+    }
+    ProcessEvent::Exited(code)
+}
+
 /// Longest a kill session may take.
 const KILL_WAIT: Duration = Duration::from_secs(15);
 
@@ -498,6 +549,7 @@ pub async fn start(
 ) -> Result<ExecProcess, BackendError> {
     let command = full_command(req, unprivileged_prefix);
     let execution = uuid::Uuid::new_v4().simple().to_string();
+    let started_ns = now_ns();
     let (stdin_tx, stdin_rx) = mpsc::channel::<Bytes>(64);
     let (ev_tx, ev_rx) = mpsc::channel::<ProcessEvent>(256);
     let kill = CancellationToken::new();
@@ -534,7 +586,7 @@ pub async fn start(
             let last = match session.await {
                 Ok(Ok(Some(code))) => {
                     finished.store(true, Ordering::SeqCst);
-                    ProcessEvent::Exited(code)
+                    final_event(&client, &alloc, started_ns, code).await
                 }
                 Ok(Ok(None)) => ProcessEvent::Failed("the execution was killed".into()),
                 Ok(Err(e)) => ProcessEvent::Failed(e.to_string()),
@@ -701,7 +753,7 @@ pub async fn start(
         let last = match (out_scan.status, main_done) {
             (Some(code), _) | (None, Some(Ok(Some(code)))) => {
                 finished.store(true, Ordering::SeqCst);
-                ProcessEvent::Exited(code)
+                final_event(&client, &alloc, started_ns, code).await
             }
             (None, Some(Ok(None))) => ProcessEvent::Failed("the execution was killed".into()),
             (None, Some(Err(e))) => ProcessEvent::Failed(e.to_string()),
