@@ -691,18 +691,18 @@ async fn real_nomad_a_killed_container_ends_the_execution_and_the_runner_comes_b
     let out = ws.finish().await;
     assert_eq!(out.last["type"], "error", "{:?}", out.messages);
     // Nomad restarts the task in a new container (after the restart policy's delay).
-    eventually("the runner runs again, without its files", 120, || async {
-        let r = s
-            .http
-            .get(s.url(&format!("/runners/{runner}/files/raw?path=work.txt")))
-            .send()
-            .await
-            .unwrap();
-        r.status() == 424
+    eventually("the runner runs commands again", 120, || async {
+        let out = s.run(&runner, json!({"command": "echo again"})).await;
+        out.exit() == Some(0) && out.stdout == "again\r\n"
     })
     .await;
-    let out = s.run(&runner, json!({"command": "echo again"})).await;
-    assert_eq!(out.stdout, "again\r\n");
+    let r = s
+        .http
+        .get(s.url(&format!("/runners/{runner}/files/raw?path=work.txt")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 424, "the new container has none of the old files");
     settled(&s, 25, 1, 1).await;
 }
 

@@ -288,8 +288,11 @@ impl RunnerBackend for NomadRunner {
                 }
                 Ok(Some(_)) => {}
                 Ok(None) => {
-                    let _ = session.await;
-                    return Err(BackendError::FileNotFound);
+                    // Nomad refused the session (e.g. the task is restarting): say so, not 424.
+                    return Err(match session.await {
+                        Ok(Err(e @ exec::SessionError::Closed(_))) => e.into(),
+                        _ => BackendError::FileNotFound,
+                    });
                 }
                 Err(_) => {
                     kill.cancel();
