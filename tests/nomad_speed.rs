@@ -110,23 +110,7 @@ async fn speed_on_a_real_nomad() {
         let out = Ws::connect(&url).await.finish().await;
         gateway.push(t.elapsed());
         assert_eq!(out.stdout, "hi\r\n");
-        let t = Instant::now();
-        let o = tokio::process::Command::new("docker")
-            .args([
-                "exec",
-                "-t",
-                &container,
-                "/sbin/setuser",
-                "user",
-                "bash",
-                "-c",
-                "echo hi",
-            ])
-            .output()
-            .await
-            .expect("docker runs");
-        bare.push(t.elapsed());
-        assert!(o.status.success(), "{o:?}");
+        bare.push(bare_docker_exec(&container).await);
     }
     row(
         "execution `echo hi` (POST execute + WebSocket to exit)",
@@ -144,4 +128,58 @@ async fn speed_on_a_real_nomad() {
             .send()
             .await;
     }
+    drop(s);
+
+    // `server.interactivestderr: false`: one exec session per execution instead of two.
+    let single = Server::start_with(support::Options {
+        backend: Backend::RealNomad,
+        server_yaml: "  interactivestderr: false".into(),
+        ..Default::default()
+    })
+    .await;
+    single
+        .environment(32, 1, json!({"cpuLimit": 20, "memoryLimit": 64}))
+        .await;
+    let runner = single.claim(32, 300).await;
+    let container = single.real_nomad().unwrap().container_of(&runner).await;
+    let (mut one_session, mut bare) = (Vec::new(), Vec::new());
+    for _ in 0..EXECUTIONS {
+        let t = Instant::now();
+        let url = single.execute(&runner, json!({"command": "echo hi"})).await;
+        let out = Ws::connect(&url).await.finish().await;
+        one_session.push(t.elapsed());
+        assert_eq!(out.stdout, "hi\r\n");
+        bare.push(bare_docker_exec(&container).await);
+    }
+    row(
+        "execution `echo hi`, `interactivestderr: false` (one session)",
+        &mut one_session,
+    );
+    row("bare `docker exec -t` of the same command", &mut bare);
+    println!(
+        "ratio p50 gateway (one session) / bare docker exec: {:.2}",
+        percentile(&mut one_session, 0.5).as_secs_f64() / percentile(&mut bare, 0.5).as_secs_f64()
+    );
+}
+
+/// Runs `echo hi` as the image's user with `docker exec -t`; returns how long it took.
+async fn bare_docker_exec(container: &str) -> Duration {
+    let t = Instant::now();
+    let o = tokio::process::Command::new("docker")
+        .args([
+            "exec",
+            "-t",
+            container,
+            "/sbin/setuser",
+            "user",
+            "bash",
+            "-c",
+            "echo hi",
+        ])
+        .output()
+        .await
+        .expect("docker runs");
+    let took = t.elapsed();
+    assert!(o.status.success(), "{o:?}");
+    took
 }
