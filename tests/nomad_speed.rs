@@ -44,8 +44,8 @@ fn row(what: &str, samples: &mut [Duration]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "prints figures; needs a real Nomad with Docker: NOMAD_ADDR=... cargo test -- --ignored --nocapture"]
-async fn speed_on_a_real_nomad() {
-    support::require_real_nomad("speed_on_a_real_nomad");
+async fn speed_on_a_nomad_cluster() {
+    support::require_real_nomad("speed_on_a_nomad_cluster");
     let s = Server::on(Backend::RealNomad).await;
     let version: Value = s
         .real_nomad()
