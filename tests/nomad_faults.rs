@@ -238,10 +238,45 @@ async fn while_nomad_refuses_connections_claims_work_and_the_rest_says_nomad_unr
     let s = nomad_server().await;
     s.environment(5, 2, json!({})).await;
     fault(&s, "refuse?seconds=10").await;
+    nomad_unreachable_for_a_while(&s).await;
+}
+
+/// 10 s of Nomad unreachable on a real cluster: the gateway reaches the agent through a TCP gate
+/// that cuts every connection (event stream, exec sessions) and refuses new ones for 10 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a real Nomad: NOMAD_ADDR=http://127.0.0.1:4646 cargo test -- --ignored real_nomad"]
+async fn real_nomad_while_nomad_is_unreachable_claims_work_and_the_rest_says_nomad_unreachable() {
+    support::require_real_nomad(
+        "real_nomad_while_nomad_is_unreachable_claims_work_and_the_rest_says_nomad_unreachable",
+    );
+    let agent = std::env::var("NOMAD_ADDR").unwrap();
+    let gate = support::TcpGate::open(
+        agent
+            .split("://")
+            .last()
+            .unwrap()
+            .trim_end_matches('/')
+            .to_string(),
+    )
+    .await;
+    let s = Server::start_with(Options {
+        backend: Backend::RealNomad,
+        real_nomad_via: Some(gate.addr.clone()),
+        ..Default::default()
+    })
+    .await;
+    s.environment(5, 2, json!({})).await;
+    gate.close_for(Duration::from_secs(10));
+    nomad_unreachable_for_a_while(&s).await;
+}
+
+/// While Nomad is unreachable (for about 10 s): claims are served from the pool, changes get
+/// `NOMAD_UNREACHABLE`; afterwards everything resumes, with no runner lost, leaked or duplicated.
+async fn nomad_unreachable_for_a_while(s: &Server) {
     // Claims are served from the warm pool.
     let runner = s.claim(5, 0).await;
     assert!(runner.starts_with("5-"));
-    let body = json!({"image": "x", "prewarmingPoolSize": 1, "cpuLimit": 10, "memoryLimit": 0, "networkAccess": false, "exposedPorts": []});
+    let body = json!({"image": s.test_image(), "prewarmingPoolSize": 1, "cpuLimit": 10, "memoryLimit": 0, "networkAccess": false, "exposedPorts": []});
     let r = s
         .http
         .put(s.url("/execution-environments/6"))
@@ -264,9 +299,8 @@ async fn while_nomad_refuses_connections_claims_work_and_the_rest_says_nomad_unr
             == 201
     })
     .await;
-    settled(&s, 5, 2, 1).await;
+    settled(s, 5, 2, 1).await;
     s.wait_idle(6, 1).await;
-    tokio::time::sleep(Duration::from_millis(1)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -702,7 +736,11 @@ async fn real_nomad_a_killed_container_ends_the_execution_and_the_runner_comes_b
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 424, "the new container has none of the old files");
+    assert_eq!(
+        r.status(),
+        424,
+        "the new container has none of the old files"
+    );
     settled(&s, 25, 1, 1).await;
 }
 

@@ -235,6 +235,59 @@ pub struct Options {
     pub env: Vec<(String, String)>,
     /// Extra lines inside `nomad:` (Nomad backends only; indented by the caller with 2 spaces).
     pub nomad_yaml: String,
+    /// On a real Nomad: reach it through this `host:port` (e.g. a [`TcpGate`]) instead.
+    pub real_nomad_via: Option<String>,
+}
+
+/// A TCP forwarder on a loopback port that can be closed for a while: connections are cut and
+/// new ones refused, as when Nomad is unreachable, without touching the agent others use.
+pub struct TcpGate {
+    /// `127.0.0.1:PORT` to connect to.
+    pub addr: String,
+    closed_until: std::sync::Arc<std::sync::Mutex<Option<Instant>>>,
+    cut: std::sync::Arc<tokio::sync::Notify>,
+}
+
+impl TcpGate {
+    /// Forwards a new loopback port to `target` (`host:port`).
+    pub async fn open(target: String) -> TcpGate {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let closed_until = std::sync::Arc::new(std::sync::Mutex::new(None::<Instant>));
+        let cut = std::sync::Arc::new(tokio::sync::Notify::new());
+        let (closed, cut2) = (closed_until.clone(), cut.clone());
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let shut = closed.lock().unwrap().is_some_and(|t| Instant::now() < t);
+                if shut {
+                    drop(inbound); // refused: closed at once
+                    continue;
+                }
+                let target = target.clone();
+                let cut = cut2.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut.notified() => {}
+                    }
+                });
+            }
+        });
+        TcpGate {
+            addr,
+            closed_until,
+            cut,
+        }
+    }
+
+    /// Cuts every connection and refuses new ones for `d`.
+    pub fn close_for(&self, d: Duration) {
+        *self.closed_until.lock().unwrap() = Some(Instant::now() + d);
+        self.cut.notify_waiters();
+    }
 }
 
 fn unique() -> String {
@@ -293,7 +346,10 @@ impl Server {
         let mut real_nomad = None;
         if options.backend == Backend::RealNomad {
             let real = RealNomad::create().await;
-            let hostport = real.addr.split("://").last().unwrap().to_string();
+            let hostport = match &options.real_nomad_via {
+                Some(gate) => gate.clone(),
+                None => real.addr.split("://").last().unwrap().to_string(),
+            };
             let (host, port) = hostport.rsplit_once(':').unwrap_or((&hostport, "4646"));
             // Docker runs commands as the image's `user` through /sbin/setuser, as in production;
             // exec/raw_exec have no such user and run them as the task's user.
