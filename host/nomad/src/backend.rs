@@ -196,10 +196,18 @@ impl Backend for NomadBackend {
 
     async fn remove_environment(&self, id: EnvironmentId) -> Result<(), BackendError> {
         let runners = self.client().list_jobs(&format!("{id}-")).await?;
-        let deletions = runners.iter().filter_map(|j| j["ID"].as_str()).map(|job| {
-            self.shared.mark_destroyed(job);
-            self.client().retire(job)
-        });
+        let deletions = runners
+            .iter()
+            .filter_map(|j| Some((j["ID"].as_str()?, j)))
+            .map(|(job, stub)| async move {
+                self.shared.mark_destroyed(job);
+                // A stopped job (whose purge a gateway did not live to do) is purged at once.
+                if stub["Status"] == "dead" {
+                    self.client().deregister(job, true).await
+                } else {
+                    self.client().retire(job).await
+                }
+            });
         for r in futures::future::join_all(deletions).await {
             r?;
         }

@@ -398,5 +398,24 @@ async fn real_nomad_smoke_test() {
     let out = run(&runner, "echo hi; exit 2", vec![], b"").await;
     assert_eq!(out.exit, Some(2));
     runner.destroy().await.unwrap();
-    backend.remove_environment(e.id).await.unwrap();
+    // Runner jobs are stopped first and purged once stopped: leave no job behind.
+    let end = Instant::now() + Duration::from_secs(60);
+    loop {
+        backend.remove_environment(e.id).await.unwrap();
+        let left: serde_json::Value = reqwest::get(format!(
+            "{}/v1/jobs?prefix={}-",
+            addr.trim_end_matches('/'),
+            e.id
+        ))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+        if left.as_array().is_some_and(|l| l.is_empty()) || Instant::now() > end {
+            assert_eq!(left, serde_json::json!([]), "jobs left behind");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
