@@ -31,6 +31,7 @@ need_apt=()
 command -v bwrap >/dev/null 2>&1 || need_apt+=(bubblewrap)
 command -v setsid >/dev/null 2>&1 || need_apt+=(util-linux)
 [ -x /usr/bin/python3 ] || need_apt+=(python3)
+command -v pasta >/dev/null 2>&1 || need_apt+=(passt)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "installing: ${need_apt[*]}"
   apt-get update -qq && apt-get install -y -qq "${need_apt[@]}"
@@ -49,7 +50,7 @@ for arg in "$@"; do
 done
 
 cargo build --release -p poseidon --bin poseidon -p poseidon-loadgen --bin poseidon-loadgen \
-  -p nomad-emulator --bin nomad-emulator
+  -p nomad-emulator --bin nomad-emulator -p poseidon-agent --bin poseidon-agent
 if [ "$start_plugins" = 1 ]; then
   plugins/build.sh -p jwt-auth -p submission-guard >/dev/null
 fi

@@ -28,7 +28,7 @@ async fn runners_cannot_see_each_others_files_or_processes() {
     let url = s
         .execute(
             &a,
-            json!({"command": format!("echo up; sleep 1000 # {marker}")}),
+            json!({"command": format!("echo up; sleep 1000; echo {marker}")}),
         )
         .await;
     let mut ws = Ws::connect(&url).await;
@@ -68,7 +68,7 @@ async fn system_directories_are_read_only_even_for_root() {
     let url = s
         .execute(
             &r,
-            json!({"command": format!("sleep 1000 # {marker}"), "privilegedExecution": true}),
+            json!({"command": format!("sleep 1000; echo {marker}"), "privilegedExecution": true}),
         )
         .await;
     let ws = Ws::connect(&url).await;
@@ -141,7 +141,7 @@ async fn executions_see_only_their_own_environment_and_no_inherited_descriptors(
 }
 
 #[tokio::test]
-async fn network_is_off_unless_allowed_and_the_api_still_needs_the_token() {
+async fn network_is_off_unless_allowed_and_never_reaches_host_loopback() {
     let s = Server::start().await;
     s.environment(1, 1, json!({})).await;
     s.environment(2, 1, json!({"networkAccess": true})).await;
@@ -157,10 +157,25 @@ async fn network_is_off_unless_allowed_and_the_api_still_needs_the_token() {
         "offline runner reached the API: {}",
         out.stdout
     );
+    // Network access goes out through a user-mode network: an interface and a default route of
+    // its own, but never the host's loopback services (the gateway itself here).
     let out = s.run(&online, json!({"command": probe})).await;
     assert!(
-        out.stdout.contains("HTTPError 401"),
-        "online runner: {}",
+        out.stdout.contains("URLError"),
+        "online runner reached the host's loopback: {}",
+        out.stdout
+    );
+    let route = "ls /sys/class/net | grep -vx lo | head -1; awk '$2 == \"00000000\" {print \"default via\", $1}' /proc/net/route";
+    let out = s.run(&online, json!({"command": route})).await;
+    assert!(
+        out.stdout.contains("default via"),
+        "online runner has no default route: {}",
+        out.stdout
+    );
+    let out = s.run(&offline, json!({"command": route})).await;
+    assert!(
+        !out.stdout.contains("default via"),
+        "offline runner has a route out: {}",
         out.stdout
     );
 }
@@ -227,7 +242,7 @@ async fn files_persist_between_executions_and_processes_end_with_the_runner() {
     assert_eq!(out.stdout, "1\r\n2\r\n");
     let marker = format!("end-{}", std::process::id());
     let url = s
-        .execute(&r, json!({"command": format!("sleep 1000 # {marker}")}))
+        .execute(&r, json!({"command": format!("sleep 1000; echo {marker}")}))
         .await;
     let ws = Ws::connect(&url).await;
     eventually("the program runs", 10, || async {
@@ -254,4 +269,134 @@ async fn files_persist_between_executions_and_processes_end_with_the_runner() {
         .get_json(s.url("/statistics/execution-environments"))
         .await;
     assert_eq!(stats["1"]["usedRunners"], 0);
+}
+
+#[tokio::test]
+async fn root_and_user_are_two_identities_so_roots_files_are_protected() {
+    let s = Server::start().await;
+    s.environment(1, 1, json!({})).await;
+    let r = s.claim(1, 60).await;
+    let out = s
+        .run(
+            &r,
+            json!({"command": "echo top > secret && chmod 600 secret && mkdir -p locked && chmod 700 locked && id -u", "privilegedExecution": true}),
+        )
+        .await;
+    assert_eq!(out.stdout.trim(), "0", "{:?}", out.messages);
+    let out = s
+        .run(
+            &r,
+            json!({"command": "id -u; cat secret; touch locked/x; echo mine > own.txt; stat -c '%U %n' secret own.txt"}),
+        )
+        .await;
+    assert!(out.stdout.starts_with("1000"), "{:?}", out.messages);
+    assert!(
+        !out.stdout.contains("top"),
+        "user read root's file: {:?}",
+        out.messages
+    );
+    assert!(
+        out.stderr.contains("Permission denied"),
+        "{:?}",
+        out.messages
+    );
+    assert!(
+        out.stdout.contains("root secret") && out.stdout.contains("user own.txt"),
+        "{:?}",
+        out.messages
+    );
+    // Listings show the real owners.
+    let list: Value = s
+        .get_json(s.url(&format!("/runners/{r}/files?privilegedExecution=true")))
+        .await;
+    let owner = |name: &str| {
+        list["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["name"] == name)
+            .map(|f| f["owner"].as_str().unwrap().to_string())
+    };
+    assert_eq!(owner("./secret").as_deref(), Some("root"));
+    assert_eq!(owner("./own.txt").as_deref(), Some("user"));
+    // Downloading root's protected file as user is refused; as root it works.
+    let url = s.url(&format!("/runners/{r}/files/raw?path=secret"));
+    assert_eq!(s.http.get(&url).send().await.unwrap().status(), 424);
+    let r2 = s
+        .http
+        .get(format!("{url}&privilegedExecution=true"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r2.text().await.unwrap(), "top\n");
+}
+
+#[tokio::test]
+async fn exposed_ports_are_forwarded_and_reported() {
+    let s = Server::start().await;
+    s.environment(3, 1, json!({"networkAccess": true, "exposedPorts": [8080]}))
+        .await;
+    let claim: Value = support::status_and_json(
+        s.http
+            .post(s.url("/runners"))
+            .json(&json!({"executionEnvironmentId": 3, "inactivityTimeout": 60}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await
+    .1;
+    let runner = claim["runnerId"].as_str().unwrap().to_string();
+    let mapped = claim["mappedPorts"].as_array().unwrap();
+    assert_eq!(mapped.len(), 1, "{claim}");
+    assert_eq!(mapped[0]["exposedPort"], 8080);
+    let address = mapped[0]["hostAddress"].as_str().unwrap().to_string();
+    assert!(address.starts_with("127.0.0.1:"), "{address}");
+    s.copy(&runner, &[("index.html", b"served from the runner")])
+        .await;
+    let url = s
+        .execute(
+            &runner,
+            json!({"command": "echo serving; exec python3 -m http.server 8080 --bind 0.0.0.0"}),
+        )
+        .await;
+    let mut ws = Ws::connect(&url).await;
+    ws.wait_stdout("serving").await;
+    let http = reqwest::Client::new();
+    let page = format!("http://{address}/index.html");
+    eventually("the runner's server answers on the mapped port", 20, || {
+        let request = http.get(&page).send();
+        async move { request.await.is_ok_and(|r| r.status() == 200) }
+    })
+    .await;
+    let body = http.get(&page).send().await.unwrap().text().await.unwrap();
+    assert_eq!(body, "served from the runner");
+}
+
+#[tokio::test]
+async fn a_learner_who_kills_the_agent_only_breaks_their_own_runner() {
+    let s = Server::start().await;
+    s.environment(1, 2, json!({})).await;
+    let victim = s.claim(1, 60).await;
+    let other = s.claim(1, 60).await;
+    let out = s
+        .run(
+            &victim,
+            json!({"command": "kill -9 $(pgrep -f /.poseidon/agent); sleep 5", "privilegedExecution": true}),
+        )
+        .await;
+    assert_eq!(out.last["type"], "error", "{:?}", out.messages);
+    eventually("the broken runner is gone", 20, || async {
+        s.http
+            .get(s.url(&format!("/runners/{victim}/files")))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            == 410
+    })
+    .await;
+    let out = s.run(&other, json!({"command": "echo fine"})).await;
+    assert_eq!(out.stdout, "fine\r\n");
+    s.wait_idle(1, 2).await;
 }

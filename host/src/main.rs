@@ -209,11 +209,11 @@ async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// Local runners do not outlive the process: end them now rather than at the next start. Nomad
-/// runners stay for the next process to recover, as in Poseidon.
-async fn release(manager: &Manager, local: Option<&LocalBackend>) {
+/// Runners outlive the process on both backends, so that a restart (a deploy) does not end any
+/// learner's session: the next process recovers them (local: from the state directory; Nomad:
+/// from the jobs).
+async fn release(_manager: &Manager, local: Option<&LocalBackend>) {
     if let Some(local) = local {
-        manager.shutdown().await;
         local.release();
     }
 }

@@ -334,7 +334,21 @@ impl Manager {
                 tracing::warn!(runner = %marker.id(), error = %e, "could not record the claim");
             }
         });
-        Ok(self.adopt_claimed(environment, backend, inactivity_timeout, owner))
+        let runner = self.adopt_claimed(environment, backend, inactivity_timeout, owner);
+        // The environment may have been torn down between taking the runner and registering it;
+        // its teardown then missed this runner, so it goes here (unless the teardown got it).
+        if env.is_shut_down() {
+            let orphan = self.inner.runners.write().unwrap().remove(runner.id());
+            if let Some(orphan) = orphan {
+                orphan.mark_destroyed(DestroyReason::EnvironmentDeleted);
+                let backend = Arc::clone(orphan.backend());
+                tokio::spawn(async move {
+                    let _ = backend.destroy().await;
+                });
+            }
+            return Err(CoreError::EnvironmentNotFound);
+        }
+        Ok(runner)
     }
 
     fn adopt_claimed(

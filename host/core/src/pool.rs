@@ -111,6 +111,11 @@ impl Environment {
     }
 
     /// Stops the reconciler and hands back the idle runners for destruction.
+    /// Whether [`Environment::shut_down`] was called.
+    pub(crate) fn is_shut_down(&self) -> bool {
+        self.stop.is_cancelled()
+    }
+
     pub(crate) fn shut_down(&self) -> Vec<Arc<dyn RunnerBackend>> {
         self.stop.cancel();
         self.wake.notify_one();

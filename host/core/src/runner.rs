@@ -225,6 +225,11 @@ impl Runner {
             _ = client_gone.cancelled() => None,
         };
         kill.cancel();
+        // Destroying the runner also breaks its process's output: the reason wins over that.
+        let last = match last {
+            Some(ExecEvent::Error(_)) if self.destroyed.is_cancelled() => Some(self.final_event()),
+            other => other,
+        };
         if let Some(last) = last {
             let _ = events.send(last).await;
         }

@@ -1,44 +1,60 @@
-//! The local backend: environment persistence, runner creation and crash cleanup.
+//! The local backend: environment persistence, starting and recovering runner sandboxes.
 
 use std::collections::HashSet;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::unistd::{chown, Gid, Uid};
-use poseidon_core::backend::{Backend, BackendError, RecoveredRunner, RunnerBackend};
+use poseidon_core::agent::{AgentRunner, Sandbox};
+use poseidon_core::backend::{
+    Backend, BackendError, BackendEvent, LostReason, RecoveredRunner, RunnerBackend,
+};
 use poseidon_core::{EnvironmentConfig, EnvironmentId, RunnerId};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
 
 use crate::cgroup::{Hierarchy, Limits};
 use crate::config::LocalConfig;
-use crate::process::Launcher;
-use crate::runner::LocalRunner;
-use crate::sandbox;
+use crate::network::Network;
+use crate::runner::LocalSandbox;
+use crate::sandbox::{self, SandboxSpec, USER_UID};
+use crate::state::RunnerState;
 use crate::store::EnvironmentStore;
 use crate::LocalError;
+
+/// How long a new sandbox may take until its agent listens.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// State shared by the backend and its runners.
 pub(crate) struct Shared {
     pub(crate) config: LocalConfig,
-    pub(crate) launcher: Launcher,
     pub(crate) uids: UidPool,
+    pub(crate) network: Network,
+    bwrap: PathBuf,
+    agent: PathBuf,
     hierarchy: Hierarchy,
     runners_dir: PathBuf,
     can_mount: AtomicBool,
+    events: mpsc::Sender<BackendEvent>,
+    /// Runners of a previous process, until their environment asks for them.
+    leftovers: Mutex<Vec<(RunnerId, RunnerState)>>,
 }
 
-/// Runs runners as bubblewrap sandboxes on this machine.
+/// Runs runners as persistent bubblewrap sandboxes on this machine, each with an agent inside.
 pub struct LocalBackend {
     shared: Arc<Shared>,
     store: EnvironmentStore,
+    events: Mutex<Option<mpsc::Receiver<BackendEvent>>>,
 }
 
 impl LocalBackend {
-    /// Prepares the state directory, removes what a previous process left behind and checks that
-    /// bubblewrap works.
+    /// Prepares the state directory, takes stock of the runners a previous process left (to be
+    /// recovered, or removed when their environment is gone) and checks that bubblewrap works.
     pub async fn new(config: LocalConfig) -> Result<Self, LocalError> {
         let io = |what: &str| {
             let what = what.to_string();
@@ -50,9 +66,8 @@ impl LocalBackend {
                 config.bwrap.display()
             ))
         })?;
-        let setsid = find_program(Path::new("setsid"))
-            .ok_or_else(|| LocalError::Bubblewrap("`setsid` (util-linux) was not found".into()))?;
-        crate::process::close_inherited_descriptors_on_exec();
+        let agent = find_agent(&config)?;
+        close_inherited_descriptors_on_exec();
         let state = config.statedir.clone();
         std::fs::create_dir_all(&state).map_err(io("creating the state directory"))?;
         let runners_dir = state.join("runners");
@@ -63,22 +78,41 @@ impl LocalBackend {
         }
         let store = EnvironmentStore::open(state.join("environments"))
             .map_err(io("opening the environment store"))?;
+        let agent = install_agent(&agent, &state).map_err(io("copying the runner agent"))?;
         let hierarchy = Hierarchy::detect(&config.cgroupparent);
         tracing::info!(limits = %hierarchy.describe(), "local backend resource limits");
+        let network = Network::detect(&config);
+        tracing::info!(network = %network.describe(), "local backend network");
+        let (events_tx, events_rx) = mpsc::channel(1024);
         let shared = Arc::new(Shared {
             config,
-            launcher: Launcher { bwrap, setsid },
             uids: UidPool::default(),
+            network,
+            bwrap,
+            agent,
             hierarchy,
             runners_dir,
             can_mount: AtomicBool::new(true),
+            events: events_tx,
+            leftovers: Mutex::new(Vec::new()),
         });
-        shared.clean_leftovers().await;
         shared.check_bubblewrap().await?;
-        Ok(Self { shared, store })
+        let known: HashSet<EnvironmentId> = store
+            .load()
+            .await
+            .map_err(io("reading the environments"))?
+            .into_iter()
+            .map(|e| e.id)
+            .collect();
+        shared.take_stock(&known).await;
+        Ok(Self {
+            shared,
+            store,
+            events: Mutex::new(Some(events_rx)),
+        })
     }
 
-    /// Removes the parent cgroups after every runner is gone (graceful shutdown).
+    /// Removes the parent cgroups if every runner is gone (after a shutdown that destroyed them).
     pub fn release(&self) {
         self.shared.hierarchy.remove_parents();
     }
@@ -100,21 +134,101 @@ fn find_program(name: &Path) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// The agent binary: `local.agent`, or `poseidon-agent` next to the server's own executable.
+fn find_agent(config: &LocalConfig) -> Result<PathBuf, LocalError> {
+    let configured = config.agent.as_ref().filter(|p| !p.as_os_str().is_empty());
+    let candidate = match configured {
+        Some(path) => path.clone(),
+        None => std::env::current_exe()
+            .ok()
+            .and_then(|exe| exe.parent().map(|d| d.join("poseidon-agent")))
+            .unwrap_or_else(|| PathBuf::from("poseidon-agent")),
+    };
+    if candidate.is_file() {
+        Ok(candidate)
+    } else {
+        Err(LocalError::Agent(format!(
+            "the runner agent {} was not found (build it with `cargo build -p poseidon-agent`, or set local.agent)",
+            candidate.display()
+        )))
+    }
+}
+
+/// Copies the agent into the state directory, where every runner's uid can reach it (the build
+/// or install directory may not be traversable for them). A new file each time, so that agents of
+/// running sandboxes keep their own copy.
+fn install_agent(agent: &Path, state: &Path) -> std::io::Result<PathBuf> {
+    let dir = state.join("agent");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+    let target = dir.join("poseidon-agent");
+    let tmp = dir.join(format!("poseidon-agent.{}", std::process::id()));
+    std::fs::copy(agent, &tmp)?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))?;
+    std::fs::rename(&tmp, &target)?;
+    Ok(target)
+}
+
+/// Marks every descriptor this process inherited (beyond stdin, stdout, stderr) close-on-exec, so
+/// that no sandbox inherits anything the server was started with.
+fn close_inherited_descriptors_on_exec() {
+    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+    let Ok(entries) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    let fds: Vec<i32> = entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter(|fd| *fd > 2)
+        .collect();
+    for fd in fds {
+        if let Ok(flags) = fcntl(fd, FcntlArg::F_GETFD) {
+            let flags = FdFlag::from_bits_truncate(flags) | FdFlag::FD_CLOEXEC;
+            let _ = fcntl(fd, FcntlArg::F_SETFD(flags));
+        }
+    }
+}
+
 impl Shared {
-    async fn clean_leftovers(&self) {
+    pub(crate) fn file_timeout(&self) -> Duration {
+        Duration::from_secs(self.config.filetimeoutseconds.max(1))
+    }
+
+    /// Sorts what a previous process left: runners of known environments wait to be recovered,
+    /// everything else is removed.
+    async fn take_stock(self: &Arc<Self>, known: &HashSet<EnvironmentId>) {
+        let mut keep = Vec::new();
         if let Ok(entries) = std::fs::read_dir(&self.runners_dir) {
             for entry in entries.flatten() {
-                tracing::info!(runner = %entry.file_name().to_string_lossy(), "removing a runner left by a previous process");
-                self.remove_runner_dir(&entry.path(), true).await;
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let state = RunnerState::load(&entry.path());
+                match (Some(RunnerId::from_raw(name.clone())), state) {
+                    (Some(id), Some(state)) if known.contains(&state.environment) => {
+                        self.uids.claim(state.uids.0);
+                        keep.push((id, state));
+                    }
+                    (Some(id), Some(state)) => {
+                        tracing::info!(runner = %name, "removing a runner of a deleted environment");
+                        let _ = self.adopt(id, state).destroy().await;
+                    }
+                    _ => {
+                        tracing::info!(runner = %name, "removing a runner directory left by a previous process");
+                        self.remove_runner_dir(&entry.path(), true).await;
+                    }
+                }
             }
         }
+        let kept: HashSet<String> = keep.iter().map(|(id, _)| id.as_str().to_string()).collect();
         for group in self.hierarchy.existing_groups() {
-            group.kill_and_remove().await;
+            if !kept.contains(&group.name()) {
+                group.kill_and_remove().await;
+            }
         }
+        *self.leftovers.lock().unwrap() = keep;
     }
 
     async fn check_bubblewrap(&self) -> Result<(), LocalError> {
-        let output = tokio::process::Command::new(&self.launcher.bwrap)
+        let output = tokio::process::Command::new(&self.bwrap)
             .args(["--unshare-user", "--unshare-pid"])
             .args(crate::sandbox::host_system_binds())
             .args(["--", "/bin/true"])
@@ -150,11 +264,15 @@ impl Shared {
         .await;
     }
 
-    fn create_runner_dir(&self, id: &RunnerId, uid: u32) -> std::io::Result<(PathBuf, bool)> {
+    fn create_runner_dir(
+        &self,
+        id: &RunnerId,
+        uids: (u32, u32),
+    ) -> std::io::Result<(PathBuf, bool)> {
         let dir = self.runners_dir.join(id.as_str());
         std::fs::create_dir(&dir)?;
         let mut mounted = false;
-        if self.can_mount.load(std::sync::atomic::Ordering::Relaxed) {
+        if self.can_mount.load(Ordering::Relaxed) {
             let options = format!("size={}m,mode=0711", self.config.workspacesizemb.max(1));
             match mount(
                 Some("tmpfs"),
@@ -165,15 +283,21 @@ impl Shared {
             ) {
                 Ok(()) => mounted = true,
                 Err(e) => {
-                    self.can_mount
-                        .store(false, std::sync::atomic::Ordering::Relaxed);
+                    self.can_mount.store(false, Ordering::Relaxed);
                     tracing::warn!(error = %e, "cannot mount a tmpfs per runner: runner disk use is NOT limited");
                 }
             }
         }
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711))?;
-        let owner = (Some(Uid::from_raw(uid)), Some(Gid::from_raw(uid)));
-        for (name, mode) in [("workspace", 0o755), ("tmp", 0o1777)] {
+        let root = (Some(Uid::from_raw(uids.0)), Some(Gid::from_raw(uids.0)));
+        let user = (Some(Uid::from_raw(uids.1)), Some(Gid::from_raw(uids.1)));
+        // The workspace belongs to `user` (so learners' programs may write it); /tmp is shared
+        // and sticky; the control directory (the agent's socket) is the runner root's alone.
+        for (name, mode, owner) in [
+            ("workspace", 0o755, user),
+            ("tmp", 0o1777, root),
+            ("ctl", 0o700, root),
+        ] {
             let sub = dir.join(name);
             std::fs::create_dir(&sub)?;
             std::fs::set_permissions(&sub, std::fs::Permissions::from_mode(mode))?;
@@ -189,6 +313,231 @@ impl Shared {
         }
         Ok((dir, mounted))
     }
+
+    /// A sandbox object for a runner recorded in its directory (after a restart).
+    pub(crate) fn adopt(self: &Arc<Self>, id: RunnerId, state: RunnerState) -> LocalSandbox {
+        LocalSandbox {
+            dir: self.runners_dir.join(id.as_str()),
+            cgroup: self.hierarchy.group(id.as_str()),
+            id,
+            state: Mutex::new(state),
+            shared: Arc::clone(self),
+            destroyed: AtomicBool::new(false),
+        }
+    }
+
+    /// Creates the runner's directory and cgroup and starts its sandbox with the agent inside.
+    pub(crate) async fn start_sandbox(
+        self: &Arc<Self>,
+        config: &EnvironmentConfig,
+        id: RunnerId,
+    ) -> Result<LocalSandbox, BackendError> {
+        // Checked before anything is created: a missing image must not cost a mount and cgroups.
+        let rootfs = self.config.images.get(&config.image).cloned();
+        if let Some(root) = &rootfs {
+            if !root.join("bin").exists() && !root.join("usr").exists() {
+                return Err(BackendError::Internal(format!(
+                    "the root filesystem {} of image {} is missing or empty",
+                    root.display(),
+                    config.image
+                )));
+            }
+        }
+        let uids = self
+            .uids
+            .allocate(self.config.uidbase, self.config.uidcount)
+            .ok_or_else(|| BackendError::Internal("no free host uids for another runner".into()))?;
+        let (dir, mounted) = {
+            let shared = Arc::clone(self);
+            let id = id.clone();
+            tokio::task::spawn_blocking(move || shared.create_runner_dir(&id, uids))
+                .await
+                .map_err(BackendError::internal)?
+                .map_err(|e| {
+                    self.uids.release(uids.0);
+                    BackendError::Internal(format!("could not create the runner directory: {e}"))
+                })?
+        };
+        let memory_mb = match config.memory_limit {
+            0 => self.config.defaultmemorylimitmb,
+            mb => u64::from(mb),
+        };
+        let limits = Limits {
+            memory_bytes: (memory_mb > 0).then(|| memory_mb * 1024 * 1024),
+            pids: (self.config.pidslimit > 0).then_some(self.config.pidslimit),
+            cpu_weight_mhz: (config.cpu_limit > 0).then(|| u64::from(config.cpu_limit)),
+        };
+        let cgroup = self.hierarchy.create(id.as_str(), limits);
+        let sandbox = LocalSandbox {
+            id: id.clone(),
+            dir: dir.clone(),
+            cgroup,
+            state: Mutex::new(RunnerState {
+                environment: config.id,
+                uids,
+                mounted,
+                monitor_pid: 0,
+                init_pid: 0,
+                network_pid: None,
+                ports: Vec::new(),
+                claimed: None,
+            }),
+            shared: Arc::clone(self),
+            destroyed: AtomicBool::new(false),
+        };
+        if let Err(e) = self.launch(&sandbox, rootfs.as_deref(), config).await {
+            let log = sandbox.startup_log().await;
+            let _ = sandbox.destroy().await;
+            return Err(BackendError::Internal(format!(
+                "could not start the runner's sandbox: {e}{log}"
+            )));
+        }
+        Ok(sandbox)
+    }
+
+    async fn launch(
+        &self,
+        sandbox: &LocalSandbox,
+        rootfs: Option<&Path>,
+        config: &EnvironmentConfig,
+    ) -> Result<(), String> {
+        let uids = sandbox.state.lock().unwrap().uids;
+        let user_network = self.network.available();
+        let spec = SandboxSpec {
+            rootfs,
+            runner_dir: &sandbox.dir,
+            workdir: &self.config.workdir,
+            host_network: config.network_access && !user_network,
+            agent: &self.agent,
+        };
+        let log = std::fs::File::create(sandbox.dir.join("sandbox.log"))
+            .map_err(|e| format!("creating the sandbox log: {e}"))?;
+        let mut child = tokio::process::Command::new(&self.bwrap)
+            .args(spec.bwrap_args())
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .current_dir("/")
+            .uid(uids.0)
+            .gid(uids.0)
+            .process_group(0)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("starting bubblewrap: {e}"))?;
+        let monitor_pid = child.id().unwrap_or(0);
+        sandbox.state.lock().unwrap().monitor_pid = monitor_pid;
+        let mut block = child.stdin.take().ok_or("no pipe to bubblewrap")?;
+        let mut info = child.stdout.take().ok_or("no pipe from bubblewrap")?;
+        let init_pid = tokio::time::timeout(START_TIMEOUT, read_child_pid(&mut info))
+            .await
+            .map_err(|_| "bubblewrap did not report its sandbox in time".to_string())??;
+        sandbox.state.lock().unwrap().init_pid = init_pid;
+        // Placed by root before anything runs inside: every process of the runner inherits the
+        // cgroup (an unprivileged process could not move itself on cgroup v2).
+        sandbox
+            .cgroup
+            .place(&[monitor_pid, init_pid])
+            .map_err(|e| format!("placing the sandbox in its cgroup: {e}"))?;
+        let map = format!("0 {} 1\n{USER_UID} {} 1\n", uids.0, uids.1);
+        for file in ["uid_map", "gid_map"] {
+            std::fs::write(format!("/proc/{init_pid}/{file}"), &map)
+                .map_err(|e| format!("writing the sandbox's {file}: {e}"))?;
+        }
+        block
+            .write_all(b"1")
+            .await
+            .map_err(|e| format!("releasing the sandbox: {e}"))?;
+        drop(block);
+        drop(info);
+        if config.network_access && user_network {
+            let (pid, ports) = self
+                .network
+                .attach(init_pid, uids.0, &config.exposed_ports)
+                .await
+                .map_err(|e| format!("connecting the sandbox to the network: {e}"))?;
+            let mut state = sandbox.state.lock().unwrap();
+            state.network_pid = Some(pid);
+            state.ports = ports;
+        }
+        let state = sandbox.state.lock().unwrap().clone();
+        state
+            .save(&sandbox.dir)
+            .await
+            .map_err(|e| format!("recording the runner: {e}"))?;
+        let deadline = tokio::time::Instant::now() + START_TIMEOUT;
+        let socket = sandbox.socket();
+        let mut pause = Duration::from_micros(500);
+        while !socket.exists() {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(format!("the sandbox ended at start ({status})"));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err("the agent did not listen in time".into());
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(20));
+        }
+        // The monitor is reaped here; the sandbox outlives it only if the server restarts.
+        tokio::spawn(async move {
+            let _ = child.wait().await;
+        });
+        Ok(())
+    }
+
+    /// Reports the runner lost when its sandbox ends without being destroyed.
+    pub(crate) fn supervise(self: &Arc<Self>, sandbox: Arc<LocalSandbox>) {
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            let (init_pid, uid) = {
+                let state = sandbox.state.lock().unwrap();
+                (state.init_pid, state.uids.0)
+            };
+            let mut pause = Duration::from_millis(50);
+            loop {
+                if sandbox.is_destroyed() {
+                    return;
+                }
+                if !crate::runner::owned_by(init_pid, uid) {
+                    break;
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(1));
+            }
+            tracing::warn!(runner = %sandbox.id, "the runner's sandbox ended");
+            let _ = events
+                .send(BackendEvent::RunnerLost {
+                    runner: sandbox.id.clone(),
+                    reason: LostReason::Other("the runner's sandbox ended".into()),
+                })
+                .await;
+        });
+    }
+}
+
+/// Reads bubblewrap's `--info-fd` JSON up to its end and returns the sandbox's pid.
+async fn read_child_pid(info: &mut tokio::process::ChildStdout) -> Result<u32, String> {
+    let mut text = Vec::new();
+    let mut buf = [0u8; 512];
+    loop {
+        let n = info
+            .read(&mut buf)
+            .await
+            .map_err(|e| format!("reading bubblewrap's report: {e}"))?;
+        if n == 0 {
+            return Err("bubblewrap ended before reporting its sandbox".into());
+        }
+        text.extend_from_slice(&buf[..n]);
+        if text.contains(&b'}') {
+            break;
+        }
+    }
+    let value: serde_json::Value = serde_json::from_slice(&text)
+        .map_err(|e| format!("bubblewrap's report is not JSON: {e}"))?;
+    value["child-pid"]
+        .as_u64()
+        .map(|p| p as u32)
+        .ok_or_else(|| "bubblewrap's report has no child-pid".to_string())
 }
 
 #[async_trait]
@@ -198,9 +547,9 @@ impl Backend for LocalBackend {
     }
 
     fn validate(&self, config: &EnvironmentConfig) -> Result<(), BackendError> {
-        if !config.exposed_ports.is_empty() {
+        if !config.exposed_ports.is_empty() && !self.shared.network.available() {
             return Err(BackendError::Unsupported(
-                "the local backend does not support exposedPorts: runners share the host's network namespace, so ports cannot be mapped; use the nomad backend or send no exposedPorts".into(),
+                "exposedPorts need a user-mode network on the local backend (apt-get install passt); use the nomad backend or send no exposedPorts".into(),
             ));
         }
         Ok(())
@@ -233,62 +582,65 @@ impl Backend for LocalBackend {
         id: RunnerId,
     ) -> Result<Arc<dyn RunnerBackend>, BackendError> {
         let shared = Arc::clone(&self.shared);
-        // Checked before anything is created: a missing image must not cost a mount and cgroups.
-        let rootfs = shared.config.images.get(&config.image).cloned();
-        if let Some(root) = &rootfs {
-            if !root.join("bin").exists() && !root.join("usr").exists() {
+        let sandbox = shared.start_sandbox(config, id).await?;
+        let sandbox = Arc::new(sandbox);
+        let client = match AgentRunner::connect(sandbox.as_ref()).await {
+            Ok(client) => client,
+            Err(e) => {
+                let log = sandbox.startup_log().await;
+                let _ = sandbox.destroy().await;
                 return Err(BackendError::Internal(format!(
-                    "the root filesystem {} of image {} is missing or empty",
-                    root.display(),
-                    config.image
+                    "the runner's agent did not start: {e}{log}"
                 )));
             }
-        }
-        let uid = shared
-            .uids
-            .allocate(shared.config.uidbase, shared.config.uidcount)
-            .ok_or_else(|| BackendError::Internal("no free host uid for another runner".into()))?;
-        let (dir, mounted) = {
-            let shared = Arc::clone(&shared);
-            let id = id.clone();
-            tokio::task::spawn_blocking(move || shared.create_runner_dir(&id, uid))
-                .await
-                .map_err(BackendError::internal)?
-                .map_err(|e| {
-                    self.shared.uids.release(uid);
-                    BackendError::Internal(format!("could not create the runner directory: {e}"))
-                })?
         };
-        let memory_mb = match config.memory_limit {
-            0 => shared.config.defaultmemorylimitmb,
-            mb => u64::from(mb),
-        };
-        let limits = Limits {
-            memory_bytes: (memory_mb > 0).then(|| memory_mb * 1024 * 1024),
-            pids: (shared.config.pidslimit > 0).then_some(shared.config.pidslimit),
-            cpu_weight_mhz: (config.cpu_limit > 0).then(|| u64::from(config.cpu_limit)),
-        };
-        let cgroup = shared.hierarchy.create(id.as_str(), limits, uid);
-        Ok(Arc::new(LocalRunner {
-            id,
-            dir,
-            uid,
-            cgroup,
-            rootfs,
-            network: config.network_access,
-            mounted,
-            shared,
-            running: Mutex::new(Vec::new()),
-            destroyed: AtomicBool::new(false),
-        }))
+        shared.supervise(Arc::clone(&sandbox));
+        Ok(Arc::new(AgentRunner::new(
+            sandbox,
+            Some(client),
+            shared.file_timeout(),
+        )))
     }
 
     async fn recover_runners(
         &self,
-        _config: &EnvironmentConfig,
+        config: &EnvironmentConfig,
     ) -> Result<Vec<RecoveredRunner>, BackendError> {
-        // Runners of a previous process were removed at start: their processes died with it.
-        Ok(Vec::new())
+        let found: Vec<(RunnerId, RunnerState)> = {
+            let mut left = self.shared.leftovers.lock().unwrap();
+            let (mine, others): (Vec<_>, Vec<_>) = left
+                .drain(..)
+                .partition(|(_, s)| s.environment == config.id);
+            *left = others;
+            mine
+        };
+        let mut recovered = Vec::new();
+        for (id, state) in found {
+            let sandbox = Arc::new(self.shared.adopt(id.clone(), state.clone()));
+            match AgentRunner::connect(sandbox.as_ref()).await {
+                Ok(client) => {
+                    tracing::info!(runner = %id, claimed = state.claimed.is_some(), "recovered a runner");
+                    self.shared.supervise(Arc::clone(&sandbox));
+                    recovered.push(RecoveredRunner {
+                        runner: Arc::new(AgentRunner::new(
+                            sandbox,
+                            Some(client),
+                            self.shared.file_timeout(),
+                        )),
+                        claimed: state.claimed,
+                    });
+                }
+                Err(e) => {
+                    tracing::info!(runner = %id, error = %e, "removing a runner whose agent is gone");
+                    let _ = sandbox.destroy().await;
+                }
+            }
+        }
+        Ok(recovered)
+    }
+
+    fn take_events(&self) -> Option<mpsc::Receiver<BackendEvent>> {
+        self.events.lock().unwrap().take()
     }
 }
 
@@ -299,18 +651,26 @@ pub(crate) struct UidPool {
 }
 
 impl UidPool {
-    pub(crate) fn allocate(&self, base: u32, count: u32) -> Option<u32> {
+    /// A free pair of consecutive host uids (the runner's root, then its `user`).
+    pub(crate) fn allocate(&self, base: u32, count: u32) -> Option<(u32, u32)> {
+        let slots = (count / 2).max(1);
         let mut state = self.state.lock().unwrap();
-        for _ in 0..count {
-            let candidate = base + state.0 % count.max(1);
+        for _ in 0..slots {
+            let candidate = base + 2 * (state.0 % slots);
             state.0 = state.0.wrapping_add(1);
             if state.1.insert(candidate) {
-                return Some(candidate);
+                return Some((candidate, candidate + 1));
             }
         }
         None
     }
 
+    /// Marks a pair as used (a runner recovered after a restart).
+    pub(crate) fn claim(&self, first: u32) {
+        self.state.lock().unwrap().1.insert(first);
+    }
+
+    /// Frees the pair starting at `uid`.
     pub(crate) fn release(&self, uid: u32) {
         self.state.lock().unwrap().1.remove(&uid);
     }

@@ -1,14 +1,15 @@
 //! Per-runner cgroups: memory, process count and CPU weight for all of a runner's processes.
 //!
 //! cgroup v1 (separate `memory`, `pids`, `cpu` hierarchies) and v2 (unified) are supported. The
-//! runner's sandbox user may write its own pid into the runner's `cgroup.procs` (v1 delegation),
-//! so a process joins its cgroup before it starts anything. Where no controller is writable, the
-//! limits are not enforced and a warning says so once.
+//! server (root) places a runner's sandbox in its cgroup before anything runs inside, so every
+//! process of the runner inherits it; nothing inside the sandbox ever moves itself (which cgroup v2
+//! refuses to unprivileged processes). Where no controller is writable, the limits are not
+//! enforced and a warning says so once.
 
 use std::path::{Path, PathBuf};
 
 use nix::sys::signal::{kill, Signal};
-use nix::unistd::{chown, Gid, Pid, Uid};
+use nix::unistd::Pid;
 
 /// Which cgroup layout the machine offers.
 #[derive(Debug, Clone)]
@@ -106,8 +107,18 @@ impl Hierarchy {
         groups
     }
 
-    /// Creates the groups of one runner with its limits; `owner` may then join them.
-    pub(crate) fn create(&self, name: &str, limits: Limits, owner: u32) -> RunnerCgroup {
+    /// The groups of one runner by name (existing or not), e.g. for a runner recovered after a restart.
+    pub(crate) fn group(&self, name: &str) -> RunnerCgroup {
+        let dirs = match self {
+            Self::V1(c) => c.iter().map(|(_, p)| p.join(name)).collect(),
+            Self::V2(p) => vec![p.join(name)],
+            Self::None => vec![],
+        };
+        RunnerCgroup { dirs }
+    }
+
+    /// Creates the groups of one runner with its limits.
+    pub(crate) fn create(&self, name: &str, limits: Limits) -> RunnerCgroup {
         let mut dirs = Vec::new();
         match self {
             Self::V1(controllers) => {
@@ -137,7 +148,6 @@ impl Hierarchy {
                         }
                         _ => {}
                     }
-                    delegate(&dir, owner);
                     dirs.push(dir);
                 }
             }
@@ -154,7 +164,6 @@ impl Hierarchy {
                     if let Some(mhz) = limits.cpu_weight_mhz {
                         write(&dir, "cpu.weight", (mhz / 10).clamp(1, 10_000));
                     }
-                    delegate(&dir, owner);
                     dirs.push(dir);
                 }
             }
@@ -170,19 +179,6 @@ fn write(dir: &Path, file: &str, value: u64) {
     }
 }
 
-fn delegate(dir: &Path, owner: u32) {
-    for file in ["cgroup.procs", "tasks"] {
-        let path = dir.join(file);
-        if path.exists() {
-            let _ = chown(
-                &path,
-                Some(Uid::from_raw(owner)),
-                Some(Gid::from_raw(owner)),
-            );
-        }
-    }
-}
-
 /// The cgroup directories of one runner.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct RunnerCgroup {
@@ -190,13 +186,31 @@ pub(crate) struct RunnerCgroup {
 }
 
 impl RunnerCgroup {
-    /// Files a process writes its pid into to join the runner's groups.
-    pub(crate) fn procs_files(&self) -> Vec<PathBuf> {
-        self.dirs.iter().map(|d| d.join("cgroup.procs")).collect()
+    /// The runner's name (the groups' directory name).
+    pub(crate) fn name(&self) -> String {
+        self.dirs
+            .first()
+            .and_then(|d| d.file_name())
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
+
+    /// Moves processes into every group of the runner (as root).
+    pub(crate) fn place(&self, pids: &[u32]) -> std::io::Result<()> {
+        for dir in &self.dirs {
+            for pid in pids {
+                std::fs::write(dir.join("cgroup.procs"), pid.to_string())?;
+            }
+        }
+        Ok(())
     }
 
     /// Kills every process in the groups (repeatedly, until they are empty) and removes them.
     pub(crate) async fn kill_and_remove(&self) {
+        for dir in &self.dirs {
+            // cgroup v2 (Linux 5.14+) kills the whole group at once.
+            let _ = tokio::fs::write(dir.join("cgroup.kill"), "1").await;
+        }
         for attempt in 0..50 {
             let mut any = false;
             for dir in &self.dirs {

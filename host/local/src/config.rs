@@ -30,6 +30,10 @@ pub struct LocalConfig {
     pub filetimeoutseconds: u64,
     /// Name of the parent cgroup of all runners (one per server instance on a machine).
     pub cgroupparent: String,
+    /// The runner agent binary (default: `poseidon-agent` next to the server's executable).
+    pub agent: Option<PathBuf>,
+    /// Host address that exposed ports of runners are bound to.
+    pub portaddress: String,
 }
 
 impl Default for LocalConfig {
@@ -46,6 +50,8 @@ impl Default for LocalConfig {
             uidcount: 100_000,
             filetimeoutseconds: 60,
             cgroupparent: "poseidon".to_string(),
+            agent: None,
+            portaddress: "127.0.0.1".to_string(),
         }
     }
 }

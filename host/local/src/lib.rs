@@ -1,20 +1,22 @@
-//! The local backend: every runner is a set of bubblewrap sandboxes on this machine.
+//! The local backend: every runner is a persistent bubblewrap sandbox on this machine with the
+//! runner agent (`poseidon-agent`) inside; core drives executions and files through the agent.
 //!
 //! A runner owns a directory (a size-limited tmpfs when the server may mount one) holding its
-//! workspace and `/tmp`, a host uid of its own, and a cgroup that bounds memory and process count
-//! of all its processes together. Each execution or file operation is one `bwrap` call that sees
-//! the host's system directories (or the image's root filesystem) read-only, its own PID, IPC, UTS
-//! and (without network access) network namespaces, and only its runner's files.
+//! workspace, `/tmp` and the agent's socket, two host uids of its own (its root and its `user`,
+//! mapped in its user namespace), a cgroup that bounds memory, process count and CPU weight of all
+//! its processes together, and its own PID, IPC, UTS and network namespaces. The sandbox is started
+//! once when the runner is created (for the pool, in the background) and outlives a restart of the
+//! server, which takes it back from `runner.json`.
 
 #![forbid(unsafe_code)]
 
 mod backend;
 mod cgroup;
 mod config;
-mod process;
-mod pty;
+mod network;
 mod runner;
 mod sandbox;
+mod state;
 mod store;
 
 pub use backend::LocalBackend;
@@ -34,4 +36,7 @@ pub enum LocalError {
     /// bubblewrap is missing or does not work here.
     #[error("bubblewrap is not usable: {0}")]
     Bubblewrap(String),
+    /// The runner agent binary is missing.
+    #[error("{0}")]
+    Agent(String),
 }

@@ -1,229 +1,149 @@
-//! One local runner: a directory, a host uid and a cgroup; every operation is a fresh sandbox.
+//! One local runner: a persistent bubblewrap sandbox with the agent inside, its directory, its two
+//! host uids and its cgroup.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Arc;
 
 use async_trait::async_trait;
-use bytes::Bytes;
-use futures::StreamExt;
-use poseidon_core::backend::{
-    BackendError, ExecProcess, ExecRequest, FileDownload, ListRequest, RunnerBackend,
-};
-use poseidon_core::files::{build_tar, FileEntry, FileUpdate};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use poseidon_core::agent::{Sandbox, SandboxChannel};
+use poseidon_core::backend::{BackendError, MappedPort};
 use poseidon_core::RunnerId;
-use tokio::io::AsyncBufReadExt;
-use tokio_util::sync::CancellationToken;
 
 use crate::backend::Shared;
 use crate::cgroup::RunnerCgroup;
-use crate::process::{exit_code, Launch};
-use crate::sandbox::SandboxSpec;
-use poseidon_core::scripts::{
-    parse_listing, DELETE_SCRIPT, DOWNLOAD_SCRIPT, LIST_SCRIPT, UPDATE_SCRIPT,
-};
+use crate::state::RunnerState;
 
-/// A runner of the local backend.
-pub(crate) struct LocalRunner {
+/// The sandbox of a local runner.
+pub(crate) struct LocalSandbox {
     pub(crate) id: RunnerId,
     pub(crate) dir: PathBuf,
-    pub(crate) uid: u32,
     pub(crate) cgroup: RunnerCgroup,
-    pub(crate) rootfs: Option<PathBuf>,
-    pub(crate) network: bool,
-    pub(crate) mounted: bool,
+    pub(crate) state: std::sync::Mutex<RunnerState>,
     pub(crate) shared: Arc<Shared>,
-    pub(crate) running: Mutex<Vec<CancellationToken>>,
     pub(crate) destroyed: AtomicBool,
 }
 
-impl LocalRunner {
-    fn launch(
-        &self,
-        privileged: bool,
-        tty: bool,
-        env: &[(String, String)],
-        program: Vec<String>,
-    ) -> Launch {
-        let spec = SandboxSpec {
-            rootfs: self.rootfs.as_deref(),
-            runner_dir: &self.dir,
-            workdir: &self.shared.config.workdir,
-            network: self.network,
-            privileged,
-            environment: env,
-            tty,
-        };
-        Launch {
-            uid: self.uid,
-            cgroup_procs: self.cgroup.procs_files(),
-            bwrap_args: spec.bwrap_args(),
-            program,
-            tty,
-        }
+impl LocalSandbox {
+    /// The agent's socket on the host.
+    pub(crate) fn socket(&self) -> PathBuf {
+        self.dir.join("ctl").join("agent.sock")
     }
 
-    fn check_alive(&self) -> Result<(), BackendError> {
-        if self.destroyed.load(Ordering::SeqCst) {
-            Err(BackendError::Internal("the runner was destroyed".into()))
-        } else {
-            Ok(())
-        }
-    }
-
-    fn file_timeout(&self) -> Duration {
-        Duration::from_secs(self.shared.config.filetimeoutseconds.max(1))
-    }
-
-    fn script(script: &str, args: impl IntoIterator<Item = String>) -> Vec<String> {
-        let mut program = vec![
-            "/bin/bash".to_string(),
-            "-c".to_string(),
-            script.to_string(),
-            "bash".to_string(),
-        ];
-        program.extend(args);
-        program
+    /// Whether [`Sandbox::destroy`] was called.
+    pub(crate) fn is_destroyed(&self) -> bool {
+        self.destroyed.load(Ordering::SeqCst)
     }
 }
 
 #[async_trait]
-impl RunnerBackend for LocalRunner {
+impl Sandbox for LocalSandbox {
     fn id(&self) -> &RunnerId {
         &self.id
     }
 
-    async fn execute(&self, request: &ExecRequest) -> Result<ExecProcess, BackendError> {
-        self.check_alive()?;
-        let program = vec![
-            "/bin/bash".to_string(),
-            "-c".to_string(),
-            request.command.clone(),
-        ];
-        let launch = self.launch(
-            request.privileged,
-            request.tty,
-            &request.environment,
-            program,
-        );
-        let process = if request.tty {
-            self.shared.launcher.spawn_interactive(&launch)
-        } else {
-            return Err(BackendError::Unsupported(
-                "non-interactive executions are not offered".into(),
-            ));
-        }
-        .map_err(|e| BackendError::Internal(format!("could not start the sandbox: {e}")))?;
-        let mut running = self.running.lock().unwrap();
-        running.retain(|t| !t.is_cancelled());
-        running.push(process.kill.clone());
-        Ok(process)
+    fn workdir(&self) -> &str {
+        &self.shared.config.workdir
     }
 
-    async fn update_files(&self, update: &FileUpdate) -> Result<(), BackendError> {
-        self.check_alive()?;
-        let (script, input) = if update.copy.is_empty() {
-            (DELETE_SCRIPT, Vec::new())
-        } else {
-            (UPDATE_SCRIPT, build_tar(&update.copy))
-        };
-        let launch = self.launch(
-            true,
-            false,
-            &[],
-            Self::script(script, update.delete.iter().cloned()),
-        );
-        let out = self
-            .shared
-            .launcher
-            .run_captured(&launch, input, self.file_timeout())
-            .await
-            .map_err(BackendError::internal)?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(BackendError::FileCopyFailed {
-                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-                stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+    fn base_environment(&self) -> Vec<(String, String)> {
+        crate::sandbox::base_environment(&self.shared.config.workdir)
+    }
+
+    fn mapped_ports(&self) -> Vec<MappedPort> {
+        self.state
+            .lock()
+            .unwrap()
+            .ports
+            .iter()
+            .map(|p| MappedPort {
+                exposed_port: p.exposed,
+                host_address: p.host_address.clone(),
             })
-        }
+            .collect()
     }
 
-    async fn list_files(&self, request: &ListRequest) -> Result<Vec<FileEntry>, BackendError> {
-        self.check_alive()?;
-        let recursive = if request.recursive { "1" } else { "0" };
-        let program = Self::script(LIST_SCRIPT, [request.path.clone(), recursive.to_string()]);
-        let launch = self.launch(request.privileged, false, &[], program);
-        let out = self
-            .shared
-            .launcher
-            .run_captured(&launch, Vec::new(), self.file_timeout())
-            .await
-            .map_err(BackendError::internal)?;
-        if !out.status.success() && out.stdout.is_empty() {
-            return Err(BackendError::FileNotFound);
-        }
-        Ok(parse_listing(&out.stdout))
-    }
-
-    async fn download_file(
-        &self,
-        path: &str,
-        privileged: bool,
-    ) -> Result<FileDownload, BackendError> {
-        self.check_alive()?;
-        let program = Self::script(DOWNLOAD_SCRIPT, [path.to_string()]);
-        let launch = self.launch(privileged, false, &[], program);
-        let mut child = self
-            .shared
-            .launcher
-            .spawn_reader(&launch)
-            .map_err(BackendError::internal)?;
-        let stdout = child
-            .stdout
-            .take()
-            .ok_or_else(|| BackendError::Internal("no output of the download".into()))?;
-        let mut reader = tokio::io::BufReader::with_capacity(64 * 1024, stdout);
-        let mut first = String::new();
-        let read = tokio::time::timeout(self.file_timeout(), reader.read_line(&mut first)).await;
-        let size: u64 = match read {
-            Ok(Ok(n)) if n > 0 => first
-                .trim()
-                .parse()
-                .map_err(|_| BackendError::FileNotFound)?,
-            Ok(_) => {
-                let status = child.wait().await.map_err(BackendError::internal)?;
-                tracing::debug!(code = exit_code(&status), "download refused");
-                return Err(BackendError::FileNotFound);
-            }
-            Err(_) => {
-                return Err(BackendError::Internal(
-                    "the download did not start in time".into(),
-                ))
-            }
+    async fn mark_claimed(&self, inactivity_timeout: Option<i64>) -> Result<(), BackendError> {
+        let state = {
+            let mut state = self.state.lock().unwrap();
+            state.claimed = inactivity_timeout;
+            state.clone()
         };
-        tokio::spawn(async move {
-            let _ = child.wait().await;
-        });
-        let body = tokio_util::io::ReaderStream::with_capacity(reader, 64 * 1024)
-            .map(|chunk: std::io::Result<Bytes>| chunk);
-        Ok(FileDownload {
-            size,
-            body: body.boxed(),
-        })
+        state
+            .save(&self.dir)
+            .await
+            .map_err(|e| BackendError::Internal(format!("could not record the claim: {e}")))
+    }
+
+    async fn connect(&self) -> Result<SandboxChannel, BackendError> {
+        if self.is_destroyed() {
+            return Err(BackendError::Internal("the runner was destroyed".into()));
+        }
+        // A socket path is limited to 108 bytes and the state directory may be deep: connect
+        // through a descriptor of the control directory instead.
+        let unreachable = |e: std::io::Error| {
+            BackendError::Internal(format!("cannot reach the runner's agent: {e}"))
+        };
+        let control = std::fs::File::open(self.dir.join("ctl")).map_err(unreachable)?;
+        let short = format!(
+            "/proc/self/fd/{}/agent.sock",
+            std::os::fd::AsRawFd::as_raw_fd(&control)
+        );
+        let stream = tokio::net::UnixStream::connect(short)
+            .await
+            .map_err(unreachable)?;
+        drop(control);
+        let (reader, writer) = stream.into_split();
+        Ok((Box::pin(reader), Box::pin(writer)))
     }
 
     async fn destroy(&self) -> Result<(), BackendError> {
         if self.destroyed.swap(true, Ordering::SeqCst) {
             return Ok(());
         }
-        for token in self.running.lock().unwrap().drain(..) {
-            token.cancel();
+        let state = self.state.lock().unwrap().clone();
+        // Killing the PID namespace's init ends every process of the sandbox, with or without
+        // cgroups; the helpers outside the namespace (bubblewrap's monitor, the network) follow.
+        for pid in state.pids() {
+            // A pid recorded before a restart may belong to another process by now.
+            if owned_by(pid, state.uids.0) {
+                let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            }
         }
         self.cgroup.kill_and_remove().await;
-        self.shared.remove_runner_dir(&self.dir, self.mounted).await;
-        self.shared.uids.release(self.uid);
+        self.shared
+            .remove_runner_dir(&self.dir, state.mounted)
+            .await;
+        self.shared.uids.release(state.uids.0);
         Ok(())
+    }
+}
+
+/// Whether process `pid` exists and runs as host uid `uid`.
+pub(crate) fn owned_by(pid: u32, uid: u32) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(format!("/proc/{pid}")).is_ok_and(|m| m.uid() == uid)
+}
+
+impl LocalSandbox {
+    /// The sandbox's own error output at start, for error messages (`: …`, or nothing).
+    pub(crate) async fn startup_log(&self) -> String {
+        match tokio::fs::read_to_string(self.dir.join("sandbox.log")).await {
+            Ok(text) if !text.trim().is_empty() => {
+                let text = text.trim();
+                let tail: String = text
+                    .chars()
+                    .rev()
+                    .take(500)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect();
+                format!(": {tail}")
+            }
+            _ => String::new(),
+        }
     }
 }

@@ -1,4 +1,5 @@
-//! The bubblewrap command line of one sandboxed process.
+//! The bubblewrap command line of a runner's sandbox: started once, with the agent as its only
+//! program, and alive as long as the runner.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -8,34 +9,57 @@ pub(crate) const USER_UID: u32 = 1000;
 /// The default `PATH` inside sandboxes.
 pub(crate) const DEFAULT_PATH: &str =
     "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// Where the agent binary appears inside a sandbox.
+pub(crate) const AGENT_PATH: &str = "/.poseidon/agent";
+/// Where the runner's control directory (the agent's socket) appears inside a sandbox.
+pub(crate) const CONTROL_DIR: &str = "/.poseidon/ctl";
+/// The agent's socket inside a sandbox.
+pub(crate) const AGENT_SOCKET: &str = "/.poseidon/ctl/agent.sock";
+
+/// Capabilities the runner's root keeps inside its user namespace (Docker's default set): they
+/// act on the runner's own files and processes only, never on the host's.
+const ROOT_CAPABILITIES: &[&str] = &[
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_NET_RAW",
+    "CAP_SYS_CHROOT",
+    "CAP_MKNOD",
+    "CAP_AUDIT_WRITE",
+    "CAP_SETFCAP",
+];
 
 /// Host directories a sandbox sees read-only when its image has no root filesystem of its own.
 const HOST_SYSTEM_DIRS: &[&str] = &[
     "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/opt",
 ];
 
-/// Everything that distinguishes one sandboxed process from another.
+/// Everything that distinguishes one runner's sandbox from another's.
 pub(crate) struct SandboxSpec<'a> {
     /// The image's root filesystem, or `None` for the host's system directories.
     pub(crate) rootfs: Option<&'a Path>,
-    /// The runner's directory (holds `workspace/`, `tmp/`, `etc/`).
+    /// The runner's directory (holds `workspace/`, `tmp/`, `etc/`, `ctl/`).
     pub(crate) runner_dir: &'a Path,
     /// Where the workspace appears inside.
     pub(crate) workdir: &'a str,
-    /// Share the host's network.
-    pub(crate) network: bool,
-    /// Run as the sandbox's root.
-    pub(crate) privileged: bool,
-    /// Extra environment variables (after the defaults, before `CODEOCEAN=true`).
-    pub(crate) environment: &'a [(String, String)],
-    /// A terminal is attached: keep the session so it stays the controlling terminal.
-    pub(crate) tty: bool,
+    /// Share the host's network namespace (only when no user-mode network is available).
+    pub(crate) host_network: bool,
+    /// The agent binary on the host.
+    pub(crate) agent: &'a Path,
 }
 
 impl SandboxSpec<'_> {
-    /// Arguments for `bwrap`, up to and including `--`.
+    /// The complete bubblewrap arguments. The user namespace's id maps are written by the
+    /// server while bubblewrap waits on its standard input (`--userns-block-fd 0`); it reports its
+    /// child's pid on standard output (`--info-fd 1`).
     pub(crate) fn bwrap_args(&self) -> Vec<OsString> {
-        let mut a: Vec<OsString> = Vec::with_capacity(64);
+        let mut a: Vec<OsString> = Vec::with_capacity(96);
         let mut push = |items: &[&str]| a.extend(items.iter().map(OsString::from));
         push(&[
             "--unshare-user",
@@ -43,18 +67,24 @@ impl SandboxSpec<'_> {
             "--unshare-pid",
             "--unshare-uts",
             "--unshare-cgroup-try",
-            "--die-with-parent",
             "--hostname",
             "runner",
+            "--userns-block-fd",
+            "0",
+            "--info-fd",
+            "1",
+            "--new-session",
+            "--uid",
+            "0",
+            "--gid",
+            "0",
         ]);
-        if !self.network {
+        if !self.host_network {
             push(&["--unshare-net"]);
         }
-        if !self.tty {
-            push(&["--new-session"]);
+        for cap in ROOT_CAPABILITIES {
+            push(&["--cap-add", cap]);
         }
-        let uid = if self.privileged { 0 } else { USER_UID }.to_string();
-        push(&["--uid", &uid, "--gid", &uid]);
         match self.rootfs {
             Some(root) => {
                 a.push("--ro-bind".into());
@@ -71,30 +101,37 @@ impl SandboxSpec<'_> {
         }
         let mut push = |items: &[&str]| a.extend(items.iter().map(OsString::from));
         push(&["--proc", "/proc", "--dev", "/dev"]);
-        a.push("--bind".into());
-        a.push(self.runner_dir.join("workspace").into());
-        a.push(self.workdir.into());
-        a.push("--bind".into());
-        a.push(self.runner_dir.join("tmp").into());
-        a.push("/tmp".into());
+        let mut bind = |kind: &str, from: PathBuf, to: &str| {
+            a.push(kind.into());
+            a.push(from.into());
+            a.push(to.into());
+        };
+        bind("--bind", self.runner_dir.join("workspace"), self.workdir);
+        bind("--bind", self.runner_dir.join("tmp"), "/tmp");
+        a.extend(["--perms", "0755", "--dir", "/.poseidon"].map(OsString::from));
+        let mut bind = |kind: &str, from: PathBuf, to: &str| {
+            a.push(kind.into());
+            a.push(from.into());
+            a.push(to.into());
+        };
+        bind("--ro-bind", self.agent.to_path_buf(), AGENT_PATH);
+        bind("--bind", self.runner_dir.join("ctl"), CONTROL_DIR);
         let mut push = |items: &[&str]| a.extend(items.iter().map(OsString::from));
         // bubblewrap builds `/` on a writable tmpfs; only the workspace and /tmp stay writable.
         push(&["--remount-ro", "/", "--chdir", self.workdir, "--clearenv"]);
-        let mut setenv = |k: &str, v: &str| {
-            a.push("--setenv".into());
-            a.push(k.into());
-            a.push(v.into());
-        };
-        setenv("PATH", DEFAULT_PATH);
-        setenv("HOME", self.workdir);
-        setenv("LANG", "C.UTF-8");
-        for (k, v) in self.environment {
-            setenv(k, v);
-        }
-        setenv("CODEOCEAN", "true");
-        a.push("--".into());
+        push(&["--setenv", "PATH", DEFAULT_PATH]);
+        push(&["--", AGENT_PATH, "--listen", AGENT_SOCKET]);
         a
     }
+}
+
+/// The environment every execution starts with (the request's variables and `CODEOCEAN` follow).
+pub(crate) fn base_environment(workdir: &str) -> Vec<(String, String)> {
+    vec![
+        ("PATH".into(), DEFAULT_PATH.into()),
+        ("HOME".into(), workdir.into()),
+        ("LANG".into(), "C.UTF-8".into()),
+    ]
 }
 
 /// bubblewrap arguments that show the host's system directories read-only (links stay links).

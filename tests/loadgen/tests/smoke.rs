@@ -32,10 +32,18 @@ fn poseidon_binary() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace.join("target"));
     let bin = target.join("debug/poseidon");
-    if !bin.is_file() {
+    if !bin.is_file() || !target.join("debug/poseidon-agent").is_file() {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let status = Command::new(cargo)
-            .args(["build", "-p", "poseidon", "--bin", "poseidon"])
+            .args([
+                "build",
+                "-p",
+                "poseidon",
+                "--bin",
+                "poseidon",
+                "-p",
+                "poseidon-agent",
+            ])
             .current_dir(&workspace)
             .status()
             .expect("cannot run cargo");
@@ -145,8 +153,25 @@ impl Drop for Server {
                 _ => std::thread::sleep(Duration::from_millis(10)),
             }
         }
+        // Runners outlive the server (a restarted one would recover them): end them here.
         if let Ok(entries) = std::fs::read_dir(self.state.join("state/runners")) {
             for e in entries.flatten() {
+                let state = std::fs::read_to_string(e.path().join("runner.json"))
+                    .ok()
+                    .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
+                for key in ["init_pid", "monitor_pid", "network_pid"] {
+                    if let Some(pid) = state
+                        .as_ref()
+                        .and_then(|s| s[key].as_u64())
+                        .filter(|p| *p > 1)
+                    {
+                        let _ = Command::new("kill")
+                            .arg("-KILL")
+                            .arg(pid.to_string())
+                            .stderr(std::process::Stdio::null())
+                            .status();
+                    }
+                }
                 let _ = Command::new("umount").arg("-l").arg(e.path()).status();
             }
         }

@@ -1,7 +1,7 @@
 //! A pseudo-terminal whose master side is read and written asynchronously.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::OpenOptionsExt;
 
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
@@ -13,20 +13,20 @@ pub(crate) struct PtyMaster {
     fd: AsyncFd<RawMaster>,
 }
 
-/// A new terminal: the master for us, the slave for the process. Both descriptors are opened
-/// close-on-exec, so no other sandbox started meanwhile can inherit them.
-pub(crate) fn open() -> io::Result<(PtyMaster, OwnedFd)> {
+/// A new terminal: the master for us (close-on-exec), the path of its slave side, which the
+/// launched process opens as its controlling terminal, and our own handle on the slave side.
+pub(crate) fn open() -> io::Result<(PtyMaster, String, std::fs::File)> {
     let master = posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC)
         .map_err(io::Error::from)?;
     grantpt(&master).map_err(io::Error::from)?;
     unlockpt(&master).map_err(io::Error::from)?;
     let slave_path = ptsname_r(&master).map_err(io::Error::from)?;
-    let slave: OwnedFd = std::fs::OpenOptions::new()
+    // Held until the process ends: a master whose slave was never opened reads as closed.
+    let slave = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .custom_flags(nix::libc::O_NOCTTY | nix::libc::O_CLOEXEC)
-        .open(&slave_path)?
-        .into();
+        .open(&slave_path)?;
     let flags = fcntl(master.as_raw_fd(), FcntlArg::F_GETFL).map_err(io::Error::from)?;
     let flags = OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK;
     fcntl(master.as_raw_fd(), FcntlArg::F_SETFL(flags)).map_err(io::Error::from)?;
@@ -34,7 +34,7 @@ pub(crate) fn open() -> io::Result<(PtyMaster, OwnedFd)> {
     // condition the deprecation of `AsyncFd::new` is about.
     #[allow(deprecated)]
     let fd = AsyncFd::new(master)?;
-    Ok((PtyMaster { fd }, slave))
+    Ok((PtyMaster { fd }, slave_path, slave))
 }
 
 impl PtyMaster {

@@ -1,0 +1,26 @@
+//! The protocol between the gateway and the runner agent.
+//!
+//! One byte stream (a Unix socket, a pipe, an exec session) carries frames in both directions:
+//!
+//! ```text
+//! ┌──────────────┬──────────┬────────────────┬───────────────────────┐
+//! │ length: u32  │ kind: u8 │ stream: u32    │ payload (length − 5)  │
+//! │ little endian│          │ little endian  │                       │
+//! └──────────────┴──────────┴────────────────┴───────────────────────┘
+//! ```
+//!
+//! `kind` says what the payload is: a JSON control message ([`Request`] towards the agent,
+//! [`Reply`] from it) or raw bytes (standard input, output, file data). `stream` ties frames to one
+//! operation, so several executions and file operations share one connection. The gateway picks
+//! stream ids; stream 0 is the connection itself (hello, ping).
+//!
+//! Both sides start with [`Request::Hello`] / [`Reply::Hello`] and refuse a peer of another
+//! [`PROTOCOL_VERSION`]. A frame longer than [`MAX_FRAME`] or of an unknown kind is a protocol
+//! error: the decoder reports it and the connection is dropped, never trusted further.
+#![forbid(unsafe_code)]
+
+mod codec;
+mod messages;
+
+pub use codec::{encode, Decoder, Frame, FrameKind, ProtocolError, HEADER_LEN, MAX_FRAME};
+pub use messages::{Entry, Identity, Reply, Request, PROTOCOL_VERSION};

@@ -1,0 +1,145 @@
+//! The control messages: what the gateway asks ([`Request`]) and what the agent answers ([`Reply`]).
+
+use serde::{Deserialize, Serialize};
+
+/// The protocol version both sides must share.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Who a process or file operation runs as inside the runner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Identity {
+    /// The runner's root (`privilegedExecution: true`).
+    Root,
+    /// The unprivileged `user` (uid 1000).
+    User,
+}
+
+/// A message towards the agent; the frame's stream id names the operation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "camelCase", deny_unknown_fields)]
+pub enum Request {
+    /// Opens the conversation (stream 0).
+    Hello {
+        /// The gateway's [`PROTOCOL_VERSION`].
+        version: u32,
+    },
+    /// Starts a process; output follows as stdout/stderr frames, then [`Reply::Exited`].
+    Exec {
+        /// Program and arguments.
+        argv: Vec<String>,
+        /// The complete environment of the process.
+        env: Vec<(String, String)>,
+        /// Working directory.
+        cwd: String,
+        /// Who it runs as.
+        identity: Identity,
+        /// Standard input and output on a terminal (standard error stays a pipe).
+        tty: bool,
+    },
+    /// Sends a signal to every process the execution started (its whole session).
+    Signal {
+        /// The signal number (9 = kill).
+        signal: i32,
+    },
+    /// Deletes paths, then extracts the tar archive that follows as data frames, as root.
+    UpdateFiles {
+        /// Paths to delete recursively; `./*` empties the working directory.
+        delete: Vec<String>,
+        /// Directory relative paths are resolved against.
+        cwd: String,
+        /// Whether a tar archive follows (data frames, then data-end).
+        archive: bool,
+    },
+    /// Lists a path.
+    List {
+        /// The path (relative to `cwd` or absolute).
+        path: String,
+        /// Descend into directories.
+        recursive: bool,
+        /// Directory relative paths are resolved against.
+        cwd: String,
+        /// Whose permissions apply.
+        identity: Identity,
+    },
+    /// Streams a regular file: [`Reply::FileSize`], data frames, data-end.
+    Read {
+        /// The path (relative to `cwd` or absolute).
+        path: String,
+        /// Directory relative paths are resolved against.
+        cwd: String,
+        /// Whose permissions apply.
+        identity: Identity,
+    },
+    /// Asks for [`Reply::Pong`] (health).
+    Ping,
+}
+
+/// One entry of a listing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Entry {
+    /// Name (bare when listing one directory level, prefixed by the listed path when recursive).
+    pub name: String,
+    /// `ls`-style type character.
+    pub entry_type: char,
+    /// Target of a symbolic link.
+    pub link_target: Option<String>,
+    /// Size in bytes.
+    pub size: u64,
+    /// Modification time, Unix seconds.
+    pub modification_time: i64,
+    /// The nine `rwx` characters (with `s`/`t` where set).
+    pub permissions: String,
+    /// Owner name (or number).
+    pub owner: String,
+    /// Group name (or number).
+    pub group: String,
+}
+
+/// A message from the agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "camelCase", deny_unknown_fields)]
+pub enum Reply {
+    /// Answers [`Request::Hello`].
+    Hello {
+        /// The agent's [`PROTOCOL_VERSION`].
+        version: u32,
+        /// The agent's process id inside the runner.
+        pid: u32,
+    },
+    /// The process of an [`Request::Exec`] runs.
+    Started {
+        /// Its process id inside the runner.
+        pid: u32,
+    },
+    /// The process ended (after all its output): the exit code, or 128 + the signal.
+    Exited {
+        /// The exit code.
+        code: i32,
+    },
+    /// A file operation succeeded.
+    Done,
+    /// The listing of a [`Request::List`].
+    Listing {
+        /// The entries.
+        entries: Vec<Entry>,
+    },
+    /// The size of the file of a [`Request::Read`]; exactly that many bytes follow.
+    FileSize {
+        /// Bytes.
+        size: u64,
+    },
+    /// The path does not exist or may not be read by the identity.
+    NotFound,
+    /// The operation failed; the text says why.
+    Failed {
+        /// Why.
+        message: String,
+        /// What a failed file update wrote as its error output.
+        #[serde(default)]
+        stderr: String,
+    },
+    /// Answers [`Request::Ping`].
+    Pong,
+}

@@ -1,0 +1,244 @@
+//! Serving one byte stream: the handshake, then frames dispatched to executions and file operations.
+
+use std::collections::HashMap;
+use std::os::unix::fs::PermissionsExt;
+
+use bytes::{Bytes, BytesMut};
+use poseidon_agent_protocol::{
+    encode, Decoder, Frame, FrameKind, ProtocolError, Reply, Request, PROTOCOL_VERSION,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+use crate::session::{Input, Session};
+use crate::{exec, files};
+
+/// Largest tar archive one file update may carry.
+const MAX_ARCHIVE: usize = 1024 * 1024 * 1024;
+
+/// Listens on a Unix socket (mode 0600) and serves each connection; a new connection replaces
+/// the current one.
+pub(crate) async fn serve_socket(path: &str, session: Session) -> std::io::Result<()> {
+    let _ = std::fs::remove_file(path);
+    let listener = tokio::net::UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let (reader, writer) = stream.into_split();
+        tokio::spawn(serve_stream(reader, writer, session.clone()));
+    }
+}
+
+/// Serves one connection until it ends or breaks the protocol.
+pub(crate) async fn serve_stream(
+    mut reader: impl AsyncRead + Unpin,
+    writer: impl AsyncWrite + Unpin + Send + 'static,
+    session: Session,
+) {
+    let (tx, rx) = mpsc::channel::<Frame>(256);
+    let writer_task = tokio::spawn(write_frames(writer, rx));
+    let mut decoder = Decoder::default();
+    let generation = match handshake(&mut reader, &mut decoder, &tx).await {
+        Ok(()) => session.attach(tx.clone()),
+        Err(e) => {
+            eprintln!("poseidon-agent: handshake failed: {e}");
+            drop(tx);
+            let _ = writer_task.await;
+            return;
+        }
+    };
+    let mut uploads: HashMap<u32, Upload> = HashMap::new();
+    let result = loop {
+        let frame = match next_frame(&mut reader, &mut decoder).await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(e),
+        };
+        if let Err(e) = dispatch(frame, &session, &tx, &mut uploads) {
+            break Err(e);
+        }
+    };
+    if let Err(e) = result {
+        eprintln!("poseidon-agent: dropping the connection: {e}");
+    }
+    session.detach(generation);
+    drop(tx);
+    let _ = writer_task.await;
+}
+
+struct Upload {
+    delete: Vec<String>,
+    cwd: String,
+    archive: BytesMut,
+}
+
+async fn handshake(
+    reader: &mut (impl AsyncRead + Unpin),
+    decoder: &mut Decoder,
+    tx: &mpsc::Sender<Frame>,
+) -> Result<(), ProtocolError> {
+    let frame = next_frame(reader, decoder)
+        .await?
+        .ok_or_else(|| ProtocolError::Unexpected("connection closed before hello".into()))?;
+    let hello: Request = frame.parse()?;
+    let reply = Reply::Hello {
+        version: PROTOCOL_VERSION,
+        pid: std::process::id(),
+    };
+    let _ = tx.send(Frame::control(0, &reply)).await;
+    match hello {
+        Request::Hello { version } if version == PROTOCOL_VERSION => Ok(()),
+        Request::Hello { version } => Err(ProtocolError::Version {
+            theirs: version,
+            ours: PROTOCOL_VERSION,
+        }),
+        other => Err(ProtocolError::Unexpected(format!("{other:?} before hello"))),
+    }
+}
+
+async fn next_frame(
+    reader: &mut (impl AsyncRead + Unpin),
+    decoder: &mut Decoder,
+) -> Result<Option<Frame>, ProtocolError> {
+    loop {
+        if let Some(frame) = decoder.next_frame()? {
+            return Ok(Some(frame));
+        }
+        let buffer = decoder.buffer_mut();
+        buffer.reserve(64 * 1024);
+        match reader.read_buf(buffer).await {
+            Ok(0) | Err(_) => return Ok(None),
+            Ok(_) => {}
+        }
+    }
+}
+
+async fn write_frames(mut writer: impl AsyncWrite + Unpin, mut rx: mpsc::Receiver<Frame>) {
+    let mut out = BytesMut::with_capacity(64 * 1024);
+    while let Some(frame) = rx.recv().await {
+        encode(&frame, &mut out);
+        // Batch what is already queued into one write.
+        while out.len() < 256 * 1024 {
+            match rx.try_recv() {
+                Ok(frame) => encode(&frame, &mut out),
+                Err(_) => break,
+            }
+        }
+        if writer.write_all(&out).await.is_err() || writer.flush().await.is_err() {
+            return;
+        }
+        out.clear();
+    }
+}
+
+/// Replies on a stream from a task of its own (the reader never waits for the writer).
+pub(crate) fn reply(tx: &mpsc::Sender<Frame>, stream: u32, reply: Reply) {
+    let tx = tx.clone();
+    tokio::spawn(async move {
+        let _ = tx.send(Frame::control(stream, &reply)).await;
+    });
+}
+
+fn failed(message: impl Into<String>) -> Reply {
+    Reply::Failed {
+        message: message.into(),
+        stderr: String::new(),
+    }
+}
+
+fn dispatch(
+    frame: Frame,
+    session: &Session,
+    tx: &mpsc::Sender<Frame>,
+    uploads: &mut HashMap<u32, Upload>,
+) -> Result<(), ProtocolError> {
+    let stream = frame.stream;
+    match frame.kind {
+        FrameKind::Control => match frame.parse::<Request>()? {
+            Request::Hello { .. } => reply(tx, stream, failed("already greeted")),
+            Request::Ping => reply(tx, stream, Reply::Pong),
+            Request::Exec {
+                argv,
+                env,
+                cwd,
+                identity,
+                tty,
+            } => {
+                let spec = exec::ExecSpec {
+                    argv,
+                    env,
+                    cwd,
+                    identity,
+                    tty,
+                };
+                exec::start(session.clone(), stream, spec);
+            }
+            Request::Signal { signal } => {
+                session.input(stream, Input::Signal(signal));
+            }
+            Request::UpdateFiles {
+                delete,
+                cwd,
+                archive,
+            } => {
+                if archive {
+                    uploads.insert(
+                        stream,
+                        Upload {
+                            delete,
+                            cwd,
+                            archive: BytesMut::new(),
+                        },
+                    );
+                } else {
+                    files::spawn_update(tx.clone(), stream, delete, cwd, Bytes::new());
+                }
+            }
+            Request::List {
+                path,
+                recursive,
+                cwd,
+                identity,
+            } => files::spawn_list(tx.clone(), stream, path, recursive, cwd, identity),
+            Request::Read {
+                path,
+                cwd,
+                identity,
+            } => files::spawn_read(tx.clone(), stream, path, cwd, identity),
+        },
+        FrameKind::Stdin => {
+            session.input(stream, Input::Bytes(frame.payload));
+        }
+        FrameKind::Data => {
+            let Some(upload) = uploads.get_mut(&stream) else {
+                return Err(ProtocolError::Unexpected(format!(
+                    "data for stream {stream} without an update"
+                )));
+            };
+            if upload.archive.len() + frame.payload.len() > MAX_ARCHIVE {
+                uploads.remove(&stream);
+                reply(tx, stream, failed("the archive is too large"));
+            } else {
+                upload.archive.extend_from_slice(&frame.payload);
+            }
+        }
+        FrameKind::DataEnd => {
+            if let Some(upload) = uploads.remove(&stream) {
+                files::spawn_update(
+                    tx.clone(),
+                    stream,
+                    upload.delete,
+                    upload.cwd,
+                    upload.archive.freeze(),
+                );
+            }
+        }
+        FrameKind::Stdout | FrameKind::Stderr => {
+            return Err(ProtocolError::Unexpected(format!(
+                "{:?} frame sent to the agent",
+                frame.kind
+            )))
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,98 @@
+//! The runner agent: a small program that lives inside a runner for as long as the runner lives and
+//! does everything the gateway asks of the runner — start processes (with a terminal or pipes, as
+//! root or as `user`), stream their output, kill them, write, delete, list and read files — over
+//! one byte stream speaking `poseidon-agent-protocol`.
+//!
+//! ```text
+//! poseidon-agent --listen PATH   serve on a Unix socket (one gateway connection at a time;
+//!                                a new connection replaces the old, executions keep running)
+//! poseidon-agent --stdio         serve on standard input and output
+//! ```
+//!
+//! The agent runs as the runner's root inside the runner's namespaces; everything it touches is the
+//! runner's own. It trusts nothing it receives: a malformed frame ends the connection, never the agent.
+#![forbid(unsafe_code)]
+
+mod connection;
+mod exec;
+mod files;
+mod launch;
+mod pty;
+mod session;
+mod users;
+
+/// Uid and gid of the unprivileged `user` inside a runner.
+pub const USER_ID: u32 = 1000;
+
+/// How the agent starts copies of itself (the launcher, file operations as `user`): through the
+/// kernel's link to its own binary, which stays valid when the file was replaced on disk since
+/// (a newer agent installed while this runner lives on).
+pub(crate) const SELF_EXE: &str = "/proc/self/exe";
+
+/// Runs the agent with these command-line arguments; returns the process's exit code.
+pub fn main_with_args(args: Vec<String>) -> i32 {
+    match args.get(1).map(String::as_str) {
+        Some(launch::LAUNCH_ARG) => launch::run(&args[2..]),
+        Some(files::AS_USER_ARG) => files::run_as_user(&args[2..]),
+        Some("--listen") if args.len() == 3 => serve(Listen::Socket(args[2].clone())),
+        Some("--stdio") => serve(Listen::Stdio),
+        _ => {
+            eprintln!("usage: poseidon-agent --listen SOCKET | --stdio");
+            2
+        }
+    }
+}
+
+enum Listen {
+    Socket(String),
+    Stdio,
+}
+
+fn serve(listen: Listen) -> i32 {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("poseidon-agent: cannot start: {e}");
+            return 1;
+        }
+    };
+    let result = runtime.block_on(async move {
+        if let Listen::Socket(_) = listen {
+            detach_standard_streams();
+        }
+        let session = session::Session::new();
+        match listen {
+            Listen::Socket(path) => connection::serve_socket(&path, session).await,
+            Listen::Stdio => {
+                connection::serve_stream(tokio::io::stdin(), tokio::io::stdout(), session).await;
+                Ok(())
+            }
+        }
+    });
+    // Blocking reads of standard input would keep a normal shutdown waiting forever.
+    runtime.shutdown_background();
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("poseidon-agent: {e}");
+            1
+        }
+    }
+}
+
+/// Points standard input and output at `/dev/null`: a socket-serving agent has no use for what it
+/// was started with (bubblewrap's set-up pipes), and must not keep them open.
+fn detach_standard_streams() {
+    use std::os::fd::AsRawFd;
+    if let Ok(null) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    {
+        let _ = nix::unistd::dup2(null.as_raw_fd(), 0);
+        let _ = nix::unistd::dup2(null.as_raw_fd(), 1);
+    }
+}

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Runs the local backend's integration tests (tests/sandbox.rs and the local:: API scenarios) inside
+# a cgroup-v2-only Debian 12 under qemu (shared/tools/cgroup2-vm), because that is the kind of host
+# users have (this machine is cgroup v1). Called by scripts/test.sh after the normal tests.
+#
+#   tests/cgroup2/run.sh            builds the test binaries (debug), copies them into the VM, runs them
+#
+# Says "skipped" (exit 0) when the VM tool or qemu cannot run here; fails when a test fails.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+tool=../shared/tools/cgroup2-vm/run.sh
+if [ ! -x "$tool" ] && [ ! -f "$tool" ]; then
+  echo "skipped: cgroup v2 VM tests ($tool is missing)"
+  exit 0
+fi
+# The test binaries and the server they start.
+json=$(cargo test -p poseidon --test sandbox --test api --no-run --message-format=json 2>/dev/null)
+bins=$(printf '%s\n' "$json" | python3 -c '
+import json, sys
+for line in sys.stdin:
+    try: m = json.loads(line)
+    except ValueError: continue
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
+        print(m["target"]["name"], m["executable"])
+')
+cargo build -q -p poseidon -p poseidon-agent
+target=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
+dir=$(mktemp -d)
+trap 'rm -rf "$dir"' EXIT
+cp "$target/debug/poseidon" "$target/debug/poseidon-agent" "$dir/"
+while read -r name exe; do cp "$exe" "$dir/test-$name"; done <<<"$bins"
+cat >"$dir/payload.sh" <<EOS
+#!/bin/sh
+# Inside the VM: the test binaries look for the server where cargo built it.
+mkdir -p "$target/debug"
+ln -sf /mnt/host/poseidon "$target/debug/poseidon"
+ln -sf /mnt/host/poseidon-agent "$target/debug/poseidon-agent"
+[ -c /dev/net/tun ] || { mkdir -p /dev/net; mknod /dev/net/tun c 10 200; }
+chmod 0666 /dev/net/tun
+# pasta needs a routable interface, as every real host has: qemu's user-mode NIC with its
+# standard addresses (no test sends traffic through it; they only look at routes and loopback).
+nic=\$(ls /sys/class/net | grep -vx lo | head -n 1)
+if [ -n "\$nic" ]; then
+  ip link set "\$nic" up && ip addr add 10.0.2.15/24 dev "\$nic" && ip route add default via 10.0.2.2
+fi
+echo "cgroup: \$(cat /proc/self/cgroup)"
+status=0
+cd /tmp
+/mnt/host/test-sandbox --test-threads=2 ${VM_TEST_FILTER:-} || status=1
+/mnt/host/test-api --test-threads=2 ${VM_API_FILTER:-local:: runners_survive} || status=1
+exit \$status
+EOS
+chmod +x "$dir/payload.sh"
+echo "running the local backend's tests in a cgroup v2 VM (qemu, software emulation)"
+set +e
+bash "$tool" "$dir/payload.sh" "$dir" 2>&1 | tee "$dir/vm.log" | grep -vE '^(\s*$|---- |stack backtrace|   [0-9]+: |             at )' 
+code=${PIPESTATUS[0]}
+set -e
+if [ "$code" -ne 0 ] && ! grep -q "test result" "$dir/vm.log"; then
+  if grep -qiE "qemu|debootstrap|kvm|No such file" "$dir/vm.log"; then
+    echo "skipped: cgroup v2 VM tests (the VM could not run here):"
+    tail -n 5 "$dir/vm.log"
+    exit 0
+  fi
+  tail -n 30 "$dir/vm.log"
+fi
+exit "$code"
