@@ -23,9 +23,9 @@ if [ -x plugins/build.sh ]; then
 fi
 # The integration tests start real servers and sandboxes; two at a time suit a 2-core machine.
 if [ -z "${NOMAD_ADDR:-}" ]; then
-  echo "NOTE: NOMAD_ADDR is not set: the API tests of the Nomad backend run against the project's Nomad emulator only; their real-Nomad variants (tests real_nomad::*) are skipped."
+  echo "NOTE: NOMAD_ADDR is not set: the Nomad backend's tests run against the project's Nomad emulator only; their real-Nomad variants (tests named real_nomad*) are reported as ignored."
 else
-  echo "NOTE: NOMAD_ADDR=$NOMAD_ADDR: the API tests of the Nomad backend also run against this real Nomad."
+  echo "NOTE: NOMAD_ADDR=$NOMAD_ADDR: the Nomad backend's tests also run against this real Nomad (tests named real_nomad*)."
 fi
 rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt
 rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy
@@ -33,6 +33,10 @@ cargo fmt --all --check
 cargo clippy --workspace --all-targets -- -D warnings
 status=0
 cargo test --workspace --no-fail-fast -- --test-threads="${TEST_THREADS:-4}" || status=$?
+if [ -n "${NOMAD_ADDR:-}" ]; then
+  # Each real test has its own Nomad namespace; two at a time keep a one-node dev agent responsive.
+  cargo test --workspace --no-fail-fast -- --ignored real_nomad --test-threads="${REAL_NOMAD_TEST_THREADS:-2}" || status=$?
+fi
 # The local backend's tests once more on a cgroup v2 host (users' hosts are; this machine is v1).
 if [ "${POSEIDON_SKIP_CGROUP2_VM:-0}" = 1 ]; then
   echo "skipped: cgroup v2 VM tests (POSEIDON_SKIP_CGROUP2_VM=1)"

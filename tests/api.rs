@@ -25,10 +25,10 @@ macro_rules! on_both_backends {
         }
         mod real_nomad {
             $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            #[ignore = "needs a real Nomad: NOMAD_ADDR=http://127.0.0.1:4646 cargo test -- --ignored real_nomad"]
             async fn $name() {
-                if super::support::real_nomad_available(stringify!($name)) {
-                    super::$name(super::Backend::RealNomad).await
-                }
+                super::support::require_real_nomad(stringify!($name));
+                super::$name(super::Backend::RealNomad).await
             })*
         }
     };
@@ -54,7 +54,7 @@ on_both_backends!(
 fn test_files(list: &Value) -> Vec<&str> {
     list["files"]
         .as_array()
-        .unwrap()
+        .unwrap_or_else(|| panic!("not a listing: {list}"))
         .iter()
         .map(|f| f["name"].as_str().unwrap())
         .filter(|n| {
@@ -129,7 +129,7 @@ async fn health_and_version_are_open_everything_else_needs_the_token(backend: Ba
 
 async fn environments_can_be_created_read_replaced_and_deleted(backend: Backend) {
     let s = Server::on(backend).await;
-    let body = json!({"id": 7, "image": "python", "prewarmingPoolSize": 1, "cpuLimit": 20, "memoryLimit": 128, "networkAccess": false, "exposedPorts": []});
+    let body = json!({"id": 7, "image": s.test_image(), "prewarmingPoolSize": 1, "cpuLimit": 20, "memoryLimit": 128, "networkAccess": false, "exposedPorts": []});
     let url = s.url("/execution-environments/7");
     assert_eq!(
         s.http.put(&url).json(&body).send().await.unwrap().status(),
@@ -479,6 +479,23 @@ async fn files_are_copied_listed_downloaded_and_deleted(backend: Backend) {
         .get_json(format!("{files_url}?recursive=false&path=dir"))
         .await;
     assert_eq!(flat["files"][0]["name"], "b.bin");
+    // A symbolic link to a directory lists that directory (on every backend), also /proc/self/cwd.
+    let out = s
+        .run(&runner, json!({"command": "ln -s dir dirlink"}))
+        .await;
+    assert_eq!(out.exit(), Some(0));
+    let link: Value = s.get_json(format!("{files_url}?path=dirlink")).await;
+    assert_eq!(test_files(&link), vec!["dirlink/b.bin"], "{link}");
+    let cwd: Value = s.get_json(format!("{files_url}?path=/proc/self/cwd")).await;
+    assert!(test_files(&cwd).contains(&"/proc/self/cwd/a.txt"), "{cwd}");
+    let r = s
+        .http
+        .patch(&files_url)
+        .json(&json!({"delete": ["dirlink"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
     let tmp: Value = s.get_json(format!("{files_url}?path=/tmp")).await;
     assert!(
         tmp["files"]
@@ -628,8 +645,10 @@ async fn executions_stream_stdout_and_stderr_apart_and_end_with_the_exit_code(ba
     let out = s.run(&runner, json!({"command": "echo \"$GREETING\" 'single quoted'\necho $CODEOCEAN", "environment": {"GREETING": "hello world $HOME"}})).await;
     assert_eq!(out.stdout, "hello world $HOME single quoted\r\ntrue\r\n");
     assert_eq!(out.exit(), Some(0));
-    // Unprivileged by default, root of the sandbox when privileged (the emulator has no setuser).
-    if backend == Backend::Local {
+    // Unprivileged by default, root of the sandbox when privileged (the emulator and Nomad's
+    // exec/raw_exec drivers have no setuser).
+    let docker = s.real_nomad().is_some_and(|n| n.driver == "docker");
+    if backend == Backend::Local || docker {
         let out = s.run(&runner, json!({"command": "id -u; id -un"})).await;
         assert_eq!(out.stdout, "1000\r\nuser\r\n");
     }

@@ -6,7 +6,7 @@ mod support;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use support::{eventually, Backend, Options, Server, Ws};
+use support::{eventually, log_tail, status_and_json, Backend, Options, Server, Ws};
 
 async fn nomad_server() -> Server {
     Server::start_with(Options {
@@ -16,10 +16,37 @@ async fn nomad_server() -> Server {
     .await
 }
 
+/// GET of a Nomad API path (`/v1/...`, with its query) on the emulator or on the real Nomad,
+/// in the server's namespace.
+async fn nomad_get(s: &Server, path_and_query: &str) -> Value {
+    match s.real_nomad() {
+        None => {
+            let url = format!("{}{path_and_query}", s.emulator_url().unwrap());
+            reqwest::get(url).await.unwrap().json().await.unwrap()
+        }
+        Some(real) => {
+            let sep = if path_and_query.contains('?') {
+                '&'
+            } else {
+                '?'
+            };
+            real.request(
+                reqwest::Method::GET,
+                &format!("{path_and_query}{sep}namespace={}", real.namespace),
+            )
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+        }
+    }
+}
+
 /// Ids of the runner jobs of an environment that Nomad has (not dead).
 async fn runner_jobs(s: &Server, env: u64) -> Vec<String> {
-    let url = format!("{}/v1/jobs?prefix={env}-", s.emulator_url().unwrap());
-    let jobs: Value = reqwest::get(url).await.unwrap().json().await.unwrap();
+    let jobs = nomad_get(s, &format!("/v1/jobs?prefix={env}-")).await;
     jobs.as_array()
         .unwrap()
         .iter()
@@ -30,8 +57,7 @@ async fn runner_jobs(s: &Server, env: u64) -> Vec<String> {
 
 /// The (first) allocation of a runner job.
 async fn allocation_of(s: &Server, job: &str) -> Value {
-    let url = format!("{}/v1/job/{job}/allocations", s.emulator_url().unwrap());
-    let allocs: Value = reqwest::get(url).await.unwrap().json().await.unwrap();
+    let allocs = nomad_get(s, &format!("/v1/job/{job}/allocations")).await;
     allocs
         .as_array()
         .unwrap()
@@ -59,7 +85,8 @@ async fn stats(s: &Server, env: u64) -> Value {
 
 /// Waits until the pool is at its target and Nomad holds exactly idle + used runner jobs.
 async fn settled(s: &Server, env: u64, pool: u64, used: u64) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let wait = if s.real_nomad().is_some() { 180 } else { 30 };
+    let deadline = std::time::Instant::now() + Duration::from_secs(wait);
     loop {
         let st = stats(s, env).await;
         let jobs = runner_jobs(s, env).await;
@@ -71,8 +98,7 @@ async fn settled(s: &Server, env: u64, pool: u64, used: u64) {
         }
         if std::time::Instant::now() >= deadline {
             for job in &jobs {
-                let url = format!("{}/v1/job/{job}/allocations", s.emulator_url().unwrap());
-                let allocs: Value = reqwest::get(url).await.unwrap().json().await.unwrap();
+                let allocs = nomad_get(s, &format!("/v1/job/{job}/allocations")).await;
                 let states: Vec<String> = allocs
                     .as_array()
                     .unwrap()
@@ -94,7 +120,20 @@ async fn settled(s: &Server, env: u64, pool: u64, used: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_server_recovers_used_and_idle_runners() {
-    let mut s = nomad_server().await;
+    a_killed_server_recovers_used_and_idle_runners_on(Backend::Nomad).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a real Nomad: NOMAD_ADDR=http://127.0.0.1:4646 cargo test -- --ignored real_nomad"]
+async fn real_nomad_a_killed_server_recovers_used_and_idle_runners() {
+    support::require_real_nomad("real_nomad_a_killed_server_recovers_used_and_idle_runners");
+    a_killed_server_recovers_used_and_idle_runners_on(Backend::RealNomad).await;
+}
+
+/// kill -9 of the gateway while a runner is claimed: after the restart, no runner is lost,
+/// leaked or duplicated, and the claimed one keeps its files.
+async fn a_killed_server_recovers_used_and_idle_runners_on(backend: Backend) {
+    let mut s = Server::on(backend).await;
     s.environment(1, 2, json!({})).await;
     let runner = s.claim(1, 600).await;
     s.copy(&runner, &[("kept.txt", b"still here")]).await;
@@ -199,10 +238,45 @@ async fn while_nomad_refuses_connections_claims_work_and_the_rest_says_nomad_unr
     let s = nomad_server().await;
     s.environment(5, 2, json!({})).await;
     fault(&s, "refuse?seconds=10").await;
+    nomad_unreachable_for_a_while(&s).await;
+}
+
+/// 10 s of Nomad unreachable on a real cluster: the gateway reaches the agent through a TCP gate
+/// that cuts every connection (event stream, exec sessions) and refuses new ones for 10 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a real Nomad: NOMAD_ADDR=http://127.0.0.1:4646 cargo test -- --ignored real_nomad"]
+async fn real_nomad_while_nomad_is_unreachable_claims_work_and_the_rest_says_nomad_unreachable() {
+    support::require_real_nomad(
+        "real_nomad_while_nomad_is_unreachable_claims_work_and_the_rest_says_nomad_unreachable",
+    );
+    let agent = std::env::var("NOMAD_ADDR").unwrap();
+    let gate = support::TcpGate::open(
+        agent
+            .split("://")
+            .last()
+            .unwrap()
+            .trim_end_matches('/')
+            .to_string(),
+    )
+    .await;
+    let s = Server::start_with(Options {
+        backend: Backend::RealNomad,
+        real_nomad_via: Some(gate.addr.clone()),
+        ..Default::default()
+    })
+    .await;
+    s.environment(5, 2, json!({})).await;
+    gate.close_for(Duration::from_secs(10));
+    nomad_unreachable_for_a_while(&s).await;
+}
+
+/// While Nomad is unreachable (for about 10 s): claims are served from the pool, changes get
+/// `NOMAD_UNREACHABLE`; afterwards everything resumes, with no runner lost, leaked or duplicated.
+async fn nomad_unreachable_for_a_while(s: &Server) {
     // Claims are served from the warm pool.
     let runner = s.claim(5, 0).await;
     assert!(runner.starts_with("5-"));
-    let body = json!({"image": "x", "prewarmingPoolSize": 1, "cpuLimit": 10, "memoryLimit": 0, "networkAccess": false, "exposedPorts": []});
+    let body = json!({"image": s.test_image(), "prewarmingPoolSize": 1, "cpuLimit": 10, "memoryLimit": 0, "networkAccess": false, "exposedPorts": []});
     let r = s
         .http
         .put(s.url("/execution-environments/6"))
@@ -225,9 +299,8 @@ async fn while_nomad_refuses_connections_claims_work_and_the_rest_says_nomad_unr
             == 201
     })
     .await;
-    settled(&s, 5, 2, 1).await;
+    settled(s, 5, 2, 1).await;
     s.wait_idle(6, 1).await;
-    tokio::time::sleep(Duration::from_millis(1)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -382,4 +455,312 @@ async fn an_administrators_template_job_shapes_every_job() {
     let out = s.run(&runner, json!({"command": "echo templated"})).await;
     assert_eq!(out.stdout, "templated\r\n");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// An environment whose image cannot be pulled: the pool stays empty, and the statistics, a claim
+/// and `/health` all carry Nomad's reason (the emulator treats `missing/*` images as unpullable;
+/// a real agent without that image and without registry access fails the same way).
+async fn a_pool_that_cannot_be_filled_says_why(backend: Backend) {
+    let s = Server::start_with(Options {
+        backend,
+        server_yaml: "  alert:\n    prewarmingpoolthreshold: 0.5".into(),
+        ..Default::default()
+    })
+    .await;
+    let body = json!({"image": "missing/python", "prewarmingPoolSize": 1, "cpuLimit": 20,
+        "memoryLimit": 64, "networkAccess": false, "exposedPorts": []});
+    let r = s
+        .http
+        .put(s.url("/execution-environments/21"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let reason = "Failed to pull `missing/python`";
+    eventually("the statistics name the start failure", 240, || async {
+        let st = stats(&s, 21).await;
+        st["idleRunners"] == 0
+            && st["startFailure"]
+                .as_str()
+                .is_some_and(|m| m.contains(reason))
+    })
+    .await;
+    let (status, err) = status_and_json(
+        s.http
+            .post(s.url("/runners"))
+            .json(&json!({"executionEnvironmentId": 21}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 500);
+    assert_eq!(err["errorCode"], "NOMAD_OVERLOAD");
+    assert!(err["message"].as_str().unwrap().contains(reason), "{err}");
+    let (status, err) = status_and_json(s.http.get(s.url("/health")).send().await.unwrap()).await;
+    assert_eq!(status, 503);
+    let message = err["message"].as_str().unwrap();
+    assert!(message.contains("21") && message.contains(reason), "{err}");
+    assert!(
+        s.log().contains(reason),
+        "the log names Nomad's reason: {}",
+        log_tail(&s.log())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_that_cannot_be_filled_says_why_on_the_emulator() {
+    a_pool_that_cannot_be_filled_says_why(Backend::Nomad).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a real Nomad: NOMAD_ADDR=http://127.0.0.1:4646 cargo test -- --ignored real_nomad"]
+async fn real_nomad_a_pool_that_cannot_be_filled_says_why() {
+    support::require_real_nomad("real_nomad_a_pool_that_cannot_be_filled_says_why");
+    a_pool_that_cannot_be_filled_says_why(Backend::RealNomad).await;
+}
+
+/// `server.interactivestderr: false` (Poseidon's setting): one exec session per execution, stderr
+/// shares the terminal with stdout; the exit code and the time limit work as with two sessions.
+async fn without_interactive_stderr_one_terminal_carries_both_streams(backend: Backend) {
+    let s = Server::start_with(Options {
+        backend,
+        server_yaml: "  interactivestderr: false".into(),
+        ..Default::default()
+    })
+    .await;
+    s.environment(22, 1, json!({})).await;
+    let runner = s.claim(22, 60).await;
+    let out = s
+        .run(
+            &runner,
+            json!({"command": "echo out; echo err >&2; exit 5"}),
+        )
+        .await;
+    assert_eq!(out.exit(), Some(5));
+    assert_eq!(out.stdout, "out\r\nerr\r\n");
+    assert_eq!(out.stderr, "");
+    let marker = format!("single-{}", std::process::id());
+    let out = s
+        .run(
+            &runner,
+            json!({"command": format!("echo started; sleep 1000 # {marker}"), "timeLimit": 1}),
+        )
+        .await;
+    assert_eq!(out.last, json!({"type": "timeout"}));
+    eventually("the timed-out program ended", 20, || async {
+        support::host_processes_with(&marker).is_empty()
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_interactive_stderr_one_terminal_carries_both_streams_on_the_emulator() {
+    without_interactive_stderr_one_terminal_carries_both_streams(Backend::Nomad).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a real Nomad: NOMAD_ADDR=http://127.0.0.1:4646 cargo test -- --ignored real_nomad"]
+async fn real_nomad_without_interactive_stderr_one_terminal_carries_both_streams() {
+    support::require_real_nomad(
+        "real_nomad_without_interactive_stderr_one_terminal_carries_both_streams",
+    );
+    without_interactive_stderr_one_terminal_carries_both_streams(Backend::RealNomad).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_runner_rescheduled_to_another_node_reports_its_new_ports() {
+    let s = nomad_server().await;
+    s.environment(
+        23,
+        1,
+        json!({"networkAccess": true, "exposedPorts": [8080]}),
+    )
+    .await;
+    let jobs = runner_jobs(&s, 23).await;
+    assert_eq!(jobs.len(), 1);
+    let before = allocation_of(&s, &jobs[0]).await;
+    let full = nomad_get(
+        &s,
+        &format!("/v1/allocation/{}", before["ID"].as_str().unwrap()),
+    )
+    .await;
+    let old_port = full["AllocatedResources"]["Shared"]["Ports"][0]["Value"].clone();
+    assert!(old_port.is_u64(), "{full}");
+    fault(
+        &s,
+        &format!("allocation/{}/lose-node", before["ID"].as_str().unwrap()),
+    )
+    .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let new_port = loop {
+        let allocs = nomad_get(&s, &format!("/v1/job/{}/allocations", jobs[0])).await;
+        if let Some(a) = allocs
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["ClientStatus"] == "running" && a["ID"] != before["ID"])
+        {
+            let full =
+                nomad_get(&s, &format!("/v1/allocation/{}", a["ID"].as_str().unwrap())).await;
+            break full["AllocatedResources"]["Shared"]["Ports"][0]["Value"].clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no new allocation: {allocs}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    assert_ne!(old_port, new_port);
+    s.wait_idle(23, 1).await;
+    // The event stream delivers the new allocation; the claim reports its port.
+    eventually("the server took the new allocation's ports", 30, || async {
+        s.log()
+            .lines()
+            .any(|l| l.contains("mapped ports changed") && l.contains(jobs[0].as_str()))
+    })
+    .await;
+    let v: Value = s
+        .http
+        .post(s.url("/runners"))
+        .json(&json!({"executionEnvironmentId": 23}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["runnerId"], jobs[0].as_str());
+    let mapped = &v["mappedPorts"];
+    assert!(
+        mapped[0]["hostAddress"]
+            .as_str()
+            .is_some_and(|h| h.ends_with(&format!(":{new_port}"))),
+        "{v}"
+    );
+    assert_eq!(mapped[0]["exposedPort"], 8080, "{mapped}");
+}
+
+/// Docker with Nomad's `bridge` network (CNI): a runner with network access serves an exposed
+/// port that the client reaches at the mapped host address; the DNS setting reaches the runner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a real Nomad: NOMAD_ADDR=http://127.0.0.1:4646 cargo test -- --ignored real_nomad"]
+async fn real_nomad_network_access_maps_exposed_ports_through_a_bridge() {
+    support::require_real_nomad("real_nomad_network_access_maps_exposed_ports_through_a_bridge");
+    let s = Server::start_with(Options {
+        backend: Backend::RealNomad,
+        nomad_yaml: "  network:\n    mode: bridge\n    dns:\n      servers: [192.0.2.53]\n".into(),
+        ..Default::default()
+    })
+    .await;
+    s.environment(
+        24,
+        1,
+        json!({"networkAccess": true, "exposedPorts": [8080]}),
+    )
+    .await;
+    let v: Value = s
+        .http
+        .post(s.url("/runners"))
+        .json(&json!({"executionEnvironmentId": 24, "inactivityTimeout": 120}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let runner = v["runnerId"].as_str().unwrap().to_string();
+    let ports = v["mappedPorts"].as_array().unwrap();
+    assert_eq!(ports.len(), 1, "{v}");
+    assert_eq!(ports[0]["exposedPort"], 8080);
+    let host = ports[0]["hostAddress"].as_str().unwrap().to_string();
+    let out = s
+        .run(&runner, json!({"command": "cat /etc/resolv.conf"}))
+        .await;
+    assert!(out.stdout.contains("192.0.2.53"), "{}", out.stdout);
+    let url = s
+        .execute(
+            &runner,
+            json!({"command": "cd /tmp && echo served > index.html && exec python3 -m http.server 8080"}),
+        )
+        .await;
+    let _server = Ws::connect(&url).await;
+    eventually(
+        "the runner's port answers at its mapped address",
+        60,
+        || async {
+            match reqwest::get(format!("http://{host}/index.html")).await {
+                Ok(r) => r.text().await.unwrap_or_default().contains("served"),
+                Err(_) => false,
+            }
+        },
+    )
+    .await;
+}
+
+/// `docker kill` of a claimed runner's container: the execution ends with an error, Nomad
+/// restarts the task, and the runner comes back under its id, clean (its files are gone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a real Nomad: NOMAD_ADDR=http://127.0.0.1:4646 cargo test -- --ignored real_nomad"]
+async fn real_nomad_a_killed_container_ends_the_execution_and_the_runner_comes_back_clean() {
+    support::require_real_nomad(
+        "real_nomad_a_killed_container_ends_the_execution_and_the_runner_comes_back_clean",
+    );
+    let s = Server::on(Backend::RealNomad).await;
+    s.environment(25, 1, json!({})).await;
+    let runner = s.claim(25, 600).await;
+    s.copy(&runner, &[("work.txt", b"before the kill")]).await;
+    let url = s
+        .execute(&runner, json!({"command": "echo up; sleep 1000"}))
+        .await;
+    let mut ws = Ws::connect(&url).await;
+    ws.wait_stdout("up").await;
+    let container = s.real_nomad().unwrap().container_of(&runner).await;
+    let killed = std::process::Command::new("docker")
+        .args(["kill", &container])
+        .output()
+        .expect("docker runs");
+    assert!(killed.status.success(), "{killed:?}");
+    let out = ws.finish().await;
+    assert_eq!(out.last["type"], "error", "{:?}", out.messages);
+    // Nomad restarts the task in a new container (after the restart policy's delay).
+    eventually("the runner runs commands again", 120, || async {
+        let out = s.run(&runner, json!({"command": "echo again"})).await;
+        out.exit() == Some(0) && out.stdout == "again\r\n"
+    })
+    .await;
+    let r = s
+        .http
+        .get(s.url(&format!("/runners/{runner}/files/raw?path=work.txt")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        424,
+        "the new container has none of the old files"
+    );
+    settled(&s, 25, 1, 1).await;
+}
+
+/// An execution that exceeds the memory limit: the kernel kills that program (exit 137), the
+/// container and the runner live on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a real Nomad: NOMAD_ADDR=http://127.0.0.1:4646 cargo test -- --ignored real_nomad"]
+async fn real_nomad_an_oom_kill_in_an_execution_ends_only_that_program() {
+    support::require_real_nomad("real_nomad_an_oom_kill_in_an_execution_ends_only_that_program");
+    let s = Server::on(Backend::RealNomad).await;
+    s.environment(26, 1, json!({"memoryLimit": 64})).await;
+    let runner = s.claim(26, 600).await;
+    let out = s
+        .run(
+            &runner,
+            json!({"command": "python3 -c 'x = bytearray(512 * 1024 * 1024); print(len(x))'"}),
+        )
+        .await;
+    assert_eq!(out.exit(), Some(137), "{:?}", out.messages);
+    let out = s.run(&runner, json!({"command": "echo alive"})).await;
+    assert_eq!(out.stdout, "alive\r\n");
+    settled(&s, 26, 1, 1).await;
 }

@@ -105,6 +105,7 @@ async fn serve(
     let (backend, local): (Arc<dyn Backend>, Option<Arc<LocalBackend>>) = if config.nomad.enabled {
         let mut nomad = NomadConfig::from_yaml(&config.nomad.rest)
             .map_err(|e| format!("invalid configuration: {e}"))?;
+        nomad.interactive_stderr = config.server.interactivestderr;
         if !config.server.templatejobfile.is_empty() {
             let path = std::path::Path::new(&config.server.templatejobfile);
             poseidon_nomad::template::load(&mut nomad, path)

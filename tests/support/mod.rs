@@ -32,6 +32,170 @@ pub struct Server {
     /// The backend in use.
     pub backend: Backend,
     emulator: Option<nomad_emulator::Emulator>,
+    /// On a real Nomad: the namespace of this server's jobs, purged and deleted when it is dropped.
+    real_nomad: Option<RealNomad>,
+}
+
+/// A real Nomad agent (`NOMAD_ADDR`, `NOMAD_TOKEN`) and the namespace one test server uses on it,
+/// so that tests sharing the cluster never see each other's environments or runners.
+#[derive(Debug, Clone)]
+pub struct RealNomad {
+    /// `http://host:port`.
+    pub addr: String,
+    /// ACL token (empty without ACLs).
+    pub token: String,
+    /// The test's own namespace.
+    pub namespace: String,
+    /// Task driver of the runners (`POSEIDON_TEST_NOMAD_DRIVER`, default docker).
+    pub driver: String,
+}
+
+impl RealNomad {
+    /// Creates a fresh namespace on the agent at `NOMAD_ADDR`.
+    pub async fn create() -> RealNomad {
+        let addr = std::env::var("NOMAD_ADDR")
+            .expect("NOMAD_ADDR")
+            .trim_end_matches('/')
+            .to_string();
+        let real = RealNomad {
+            addr,
+            token: std::env::var("NOMAD_TOKEN").unwrap_or_default(),
+            namespace: format!("poseidon-test-{}", unique()),
+            driver: std::env::var("POSEIDON_TEST_NOMAD_DRIVER").unwrap_or_else(|_| "docker".into()),
+        };
+        let r = real
+            .request(
+                reqwest::Method::PUT,
+                &format!("/v1/namespace/{}", real.namespace),
+            )
+            .json(&json!({"Name": real.namespace, "Description": "Poseidon (Rust) test"}))
+            .send()
+            .await
+            .expect("real Nomad answers");
+        assert!(
+            r.status().is_success(),
+            "cannot create namespace {}: {}",
+            real.namespace,
+            r.text().await.unwrap_or_default()
+        );
+        real
+    }
+
+    /// A request to the agent with the token.
+    pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let mut r = reqwest::Client::new().request(method, format!("{}{path}", self.addr));
+        if !self.token.is_empty() {
+            r = r.header("X-Nomad-Token", &self.token);
+        }
+        r
+    }
+
+    /// Jobs of the namespace (stubs), dead ones included.
+    pub async fn jobs(&self) -> Vec<Value> {
+        let r = self
+            .request(reqwest::Method::GET, "/v1/jobs")
+            .query(&[("namespace", self.namespace.as_str())])
+            .send()
+            .await
+            .expect("real Nomad answers");
+        r.json::<Value>()
+            .await
+            .ok()
+            .and_then(|v| v.as_array().cloned())
+            .unwrap_or_default()
+    }
+
+    /// Stops every job of the namespace, waits until their allocations ended (purging at once can
+    /// leave a container behind that Docker was still creating), purges them and deletes the
+    /// namespace.
+    pub async fn clean_up(&self) {
+        let ids: Vec<String> = self
+            .jobs()
+            .await
+            .iter()
+            .filter_map(|j| j["ID"].as_str().map(String::from))
+            .collect();
+        for purge in ["false", "true"] {
+            for id in &ids {
+                let _ = self
+                    .request(reqwest::Method::DELETE, &format!("/v1/job/{id}"))
+                    .query(&[("namespace", self.namespace.as_str()), ("purge", purge)])
+                    .send()
+                    .await;
+            }
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while purge == "false" && Instant::now() < deadline {
+                let allocs: Value = match self
+                    .request(reqwest::Method::GET, "/v1/allocations")
+                    .query(&[("namespace", self.namespace.as_str())])
+                    .send()
+                    .await
+                {
+                    Ok(r) => r.json().await.unwrap_or(Value::Null),
+                    Err(_) => break,
+                };
+                let live = allocs.as_array().into_iter().flatten().any(|a| {
+                    !matches!(
+                        a["ClientStatus"].as_str(),
+                        Some("complete" | "failed" | "lost")
+                    )
+                });
+                if !live {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        // Nomad refuses to delete a namespace while it still has (non-terminal) jobs.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let r = self
+                .request(
+                    reqwest::Method::DELETE,
+                    &format!("/v1/namespace/{}", self.namespace),
+                )
+                .send()
+                .await;
+            if r.is_ok_and(|r| r.status().is_success()) || Instant::now() > deadline {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// The Docker container of a runner's running allocation (Nomad names it
+    /// `default-task-<allocation id>`).
+    pub async fn container_of(&self, runner: &str) -> String {
+        let allocs: Value = self
+            .request(
+                reqwest::Method::GET,
+                &format!("/v1/job/{runner}/allocations"),
+            )
+            .query(&[("namespace", self.namespace.as_str())])
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let alloc = allocs
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["ClientStatus"] == "running")
+            .unwrap_or_else(|| panic!("no running allocation of {runner}: {allocs}"))["ID"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        format!("default-task-{alloc}")
+    }
+
+    /// The image of environments on this agent (`POSEIDON_TEST_IMAGE`, default the CodeOcean-like
+    /// image that `real-nomad/up.sh` builds).
+    pub fn image() -> String {
+        std::env::var("POSEIDON_TEST_IMAGE")
+            .unwrap_or_else(|_| "openhpi/co_execenv_python:3.8".into())
+    }
 }
 
 /// Which backend a test server uses.
@@ -47,13 +211,13 @@ pub enum Backend {
     RealNomad,
 }
 
-/// Whether a real Nomad is configured for the tests; says so when it is not.
-pub fn real_nomad_available(test: &str) -> bool {
-    if std::env::var_os("NOMAD_ADDR").is_some() {
-        return true;
-    }
-    println!("skipped: {test} against a real Nomad (NOMAD_ADDR is not set)");
-    false
+/// Stops a real-Nomad test that was asked for (`--ignored`) without a real Nomad configured.
+/// Without `--ignored` these tests are counted as ignored, never as passed.
+pub fn require_real_nomad(test: &str) {
+    assert!(
+        std::env::var_os("NOMAD_ADDR").is_some(),
+        "{test} needs a real Nomad: set NOMAD_ADDR (e.g. after shared/tools/real-nomad/up.sh)"
+    );
 }
 
 /// Options for [`Server::start_with`].
@@ -69,6 +233,61 @@ pub struct Options {
     pub local_yaml: String,
     /// Extra environment variables of the server process.
     pub env: Vec<(String, String)>,
+    /// Extra lines inside `nomad:` (Nomad backends only; indented by the caller with 2 spaces).
+    pub nomad_yaml: String,
+    /// On a real Nomad: reach it through this `host:port` (e.g. a [`TcpGate`]) instead.
+    pub real_nomad_via: Option<String>,
+}
+
+/// A TCP forwarder on a loopback port that can be closed for a while: connections are cut and
+/// new ones refused, as when Nomad is unreachable, without touching the agent others use.
+pub struct TcpGate {
+    /// `127.0.0.1:PORT` to connect to.
+    pub addr: String,
+    closed_until: std::sync::Arc<std::sync::Mutex<Option<Instant>>>,
+    cut: std::sync::Arc<tokio::sync::Notify>,
+}
+
+impl TcpGate {
+    /// Forwards a new loopback port to `target` (`host:port`).
+    pub async fn open(target: String) -> TcpGate {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let closed_until = std::sync::Arc::new(std::sync::Mutex::new(None::<Instant>));
+        let cut = std::sync::Arc::new(tokio::sync::Notify::new());
+        let (closed, cut2) = (closed_until.clone(), cut.clone());
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let shut = closed.lock().unwrap().is_some_and(|t| Instant::now() < t);
+                if shut {
+                    drop(inbound); // refused: closed at once
+                    continue;
+                }
+                let target = target.clone();
+                let cut = cut2.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut.notified() => {}
+                    }
+                });
+            }
+        });
+        TcpGate {
+            addr,
+            closed_until,
+            cut,
+        }
+    }
+
+    /// Cuts every connection and refuses new ones for `d`.
+    pub fn close_for(&self, d: Duration) {
+        *self.closed_until.lock().unwrap() = Some(Instant::now() + d);
+        self.cut.notify_waiters();
+    }
 }
 
 fn unique() -> String {
@@ -119,20 +338,37 @@ impl Server {
                 .expect("cannot start the Nomad emulator");
             extra.push_str(&format!(
                 "\nnomad:\n  enabled: true\n  address: 127.0.0.1\n  port: {}\n  unprivilegedprefix: \"\"\n",
+
                 emu.addr().port()
             ));
             emulator = Some(emu);
         }
+        let mut real_nomad = None;
         if options.backend == Backend::RealNomad {
-            let addr = std::env::var("NOMAD_ADDR").expect("NOMAD_ADDR");
-            let hostport = addr.split("://").last().unwrap().trim_end_matches('/');
-            let (host, port) = hostport.rsplit_once(':').unwrap_or((hostport, "4646"));
-            let driver =
-                std::env::var("POSEIDON_TEST_NOMAD_DRIVER").unwrap_or_else(|_| "raw_exec".into());
-            let token = std::env::var("NOMAD_TOKEN").unwrap_or_default();
+            let real = RealNomad::create().await;
+            let hostport = match &options.real_nomad_via {
+                Some(gate) => gate.clone(),
+                None => real.addr.split("://").last().unwrap().to_string(),
+            };
+            let (host, port) = hostport.rsplit_once(':').unwrap_or((&hostport, "4646"));
+            // Docker runs commands as the image's `user` through /sbin/setuser, as in production;
+            // exec/raw_exec have no such user and run them as the task's user.
+            let prefix = if real.driver == "docker" {
+                "/sbin/setuser user"
+            } else {
+                ""
+            };
+            // The test image exists only on this machine: Nomad must not try to pull it.
             extra.push_str(&format!(
-                "\nnomad:\n  enabled: true\n  address: {host}\n  port: {port}\n  token: \"{token}\"\n  driver: {driver}\n  unprivilegedprefix: \"\"\n"
+                "\nnomad:\n  enabled: true\n  address: {host}\n  port: {port}\n  token: \"{token}\"\n  namespace: {ns}\n  driver: {driver}\n  disableforcepull: true\n  unprivilegedprefix: \"{prefix}\"\n{more}",
+                token = real.token,
+                ns = real.namespace,
+                driver = real.driver,
+                more = options.nomad_yaml,
             ));
+            real_nomad = Some(real);
+        } else if options.backend == Backend::Nomad {
+            extra.push_str(&options.nomad_yaml);
         }
         let yaml = format!(
             "server:\n  address: 127.0.0.1\n  port: 0\n  token: {TOKEN}\n{server}\nlogger:\n  level: debug\nlocal:\n  statedir: {state}\n  cgroupparent: {cgroup}\n  uidbase: {uid_base}\n  uidcount: 5000\n{local}\n{extra}\n",
@@ -153,6 +389,7 @@ impl Server {
             http: client(),
             backend: options.backend,
             emulator,
+            real_nomad,
         };
         server.spawn();
         server
@@ -196,6 +433,29 @@ impl Server {
     /// `http://addr` of the Nomad emulator, when the server uses it.
     pub fn emulator_url(&self) -> Option<String> {
         self.emulator.as_ref().map(|e| e.url())
+    }
+
+    /// The real Nomad and namespace the server uses, if any.
+    pub fn real_nomad(&self) -> Option<&RealNomad> {
+        self.real_nomad.as_ref()
+    }
+
+    /// The image environments of tests use: none for the local backend and the emulator
+    /// (`host`), the CodeOcean-like test image on a real Nomad.
+    pub fn test_image(&self) -> String {
+        match self.backend {
+            Backend::RealNomad => RealNomad::image(),
+            _ => "host".into(),
+        }
+    }
+
+    /// How long a pool may take to fill: a real Nomad starts containers (vfs copies images).
+    fn fill_deadline(&self) -> Duration {
+        match self.backend {
+            Backend::RealNomad => Duration::from_secs(180),
+            // Generous: the cgroup v2 VM runs the tests under software emulation.
+            _ => Duration::from_secs(60),
+        }
     }
 
     /// The server's log so far.
@@ -243,7 +503,7 @@ impl Server {
     /// Creates an environment and waits until its pool has `pool` idle runners.
     pub async fn environment(&self, id: u64, pool: u32, body: Value) -> Value {
         let mut env = json!({
-            "id": id, "image": "host", "prewarmingPoolSize": pool, "cpuLimit": 100,
+            "id": id, "image": self.test_image(), "prewarmingPoolSize": pool, "cpuLimit": 100,
             "memoryLimit": 0, "networkAccess": false, "exposedPorts": []
         });
         for (k, v) in body.as_object().unwrap() {
@@ -267,8 +527,7 @@ impl Server {
 
     /// Polls the statistics until the environment has at least `n` idle runners.
     pub async fn wait_idle(&self, id: u64, n: u32) {
-        // Generous: the cgroup v2 VM runs the tests under software emulation.
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + self.fill_deadline();
         loop {
             let stats: Value = self
                 .http
@@ -283,16 +542,9 @@ impl Server {
                 return;
             }
             if Instant::now() >= deadline {
-                let log = self.log();
-                let tail: Vec<&str> = log
-                    .lines()
-                    .filter(|l| !l.contains("DEBUG"))
-                    .rev()
-                    .take(15)
-                    .collect();
                 panic!(
                     "pool of {id} not filled: {stats}\nserver log (last lines):\n{}",
-                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                    log_tail(&self.log())
                 );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -369,6 +621,17 @@ impl Drop for Server {
                 }
             }
         }
+        if let Some(real) = self.real_nomad.take() {
+            // Not on the test's runtime: Drop may run inside it.
+            let _ = std::thread::spawn(move || {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap()
+                    .block_on(real.clean_up())
+            })
+            .join();
+        }
         // Runners outlive the server (for the next process to recover): end their sandboxes,
         // then remove mounts, files and cgroups.
         let runners = self.state.join("state/runners");
@@ -416,6 +679,12 @@ fn nix_term(pid: u32) -> std::io::Result<std::process::ExitStatus> {
         .arg("-TERM")
         .arg(pid.to_string())
         .status()
+}
+
+/// The last lines of a log, for assertion messages.
+pub fn log_tail(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().filter(|l| !l.contains("DEBUG")).collect();
+    lines[lines.len().saturating_sub(15)..].join("\n")
 }
 
 /// An HTTP client that sends the token.

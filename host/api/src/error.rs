@@ -45,7 +45,7 @@ impl From<CoreError> for ApiError {
                 Self::new(StatusCode::NOT_FOUND, message, None)
             }
             CoreError::RunnerGone => Self::new(StatusCode::GONE, message, None),
-            CoreError::PoolEmpty => Self::new(
+            CoreError::PoolEmpty | CoreError::PoolFailing(_) => Self::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 message,
                 Some("NOMAD_OVERLOAD"),

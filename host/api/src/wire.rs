@@ -82,6 +82,9 @@ pub(crate) struct StatisticsView {
     prewarming_pool_size: u32,
     idle_runners: u32,
     used_runners: u32,
+    /// Not in Poseidon: why the newest runner start failed, while none has succeeded since.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    start_failure: Option<String>,
 }
 
 /// `/statistics/execution-environments`: keyed by the id as a string.
@@ -96,6 +99,7 @@ pub(crate) fn statistics(stats: Vec<EnvironmentStatistics>) -> BTreeMap<String, 
                     prewarming_pool_size: s.prewarming_pool_size,
                     idle_runners: s.idle_runners,
                     used_runners: s.used_runners,
+                    start_failure: s.start_failure,
                 },
             )
         })

@@ -14,6 +14,11 @@ pub enum CoreError {
     /// The environment has no idle runner right now.
     #[error("no runners available for this execution environment")]
     PoolEmpty,
+    /// The environment has no idle runner because its runners cannot be started; the text says why.
+    #[error(
+        "no runners available for this execution environment: the newest runner start failed: {0}"
+    )]
+    PoolFailing(String),
     /// No stored execution with this id.
     #[error("execution id unknown")]
     ExecutionNotFound,

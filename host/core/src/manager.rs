@@ -37,6 +37,8 @@ pub struct EnvironmentStatistics {
     pub idle_runners: u32,
     /// Claimed runners.
     pub used_runners: u32,
+    /// Why the newest runner start failed (the backend's words), while no start has succeeded since.
+    pub start_failure: Option<String>,
 }
 
 /// Owns environments, pools and claimed runners; every API operation goes through it.
@@ -321,7 +323,10 @@ impl Manager {
             .get(&environment)
             .cloned()
             .ok_or(CoreError::EnvironmentNotFound)?;
-        let backend = env.take_idle().ok_or(CoreError::PoolEmpty)?;
+        let backend = env.take_idle().ok_or_else(|| match env.start_failure() {
+            Some(why) => CoreError::PoolFailing(why),
+            None => CoreError::PoolEmpty,
+        })?;
         let timeout_secs = inactivity_timeout.map(|d| d.as_secs() as i64).unwrap_or(0);
         let marker = Arc::clone(&backend);
         tokio::spawn(async move {
@@ -463,14 +468,16 @@ impl Manager {
                 target: env.target(),
                 idle_runners: env.idle_count() as u32,
                 used_runners: used.get(&env.config.id).copied().unwrap_or(0),
+                start_failure: env.start_failure(),
             })
             .collect();
         stats.sort_by_key(|s| s.id);
         stats
     }
 
-    /// Ids of environments whose idle share is below `threshold` (0 disables the check).
-    pub fn depleting_environments(&self, threshold: f64) -> Vec<EnvironmentId> {
+    /// Environments whose idle share is below `threshold` (0 disables the check), with the reason
+    /// their runners cannot be started when the newest start failed.
+    pub fn depleting_environments(&self, threshold: f64) -> Vec<(EnvironmentId, Option<String>)> {
         if threshold <= 0.0 {
             return Vec::new();
         }
@@ -480,7 +487,7 @@ impl Manager {
                 s.prewarming_pool_size > 0
                     && f64::from(s.idle_runners) / f64::from(s.prewarming_pool_size) < threshold
             })
-            .map(|s| s.id)
+            .map(|s| (s.id, s.start_failure))
             .collect()
     }
 

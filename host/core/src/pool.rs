@@ -32,6 +32,8 @@ pub(crate) struct Environment {
     misses: AtomicU64,
     /// Runners the backend reported lost while they were still starting.
     lost_while_starting: Mutex<std::collections::HashSet<RunnerId>>,
+    /// Why the newest runner start failed; cleared by the next successful start.
+    start_failure: Mutex<Option<String>>,
 }
 
 impl Environment {
@@ -47,6 +49,7 @@ impl Environment {
             claims: Mutex::new(ClaimHistory::default()),
             misses: AtomicU64::new(0),
             lost_while_starting: Mutex::new(std::collections::HashSet::new()),
+            start_failure: Mutex::new(None),
         })
     }
 
@@ -87,6 +90,11 @@ impl Environment {
                 lost.insert(id.clone());
             }
         }
+    }
+
+    /// Why the newest runner start failed, while no start has succeeded since.
+    pub(crate) fn start_failure(&self) -> Option<String> {
+        self.start_failure.lock().unwrap().clone()
     }
 
     pub(crate) fn idle_count(&self) -> usize {
@@ -167,6 +175,8 @@ pub(crate) async fn reconcile(
                     let id = RunnerId::generate(env.config.id);
                     let result = backend.create_runner(&env.config, id).await;
                     let ok = result.is_ok();
+                    *env.start_failure.lock().unwrap() =
+                        result.as_ref().err().map(ToString::to_string);
                     match result {
                         Ok(runner) if env.stop.is_cancelled() => {
                             if let Err(e) = runner.destroy().await {

@@ -17,12 +17,14 @@ pub const DELETE_SCRIPT: &str = r#"for p in "$@"; do
 done
 exit 0"#;
 
-/// Lists `$1` (recursively when `$2` is 1) as NUL-separated fields, seven per entry.
+/// Lists `$1` (recursively when `$2` is 1) as NUL-separated fields, seven per entry. A path that
+/// is a symbolic link to a directory (`/proc/self/cwd`) lists that directory, as the local
+/// backend's agent does.
 pub const LIST_SCRIPT: &str = r#"p="$1"
 fmt='%M\0%s\0%T@\0%u\0%g\0%p\0%l\0'
 if [ -d "$p" ]; then
-  if [ "$2" = 1 ]; then exec find "$p" -mindepth 1 -printf "$fmt"; fi
-  exec find "$p" -mindepth 1 -maxdepth 1 -printf '%M\0%s\0%T@\0%u\0%g\0%f\0%l\0'
+  if [ "$2" = 1 ]; then exec find -H "$p" -mindepth 1 -printf "$fmt"; fi
+  exec find -H "$p" -mindepth 1 -maxdepth 1 -printf '%M\0%s\0%T@\0%u\0%g\0%f\0%l\0'
 elif [ -e "$p" ] || [ -L "$p" ]; then
   exec find "$p" -maxdepth 0 -printf "$fmt"
 fi

@@ -6,6 +6,9 @@ use std::time::Duration;
 
 use crate::config::NomadConfig;
 
+/// Longest wait between stopping a job and purging it ([`NomadClient::retire`]).
+pub const RETIRE_WAIT: Duration = Duration::from_secs(60);
+
 /// Errors talking to Nomad.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum NomadError {
@@ -207,6 +210,42 @@ impl NomadClient {
         .map(|_| ())
     }
 
+    /// Removes a job without racing Nomad: stops it (its allocations are killed the ordinary
+    /// way), then purges it in the background once no allocation of it is running any more, at
+    /// most [`RETIRE_WAIT`] later. Purging at once can leave a container behind that Docker was
+    /// still creating: the client forgets the allocation while the driver starts it.
+    pub async fn retire(&self, id: &str) -> Result<(), NomadError> {
+        self.deregister(id, false).await?;
+        let client = self.clone();
+        let id = id.to_string();
+        tokio::spawn(async move {
+            let deadline = tokio::time::Instant::now() + RETIRE_WAIT;
+            let mut index = 0;
+            while tokio::time::Instant::now() < deadline {
+                let block = (index > 0).then_some((index, Duration::from_secs(5)));
+                match client.job_allocations(&id, block).await {
+                    Ok((allocs, idx)) => {
+                        let live = allocs.iter().any(|a| {
+                            !matches!(
+                                a["ClientStatus"].as_str(),
+                                Some("complete" | "failed" | "lost")
+                            )
+                        });
+                        if !live {
+                            break;
+                        }
+                        index = idx.max(1);
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+                }
+            }
+            if let Err(e) = client.deregister(&id, true).await {
+                tracing::warn!(job = %id, error = %e, "could not purge a stopped job");
+            }
+        });
+        Ok(())
+    }
+
     /// `GET /v1/job/<id>/allocations` (newest first), optionally as a blocking query.
     pub async fn job_allocations(
         &self,
@@ -303,7 +342,14 @@ impl NomadClient {
                         None => Ok(()),
                         Some(groups) => Err(NomadError::Evaluation(format!(
                             "{id} could not place {}{}",
-                            groups.keys().cloned().collect::<Vec<_>>().join(", "),
+                            groups
+                                .iter()
+                                .map(|(g, metric)| format!(
+                                    "{g} ({})",
+                                    crate::reasons::placement_failure(metric)
+                                ))
+                                .collect::<Vec<_>>()
+                                .join(", "),
                             eval["BlockedEval"]
                                 .as_str()
                                 .map(|b| format!(" (blocked evaluation {b})"))

@@ -1,9 +1,11 @@
 //! The Nomad [`Backend`]: environments are template jobs, runners are batch jobs.
 
 use async_trait::async_trait;
-use poseidon_core::backend::{Backend, BackendError, BackendEvent, RecoveredRunner, RunnerBackend};
+use poseidon_core::backend::{
+    Backend, BackendError, BackendEvent, MappedPort, RecoveredRunner, RunnerBackend,
+};
 use poseidon_core::{EnvironmentConfig, EnvironmentId, RunnerId};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -13,6 +15,7 @@ use crate::api::{NomadClient, NomadError};
 use crate::config::NomadConfig;
 use crate::events::{self, Tracker};
 use crate::jobs::{self, CONFIG_GROUP};
+use crate::reasons;
 use crate::runner::{ports_of, NomadRunner};
 
 /// How long registration waits for its evaluation (Poseidon: 10 s, then assumes success).
@@ -24,11 +27,15 @@ pub struct Shared {
     pub(crate) config: NomadConfig,
     pub(crate) tracker: Mutex<Tracker>,
     destroyed: Mutex<HashSet<String>>,
+    /// Mapped ports of each live runner, refreshed from the event stream when its allocation
+    /// changes (a rescheduled runner gets new host ports).
+    pub(crate) ports: Mutex<HashMap<String, Vec<MappedPort>>>,
 }
 
 impl Shared {
     /// Stops reporting a runner (it is being destroyed on purpose).
     pub(crate) fn forget(&self, id: &RunnerId) {
+        self.ports.lock().unwrap().remove(id.as_str());
         self.mark_destroyed(id.as_str());
         self.tracker.lock().unwrap().forget_job(id.as_str());
     }
@@ -62,6 +69,7 @@ impl NomadBackend {
             config,
             tracker: Mutex::new(Tracker::default()),
             destroyed: Mutex::new(HashSet::new()),
+            ports: Mutex::new(HashMap::new()),
         });
         let (tx, rx) = mpsc::channel(256);
         let stop = CancellationToken::new();
@@ -78,10 +86,14 @@ impl NomadBackend {
     }
 
     fn runner(&self, id: RunnerId, alloc: &serde_json::Value) -> Arc<NomadRunner> {
+        self.shared
+            .ports
+            .lock()
+            .unwrap()
+            .insert(id.as_str().to_string(), ports_of(alloc));
         Arc::new(NomadRunner {
             id,
             shared: self.shared.clone(),
-            ports: Mutex::new(ports_of(alloc)),
             running: Mutex::new(Vec::new()),
             job_lock: tokio::sync::Mutex::new(false),
         })
@@ -92,6 +104,7 @@ impl NomadBackend {
         let timeout = Duration::from_secs(self.shared.config.startuptimeoutseconds.max(1));
         let deadline = tokio::time::Instant::now() + timeout;
         let mut index = 0;
+        let mut progress = None;
         for _ in 0..100_000 {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             if left.is_zero() {
@@ -108,21 +121,30 @@ impl NomadBackend {
                         self.shared.tracker.lock().unwrap().seed(&full);
                         return Ok(full);
                     }
-                    "failed" | "lost" | "complete"
-                        if a["NextAllocation"].as_str().unwrap_or("").is_empty() =>
+                    // A runner whose first allocation failed (image pull, driver, restarts used
+                    // up) has failed to start: Nomad's reschedule, a minute later, is not waited for.
+                    status @ ("failed" | "lost" | "complete")
+                        if status == "failed"
+                            || a["NextAllocation"].as_str().unwrap_or("").is_empty() =>
                     {
+                        let why = reasons::allocation_failure(a)
+                            .or_else(|| a["ClientDescription"].as_str().map(String::from))
+                            .unwrap_or_else(|| "Nomad gave no reason".into());
                         return Err(BackendError::Internal(format!(
-                            "the allocation of {job} ended with status {}",
+                            "the allocation of {job} ended with status {}: {why}",
                             a["ClientStatus"].as_str().unwrap_or("")
                         )));
                     }
-                    _ => {}
+                    _ => progress = reasons::allocation_progress(a),
                 }
             }
         }
         Err(BackendError::Internal(format!(
-            "the allocation of {job} did not start within {} s",
-            timeout.as_secs()
+            "the allocation of {job} did not start within {} s{}",
+            timeout.as_secs(),
+            progress
+                .map(|p| format!(" (Nomad's last word: {p})"))
+                .unwrap_or_default()
         )))
     }
 }
@@ -174,10 +196,18 @@ impl Backend for NomadBackend {
 
     async fn remove_environment(&self, id: EnvironmentId) -> Result<(), BackendError> {
         let runners = self.client().list_jobs(&format!("{id}-")).await?;
-        let deletions = runners.iter().filter_map(|j| j["ID"].as_str()).map(|job| {
-            self.shared.mark_destroyed(job);
-            self.client().deregister(job, true)
-        });
+        let deletions = runners
+            .iter()
+            .filter_map(|j| Some((j["ID"].as_str()?, j)))
+            .map(|(job, stub)| async move {
+                self.shared.mark_destroyed(job);
+                // A stopped job (whose purge a gateway did not live to do) is purged at once.
+                if stub["Status"] == "dead" {
+                    self.client().deregister(job, true).await
+                } else {
+                    self.client().retire(job).await
+                }
+            });
         for r in futures::future::join_all(deletions).await {
             r?;
         }
@@ -224,7 +254,7 @@ impl Backend for NomadBackend {
             Ok(alloc) => Ok(self.runner(id, &alloc)),
             Err(e) => {
                 self.shared.mark_destroyed(id.as_str());
-                let _ = self.client().deregister(id.as_str(), true).await;
+                let _ = self.client().retire(id.as_str()).await;
                 Err(e)
             }
         }
@@ -237,6 +267,10 @@ impl Backend for NomadBackend {
         let mut out = Vec::new();
         for stub in self.client().list_jobs(&format!("{}-", config.id)).await? {
             if stub["Status"] == "dead" {
+                // A runner stopped by a gateway that died before purging it.
+                if let Some(id) = stub["ID"].as_str() {
+                    let _ = self.client().deregister(id, true).await;
+                }
                 continue;
             }
             let Some(id) = stub["ID"].as_str() else {

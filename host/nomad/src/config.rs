@@ -25,19 +25,88 @@ pub struct TlsConfig {
     pub keyfile: String,
 }
 
-/// `nomad.network.*`: the network resource given to runners with network access.
+/// `nomad.network.dns`: the DNS configuration of runners' network namespaces.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DnsConfig {
+    /// Name servers.
+    pub servers: Vec<String>,
+    /// Search domains.
+    pub searches: Vec<String>,
+    /// resolv.conf options.
+    pub options: Vec<String>,
+}
+
+/// `nomad.network.cni`: arguments for CNI plugins.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct CniConfig {
+    /// `CNI_ARGS`.
+    pub args: std::collections::BTreeMap<String, String>,
+}
+
+/// `nomad.network.*`: the network resource given to runners with network access; the keys are
+/// those of Nomad's `NetworkResource` in lower case, as Poseidon reads them.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct NetworkConfig {
-    /// Network mode (`bridge`, `host`, `cni/<name>`).
+    /// Network mode (`bridge`, `host`, `cni/<name>`, `none`).
     pub mode: String,
+    /// Host network device.
+    pub device: String,
+    /// CIDR of the network.
+    pub cidr: String,
+    /// IP address.
+    pub ip: String,
+    /// Host name inside the network namespace.
+    pub hostname: String,
+    /// Bandwidth in MBits.
+    pub mbits: u32,
+    /// DNS configuration.
+    pub dns: Option<DnsConfig>,
+    /// CNI arguments.
+    pub cni: Option<CniConfig>,
 }
 
 impl Default for NetworkConfig {
     fn default() -> Self {
         NetworkConfig {
             mode: "bridge".into(),
+            device: String::new(),
+            cidr: String::new(),
+            ip: String::new(),
+            hostname: String::new(),
+            mbits: 0,
+            dns: None,
+            cni: None,
         }
+    }
+}
+
+impl NetworkConfig {
+    /// Nomad's `NetworkResource` JSON with the given dynamic ports.
+    pub fn resource(&self, dynamic_ports: Vec<serde_json::Value>) -> serde_json::Value {
+        let mut n = serde_json::json!({"Mode": self.mode, "DynamicPorts": dynamic_ports});
+        for (key, value) in [
+            ("Device", &self.device),
+            ("CIDR", &self.cidr),
+            ("IP", &self.ip),
+            ("Hostname", &self.hostname),
+        ] {
+            if !value.is_empty() {
+                n[key] = serde_json::json!(value);
+            }
+        }
+        if self.mbits > 0 {
+            n["MBits"] = serde_json::json!(self.mbits);
+        }
+        if let Some(dns) = &self.dns {
+            n["DNS"] = serde_json::json!({"Servers": dns.servers, "Searches": dns.searches, "Options": dns.options});
+        }
+        if let Some(cni) = &self.cni {
+            n["CNI"] = serde_json::json!({"Args": cni.args});
+        }
+        n
     }
 }
 
@@ -74,6 +143,10 @@ pub struct NomadConfig {
     /// `server.templatejobfile` by the server.
     #[serde(skip)]
     pub template: Option<serde_json::Value>,
+    /// `server.interactivestderr` (Poseidon): with a terminal, stderr is split off through a FIFO
+    /// read by a second exec session; `false` runs one session and stderr arrives as stdout.
+    #[serde(skip)]
+    pub interactive_stderr: bool,
 }
 
 impl Default for NomadConfig {
@@ -91,6 +164,7 @@ impl Default for NomadConfig {
             driver: "docker".into(),
             datacenters: vec!["dc1".into()],
             template: None,
+            interactive_stderr: true,
         }
     }
 }
@@ -127,5 +201,29 @@ mod tests {
         assert!(c.disableforcepull);
         assert_eq!(c.network.mode, "cni/secure-bridge");
         assert_eq!(c.unprivilegedprefix, "/sbin/setuser user");
+    }
+
+    #[test]
+    fn every_network_field_reaches_the_job() {
+        let y: serde_yaml::Mapping = serde_yaml::from_str(
+            "network:\n  mode: bridge\n  hostname: runner\n  mbits: 10\n  dns:\n    servers: [10.0.0.53]\n    searches: [example.org]\n    options: [ndots:2]\n  cni:\n    args: {IgnoreUnknown: '1'}\n",
+        )
+        .unwrap();
+        let c = NomadConfig::from_yaml(&y).unwrap();
+        let n = c.network.resource(vec![]);
+        assert_eq!(n["Mode"], "bridge");
+        assert_eq!(n["Hostname"], "runner");
+        assert_eq!(n["MBits"], 10);
+        assert_eq!(n["DNS"]["Servers"][0], "10.0.0.53");
+        assert_eq!(n["DNS"]["Searches"][0], "example.org");
+        assert_eq!(n["DNS"]["Options"][0], "ndots:2");
+        assert_eq!(n["CNI"]["Args"]["IgnoreUnknown"], "1");
+        assert!(n.get("CIDR").is_none());
+        let bad: serde_yaml::Mapping =
+            serde_yaml::from_str("network:\n  mode: bridge\n  dsn: {}\n").unwrap();
+        assert!(NomadConfig::from_yaml(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("dsn"));
     }
 }

@@ -85,6 +85,14 @@ fn oom_killed(alloc: &Value) -> bool {
         .unwrap_or(false)
 }
 
+/// `what`, with Nomad's explanation from the allocation's task events when it has one.
+fn with_reason(what: &str, alloc: &Value) -> String {
+    match crate::reasons::allocation_failure(alloc) {
+        Some(why) => format!("{what}: {why}"),
+        None => what.to_string(),
+    }
+}
+
 /// Applies one event; returns the runner that was lost, if any.
 pub fn apply(tracker: &mut Tracker, event: &Value) -> Option<(String, LostReason)> {
     match event["Topic"].as_str()? {
@@ -131,6 +139,11 @@ pub fn apply(tracker: &mut Tracker, event: &Value) -> Option<(String, LostReason
                     if let Some(p) = prev {
                         track(tracker);
                         if p.client == "running" {
+                            tracing::info!(
+                                runner = %job,
+                                reason = %crate::reasons::allocation_failure(a).unwrap_or_default(),
+                                "Nomad restarts the runner's task"
+                            );
                             let reason = if oom_killed(a) {
                                 LostReason::OomKilled
                             } else {
@@ -164,7 +177,7 @@ pub fn apply(tracker: &mut Tracker, event: &Value) -> Option<(String, LostReason
                     prev.filter(|p| p.desired == "run").map(|_| {
                         (
                             job,
-                            LostReason::Other("the runner's main process exited".into()),
+                            LostReason::Other(with_reason("the runner's main process exited", a)),
                         )
                     })
                 }
@@ -178,13 +191,34 @@ pub fn apply(tracker: &mut Tracker, event: &Value) -> Option<(String, LostReason
                     }
                     Some((
                         job,
-                        LostReason::Other("the runner stopped unexpectedly".into()),
+                        LostReason::Other(with_reason("the runner stopped unexpectedly", a)),
                     ))
                 }
                 _ => None,
             }
         }
         _ => None,
+    }
+}
+
+/// Takes the host ports of a runner's running allocation (a rescheduled runner has new ones).
+fn refresh_ports(shared: &Shared, event: &Value) {
+    let a = &event["Payload"]["Allocation"];
+    if event["Topic"] != "Allocation" || a["ClientStatus"] != "running" {
+        return;
+    }
+    let (Some(job), Some(_)) = (
+        a["JobID"].as_str(),
+        a["AllocatedResources"]["Shared"]["Ports"].as_array(),
+    ) else {
+        return;
+    };
+    if let Some(ports) = shared.ports.lock().unwrap().get_mut(job) {
+        let fresh = crate::runner::ports_of(a);
+        if *ports != fresh {
+            tracing::info!(runner = %job, ports = ?fresh, "the runner's mapped ports changed");
+            *ports = fresh;
+        }
     }
 }
 
@@ -243,6 +277,7 @@ async fn report(
         return;
     }
     tracing::info!(runner = %job, ?reason, "runner lost");
+    shared.ports.lock().unwrap().remove(&job);
     let _ = tx
         .send(BackendEvent::RunnerLost {
             runner: RunnerId::from_raw(job.clone()),
@@ -254,7 +289,7 @@ async fn report(
     let s = shared.clone();
     tokio::spawn(async move {
         s.mark_destroyed(&job);
-        let _ = s.client.deregister(&job, true).await;
+        let _ = s.client.retire(&job).await;
     });
 }
 
@@ -314,6 +349,7 @@ async fn subscribe(
                     if !t.seen_at_last.insert(e.to_string()) {
                         continue; // duplicate delivery
                     }
+                    refresh_ports(shared, e);
                     if let Some(l) = apply(&mut t, e) {
                         lost.push(l);
                     }

@@ -37,7 +37,7 @@ pub fn build_job(
             .iter()
             .map(|p| json!({"Label": p.to_string(), "To": p}))
             .collect();
-        vec![json!({"Mode": nomad.network.mode, "DynamicPorts": ports})]
+        vec![nomad.network.resource(ports)]
     } else {
         Vec::new()
     };

@@ -25,11 +25,63 @@ const ALLOCATION_WAIT: Duration = Duration::from_secs(30);
 pub use poseidon_core::scripts::parse_listing;
 use poseidon_core::scripts::{DELETE_SCRIPT, DOWNLOAD_SCRIPT, LIST_SCRIPT, UPDATE_SCRIPT};
 
+/// The content of a download: exactly `left` more bytes, then the session is told to end.
+struct Body {
+    pending: Option<Bytes>,
+    left: u64,
+    frames: mpsc::Receiver<Frame>,
+    stdin: Option<mpsc::Sender<Bytes>>,
+    _session: tokio::task::JoinHandle<Result<Option<i32>, exec::SessionError>>,
+    kill: CancellationToken,
+}
+
+impl Body {
+    async fn next_chunk(&mut self) -> Option<Result<Bytes, std::io::Error>> {
+        if self.left == 0 {
+            self.stdin = None; // the end marker follows; closing stdin ends the script
+            return None;
+        }
+        loop {
+            let data = match self.pending.take() {
+                Some(d) if !d.is_empty() => d,
+                _ => match self.frames.recv().await {
+                    Some(Frame::Stdout(d)) => d,
+                    Some(_) => continue,
+                    None => {
+                        self.left = 0;
+                        return Some(Err(std::io::Error::new(
+                            std::io::ErrorKind::UnexpectedEof,
+                            "the runner's file stream ended early",
+                        )));
+                    }
+                },
+            };
+            let take = data
+                .len()
+                .min(usize::try_from(self.left).unwrap_or(usize::MAX));
+            self.left -= take as u64;
+            return Some(Ok(data.slice(..take)));
+        }
+    }
+}
+
+impl Drop for Body {
+    fn drop(&mut self) {
+        if self.left > 0 {
+            self.kill.cancel(); // the client stopped reading
+        }
+    }
+}
+
+/// A fresh end marker for [`exec::with_end_marker`].
+fn end_marker() -> String {
+    format!("poseidon-end-{}", uuid::Uuid::new_v4().simple())
+}
+
 /// A runner backed by a Nomad job.
 pub struct NomadRunner {
     pub(crate) id: RunnerId,
     pub(crate) shared: Arc<Shared>,
-    pub(crate) ports: Mutex<Vec<MappedPort>>,
     pub(crate) running: Mutex<Vec<CancellationToken>>,
     /// Serialises writes of the runner's job; `true` once it was purged. A meta update (claim)
     /// that re-registered the job after its purge would bring the runner back as an orphan.
@@ -118,7 +170,8 @@ impl RunnerBackend for NomadRunner {
     }
 
     fn mapped_ports(&self) -> Vec<MappedPort> {
-        self.ports.lock().unwrap().clone()
+        let ports = self.shared.ports.lock().unwrap();
+        ports.get(self.id.as_str()).cloned().unwrap_or_default()
     }
 
     async fn mark_claimed(&self, inactivity_timeout: Option<i64>) -> Result<(), BackendError> {
@@ -153,6 +206,7 @@ impl RunnerBackend for NomadRunner {
             alloc,
             request,
             &self.shared.config.unprivilegedprefix,
+            self.shared.config.interactive_stderr,
         )
         .await?;
         let mut running = self.running.lock().unwrap();
@@ -184,12 +238,16 @@ impl RunnerBackend for NomadRunner {
     async fn list_files(&self, request: &ListRequest) -> Result<Vec<FileEntry>, BackendError> {
         let alloc = self.allocation().await?;
         let recursive = if request.recursive { "1" } else { "0" };
+        let marker = end_marker();
         let argv = self.as_user(
-            Self::script(LIST_SCRIPT, [request.path.clone(), recursive.to_string()]),
+            Self::script(
+                &exec::with_end_marker(LIST_SCRIPT, &marker),
+                [request.path.clone(), recursive.to_string()],
+            ),
             request.privileged,
         );
         let (out, _, code) =
-            exec::run_captured(self.client(), &alloc, argv, Vec::new(), self.file_timeout())
+            exec::run_until_end_marker(self.client(), &alloc, argv, &marker, self.file_timeout())
                 .await?;
         if code != 0 && out.is_empty() {
             return Err(BackendError::FileNotFound);
@@ -203,17 +261,22 @@ impl RunnerBackend for NomadRunner {
         privileged: bool,
     ) -> Result<FileDownload, BackendError> {
         let alloc = self.allocation().await?;
+        // The size line, exactly `size` bytes, then the end marker: the body is complete once
+        // `size` bytes arrived, whatever Nomad's Docker driver does with the end of the stream.
+        let marker = end_marker();
         let argv = self.as_user(
-            Self::script(DOWNLOAD_SCRIPT, [path.to_string()]),
+            Self::script(
+                &exec::with_end_marker(DOWNLOAD_SCRIPT, &marker),
+                [path.to_string()],
+            ),
             privileged,
         );
         let ws = exec::connect(self.client(), &alloc, &argv, false).await?;
-        let (_in_tx, in_rx) = mpsc::channel(1);
+        let (in_tx, in_rx) = mpsc::channel(1);
         let (out_tx, mut out_rx) = mpsc::channel::<Frame>(16);
         let kill = CancellationToken::new();
         let session = tokio::spawn(exec::drive(ws, in_rx, true, out_tx, kill.clone()));
-        drop(_in_tx);
-        // First line: the size.
+        // First line: the size (or, for a missing file, directly the end marker).
         let mut head = Vec::new();
         let rest = loop {
             match tokio::time::timeout(self.file_timeout(), out_rx.recv()).await {
@@ -225,8 +288,11 @@ impl RunnerBackend for NomadRunner {
                 }
                 Ok(Some(_)) => {}
                 Ok(None) => {
-                    let _ = session.await;
-                    return Err(BackendError::FileNotFound);
+                    // Nomad refused the session (e.g. the task is restarting): say so, not 424.
+                    return Err(match session.await {
+                        Ok(Err(e @ exec::SessionError::Closed(_))) => e.into(),
+                        _ => BackendError::FileNotFound,
+                    });
                 }
                 Err(_) => {
                     kill.cancel();
@@ -236,23 +302,29 @@ impl RunnerBackend for NomadRunner {
                 }
             }
         };
-        let size: u64 = std::str::from_utf8(&head)
+        let Some(size) = std::str::from_utf8(&head)
             .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .ok_or(BackendError::FileNotFound)?;
-        let first = futures::stream::iter((!rest.is_empty()).then(|| Ok(Bytes::from(rest))));
-        let tail = futures::stream::unfold((out_rx, session), |(mut rx, session)| async move {
-            loop {
-                match rx.recv().await {
-                    Some(Frame::Stdout(d)) => return Some((Ok(d), (rx, session))),
-                    Some(_) => continue,
-                    None => return None,
-                }
-            }
-        });
+            .and_then(|s| s.trim().parse::<u64>().ok())
+        else {
+            kill.cancel();
+            return Err(BackendError::FileNotFound);
+        };
+        let body = Body {
+            pending: Some(Bytes::from(rest)),
+            left: size,
+            frames: out_rx,
+            stdin: Some(in_tx),
+            _session: session,
+            kill,
+        };
+        let stream =
+            futures::stream::unfold(
+                body,
+                |mut b| async move { b.next_chunk().await.map(|c| (c, b)) },
+            );
         Ok(FileDownload {
             size,
-            body: first.chain(tail).boxed(),
+            body: stream.boxed(),
         })
     }
 
@@ -265,7 +337,7 @@ impl RunnerBackend for NomadRunner {
         *purged = true;
         let mut last = None;
         for attempt in 0..3u32 {
-            match self.client().deregister(self.id.as_str(), true).await {
+            match self.client().retire(self.id.as_str()).await {
                 Ok(()) => return Ok(()),
                 Err(e) => {
                     last = Some(e);

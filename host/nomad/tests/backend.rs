@@ -370,25 +370,26 @@ async fn unreachable_nomad_is_reported_as_unreachable() {
     assert!(matches!(err, BackendError::Unreachable(_)), "{err:?}");
 }
 
-/// Runs against a real Nomad (dev agent with docker) when `NOMAD_ADDR` is set.
+/// Runs against a real Nomad (dev agent with docker) at `NOMAD_ADDR`.
 #[tokio::test]
+#[ignore = "needs a real Nomad: NOMAD_ADDR=http://127.0.0.1:4646 cargo test -- --ignored real_nomad"]
 async fn real_nomad_smoke_test() {
-    let Ok(addr) = std::env::var("NOMAD_ADDR") else {
-        println!("skipped: NOMAD_ADDR not set");
-        return;
-    };
+    let addr = std::env::var("NOMAD_ADDR")
+        .expect("real_nomad_smoke_test needs a real Nomad: set NOMAD_ADDR");
     let url = reqwest::Url::parse(&addr).expect("NOMAD_ADDR is a URL");
     let backend = NomadBackend::new(NomadConfig {
         address: url.host_str().unwrap_or("127.0.0.1").into(),
         port: url.port().unwrap_or(4646),
         token: std::env::var("NOMAD_TOKEN").unwrap_or_default(),
         namespace: std::env::var("NOMAD_NAMESPACE").unwrap_or_else(|_| "default".into()),
+        // The test image is built locally by real-nomad/up.sh: there is nothing to pull.
+        disableforcepull: true,
         ..NomadConfig::default()
     })
     .unwrap();
     let mut e = env(990_001);
     e.image = std::env::var("POSEIDON_TEST_IMAGE")
-        .unwrap_or_else(|_| "openhpi/docker_exec_phusion".into());
+        .unwrap_or_else(|_| "openhpi/co_execenv_python:3.8".into());
     backend.store_environment(&e).await.unwrap();
     let runner = backend
         .create_runner(&e, RunnerId::generate(e.id))
@@ -397,5 +398,24 @@ async fn real_nomad_smoke_test() {
     let out = run(&runner, "echo hi; exit 2", vec![], b"").await;
     assert_eq!(out.exit, Some(2));
     runner.destroy().await.unwrap();
-    backend.remove_environment(e.id).await.unwrap();
+    // Runner jobs are stopped first and purged once stopped: leave no job behind.
+    let end = Instant::now() + Duration::from_secs(60);
+    loop {
+        backend.remove_environment(e.id).await.unwrap();
+        let left: serde_json::Value = reqwest::get(format!(
+            "{}/v1/jobs?prefix={}-",
+            addr.trim_end_matches('/'),
+            e.id
+        ))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+        if left.as_array().is_some_and(|l| l.is_empty()) || Instant::now() > end {
+            assert_eq!(left, serde_json::json!([]), "jobs left behind");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }

@@ -435,10 +435,24 @@ impl TaskRunner {
         });
         let mut restart_times: Vec<Instant> = Vec::new();
         loop {
-            let spawned = self.prepare_dirs().and_then(|_| self.spawn());
-            let mut child = match spawned {
-                Ok(c) => c,
-                Err(e) => {
+            // An image that cannot be pulled fails the start and goes through the restart policy
+            // (no `Terminated` event), as with Nomad's Docker driver.
+            let pull_failed = self
+                .pull_failure()
+                .map(|msg| task_event("Driver Failure", &msg, &[("driver_error", msg.clone())]));
+            let spawned = match pull_failed {
+                Some(_) => Err(std::io::Error::other("pull failed")),
+                None => self.prepare_dirs().and_then(|_| self.spawn()),
+            };
+            let mut child = match (spawned, pull_failed) {
+                (_, Some(event)) => {
+                    if self.restart_or_fail(event, &mut restart_times).await {
+                        continue;
+                    }
+                    return;
+                }
+                (Ok(c), None) => c,
+                (Err(e), None) => {
                     let msg = format!("failed to launch command with executor: {e}");
                     self.update(|ts| {
                         ts.push_event(task_event(
@@ -522,65 +536,89 @@ impl TaskRunner {
                 });
                 return;
             }
-            // Restart policy.
-            let rp = &self.restart_policy;
-            let attempts = rp["Attempts"].as_i64().unwrap_or(0);
-            let interval = Duration::from_nanos(rp["Interval"].as_i64().unwrap_or(0).max(0) as u64);
-            let delay_ns = rp["Delay"].as_i64().unwrap_or(0);
-            let mode = rp["Mode"].as_str().unwrap_or("fail").to_string();
-            let now = Instant::now();
-            restart_times.retain(|t| now.duration_since(*t) < interval);
-            let (allowed, wait_ns) = if (restart_times.len() as i64) < attempts {
-                (true, delay_ns)
-            } else if mode == "delay" {
-                let oldest = restart_times.first().copied().unwrap_or(now);
-                let left = interval.saturating_sub(now.duration_since(oldest));
-                (true, left.as_nanos() as i64)
-            } else {
-                (false, 0)
-            };
-            if !allowed {
-                let msg = format!(
-                    "Exceeded allowed attempts {attempts} in interval {} and mode is \"fail\"",
-                    go_duration_string(interval.as_nanos() as i64)
-                );
-                self.update(|ts| {
-                    ts.push_event(terminated);
-                    ts.push_event(task_event(
-                        "Not Restarting",
-                        &msg,
-                        &[
-                            ("restart_reason", msg.clone()),
-                            ("fails_task", "true".into()),
-                        ],
-                    ));
-                    ts.state = "dead".into();
-                    ts.failed = true;
-                    ts.finished_at = Some(now_ns());
-                });
+            if !self.restart_or_fail(terminated, &mut restart_times).await {
                 return;
             }
-            let wait = self.shared.config.policy_delay(wait_ns);
+        }
+    }
+
+    /// Docker: the image cannot be pulled when its name starts with `missing/` (the emulator has no
+    /// registry); the message is the Docker driver's.
+    fn pull_failure(&self) -> Option<String> {
+        let image = self.task["Config"]["image"].as_str()?;
+        (self.task["Driver"] == "docker" && image.starts_with("missing/")).then(|| {
+            format!(
+                "Failed to pull `{image}`: Error response from daemon: pull access denied for {image}, repository does not exist or may require 'docker login': denied: requested access to the resource is denied"
+            )
+        })
+    }
+
+    /// Applies the restart policy after a failed run whose event is `event` (a `Terminated`, a
+    /// `Driver Failure`): `true` once the task may start again (after the delay), `false` when it
+    /// is dead (not restarting, stopped or lost).
+    async fn restart_or_fail(&mut self, event: Value, restart_times: &mut Vec<Instant>) -> bool {
+        let terminated = event;
+        // Restart policy.
+        let rp = &self.restart_policy;
+        let attempts = rp["Attempts"].as_i64().unwrap_or(0);
+        let interval = Duration::from_nanos(rp["Interval"].as_i64().unwrap_or(0).max(0) as u64);
+        let delay_ns = rp["Delay"].as_i64().unwrap_or(0);
+        let mode = rp["Mode"].as_str().unwrap_or("fail").to_string();
+        let now = Instant::now();
+        restart_times.retain(|t| now.duration_since(*t) < interval);
+        let (allowed, wait_ns) = if (restart_times.len() as i64) < attempts {
+            (true, delay_ns)
+        } else if mode == "delay" {
+            let oldest = restart_times.first().copied().unwrap_or(now);
+            let left = interval.saturating_sub(now.duration_since(oldest));
+            (true, left.as_nanos() as i64)
+        } else {
+            (false, 0)
+        };
+        if !allowed {
+            let msg = format!(
+                "Exceeded allowed attempts {attempts} in interval {} and mode is \"fail\"",
+                go_duration_string(interval.as_nanos() as i64)
+            );
             self.update(|ts| {
                 ts.push_event(terminated);
                 ts.push_event(task_event(
-                    "Restarting",
-                    &format!("Task restarting in {}", go_duration_string(wait_ns)),
+                    "Not Restarting",
+                    &msg,
                     &[
-                        ("restart_reason", "Restart within policy".into()),
-                        ("start_delay", wait_ns.to_string()),
+                        ("restart_reason", msg.clone()),
+                        ("fails_task", "true".into()),
                     ],
                 ));
-                ts.state = "pending".into();
-                ts.restarts += 1;
-                ts.last_restart = Some(now_ns());
+                ts.state = "dead".into();
+                ts.failed = true;
+                ts.finished_at = Some(now_ns());
             });
-            restart_times.push(Instant::now());
-            match self.pause(wait).await {
-                Some(TaskCmd::Stop) => return self.finish_stopped(false),
-                Some(TaskCmd::Lost) => return,
-                _ => {}
+            return false;
+        }
+        let wait = self.shared.config.policy_delay(wait_ns);
+        self.update(|ts| {
+            ts.push_event(terminated);
+            ts.push_event(task_event(
+                "Restarting",
+                &format!("Task restarting in {}", go_duration_string(wait_ns)),
+                &[
+                    ("restart_reason", "Restart within policy".into()),
+                    ("start_delay", wait_ns.to_string()),
+                ],
+            ));
+            ts.state = "pending".into();
+            ts.restarts += 1;
+            ts.last_restart = Some(now_ns());
+        });
+        restart_times.push(Instant::now());
+        match self.pause(wait).await {
+            Some(TaskCmd::Stop) => {
+                self.finish_stopped(false);
+                false
             }
+            Some(TaskCmd::Lost) => false,
+            _ => true,
         }
     }
 }

@@ -291,21 +291,49 @@ fn base_command(t: &Target, program: &str, args: &[String]) -> Command {
     cmd
 }
 
+/// Forwards output as frames; once the client is gone, keeps reading and discards it, so that the
+/// process never blocks on a full pipe (Nomad and Docker keep an exec'd process running, and its
+/// output flowing, after the exec stream closed).
 async fn pump<R: AsyncRead + Unpin>(mut r: R, kind: &'static str, out: mpsc::Sender<Message>) {
     let mut buf = vec![0u8; CHUNK];
+    let mut connected = true;
     loop {
         match r.read(&mut buf).await {
             Ok(0) | Err(_) => return,
             Ok(n) => {
-                if out.send(frame(kind, &buf[..n])).await.is_err() {
-                    return;
+                if connected && out.send(frame(kind, &buf[..n])).await.is_err() {
+                    connected = false;
                 }
             }
         }
     }
 }
 
-async fn run_pipes(shared: &Shared, t: Target, socket: WebSocket) -> io::Result<()> {
+/// What real Nomad does when an exec stream closes before the process ended: nothing to the
+/// process. It runs on (stdin at EOF, output discarded) until it exits or its allocation stops.
+/// `keep` (e.g. the terminal) stays open as long as the process runs.
+fn detach<K: Send + 'static>(
+    shared: &Arc<Shared>,
+    mut child: tokio::process::Child,
+    pgid: i32,
+    cancel: CancellationToken,
+    keep: K,
+) {
+    let shared = Arc::clone(shared);
+    tokio::spawn(async move {
+        let _keep = keep;
+        tokio::select! {
+            _ = child.wait() => {}
+            _ = cancel.cancelled() => {
+                crate::client::kill_group(pgid, nix::sys::signal::Signal::SIGKILL);
+                let _ = child.wait().await;
+            }
+        }
+        shared.lock().pgids.remove(&pgid);
+    });
+}
+
+async fn run_pipes(shared: &Arc<Shared>, t: Target, socket: WebSocket) -> io::Result<()> {
     let mut cmd = base_command(&t, &t.argv[0], &t.argv[1..]);
     cmd.stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -352,10 +380,14 @@ async fn run_pipes(shared: &Shared, t: Target, socket: WebSocket) -> io::Result<
             _ = t.cancel.cancelled(), if !killed => { killed = true; crate::client::kill_group(pgid, nix::sys::signal::Signal::SIGKILL); }
             m = stream.next() => match m.and_then(|m| m.ok()).as_ref().and_then(decode_input) {
                 None => {
-                    // Client went away: end the process.
-                    crate::client::kill_group(pgid, nix::sys::signal::Signal::SIGKILL);
-                    let _ = child.wait().await;
-                    shared.lock().pgids.remove(&pgid);
+                    // Client went away: the process runs on, as on Nomad.
+                    drop(stdin);
+                    if !killed {
+                        detach(shared, child, pgid, t.cancel.clone(), ());
+                    } else {
+                        let _ = child.wait().await;
+                        shared.lock().pgids.remove(&pgid);
+                    }
                     return Ok(());
                 }
                 Some(Input::Data(d)) => {
@@ -421,7 +453,7 @@ async fn write_fd(fd: &AsyncFd<OwnedFd>, mut data: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-async fn run_tty(shared: &Shared, t: Target, socket: WebSocket) -> io::Result<()> {
+async fn run_tty(shared: &Arc<Shared>, t: Target, socket: WebSocket) -> io::Result<()> {
     let ws = Winsize {
         ws_row: 24,
         ws_col: 80,
@@ -466,12 +498,14 @@ async fn run_tty(shared: &Shared, t: Target, socket: WebSocket) -> io::Result<()
         let master = master.clone();
         tokio::spawn(async move {
             let mut buf = vec![0u8; CHUNK];
+            let mut connected = true;
             loop {
                 match read_fd(&master, &mut buf).await {
                     Ok(0) | Err(_) => return,
                     Ok(n) => {
-                        if tx.send(frame("stdout", &buf[..n])).await.is_err() {
-                            return;
+                        // After the client left, the output is drained and dropped.
+                        if connected && tx.send(frame("stdout", &buf[..n])).await.is_err() {
+                            connected = false;
                         }
                     }
                 }
@@ -494,9 +528,9 @@ async fn run_tty(shared: &Shared, t: Target, socket: WebSocket) -> io::Result<()
             _ = t.cancel.cancelled(), if !killed => { killed = true; crate::client::kill_group(pgid, nix::sys::signal::Signal::SIGKILL); }
             m = stream.next() => match m.and_then(|m| m.ok()).as_ref().and_then(decode_input) {
                 None => {
-                    crate::client::kill_group(pgid, nix::sys::signal::Signal::SIGKILL);
-                    let _ = child.wait().await;
-                    shared.lock().pgids.remove(&pgid);
+                    // Client went away: the process keeps its terminal and runs on, as on Nomad
+                    // (the reader goes on draining the terminal until the process ends).
+                    detach(shared, child, pgid, t.cancel.clone(), master.clone());
                     return Ok(());
                 }
                 Some(Input::Data(d)) => { let _ = write_fd(&master, &d).await; }

@@ -10,7 +10,8 @@ use crate::policy::Principal;
 use crate::wire;
 use crate::AppState;
 
-/// 204, or 503 `PREWARMING_POOL_DEPLETING` when a pool is below the alert threshold.
+/// 204, or 503 `PREWARMING_POOL_DEPLETING` when a pool is below the alert threshold (naming why
+/// its runners cannot be started, when they cannot).
 pub(crate) async fn health(State(state): State<AppState>) -> Response {
     let depleting = state
         .manager
@@ -18,7 +19,13 @@ pub(crate) async fn health(State(state): State<AppState>) -> Response {
     if depleting.is_empty() {
         return StatusCode::NO_CONTENT.into_response();
     }
-    let ids: Vec<String> = depleting.iter().map(ToString::to_string).collect();
+    let ids: Vec<String> = depleting
+        .iter()
+        .map(|(id, why)| match why {
+            Some(why) => format!("{id} (runners cannot be started: {why})"),
+            None => id.to_string(),
+        })
+        .collect();
     ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
         format!(
