@@ -2,7 +2,8 @@
 //!
 //! `poseidon [--config PATH]` starts the server with the backend the configuration names (the
 //! local bubblewrap backend by default) and the policy plugins of its `plugins:` section.
-//! `poseidon plugin check FILE` checks a plugin file the way the server would load it.
+//! `poseidon config check FILE` checks a configuration file, `poseidon plugin check FILE` a
+//! plugin file, the way the server would read them. `poseidon --help` lists everything.
 
 #![forbid(unsafe_code)]
 
@@ -20,46 +21,94 @@ use poseidon_api::{ApiSettings, AppState, NoPolicies, Policies};
 use poseidon_core::policy::PoolPolicy;
 use poseidon_core::{Backend, Manager};
 use poseidon_local::LocalBackend;
-use poseidon_nomad::{NomadBackend, NomadConfig};
+use poseidon_nomad::NomadBackend;
 use poseidon_plugin_host::PluginHost;
 
 /// How long a graceful shutdown waits for open requests.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(15);
 
-fn usage() -> ! {
-    eprintln!("usage: poseidon [--config PATH]\n       poseidon plugin check FILE");
-    std::process::exit(2);
+/// Poseidon (Rust): the gateway that gives CodeOcean sandboxes ("runners") to run code in.
+#[derive(Debug, clap::Parser)]
+#[command(name = "poseidon", version, about, long_about = None)]
+struct Cli {
+    /// The configuration file (default: ./configuration.yaml if it exists). `POSEIDON_*`
+    /// variables override its values.
+    #[arg(short, long, global = true, value_name = "PATH")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Start the server (the default).
+    Serve,
+    /// Work with the configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Work with policy plugins.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum ConfigCommand {
+    /// Check a configuration file (with the `POSEIDON_*` variables of this environment applied)
+    /// the way the server reads it; exits 0 and prints what it would do, or 2 and names the key.
+    Check {
+        /// The configuration file.
+        file: PathBuf,
+    },
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum PluginCommand {
+    /// Check a plugin file the way the server would load it.
+    Check {
+        /// The plugin (a WebAssembly component).
+        file: PathBuf,
+    },
+}
+
+/// Poseidon's flag was Go's `-config`; clap reads only `--config` and `-c`.
+fn arguments() -> Vec<std::ffi::OsString> {
+    std::env::args_os()
+        .map(|a| if a == "-config" { "--config".into() } else { a })
+        .collect()
+}
+
+fn load_config(path: Option<&std::path::Path>) -> Result<Config, config::ConfigError> {
+    Config::load(path, std::env::vars())
 }
 
 fn main() {
-    let all: Vec<String> = std::env::args().skip(1).collect();
-    if all.first().map(String::as_str) == Some("plugin") {
-        match all.get(1..).unwrap_or_default() {
-            [check, file] if check == "check" => {
-                std::process::exit(plugins::check_command(std::path::Path::new(file)))
-            }
-            _ => usage(),
+    use clap::Parser;
+    let cli = Cli::parse_from(arguments());
+    match cli.command {
+        Some(Command::Plugin(PluginCommand::Check { file })) => {
+            std::process::exit(plugins::check_command(&file))
         }
-    }
-    let mut args = all.into_iter();
-    let mut config_path: Option<PathBuf> = None;
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--config" | "-config" | "-c" => {
-                config_path = Some(args.next().unwrap_or_else(|| usage()).into())
-            }
-            "--help" | "-h" => usage(),
-            "--version" => {
-                println!("poseidon {}", env!("CARGO_PKG_VERSION"));
-                return;
-            }
-            other => {
-                eprintln!("unknown argument {other:?}");
-                usage();
+        Some(Command::Config(ConfigCommand::Check { file })) => {
+            match load_config(Some(&file)).and_then(|c| {
+                plugins::config(&c.plugins).map_err(|message| config::ConfigError::Invalid {
+                    key: "plugins".into(),
+                    message,
+                })?;
+                Ok(c)
+            }) {
+                Ok(c) => {
+                    println!("{}: OK: {}", file.display(), c.summary());
+                    std::process::exit(0)
+                }
+                Err(e) => {
+                    eprintln!("{}: {e}", file.display());
+                    std::process::exit(2)
+                }
             }
         }
+        Some(Command::Serve) | None => {}
     }
-    let config = match Config::load(config_path.as_deref(), std::env::vars()) {
+    let config = match load_config(cli.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("poseidon: {e}");
@@ -104,8 +153,7 @@ fn init_logging(config: &Config) {
 
 async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     let (backend, local): (Arc<dyn Backend>, Option<Arc<LocalBackend>>) = if config.nomad.enabled {
-        let mut nomad = NomadConfig::from_yaml(&config.nomad.rest)
-            .map_err(|e| format!("invalid configuration: {e}"))?;
+        let mut nomad = config.nomad.settings.clone();
         if !config.server.templatejobfile.is_empty() {
             let path = std::path::Path::new(&config.server.templatejobfile);
             poseidon_nomad::template::load(&mut nomad, path)
