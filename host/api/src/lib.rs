@@ -59,7 +59,8 @@ pub fn router(state: AppState) -> Router {
     use routes::{environments, files, misc, runners};
     let open = Router::new()
         .route("/api/v1/health", get(misc::health))
-        .route("/api/v1/version", get(misc::version));
+        .route("/api/v1/version", get(misc::version))
+        .route("/api/v1/openapi.yaml", get(misc::openapi));
     let protected = Router::new()
         .route(
             "/api/v1/statistics/execution-environments",

@@ -25,7 +25,7 @@ pub(crate) async fn update(
     let runner = runner(&state, &id, principal.as_deref())?;
     let body: FilesBody = body::json(request_body, state.settings.max_body_bytes).await?;
     let mut update = FileUpdate::default();
-    for path in body.delete.unwrap_or_default() {
+    for path in body.delete {
         check_path(&path)?;
         update.delete.push(if path == "./*" {
             path
@@ -33,7 +33,7 @@ pub(crate) async fn update(
             clean_path(&path)
         });
     }
-    for copy in body.copy.unwrap_or_default() {
+    for copy in body.copy {
         check_path(&copy.path)?;
         let content = match copy.content {
             None => Vec::new(),

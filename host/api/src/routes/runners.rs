@@ -113,7 +113,7 @@ pub(crate) async fn execute(
     }
     let time_limit = seconds("timeLimit", body.time_limit)?;
     let mut environment = Vec::new();
-    for (name, value) in body.environment.unwrap_or_default() {
+    for (name, value) in body.environment {
         if !valid_variable_name(&name) {
             return Err(ApiError::bad_request(format!(
                 "invalid environment variable name {name:?}: it must match [a-zA-Z_][a-zA-Z0-9_]*"
