@@ -164,3 +164,195 @@ async fn poseidon_variables_are_strings_not_yaml() {
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains(":4999"), "{}", text(&out));
 }
+
+/// The server's log as JSON lines.
+fn json_lines(log: &str) -> Vec<serde_json::Value> {
+    log.lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_request_is_one_log_line_and_server_errors_carry_their_cause() {
+    let s = Server::start_with(Options {
+        env: vec![("POSEIDON_LOGGER_FORMATTER".into(), "JSONFormatter".into())],
+        ..Default::default()
+    })
+    .await;
+    s.environment(7, 1, serde_json::json!({})).await;
+    s.environment(8, 0, serde_json::json!({})).await;
+    let runner = s.claim(7, 0).await;
+    // An empty pool: 500 NOMAD_OVERLOAD.
+    let r = s
+        .http
+        .post(s.url("/runners"))
+        .json(&serde_json::json!({"executionEnvironmentId": 8}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 500);
+    let r = s
+        .http
+        .get(s.url(&format!("/runners/{runner}/files")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    support::eventually("the request lines are logged", 10, || {
+        let lines = json_lines(&s.log());
+        let request = |route: &str, status: u64| {
+            lines.iter().find(|l| {
+                l["fields"]["message"] == "request"
+                    && l["span"]["route"] == route
+                    && l["fields"]["status"] == status
+            })
+        };
+        let claim = request("/api/v1/runners", 200).cloned();
+        let files = request("/api/v1/runners/{runner}/files", 200).cloned();
+        let failed = request("/api/v1/runners", 500).cloned();
+        let cause = lines
+            .iter()
+            .find(|l| l["fields"]["message"] == "server error")
+            .cloned();
+        let runner = runner.clone();
+        async move {
+            let (Some(claim), Some(files), Some(failed), Some(cause)) =
+                (claim, files, failed, cause)
+            else {
+                return false;
+            };
+            assert_eq!(claim["span"]["method"], "POST");
+            assert_eq!(claim["span"]["runner_id"], runner.as_str());
+            assert_eq!(claim["span"]["environment_id"], 7);
+            assert!(claim["fields"]["duration_ms"].as_f64().is_some(), "{claim}");
+            assert_eq!(files["span"]["runner_id"], runner.as_str());
+            assert_eq!(files["span"]["environment_id"], "7");
+            assert_eq!(failed["span"]["method"], "POST");
+            assert_eq!(cause["fields"]["status"], 500);
+            assert_eq!(cause["fields"]["error_code"], "NOMAD_OVERLOAD");
+            assert!(
+                !cause["fields"]["cause"].as_str().unwrap().is_empty(),
+                "{cause}"
+            );
+            // The cause is logged inside the request's span.
+            assert_eq!(cause["span"]["route"], "/api/v1/runners");
+            true
+        }
+    })
+    .await;
+}
+
+/// A Prometheus text line's value: `name{labels} value`.
+fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let (series, value) = line.rsplit_once(' ')?;
+        let (metric, rest) = series.split_once('{').unwrap_or((series, ""));
+        if metric != name {
+            return None;
+        }
+        labels
+            .iter()
+            .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
+            .then(|| value.parse().ok())?
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_requests_claims_executions_files_and_pools() {
+    let s = Server::start().await;
+    s.environment(9, 2, serde_json::json!({})).await;
+    let runner = s.claim(9, 0).await;
+    s.copy(&runner, &[("a.txt", b"hello world")]).await;
+    let session = s
+        .run(&runner, serde_json::json!({"command": "cat a.txt; exit 3"}))
+        .await;
+    assert_eq!(session.exit(), Some(3));
+    let r = s
+        .http
+        .get(s.url(&format!("/runners/{runner}/files/raw?path=a.txt")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.bytes().await.unwrap().as_ref(), b"hello world");
+    let r = s
+        .http
+        .post(s.url("/runners"))
+        .json(&serde_json::json!({"executionEnvironmentId": 9, "bad": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+
+    let metrics_url = format!("{}/metrics", s.base);
+    support::eventually("the pool is refilled and everything counted", 20, || {
+        let url = metrics_url.clone();
+        async move {
+            let text = reqwest::get(&url).await.unwrap().text().await.unwrap();
+            let env = [("environment", "9")];
+            let get = |name: &str, labels: &[(&str, &str)]| sample(&text, name, labels);
+            if get("poseidon_idle_runners", &env) != Some(2.0) {
+                return false;
+            }
+            assert_eq!(get("poseidon_used_runners", &env), Some(1.0), "{text}");
+            assert_eq!(get("poseidon_pool_target", &env), Some(2.0), "{text}");
+            assert_eq!(get("poseidon_starting_runners", &env), Some(0.0), "{text}");
+            assert_eq!(
+                get("poseidon_runner_claims_total", &env),
+                Some(1.0),
+                "{text}"
+            );
+            assert_eq!(
+                get(
+                    "poseidon_executions_total",
+                    &[("environment", "9"), ("outcome", "exit")]
+                ),
+                Some(1.0),
+                "{text}"
+            );
+            assert_eq!(get("poseidon_file_bytes_copied_total", &env), Some(11.0));
+            assert_eq!(
+                get("poseidon_file_bytes_downloaded_total", &env),
+                Some(11.0)
+            );
+            assert!(
+                get(
+                    "poseidon_runner_start_duration_seconds_count",
+                    &[("environment", "9"), ("outcome", "ok")]
+                )
+                .is_some_and(|n| n >= 3.0),
+                "{text}"
+            );
+            assert_eq!(
+                get(
+                    "poseidon_http_requests_total",
+                    &[
+                        ("route", "/api/v1/runners"),
+                        ("method", "POST"),
+                        ("status", "400")
+                    ]
+                ),
+                Some(1.0),
+                "{text}"
+            );
+            assert!(get(
+                "poseidon_http_request_duration_seconds_bucket",
+                &[("route", "/api/v1/runners"), ("le", "+Inf")]
+            )
+            .is_some_and(|n| n >= 2.0));
+            true
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_can_be_switched_off() {
+    let s = Server::start_with(Options {
+        env: vec![("POSEIDON_METRICS_ENABLED".into(), "false".into())],
+        ..Default::default()
+    })
+    .await;
+    let r = reqwest::get(format!("{}/metrics", s.base)).await.unwrap();
+    assert_eq!(r.status(), 404);
+}

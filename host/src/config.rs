@@ -58,6 +58,22 @@ pub struct Config {
     pub profiling: ProfilingConfig,
     /// `aws.*`: AWS environments are not supported; `enabled: true` stops the start.
     pub aws: AwsConfig,
+    /// `metrics.*`: the Prometheus endpoint (this server's own section).
+    pub metrics: MetricsConfig,
+}
+
+/// `metrics.*`.
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Record figures and serve them at `/metrics` (default true).
+    pub enabled: bool,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self { enabled: true }
+    }
 }
 
 /// `server.*`.
@@ -296,6 +312,7 @@ const SECTIONS: &[&str] = &[
     "influxdb",
     "profiling",
     "aws",
+    "metrics",
 ];
 
 impl Config {

@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 mod config;
+mod metrics;
 mod plugins;
 mod tls;
 
@@ -152,6 +153,11 @@ fn init_logging(config: &Config) {
 }
 
 async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
+    let metrics = if config.metrics.enabled {
+        Some(metrics::Metrics::install()?)
+    } else {
+        None
+    };
     let (backend, local): (Arc<dyn Backend>, Option<Arc<LocalBackend>>) = if config.nomad.enabled {
         let mut nomad = config.nomad.settings.clone();
         if !config.server.templatejobfile.is_empty() {
@@ -186,6 +192,9 @@ async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     };
     let pool_policy = policies.clone().map(|p| p as Arc<dyn PoolPolicy>);
     let manager = Manager::start(backend, pool_policy).await?;
+    if let Some(metrics) = &metrics {
+        metrics.set_manager(manager.clone());
+    }
     // Only the local backend's sandboxes run as host uids of their own.
     let sandbox_uids = local
         .is_some()
@@ -228,7 +237,12 @@ async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         "http"
     };
     println!("poseidon listening on {scheme}://{address}");
-    let app = poseidon_api::router(state).into_make_service_with_connect_info::<SocketAddr>();
+    let extra = metrics
+        .as_ref()
+        .map(metrics::Metrics::router)
+        .unwrap_or_default();
+    let app =
+        poseidon_api::router_with(state, extra).into_make_service_with_connect_info::<SocketAddr>();
     let handle = axum_server::Handle::new();
     let std_listener = listener.into_std()?;
     let server = if config.server.tls.active {

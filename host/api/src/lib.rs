@@ -12,6 +12,7 @@ mod peer;
 mod policy;
 mod query;
 mod routes;
+mod telemetry;
 mod websocket;
 mod wire;
 
@@ -54,8 +55,13 @@ pub struct AppState {
     pub policies: Arc<dyn Policies>,
 }
 
-/// The complete router: every route of `/api/v1`.
+/// The complete router: every route of `/api/v1`, logged and measured.
 pub fn router(state: AppState) -> Router {
+    router_with(state, Router::new())
+}
+
+/// [`router`] plus the server's own routes (e.g. `/metrics`), logged and measured like the API.
+pub fn router_with(state: AppState, extra: Router) -> Router {
     use routes::{environments, files, misc, runners};
     let open = Router::new()
         .route("/api/v1/health", get(misc::health))
@@ -99,5 +105,10 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             auth::token_only,
         ));
-    open.merge(protected).merge(operator).with_state(state)
+    telemetry::layers(
+        open.merge(protected)
+            .merge(operator)
+            .with_state(state)
+            .merge(extra),
+    )
 }

@@ -37,6 +37,8 @@ pub struct EnvironmentStatistics {
     pub idle_runners: u32,
     /// Claimed runners.
     pub used_runners: u32,
+    /// Runners being started.
+    pub starting_runners: u32,
 }
 
 /// Owns environments, pools and claimed runners; every API operation goes through it.
@@ -449,6 +451,7 @@ impl Manager {
                 target: env.target(),
                 idle_runners: env.idle_count() as u32,
                 used_runners: used.get(&env.config.id).copied().unwrap_or(0),
+                starting_runners: env.starting_count() as u32,
             })
             .collect();
         stats.sort_by_key(|s| s.id);

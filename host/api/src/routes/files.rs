@@ -57,9 +57,13 @@ pub(crate) async fn update(
         .await
         .map_err(ApiError::bad_request)?;
     runner.touch();
+    let bytes: usize = update.copy.iter().map(|c| c.content.len()).sum();
     let result = runner.backend().update_files(&update).await;
     runner.touch();
     result?;
+    metrics::counter!("poseidon_file_bytes_copied_total",
+        "environment" => runner.environment().to_string())
+    .increment(bytes as u64);
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -126,6 +130,9 @@ pub(crate) async fn download(
     runner.touch();
     let download = runner.backend().download_file(&path, privileged).await?;
     runner.touch();
+    metrics::counter!("poseidon_file_bytes_downloaded_total",
+        "environment" => runner.environment().to_string())
+    .increment(download.size);
     Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, "application/octet-stream")

@@ -38,7 +38,19 @@ pub(crate) async fn claim(
         }
     }
     let owner = principal.map(|p| p.0.tenant);
-    let runner = state.manager.claim(environment, timeout, owner)?;
+    let label = environment.to_string();
+    let runner = match state.manager.claim(environment, timeout, owner) {
+        Ok(runner) => runner,
+        Err(e) => {
+            if matches!(e, poseidon_core::CoreError::PoolEmpty) {
+                metrics::counter!("poseidon_empty_pool_misses_total", "environment" => label)
+                    .increment(1);
+            }
+            return Err(e.into());
+        }
+    };
+    metrics::counter!("poseidon_runner_claims_total", "environment" => label).increment(1);
+    crate::telemetry::record_runner(&runner.id().to_string(), environment);
     let view = ClaimView {
         runner_id: runner.id().to_string(),
         mapped_ports: runner
