@@ -10,6 +10,7 @@
 mod config;
 mod metrics;
 mod plugins;
+mod systemd;
 mod tls;
 
 use std::net::SocketAddr;
@@ -204,16 +205,8 @@ async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     } else {
         config.sentry.release.clone()
     };
-    let listener =
-        tokio::net::TcpListener::bind((config.server.address.as_str(), config.server.port))
-            .await
-            .map_err(|e| {
-                format!(
-                    "cannot listen on {}:{}: {e}",
-                    config.server.address, config.server.port
-                )
-            })?;
-    let address = listener.local_addr()?;
+    let listeners = listeners(&config).await?;
+    let address = listeners[0].local_addr()?;
     let state = AppState {
         manager: manager.clone(),
         settings: Arc::new(ApiSettings {
@@ -244,30 +237,75 @@ async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     let app =
         poseidon_api::router_with(state, extra).into_make_service_with_connect_info::<SocketAddr>();
     let handle = axum_server::Handle::new();
-    let std_listener = listener.into_std()?;
-    let server = if config.server.tls.active {
+    let rustls = if config.server.tls.active {
         let tls = tls::server_config(&config.server.tls.certfile, &config.server.tls.keyfile)?;
-        let rustls = axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(tls));
-        let server = axum_server::from_tcp_rustls(std_listener, rustls)?.handle(handle.clone());
-        tokio::spawn(async move { server.serve(app).await })
+        Some(axum_server::tls_rustls::RustlsConfig::from_config(
+            Arc::new(tls),
+        ))
     } else {
-        let server = axum_server::from_tcp(std_listener)?.handle(handle.clone());
-        tokio::spawn(async move { server.serve(app).await })
+        None
     };
+    let mut servers = tokio::task::JoinSet::new();
+    for listener in listeners {
+        let app = app.clone();
+        if let Some(rustls) = &rustls {
+            let server =
+                axum_server::from_tcp_rustls(listener, rustls.clone())?.handle(handle.clone());
+            servers.spawn(async move { server.serve(app).await });
+        } else {
+            let server = axum_server::from_tcp(listener)?.handle(handle.clone());
+            servers.spawn(async move { server.serve(app).await });
+        }
+    }
+    systemd::ready();
+    systemd::spawn_watchdog(address, config.server.tls.active);
     tokio::select! {
         _ = shutdown_signal() => tracing::info!("shutting down"),
-        result = server => {
+        Some(result) = servers.join_next() => {
+            systemd::stopping();
+            handle.shutdown();
             release(&manager, local.as_deref()).await;
             return match result {
-                Ok(Ok(())) => Ok(()),
+                Ok(Ok(())) => Err("the server stopped".into()),
                 Ok(Err(e)) => Err(format!("the server stopped: {e}").into()),
                 Err(e) => Err(format!("the server stopped: {e}").into()),
             };
         }
     }
+    systemd::stopping();
+    // No new connections; requests in flight get up to the grace period (WebSocket sessions,
+    // like Poseidon's hijacked connections, are not waited for beyond it).
     handle.graceful_shutdown(Some(SHUTDOWN_GRACE));
+    let drained = tokio::time::timeout(SHUTDOWN_GRACE + Duration::from_secs(1), async {
+        while servers.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("requests were still open when the grace period ended");
+    }
     release(&manager, local.as_deref()).await;
+    tracing::info!("stopped");
     Ok(())
+}
+
+/// The listening sockets: those systemd passed, or one bound to `server.address:server.port`.
+async fn listeners(config: &Config) -> Result<Vec<std::net::TcpListener>, String> {
+    if config.server.systemdsocketactivation {
+        return systemd::passed_listeners();
+    }
+    let listener =
+        tokio::net::TcpListener::bind((config.server.address.as_str(), config.server.port))
+            .await
+            .map_err(|e| {
+                format!(
+                    "cannot listen on {}:{}: {e}",
+                    config.server.address, config.server.port
+                )
+            })?;
+    listener
+        .into_std()
+        .map(|l| vec![l])
+        .map_err(|e| format!("cannot listen: {e}"))
 }
 
 /// Local runners do not outlive the process: end them now rather than at the next start. Nomad

@@ -124,7 +124,9 @@ pub(crate) fn layers(router: Router) -> Router {
         .layer(
             TraceLayer::new_for_http()
                 .make_span_with(make_span)
-                .on_request(())
+                .on_request(|_: &axum::http::Request<_>, span: &Span| {
+                    tracing::debug!(parent: span, "request started");
+                })
                 .on_response(on_response)
                 .on_body_chunk(())
                 .on_eos(())
