@@ -356,3 +356,89 @@ async fn metrics_can_be_switched_off() {
     let r = reqwest::get(format!("{}/metrics", s.base)).await.unwrap();
     assert_eq!(r.status(), 404);
 }
+
+/// A Sentry ingest endpoint in the test: collects the envelopes the server sends.
+async fn sentry_endpoint() -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use axum::routing::post;
+    let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let store = received.clone();
+    let app = axum::Router::new().route(
+        "/api/1/envelope/",
+        post(move |body: axum::body::Bytes| {
+            let store = store.clone();
+            async move {
+                store
+                    .lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&body).into_owned());
+                "{}"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://public@{addr}/1"), received)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_errors_go_to_sentry_tagged_with_their_environment_without_credentials() {
+    let (dsn, received) = sentry_endpoint().await;
+    let s = Server::start_with(Options {
+        env: vec![
+            ("POSEIDON_SENTRY_DSN".into(), dsn),
+            ("POSEIDON_SENTRY_RELEASE".into(), "ops-test-release".into()),
+        ],
+        ..Default::default()
+    })
+    .await;
+    s.environment(6, 0, serde_json::json!({})).await;
+    let r = s
+        .http
+        .post(s.url("/runners"))
+        .json(&serde_json::json!({"executionEnvironmentId": 6}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 500);
+    // A 4xx on a runner path is not an event.
+    let r = s
+        .http
+        .get(s.url("/runners/6-0000/files"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 410);
+    support::eventually("the server error reaches Sentry", 20, || {
+        let envelopes = received.lock().unwrap().clone();
+        async move {
+            let Some(event) = envelopes.iter().find(|e| e.contains("server error")) else {
+                return false;
+            };
+            let item = event
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .find(|v| v["message"] == "server error")
+                .unwrap_or_else(|| panic!("no event item in {envelopes:?}"));
+            // Error is the default level, which Sentry's protocol omits.
+            assert!(item.get("level").is_none_or(|l| l == "error"), "{item}");
+            assert!(
+                !event.contains(support::TOKEN),
+                "the API token went to Sentry: {event}"
+            );
+            assert_eq!(item["tags"]["environment_id"], "6", "{item}");
+            assert_eq!(item["release"], "ops-test-release", "{item}");
+            true
+        }
+    })
+    .await;
+    // 4xx answers are not events.
+    assert!(
+        !received
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|e| e.contains("runner gone") || e.contains("410")),
+        "a 410 was reported"
+    );
+}

@@ -208,7 +208,7 @@ pub struct SentryConfig {
     /// Server name of events (default: the host name).
     #[serde(deserialize_with = "lenient_string")]
     pub servername: String,
-    /// Distribution of the release.
+    /// Accepted for compatibility (sentry-go's dist).
     #[serde(deserialize_with = "lenient_string")]
     pub dist: String,
     /// Most breadcrumbs kept per event.

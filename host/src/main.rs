@@ -10,6 +10,7 @@
 mod config;
 mod metrics;
 mod plugins;
+mod reporting;
 mod systemd;
 mod tls;
 
@@ -117,19 +118,32 @@ fn main() {
             std::process::exit(2);
         }
     };
-    init_logging(&config);
+    let sentry = match reporting::init(&config.sentry, &release_name(&config)) {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("poseidon: {e}");
+            std::process::exit(2);
+        }
+    };
+    init_logging(&config, sentry.is_some());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("cannot start the async runtime");
-    if let Err(e) = runtime.block_on(serve(config)) {
+    let result = runtime.block_on(serve(config, sentry.is_some()));
+    if let Err(e) = &result {
         tracing::error!("{e}");
         eprintln!("poseidon: {e}");
+    }
+    drop(sentry); // flushes queued events
+    if result.is_err() {
         std::process::exit(1);
     }
 }
 
-fn init_logging(config: &Config) {
+fn init_logging(config: &Config, sentry: bool) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let level = match config.logger.level.to_ascii_lowercase().as_str() {
         "trace" => "trace",
         "debug" => "debug",
@@ -139,21 +153,40 @@ fn init_logging(config: &Config) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("POSEIDON_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if config
+    let json = config
         .logger
         .formatter
-        .eq_ignore_ascii_case("JSONFormatter")
-    {
-        builder.json().init();
+        .eq_ignore_ascii_case("JSONFormatter");
+    type Base = tracing_subscriber::layer::Layered<
+        tracing_subscriber::EnvFilter,
+        tracing_subscriber::Registry,
+    >;
+    let mut layers: Vec<Box<dyn tracing_subscriber::Layer<Base> + Send + Sync>> = Vec::new();
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    if json {
+        layers.push(Box::new(fmt.json()));
     } else {
-        builder.with_ansi(false).init();
+        layers.push(Box::new(fmt.with_ansi(false)));
+    }
+    if sentry {
+        layers.push(Box::new(reporting::layer()));
+    }
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(layers)
+        .init();
+}
+
+/// What `/version` answers and Sentry reports: `sentry.release`, else the crate version.
+fn release_name(config: &Config) -> String {
+    if config.sentry.release.is_empty() {
+        env!("CARGO_PKG_VERSION").to_string()
+    } else {
+        config.sentry.release.clone()
     }
 }
 
-async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
+async fn serve(config: Config, sentry: bool) -> Result<(), Box<dyn std::error::Error>> {
     let metrics = if config.metrics.enabled {
         Some(metrics::Metrics::install()?)
     } else {
@@ -200,11 +233,7 @@ async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     let sandbox_uids = local
         .is_some()
         .then(|| config.local.uidbase..config.local.uidbase.saturating_add(config.local.uidcount));
-    let version = if config.sentry.release.is_empty() {
-        env!("CARGO_PKG_VERSION").to_string()
-    } else {
-        config.sentry.release.clone()
-    };
+    let version = release_name(&config);
     let listeners = listeners(&config).await?;
     let address = listeners[0].local_addr()?;
     let state = AppState {
@@ -217,6 +246,7 @@ async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
             version,
             sandbox_uids,
             listen_address: Some(address),
+            sentry,
         }),
         policies: match policies {
             Some(p) => p as Arc<dyn Policies>,

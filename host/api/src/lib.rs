@@ -42,6 +42,9 @@ pub struct ApiSettings {
     pub sandbox_uids: Option<std::ops::Range<u32>>,
     /// The address the server listens on (to look up the client's socket of a connection).
     pub listen_address: Option<std::net::SocketAddr>,
+    /// Whether a Sentry client is installed: requests then get a Sentry hub (scope tagged with
+    /// runner and environment) and a transaction.
+    pub sentry: bool,
 }
 
 /// Everything a handler needs.
@@ -105,10 +108,12 @@ pub fn router_with(state: AppState, extra: Router) -> Router {
             state.clone(),
             auth::token_only,
         ));
+    let sentry = state.settings.sentry;
     telemetry::layers(
         open.merge(protected)
             .merge(operator)
             .with_state(state)
             .merge(extra),
+        sentry,
     )
 }

@@ -37,11 +37,30 @@ fn ids(path: &str) -> (Option<&str>, Option<&str>) {
 }
 
 /// Records the runner (and its environment) a request turned out to be about, e.g. a claim's
-/// new runner, into the request's log line.
+/// new runner, into the request's log line and its Sentry scope.
 pub(crate) fn record_runner(runner: &str, environment: u64) {
     let span = Span::current();
     span.record("runner_id", runner);
     span.record("environment_id", environment);
+    tag_sentry_scope(Some(runner), Some(&environment.to_string()));
+}
+
+/// Records the environment a request is about when only its body names it (a claim).
+pub(crate) fn record_environment(environment: u64) {
+    Span::current().record("environment_id", environment);
+    tag_sentry_scope(None, Some(&environment.to_string()));
+}
+
+/// Tags the request's Sentry scope (a no-op without a Sentry client), as Poseidon tags its events.
+fn tag_sentry_scope(runner: Option<&str>, environment: Option<&str>) {
+    sentry_core::configure_scope(|scope| {
+        if let Some(runner) = runner {
+            scope.set_tag("runner_id", runner);
+        }
+        if let Some(environment) = environment {
+            scope.set_tag("environment_id", environment);
+        }
+    });
 }
 
 fn make_span(request: &axum::http::Request<axum::body::Body>) -> Span {
@@ -59,6 +78,7 @@ fn make_span(request: &axum::http::Request<axum::body::Body>) -> Span {
         environment_id = Empty,
     );
     let (runner, environment) = ids(path);
+    tag_sentry_scope(runner, environment);
     if let Some(runner) = runner {
         span.record("runner_id", runner);
     }
@@ -116,9 +136,10 @@ fn panic_response(panic: Box<dyn std::any::Any + Send + 'static>) -> axum::respo
     ApiError::internal(format!("internal error: {what}")).into_response()
 }
 
-/// Wraps every route: panics become logged 500s, each request is measured and logged once.
-pub(crate) fn layers(router: Router) -> Router {
-    router
+/// Wraps every route: panics become logged 500s, each request is measured and logged once; with
+/// `sentry`, each request gets its own Sentry hub and transaction.
+pub(crate) fn layers(router: Router, sentry: bool) -> Router {
+    let router = router
         .layer(CatchPanicLayer::custom(panic_response))
         .layer(axum::middleware::from_fn(measure))
         .layer(
@@ -131,7 +152,14 @@ pub(crate) fn layers(router: Router) -> Router {
                 .on_body_chunk(())
                 .on_eos(())
                 .on_failure(()),
-        )
+        );
+    if !sentry {
+        return router;
+    }
+    // Outermost, so that the span's tags go to the request's own hub.
+    router
+        .layer(sentry_tower::SentryHttpLayer::new().enable_transaction())
+        .layer(sentry_tower::NewSentryLayer::<Request>::new_from_top())
 }
 
 /// Logs a server error with its cause (every 5xx the API answers passes here).

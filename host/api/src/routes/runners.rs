@@ -28,6 +28,7 @@ pub(crate) async fn claim(
     let body: ClaimBody = body::json(request_body, state.settings.max_body_bytes).await?;
     let timeout = seconds("inactivityTimeout", body.inactivity_timeout)?;
     let environment = body.execution_environment_id;
+    crate::telemetry::record_environment(environment);
     if let Some(p) = principal.as_deref() {
         if !p.may_use(environment) {
             return Err(ApiError::new(
