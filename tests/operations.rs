@@ -438,7 +438,7 @@ async fn server_errors_go_to_sentry_tagged_with_their_environment_without_creden
             .lock()
             .unwrap()
             .iter()
-            .any(|e| e.contains("runner gone") || e.contains("410")),
+            .any(|e| e.contains("/runners/6-0000/files")),
         "a 410 was reported"
     );
 }
