@@ -238,7 +238,7 @@ impl Default for SentryConfig {
 }
 
 /// `influxdb.*`: Poseidon's metrics sink.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct InfluxConfig {
     /// Base URL of the InfluxDB server; empty disables the output.
@@ -259,6 +259,22 @@ pub struct InfluxConfig {
     /// `v2` (Poseidon's `/api/v2/write`, the default) or `v1` (`/write?db=`).
     #[serde(deserialize_with = "lenient_string")]
     pub api: String,
+    /// Seconds between the periodic pool points (Poseidon: a minute).
+    pub periodseconds: u64,
+}
+
+impl Default for InfluxConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            token: String::new(),
+            organization: String::new(),
+            bucket: String::new(),
+            stage: String::new(),
+            api: String::new(),
+            periodseconds: 60,
+        }
+    }
 }
 
 /// `profiling.*`: accepted so that Poseidon's files load; Go's profiler has no counterpart.
@@ -408,6 +424,9 @@ impl Config {
                 "aws.enabled",
                 "AWS Lambda environments are not supported by this server; remove the aws section or set enabled: false",
             ));
+        }
+        if self.influxdb.periodseconds == 0 {
+            return Err(invalid("influxdb.periodseconds", "must be positive"));
         }
         if !["", "v1", "v2"].contains(&self.influxdb.api.as_str()) {
             return Err(invalid("influxdb.api", "must be v1 or v2"));

@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 mod config;
+mod influx;
 mod metrics;
 mod plugins;
 mod reporting;
@@ -229,6 +230,13 @@ async fn serve(config: Config, sentry: bool) -> Result<(), Box<dyn std::error::E
     if let Some(metrics) = &metrics {
         metrics.set_manager(manager.clone());
     }
+    let influx = influx::Influx::start(&config.influxdb)?;
+    if let Some(influx) = &influx {
+        influx.spawn_periodic(
+            manager.clone(),
+            Duration::from_secs(config.influxdb.periodseconds),
+        );
+    }
     // Only the local backend's sandboxes run as host uids of their own.
     let sandbox_uids = local
         .is_some()
@@ -264,8 +272,14 @@ async fn serve(config: Config, sentry: bool) -> Result<(), Box<dyn std::error::E
         .as_ref()
         .map(metrics::Metrics::router)
         .unwrap_or_default();
-    let app =
-        poseidon_api::router_with(state, extra).into_make_service_with_connect_info::<SocketAddr>();
+    let mut router = poseidon_api::router_with(state, extra);
+    if let Some(influx) = influx {
+        router = router.layer(axum::middleware::from_fn_with_state(
+            influx,
+            influx::measure,
+        ));
+    }
+    let app = router.into_make_service_with_connect_info::<SocketAddr>();
     let handle = axum_server::Handle::new();
     let rustls = if config.server.tls.active {
         let tls = tls::server_config(&config.server.tls.certfile, &config.server.tls.keyfile)?;

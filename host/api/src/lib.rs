@@ -24,6 +24,7 @@ use poseidon_core::Manager;
 
 pub use error::ApiError;
 pub use policy::{AuthRequest, Denial, NoPolicies, Policies, Principal};
+pub use telemetry::RequestSubject;
 
 /// Settings of the API layer.
 #[derive(Debug, Clone)]

@@ -36,18 +36,39 @@ fn ids(path: &str) -> (Option<&str>, Option<&str>) {
     }
 }
 
+/// The runner and environment a request was about, as a response extension (for the server's
+/// own measurements, e.g. Poseidon's InfluxDB points).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RequestSubject {
+    /// The runner's id, if the request concerned one.
+    pub runner_id: Option<String>,
+    /// The environment's id, if known.
+    pub environment_id: Option<String>,
+}
+
+tokio::task_local! {
+    /// The subject of the request being handled (set from the path, refined by handlers).
+    static SUBJECT: std::cell::RefCell<RequestSubject>;
+}
+
 /// Records the runner (and its environment) a request turned out to be about, e.g. a claim's
-/// new runner, into the request's log line and its Sentry scope.
+/// new runner, into the request's log line, its Sentry scope and its [`RequestSubject`].
 pub(crate) fn record_runner(runner: &str, environment: u64) {
     let span = Span::current();
     span.record("runner_id", runner);
     span.record("environment_id", environment);
+    let _ = SUBJECT.try_with(|s| {
+        let mut s = s.borrow_mut();
+        s.runner_id = Some(runner.to_string());
+        s.environment_id = Some(environment.to_string());
+    });
     tag_sentry_scope(Some(runner), Some(&environment.to_string()));
 }
 
 /// Records the environment a request is about when only its body names it (a claim).
 pub(crate) fn record_environment(environment: u64) {
     Span::current().record("environment_id", environment);
+    let _ = SUBJECT.try_with(|s| s.borrow_mut().environment_id = Some(environment.to_string()));
     tag_sentry_scope(None, Some(&environment.to_string()));
 }
 
@@ -112,7 +133,18 @@ async fn measure(request: Request, next: Next) -> axum::response::Response {
         .map(|m| m.as_str().to_string())
         .unwrap_or_else(|| "unmatched".to_string());
     let method = request.method().as_str().to_string();
-    let mut response = next.run(request).await;
+    let (runner, environment) = ids(request.uri().path());
+    let subject = RequestSubject {
+        runner_id: runner.map(str::to_string),
+        environment_id: environment.map(str::to_string),
+    };
+    let (mut response, subject) = SUBJECT
+        .scope(std::cell::RefCell::new(subject), async move {
+            let response = next.run(request).await;
+            (response, SUBJECT.with(|s| s.take()))
+        })
+        .await;
+    response.extensions_mut().insert(subject);
     let status = response.status().as_u16().to_string();
     metrics::counter!("poseidon_http_requests_total",
         "route" => route.clone(), "method" => method.clone(), "status" => status)
