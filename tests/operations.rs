@@ -3,7 +3,7 @@
 
 mod support;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use support::{Options, Server, TOKEN};
@@ -441,4 +441,56 @@ async fn server_errors_go_to_sentry_tagged_with_their_environment_without_creden
             .any(|e| e.contains("/runners/6-0000/files")),
         "a 410 was reported"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nomad_requests_events_and_stream_reconnects_are_counted() {
+    let s = Server::on(support::Backend::Nomad).await;
+    s.environment(12, 1, serde_json::json!({})).await;
+    let _runner = s.claim(12, 0).await;
+    let emulator = s.emulator_url().unwrap();
+    let r = reqwest::Client::new()
+        .post(format!("{emulator}/_emulator/stream/cut"))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+    let metrics_url = format!("{}/metrics", s.base);
+    support::eventually("Nomad figures", 30, || {
+        let url = metrics_url.clone();
+        async move {
+            let text = reqwest::get(&url).await.unwrap().text().await.unwrap();
+            let ok = sample(&text, "poseidon_nomad_requests_total", &[("status", "2xx")]);
+            let allocations = text
+                .lines()
+                .filter(|l| {
+                    l.starts_with("poseidon_nomad_events_total{")
+                        && l.contains("topic=\"Allocation\"")
+                })
+                .count();
+            let reconnects = sample(&text, "poseidon_nomad_event_stream_reconnects_total", &[]);
+            ok.is_some_and(|n| n > 0.0) && allocations > 0 && reconnects.is_some_and(|n| n >= 1.0)
+        }
+    })
+    .await;
+}
+
+#[test]
+fn the_shipped_configuration_and_units_are_valid() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging");
+    let config = root.join("configuration.yaml");
+    let out = poseidon(&["config", "check", config.to_str().unwrap()], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("backend local"), "{}", text(&out));
+    let service = std::fs::read_to_string(root.join("poseidon.service")).unwrap();
+    for line in [
+        "Type=notify",
+        "WatchdogSec=",
+        "ExecStart=/usr/bin/poseidon --config /etc/poseidon/configuration.yaml",
+        "POSEIDON_SERVER_SYSTEMDSOCKETACTIVATION=true",
+    ] {
+        assert!(service.contains(line), "poseidon.service lacks {line}");
+    }
+    let socket = std::fs::read_to_string(root.join("poseidon.socket")).unwrap();
+    assert!(socket.contains("ListenStream=127.0.0.1:7200"));
 }
