@@ -93,7 +93,7 @@ def loadgen(binary, server, env_base, out):
     subprocess.run(
         [
             binary, "--url", server.url, "--token", TOKEN, "--scenarios", "claim,execute",
-            "--concurrency", "1,8", "--claim-count", "300", "--execute-count", "100",
+            "--concurrency", "1,8", "--claim-count", "300", "--execute-count", "60",
             "--env-base", str(env_base), "--json", out,
         ],
         check=True, stdout=subprocess.DEVNULL,
@@ -186,17 +186,17 @@ def main():
                 "scenario": scenario, "variant": variant, "concurrency": concurrency,
                 "rate_a": pick("A", "rate"), "rate_b": pick("B", "rate"),
                 "p50_a_ms": pick("A", "p50_ms"), "p50_b_ms": pick("B", "p50_ms"),
-                "unit": rows["A"][0]["rate_unit"] if scenario == "claim" else "exec/min",
+                "unit": next(r["rate_unit"] for r in rows["A"] if r["scenario"] == scenario),
             })
         scrape = scrape_timing(a, args.runners, args.scrapes)
         result = {"ab": ab, "scrape": scrape, "rounds": args.rounds}
         os.makedirs(os.path.join(args.target, "bench"), exist_ok=True)
         with open(os.path.join(args.target, "bench", "ops.json"), "w") as f:
             json.dump(result, f, indent=2)
-        print("| scenario | variant | conc. | rate A (on) | rate B (off) | A/B rate | p50 A ms | p50 B ms | A/B p50 |")
-        print("|---|---|---|---|---|---|---|---|---|")
+        print("| scenario | variant | conc. | unit | rate A (on) | rate B (off) | A/B rate | p50 A ms | p50 B ms | A/B p50 |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for r in ab:
-            print(f"| {r['scenario']} | {r['variant']} | {r['concurrency']} | {r['rate_a']:.1f} |"
+            print(f"| {r['scenario']} | {r['variant']} | {r['concurrency']} | {r['unit']} | {r['rate_a']:.1f} |"
                   f" {r['rate_b']:.1f} | {r['rate_a'] / r['rate_b']:.3f} | {r['p50_a_ms']:.2f} |"
                   f" {r['p50_b_ms']:.2f} | {r['p50_a_ms'] / r['p50_b_ms']:.3f} |")
         print()

@@ -107,10 +107,11 @@ impl Metrics {
         let _ = self.manager.set(manager);
     }
 
-    /// The `/metrics` route.
+    /// The `/metrics` route and the status page built on it (`/status`).
     pub fn router(&self) -> Router {
         Router::new()
             .route("/metrics", get(scrape))
+            .route("/status", get(status_page))
             .with_state(self.clone())
     }
 
@@ -149,5 +150,17 @@ async fn scrape(State(metrics): State<Metrics>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         metrics.render(),
+    )
+}
+
+/// A page for people: pools over time, executions per minute, runner start times, plugin health.
+/// Self-contained (inline script and SVG, no build step, nothing fetched from elsewhere); it reads
+/// `/metrics` from the browser and keeps the history itself.
+const STATUS_PAGE: &str = include_str!("status.html");
+
+async fn status_page() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        STATUS_PAGE,
     )
 }
