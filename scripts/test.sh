@@ -8,6 +8,12 @@ command -v bwrap >/dev/null 2>&1 || need_apt+=(bubblewrap)
 command -v setsid >/dev/null 2>&1 || need_apt+=(util-linux)
 command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
 command -v pasta >/dev/null 2>&1 || need_apt+=(passt)
+# tests/systemd.rs: socket activation through systemd's own tool.
+command -v systemd-socket-activate >/dev/null 2>&1 || need_apt+=(systemd)
+# tests/influxdb.rs: Poseidon's measurements written to a real InfluxDB (v1 API), started by the test.
+command -v influxd >/dev/null 2>&1 || need_apt+=(influxdb)
+# tests/status_page.rs: the status page rendered by headless Chromium.
+command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "installing: ${need_apt[*]}"
   if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq "${need_apt[@]}"; else sudo apt-get update -qq && sudo apt-get install -y -qq "${need_apt[@]}"; fi

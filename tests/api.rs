@@ -204,7 +204,7 @@ async fn bad_input_gets_400_with_a_message_naming_the_problem(backend: Backend) 
     .await;
     s.environment(1, 1, json!({})).await;
     let env_url = s.url("/execution-environments/2");
-    let good = json!({"image": "x", "prewarmingPoolSize": 0, "cpuLimit": 1, "memoryLimit": 128, "networkAccess": false, "exposedPorts": null});
+    let good = json!({"image": "x", "prewarmingPoolSize": 0, "cpuLimit": 1, "memoryLimit": 128, "networkAccess": false, "exposedPorts": []});
     let cases: Vec<(Value, &str)> = vec![
         (
             json!({"image": "x", "prewarmingPoolsize": 1, "cpuLimit": 1, "memoryLimit": 1, "networkAccess": false}),

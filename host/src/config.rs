@@ -1,9 +1,15 @@
 //! `configuration.yaml` and `POSEIDON_*` environment variables, with Poseidon's key names.
 
+mod lenient;
+
 use std::path::{Path, PathBuf};
 
 use poseidon_local::LocalConfig;
+use poseidon_nomad::NomadConfig;
+use poseidon_plugin_host::PluginsConfig;
 use serde::{Deserialize, Deserializer};
+
+use lenient::Lenient;
 
 /// Errors that stop the start.
 #[derive(Debug, thiserror::Error)]
@@ -34,20 +40,40 @@ pub struct Config {
     pub server: ServerConfig,
     /// `logger.*`.
     pub logger: LoggerConfig,
-    /// `nomad.*` (read by the Nomad backend).
+    /// `nomad.*`: read as a tree first (see [`NomadSection`]).
+    #[serde(rename = "nomad")]
+    nomad_tree: serde_yaml::Mapping,
+    /// `nomad.*`, resolved from the tree after loading.
+    #[serde(skip)]
     pub nomad: NomadSection,
     /// `local.*`: the local sandbox backend.
     pub local: LocalConfig,
-    /// `plugins.*` (read by the plugin host).
+    /// `plugins.*`, checked here (types, unknown keys) and normalised for the plugin host.
     pub plugins: serde_yaml::Value,
-    /// `sentry.*`: only `release` is used (for `/version`).
+    /// `sentry.*`.
     pub sentry: SentryConfig,
-    /// Accepted for compatibility with Poseidon configuration files; not used.
-    pub influxdb: serde_yaml::Value,
-    /// Accepted for compatibility with Poseidon configuration files; not used.
-    pub profiling: serde_yaml::Value,
-    /// Accepted for compatibility; AWS environments are not supported.
-    pub aws: serde_yaml::Value,
+    /// `influxdb.*`.
+    pub influxdb: InfluxConfig,
+    /// `profiling.*`: Go's profiler settings, accepted and ignored.
+    pub profiling: ProfilingConfig,
+    /// `aws.*`: AWS environments are not supported; `enabled: true` stops the start.
+    pub aws: AwsConfig,
+    /// `metrics.*`: the Prometheus endpoint (this server's own section).
+    pub metrics: MetricsConfig,
+}
+
+/// `metrics.*`.
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Record figures and serve them at `/metrics` (default true).
+    pub enabled: bool,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self { enabled: true }
+    }
 }
 
 /// `server.*`.
@@ -59,7 +85,7 @@ pub struct ServerConfig {
     pub address: String,
     /// Listen port (0 = any free port, printed at start).
     pub port: u16,
-    /// Not supported; must stay false.
+    /// Serve on the sockets systemd passes (`LISTEN_FDS`) instead of address and port.
     pub systemdsocketactivation: bool,
     /// API token (`Poseidon-Token`); empty disables authentication.
     #[serde(deserialize_with = "lenient_string")]
@@ -145,28 +171,138 @@ impl Default for LoggerConfig {
     }
 }
 
-/// `nomad.*`: only `enabled` is read here; the Nomad backend reads the rest.
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
+/// `nomad.*`.
+#[derive(Debug, Default)]
 pub struct NomadSection {
     /// Use the Nomad backend instead of the local one.
     pub enabled: bool,
-    /// Everything else (read by the Nomad backend).
-    #[serde(flatten)]
-    pub rest: serde_yaml::Mapping,
+    /// The Nomad backend's settings.
+    pub settings: NomadConfig,
 }
 
-/// `sentry.*`.
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
+/// `sentry.*`: Sentry's client options under Poseidon's (lower-cased) names.
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct SentryConfig {
-    /// Release name reported by `/version`.
+    /// Where events go; empty disables Sentry.
+    #[serde(deserialize_with = "lenient_string")]
+    pub dsn: String,
+    /// The environment name of events.
+    #[serde(deserialize_with = "lenient_string")]
+    pub environment: String,
+    /// Release name of events, also reported by `/version`.
     #[serde(deserialize_with = "lenient_string")]
     pub release: String,
-    /// Everything else (accepted, unused).
-    #[serde(flatten)]
-    #[allow(dead_code)]
-    pub rest: serde_yaml::Mapping,
+    /// Sentry's debug output.
+    pub debug: bool,
+    /// Send performance transactions.
+    pub enabletracing: bool,
+    /// Share of transactions sent.
+    pub tracessamplerate: f64,
+    /// Accepted for compatibility (Go profiling).
+    pub profilessamplerate: f64,
+    /// Share of error events sent.
+    pub samplerate: f64,
+    /// Attach stack traces to messages.
+    pub attachstacktrace: bool,
+    /// Server name of events (default: the host name).
+    #[serde(deserialize_with = "lenient_string")]
+    pub servername: String,
+    /// Accepted for compatibility (sentry-go's dist).
+    #[serde(deserialize_with = "lenient_string")]
+    pub dist: String,
+    /// Most breadcrumbs kept per event.
+    pub maxbreadcrumbs: usize,
+    /// Send personal data (client IP addresses).
+    pub senddefaultpii: bool,
+}
+
+impl Default for SentryConfig {
+    fn default() -> Self {
+        Self {
+            dsn: String::new(),
+            environment: String::new(),
+            release: String::new(),
+            debug: false,
+            enabletracing: false,
+            tracessamplerate: 0.0,
+            profilessamplerate: 0.0,
+            samplerate: 1.0,
+            attachstacktrace: true,
+            servername: String::new(),
+            dist: String::new(),
+            maxbreadcrumbs: 100,
+            senddefaultpii: false,
+        }
+    }
+}
+
+/// `influxdb.*`: Poseidon's metrics sink.
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct InfluxConfig {
+    /// Base URL of the InfluxDB server; empty disables the output.
+    #[serde(deserialize_with = "lenient_string")]
+    pub url: String,
+    /// API token (v2) or `user:password` (v1).
+    #[serde(deserialize_with = "lenient_string")]
+    pub token: String,
+    /// Organisation (v2 API).
+    #[serde(deserialize_with = "lenient_string")]
+    pub organization: String,
+    /// Bucket (v2), or database (v1).
+    #[serde(deserialize_with = "lenient_string")]
+    pub bucket: String,
+    /// Value of the `stage` tag of every point.
+    #[serde(deserialize_with = "lenient_string")]
+    pub stage: String,
+    /// `v2` (Poseidon's `/api/v2/write`, the default) or `v1` (`/write?db=`).
+    #[serde(deserialize_with = "lenient_string")]
+    pub api: String,
+    /// Seconds between the periodic pool points (Poseidon: a minute).
+    pub periodseconds: u64,
+}
+
+impl Default for InfluxConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            token: String::new(),
+            organization: String::new(),
+            bucket: String::new(),
+            stage: String::new(),
+            api: String::new(),
+            periodseconds: 60,
+        }
+    }
+}
+
+/// `profiling.*`: accepted so that Poseidon's files load; Go's profiler has no counterpart.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProfilingConfig {
+    /// CPU profiling (Go only).
+    pub cpuenabled: bool,
+    /// CPU profile file (Go only).
+    #[serde(deserialize_with = "lenient_string")]
+    pub cpufile: String,
+    /// Heap watchdog interval (Go only).
+    pub memoryinterval: u64,
+    /// Heap watchdog threshold (Go only).
+    pub memorythreshold: u64,
+}
+
+/// `aws.*`: Poseidon's AWS Lambda executor, which this server does not have.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AwsConfig {
+    /// Must stay false.
+    pub enabled: bool,
+    /// Accepted, unused.
+    #[serde(deserialize_with = "lenient_string")]
+    pub endpoint: String,
+    /// Accepted, unused.
+    pub functions: Vec<String>,
 }
 
 /// Accepts strings, numbers and booleans for string settings (environment variables are untyped).
@@ -192,6 +328,7 @@ const SECTIONS: &[&str] = &[
     "influxdb",
     "profiling",
     "aws",
+    "metrics",
 ];
 
 impl Config {
@@ -218,13 +355,18 @@ impl Config {
             if !SECTIONS.contains(&segments[0].as_str()) || segments.len() < 2 {
                 continue;
             }
-            set_path(&mut tree, &segments, parse_scalar(&value));
+            // A string, never YAML: the lenient deserializer converts it to the setting's type.
+            set_path(&mut tree, &segments, serde_yaml::Value::String(value));
         }
-        let config: Config =
-            serde_path_to_error::deserialize(tree).map_err(|e| ConfigError::Invalid {
-                key: e.path().to_string(),
-                message: e.inner().to_string(),
+        let mut config: Config = typed(tree, "")?;
+        config.nomad = nomad_section(std::mem::take(&mut config.nomad_tree))?;
+        if !config.plugins.is_null() {
+            let plugins: PluginsConfig = typed(config.plugins.clone(), "plugins.")?;
+            config.plugins = serde_yaml::to_value(plugins).map_err(|e| ConfigError::Invalid {
+                key: "plugins".into(),
+                message: e.to_string(),
             })?;
+        }
         config.validate()?;
         Ok(config)
     }
@@ -245,6 +387,14 @@ impl Config {
                 "must be one of panic, fatal, error, warn, info, debug, trace",
             ));
         }
+        if !["textformatter", "jsonformatter"]
+            .contains(&self.logger.formatter.to_ascii_lowercase().as_str())
+        {
+            return Err(invalid(
+                "logger.formatter",
+                "must be TextFormatter or JSONFormatter",
+            ));
+        }
         if self.server.address.is_empty() {
             return Err(invalid("server.address", "must not be empty"));
         }
@@ -254,12 +404,6 @@ impl Config {
             return Err(invalid(
                 "server.tls",
                 "certfile and keyfile are required when active is true",
-            ));
-        }
-        if self.server.systemdsocketactivation {
-            return Err(invalid(
-                "server.systemdsocketactivation",
-                "systemd socket activation is not supported",
             ));
         }
         let t = self.server.alert.prewarmingpoolthreshold;
@@ -275,8 +419,117 @@ impl Config {
         if !self.local.workdir.starts_with('/') {
             return Err(invalid("local.workdir", "must be an absolute path"));
         }
+        if self.aws.enabled {
+            return Err(invalid(
+                "aws.enabled",
+                "AWS Lambda environments are not supported by this server; remove the aws section or set enabled: false",
+            ));
+        }
+        if self.influxdb.periodseconds == 0 {
+            return Err(invalid("influxdb.periodseconds", "must be positive"));
+        }
+        if !["", "v1", "v2"].contains(&self.influxdb.api.as_str()) {
+            return Err(invalid("influxdb.api", "must be v1 or v2"));
+        }
+        if !self.influxdb.url.is_empty() && self.influxdb.bucket.is_empty() {
+            return Err(invalid(
+                "influxdb.bucket",
+                "is required when influxdb.url is set",
+            ));
+        }
         Ok(())
     }
+
+    /// One line saying what this configuration will do (for `poseidon config check`).
+    pub fn summary(&self) -> String {
+        let backend = if self.nomad.enabled {
+            format!("nomad at {}", self.nomad.settings.base_url())
+        } else {
+            format!("local (state in {})", self.local.statedir.display())
+        };
+        let listen = if self.server.systemdsocketactivation {
+            "sockets passed by systemd".to_string()
+        } else {
+            format!("{}:{}", self.server.address, self.server.port)
+        };
+        let mut extras = Vec::new();
+        if self.server.tls.active {
+            extras.push("TLS".to_string());
+        }
+        if !self.server.token.is_empty() {
+            extras.push("token".to_string());
+        }
+        if !self.plugins.is_null() {
+            extras.push("plugins".to_string());
+        }
+        if !self.influxdb.url.is_empty() {
+            extras.push(format!("InfluxDB at {}", self.influxdb.url));
+        }
+        if !self.sentry.dsn.is_empty() {
+            extras.push("Sentry".to_string());
+        }
+        let extras = if extras.is_empty() {
+            String::new()
+        } else {
+            format!("; {}", extras.join(", "))
+        };
+        format!("backend {backend}; listening on {listen}{extras}")
+    }
+}
+
+/// Deserializes a tree with string conversion, naming the key of the first error and refusing keys
+/// no setting reads (`prefix` is the dotted path of the tree, e.g. `plugins.`).
+fn typed<T: serde::de::DeserializeOwned>(
+    tree: serde_yaml::Value,
+    prefix: &str,
+) -> Result<T, ConfigError> {
+    let mut unknown = None;
+    let mut note = |path: serde_ignored::Path<'_>| {
+        unknown.get_or_insert_with(|| path.to_string());
+    };
+    let value = serde_path_to_error::deserialize(serde_ignored::Deserializer::new(
+        Lenient(tree),
+        &mut note,
+    ))
+    .map_err(|e| ConfigError::Invalid {
+        key: format!("{prefix}{}", e.path()),
+        message: e.inner().to_string(),
+    })?;
+    match unknown {
+        Some(key) => Err(ConfigError::Invalid {
+            key: format!("{prefix}{key}"),
+            message: "unknown key (no setting has this name)".into(),
+        }),
+        None => Ok(value),
+    }
+}
+
+/// `nomad.*`: `enabled` plus the Nomad backend's settings. Poseidon's default backend was Nomad;
+/// ours is local, so a section that names a Nomad address but does not say `enabled` is refused
+/// rather than silently ignored.
+fn nomad_section(mut tree: serde_yaml::Mapping) -> Result<NomadSection, ConfigError> {
+    let enabled = tree.remove("enabled");
+    let enabled = match enabled {
+        Some(value) => typed::<bool>(value, "nomad.enabled").map_err(|e| match e {
+            ConfigError::Invalid { message, .. } => ConfigError::Invalid {
+                key: "nomad.enabled".into(),
+                message,
+            },
+            other => other,
+        })?,
+        None if tree.contains_key("address") => {
+            return Err(ConfigError::Invalid {
+                key: "nomad.enabled".into(),
+                message: "nomad.address is set but nomad.enabled is not: this server's default \
+                          backend is the local one (Poseidon's default was Nomad); set \
+                          nomad.enabled: true to use Nomad (or false to use the local backend)"
+                    .into(),
+            })
+        }
+        None => false,
+    };
+    let settings = typed(serde_yaml::Value::Mapping(tree), "nomad.")?;
+    Ok(NomadSection { enabled, settings })
 }
 
 fn read(path: &Path) -> Result<serde_yaml::Value, ConfigError> {
@@ -291,18 +544,6 @@ fn read(path: &Path) -> Result<serde_yaml::Value, ConfigError> {
             .unwrap_or_else(|| "(file)".into()),
         message: e.to_string(),
     })
-}
-
-fn parse_scalar(value: &str) -> serde_yaml::Value {
-    serde_yaml::from_str::<serde_yaml::Value>(value)
-        .ok()
-        .filter(|v| {
-            !matches!(
-                v,
-                serde_yaml::Value::Mapping(_) | serde_yaml::Value::Sequence(_)
-            )
-        })
-        .unwrap_or_else(|| serde_yaml::Value::String(value.to_string()))
 }
 
 fn set_path(tree: &mut serde_yaml::Value, path: &[String], value: serde_yaml::Value) {
@@ -352,5 +593,59 @@ mod tests {
         assert!(e.to_string().contains("server.port"), "{e}");
         let e = Config::load(None, env(&[("POSEIDON_LOGGER_LEVEL", "loud")])).unwrap_err();
         assert!(e.to_string().contains("logger.level"), "{e}");
+    }
+
+    #[test]
+    fn variables_are_strings_not_yaml() {
+        for token in ["#secret", "&anchor", "*alias", "null", "~", "[a]", "{a: 1}"] {
+            let c = Config::load(None, env(&[("POSEIDON_SERVER_TOKEN", token)])).unwrap();
+            assert_eq!(c.server.token, token);
+        }
+        let c = Config::load(
+            None,
+            env(&[
+                ("POSEIDON_NOMAD_ENABLED", "true"),
+                ("POSEIDON_NOMAD_TOKEN", "12345"),
+                ("POSEIDON_NOMAD_PORT", "4747"),
+                ("POSEIDON_NOMAD_DATACENTERS", "\"dc1 dc2\""),
+            ]),
+        )
+        .unwrap();
+        assert!(c.nomad.enabled);
+        assert_eq!(c.nomad.settings.token, "12345");
+        assert_eq!(c.nomad.settings.port, 4747);
+        assert_eq!(c.nomad.settings.datacenters, ["dc1", "dc2"]);
+    }
+
+    #[test]
+    fn unknown_keys_stop_the_start_in_every_section() {
+        let dir = std::env::temp_dir().join(format!("poseidon-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (yaml, key) in [
+            ("nomad:\n  enabled: true\n  adress: x\n", "nomad.adress"),
+            (
+                "plugins:\n  directory: /p\n  limitz: {}\n",
+                "plugins.limitz",
+            ),
+            ("server:\n  prot: 1\n", "server.prot"),
+            ("influxdb:\n  uri: x\n", "influxdb.uri"),
+        ] {
+            let file = dir.join("c.yaml");
+            std::fs::write(&file, yaml).unwrap();
+            let e = Config::load(Some(&file), env(&[])).unwrap_err();
+            assert!(e.to_string().contains(key), "{yaml}: {e}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn nomad_address_without_enabled_and_aws_are_refused() {
+        let e = Config::load(None, env(&[("POSEIDON_NOMAD_ADDRESS", "nomad")])).unwrap_err();
+        assert!(
+            e.to_string().contains("default backend is the local one"),
+            "{e}"
+        );
+        let e = Config::load(None, env(&[("POSEIDON_AWS_ENABLED", "true")])).unwrap_err();
+        assert!(e.to_string().contains("aws.enabled"), "{e}");
     }
 }

@@ -2,13 +2,18 @@
 //!
 //! `poseidon [--config PATH]` starts the server with the backend the configuration names (the
 //! local bubblewrap backend by default) and the policy plugins of its `plugins:` section.
-//! `poseidon plugin check FILE` checks a plugin file the way the server would load it.
+//! `poseidon config check FILE` checks a configuration file, `poseidon plugin check FILE` a
+//! plugin file, the way the server would read them. `poseidon --help` lists everything.
 
 #![forbid(unsafe_code)]
 
 mod config;
+mod influx;
+mod metrics;
 mod plugin_cli;
 mod plugins;
+mod reporting;
+mod systemd;
 mod tls;
 
 use std::net::SocketAddr;
@@ -21,60 +26,119 @@ use poseidon_api::{ApiSettings, AppState, NoPolicies, Policies};
 use poseidon_core::policy::PoolPolicy;
 use poseidon_core::{Backend, Manager};
 use poseidon_local::LocalBackend;
-use poseidon_nomad::{NomadBackend, NomadConfig};
+use poseidon_nomad::NomadBackend;
 use poseidon_plugin_host::PluginHost;
 
 /// How long a graceful shutdown waits for open requests.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(15);
 
-fn usage() -> ! {
-    eprintln!("usage: poseidon [--config PATH]\n{}", plugin_cli::USAGE);
-    std::process::exit(2);
+/// Poseidon (Rust): the gateway that gives CodeOcean sandboxes ("runners") to run code in.
+#[derive(Debug, clap::Parser)]
+#[command(name = "poseidon", version, about, long_about = None)]
+struct Cli {
+    /// The configuration file (default: ./configuration.yaml if it exists). `POSEIDON_*`
+    /// variables override its values.
+    #[arg(short, long, global = true, value_name = "PATH")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Start the server (the default).
+    Serve,
+    /// Work with the configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Work with policy plugins: `check FILE`, `call FILE --kind KIND --input JSON
+    /// [--config KEY=VALUE]...`, `new KIND NAME [--lang rust]` (no server, no root).
+    Plugin {
+        /// The plugin command and its arguments.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 1..)]
+        args: Vec<String>,
+    },
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum ConfigCommand {
+    /// Check a configuration file (with the `POSEIDON_*` variables of this environment applied)
+    /// the way the server reads it; exits 0 and prints what it would do, or 2 and names the key.
+    Check {
+        /// The configuration file.
+        file: PathBuf,
+    },
+}
+
+/// Poseidon's flag was Go's `-config`; clap reads only `--config` and `-c`.
+fn arguments() -> Vec<std::ffi::OsString> {
+    std::env::args_os()
+        .map(|a| if a == "-config" { "--config".into() } else { a })
+        .collect()
+}
+
+fn load_config(path: Option<&std::path::Path>) -> Result<Config, config::ConfigError> {
+    Config::load(path, std::env::vars())
 }
 
 fn main() {
-    let all: Vec<String> = std::env::args().skip(1).collect();
-    if all.first().map(String::as_str) == Some("plugin") {
-        std::process::exit(plugin_cli::run(all.get(1..).unwrap_or_default()));
-    }
-    let mut args = all.into_iter();
-    let mut config_path: Option<PathBuf> = None;
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--config" | "-config" | "-c" => {
-                config_path = Some(args.next().unwrap_or_else(|| usage()).into())
-            }
-            "--help" | "-h" => usage(),
-            "--version" => {
-                println!("poseidon {}", env!("CARGO_PKG_VERSION"));
-                return;
-            }
-            other => {
-                eprintln!("unknown argument {other:?}");
-                usage();
+    use clap::Parser;
+    let cli = Cli::parse_from(arguments());
+    match cli.command {
+        Some(Command::Plugin { args }) => std::process::exit(plugin_cli::run(&args)),
+        Some(Command::Config(ConfigCommand::Check { file })) => {
+            match load_config(Some(&file)).and_then(|c| {
+                plugins::config(&c.plugins).map_err(|message| config::ConfigError::Invalid {
+                    key: "plugins".into(),
+                    message,
+                })?;
+                Ok(c)
+            }) {
+                Ok(c) => {
+                    println!("{}: OK: {}", file.display(), c.summary());
+                    std::process::exit(0)
+                }
+                Err(e) => {
+                    eprintln!("{}: {e}", file.display());
+                    std::process::exit(2)
+                }
             }
         }
+        Some(Command::Serve) | None => {}
     }
-    let config = match Config::load(config_path.as_deref(), std::env::vars()) {
+    let config = match load_config(cli.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("poseidon: {e}");
             std::process::exit(2);
         }
     };
-    init_logging(&config);
+    let sentry = match reporting::init(&config.sentry, &release_name(&config)) {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("poseidon: {e}");
+            std::process::exit(2);
+        }
+    };
+    init_logging(&config, sentry.is_some());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("cannot start the async runtime");
-    if let Err(e) = runtime.block_on(serve(config, config_path)) {
+    let result = runtime.block_on(serve(config, sentry.is_some(), cli.config.clone()));
+    if let Err(e) = &result {
         tracing::error!("{e}");
         eprintln!("poseidon: {e}");
+    }
+    drop(sentry); // flushes queued events
+    if result.is_err() {
         std::process::exit(1);
     }
 }
 
-fn init_logging(config: &Config) {
+fn init_logging(config: &Config, sentry: bool) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let level = match config.logger.level.to_ascii_lowercase().as_str() {
         "trace" => "trace",
         "debug" => "debug",
@@ -84,27 +148,51 @@ fn init_logging(config: &Config) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("POSEIDON_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if config
+    let json = config
         .logger
         .formatter
-        .eq_ignore_ascii_case("JSONFormatter")
-    {
-        builder.json().init();
+        .eq_ignore_ascii_case("JSONFormatter");
+    type Base = tracing_subscriber::layer::Layered<
+        tracing_subscriber::EnvFilter,
+        tracing_subscriber::Registry,
+    >;
+    let mut layers: Vec<Box<dyn tracing_subscriber::Layer<Base> + Send + Sync>> = Vec::new();
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    if json {
+        layers.push(Box::new(fmt.json()));
     } else {
-        builder.with_ansi(false).init();
+        layers.push(Box::new(fmt.with_ansi(false)));
+    }
+    if sentry {
+        layers.push(Box::new(reporting::layer()));
+    }
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(layers)
+        .init();
+}
+
+/// What `/version` answers and Sentry reports: `sentry.release`, else the crate version.
+fn release_name(config: &Config) -> String {
+    if config.sentry.release.is_empty() {
+        env!("CARGO_PKG_VERSION").to_string()
+    } else {
+        config.sentry.release.clone()
     }
 }
 
 async fn serve(
     config: Config,
+    sentry: bool,
     config_path: Option<PathBuf>,
 ) -> Result<(), Box<dyn std::error::Error>> {
+    let metrics = if config.metrics.enabled {
+        Some(metrics::Metrics::install()?)
+    } else {
+        None
+    };
     let (backend, local): (Arc<dyn Backend>, Option<Arc<LocalBackend>>) = if config.nomad.enabled {
-        let mut nomad = NomadConfig::from_yaml(&config.nomad.rest)
-            .map_err(|e| format!("invalid configuration: {e}"))?;
+        let mut nomad = config.nomad.settings.clone();
         nomad.interactive_stderr = config.server.interactivestderr;
         if !config.server.templatejobfile.is_empty() {
             let path = std::path::Path::new(&config.server.templatejobfile);
@@ -139,25 +227,23 @@ async fn serve(
     };
     let pool_policy = policies.clone().map(|p| p as Arc<dyn PoolPolicy>);
     let manager = Manager::start(backend, pool_policy).await?;
+    if let Some(metrics) = &metrics {
+        metrics.set_manager(manager.clone());
+    }
+    let influx = influx::Influx::start(&config.influxdb)?;
+    if let Some(influx) = &influx {
+        influx.spawn_periodic(
+            manager.clone(),
+            Duration::from_secs(config.influxdb.periodseconds),
+        );
+    }
     // Only the local backend's sandboxes run as host uids of their own.
     let sandbox_uids = local
         .is_some()
         .then(|| config.local.uidbase..config.local.uidbase.saturating_add(config.local.uidcount));
-    let version = if config.sentry.release.is_empty() {
-        env!("CARGO_PKG_VERSION").to_string()
-    } else {
-        config.sentry.release.clone()
-    };
-    let listener =
-        tokio::net::TcpListener::bind((config.server.address.as_str(), config.server.port))
-            .await
-            .map_err(|e| {
-                format!(
-                    "cannot listen on {}:{}: {e}",
-                    config.server.address, config.server.port
-                )
-            })?;
-    let address = listener.local_addr()?;
+    let version = release_name(&config);
+    let listeners = listeners(&config).await?;
+    let address = listeners[0].local_addr()?;
     let state = AppState {
         manager: manager.clone(),
         settings: Arc::new(ApiSettings {
@@ -168,6 +254,7 @@ async fn serve(
             version,
             sandbox_uids,
             listen_address: Some(address),
+            sentry,
         }),
         policies: match policies {
             Some(p) => p as Arc<dyn Policies>,
@@ -181,32 +268,88 @@ async fn serve(
         "http"
     };
     println!("poseidon listening on {scheme}://{address}");
-    let app = poseidon_api::router(state).into_make_service_with_connect_info::<SocketAddr>();
+    let extra = metrics
+        .as_ref()
+        .map(metrics::Metrics::router)
+        .unwrap_or_default();
+    let mut router = poseidon_api::router_with(state, extra);
+    if let Some(influx) = influx {
+        router = router.layer(axum::middleware::from_fn_with_state(
+            influx,
+            influx::measure,
+        ));
+    }
+    let app = router.into_make_service_with_connect_info::<SocketAddr>();
     let handle = axum_server::Handle::new();
-    let std_listener = listener.into_std()?;
-    let server = if config.server.tls.active {
+    let rustls = if config.server.tls.active {
         let tls = tls::server_config(&config.server.tls.certfile, &config.server.tls.keyfile)?;
-        let rustls = axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(tls));
-        let server = axum_server::from_tcp_rustls(std_listener, rustls)?.handle(handle.clone());
-        tokio::spawn(async move { server.serve(app).await })
+        Some(axum_server::tls_rustls::RustlsConfig::from_config(
+            Arc::new(tls),
+        ))
     } else {
-        let server = axum_server::from_tcp(std_listener)?.handle(handle.clone());
-        tokio::spawn(async move { server.serve(app).await })
+        None
     };
+    let mut servers = tokio::task::JoinSet::new();
+    for listener in listeners {
+        let app = app.clone();
+        if let Some(rustls) = &rustls {
+            let server =
+                axum_server::from_tcp_rustls(listener, rustls.clone())?.handle(handle.clone());
+            servers.spawn(async move { server.serve(app).await });
+        } else {
+            let server = axum_server::from_tcp(listener)?.handle(handle.clone());
+            servers.spawn(async move { server.serve(app).await });
+        }
+    }
+    systemd::ready();
+    systemd::spawn_watchdog(address, config.server.tls.active);
     tokio::select! {
         _ = shutdown_signal() => tracing::info!("shutting down"),
-        result = server => {
+        Some(result) = servers.join_next() => {
+            systemd::stopping();
+            handle.shutdown();
             release(&manager, local.as_deref()).await;
             return match result {
-                Ok(Ok(())) => Ok(()),
+                Ok(Ok(())) => Err("the server stopped".into()),
                 Ok(Err(e)) => Err(format!("the server stopped: {e}").into()),
                 Err(e) => Err(format!("the server stopped: {e}").into()),
             };
         }
     }
+    systemd::stopping();
+    // No new connections; requests in flight get up to the grace period (WebSocket sessions,
+    // like Poseidon's hijacked connections, are not waited for beyond it).
     handle.graceful_shutdown(Some(SHUTDOWN_GRACE));
+    let drained = tokio::time::timeout(SHUTDOWN_GRACE + Duration::from_secs(1), async {
+        while servers.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("requests were still open when the grace period ended");
+    }
     release(&manager, local.as_deref()).await;
+    tracing::info!("stopped");
     Ok(())
+}
+
+/// The listening sockets: those systemd passed, or one bound to `server.address:server.port`.
+async fn listeners(config: &Config) -> Result<Vec<std::net::TcpListener>, String> {
+    if config.server.systemdsocketactivation {
+        return systemd::passed_listeners();
+    }
+    let listener =
+        tokio::net::TcpListener::bind((config.server.address.as_str(), config.server.port))
+            .await
+            .map_err(|e| {
+                format!(
+                    "cannot listen on {}:{}: {e}",
+                    config.server.address, config.server.port
+                )
+            })?;
+    listener
+        .into_std()
+        .map(|l| vec![l])
+        .map_err(|e| format!("cannot listen: {e}"))
 }
 
 /// Runners outlive the process on both backends, so that a restart (a deploy) does not end any

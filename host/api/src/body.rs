@@ -19,10 +19,20 @@ pub(crate) async fn json<T: DeserializeOwned>(body: Body, limit: usize) -> Resul
             ApiError::bad_request(format!("could not read the request body: {e}"))
         }
     })?;
-    if bytes.iter().all(u8::is_ascii_whitespace) {
-        return Err(ApiError::bad_request(
-            "the request body is empty; a JSON object is expected",
-        ));
+    match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
+        None => {
+            return Err(ApiError::bad_request(
+                "the request body is empty; a JSON object is expected",
+            ))
+        }
+        // serde reads a struct from a JSON array too (fields by position); every body of the
+        // contract is an object.
+        Some(b'{') => {}
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "invalid request body: a JSON object is expected",
+            ))
+        }
     }
     serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))

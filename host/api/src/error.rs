@@ -82,6 +82,9 @@ impl From<BackendError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        if self.status.is_server_error() {
+            crate::telemetry::log_server_error(self.status, self.code, &self.message);
+        }
         let body = match self.code {
             Some(code) => serde_json::json!({"message": self.message, "errorCode": code}),
             None => serde_json::json!({"message": self.message}),

@@ -13,6 +13,7 @@ mod peer;
 mod policy;
 mod query;
 mod routes;
+mod telemetry;
 mod websocket;
 mod wire;
 
@@ -27,6 +28,7 @@ pub use policy::{
     AuthRequest, Denial, ExecutionOutcome, LifecycleEvent, LifecycleKind, NoPolicies, Policies,
     Principal,
 };
+pub use telemetry::RequestSubject;
 
 /// Settings of the API layer.
 #[derive(Debug, Clone)]
@@ -45,6 +47,9 @@ pub struct ApiSettings {
     pub sandbox_uids: Option<std::ops::Range<u32>>,
     /// The address the server listens on (to look up the client's socket of a connection).
     pub listen_address: Option<std::net::SocketAddr>,
+    /// Whether a Sentry client is installed: requests then get a Sentry hub (scope tagged with
+    /// runner and environment) and a transaction.
+    pub sentry: bool,
 }
 
 /// Everything a handler needs.
@@ -58,12 +63,18 @@ pub struct AppState {
     pub policies: Arc<dyn Policies>,
 }
 
-/// The complete router: every route of `/api/v1`.
+/// The complete router: every route of `/api/v1`, logged and measured.
 pub fn router(state: AppState) -> Router {
+    router_with(state, Router::new())
+}
+
+/// [`router`] plus the server's own routes (e.g. `/metrics`), logged and measured like the API.
+pub fn router_with(state: AppState, extra: Router) -> Router {
     use routes::{environments, files, misc, runners};
     let open = Router::new()
         .route("/api/v1/health", get(misc::health))
-        .route("/api/v1/version", get(misc::version));
+        .route("/api/v1/version", get(misc::version))
+        .route("/api/v1/openapi.yaml", get(misc::openapi));
     let protected = Router::new()
         .route(
             "/api/v1/statistics/execution-environments",
@@ -102,5 +113,12 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             auth::token_only,
         ));
-    open.merge(protected).merge(operator).with_state(state)
+    let sentry = state.settings.sentry;
+    telemetry::layers(
+        open.merge(protected)
+            .merge(operator)
+            .with_state(state)
+            .merge(extra),
+        sentry,
+    )
 }

@@ -45,14 +45,15 @@ fn decode(text: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-/// A boolean parameter parsed like Go's `strconv.ParseBool`; absent or empty gives `default`.
+/// A boolean parameter parsed like Go's `strconv.ParseBool`; absent gives `default`, present
+/// with an empty value (`?fetch=`) is 400 like any other value that is not a boolean.
 pub(crate) fn boolean(
     params: &HashMap<String, String>,
     name: &str,
     default: bool,
 ) -> Result<bool, ApiError> {
     match params.get(name).map(String::as_str) {
-        None | Some("") => Ok(default),
+        None => Ok(default),
         Some("1" | "t" | "T" | "TRUE" | "true" | "True") => Ok(true),
         Some("0" | "f" | "F" | "FALSE" | "false" | "False") => Ok(false),
         Some(other) => Err(ApiError::bad_request(format!(

@@ -88,6 +88,8 @@ async fn session(
         command: request.command.clone(),
     });
     let mut last = None;
+    let environment = runner.environment().to_string();
+    let mut outcome = "disconnected";
     let mut execution = runner.run(request);
     let stdin = execution.stdin.clone();
     let gone = CancellationToken::new();
@@ -121,9 +123,19 @@ async fn session(
         let message = match event {
             ExecEvent::Stdout(s) => WsMessage::Stdout(s),
             ExecEvent::Stderr(s) => WsMessage::Stderr(s),
-            ExecEvent::Exit(code) => WsMessage::Exit(code),
-            ExecEvent::Timeout => WsMessage::Timeout,
-            ExecEvent::Error(e) => WsMessage::Error(e),
+            ExecEvent::Exit(code) => {
+                // 137 = killed by SIGKILL, which is how the memory limit ends a program.
+                outcome = if code == 137 { "oom" } else { "exit" };
+                WsMessage::Exit(code)
+            }
+            ExecEvent::Timeout => {
+                outcome = "timeout";
+                WsMessage::Timeout
+            }
+            ExecEvent::Error(e) => {
+                outcome = "error";
+                WsMessage::Error(e)
+            }
         };
         if sink.send(text(&message)).await.is_err() {
             break;
@@ -142,6 +154,12 @@ async fn session(
     observe::emit(&state, &runner, || {
         observe::ended(last.as_ref(), started.elapsed())
     });
+    metrics::counter!("poseidon_executions_total",
+        "environment" => environment.clone(), "outcome" => outcome)
+    .increment(1);
+    metrics::histogram!("poseidon_execution_duration_seconds",
+        "environment" => environment, "outcome" => outcome)
+    .record(started.elapsed());
     reader.abort();
     let _ = sink.close().await;
 }

@@ -21,8 +21,8 @@ pub(crate) struct EnvironmentBody {
     pub(crate) cpu_limit: u32,
     pub(crate) memory_limit: u32,
     pub(crate) network_access: bool,
-    #[serde(default)]
-    pub(crate) exposed_ports: Option<Vec<u16>>,
+    /// Required by the contract; `null` is refused like any other non-array.
+    pub(crate) exposed_ports: Vec<u16>,
 }
 
 /// Accepts `100` and `100.0` (the contract says `number`), refuses fractions and negatives.
@@ -149,8 +149,9 @@ pub(crate) struct ExecuteBody {
     pub(crate) privileged_execution: bool,
     #[serde(default)]
     pub(crate) time_limit: i64,
+    /// Absent: empty; `null` is refused (the contract's type is not nullable).
     #[serde(default)]
-    pub(crate) environment: Option<BTreeMap<String, String>>,
+    pub(crate) environment: BTreeMap<String, String>,
 }
 
 /// Response of `POST /runners/{id}/execute`.
@@ -164,10 +165,12 @@ pub(crate) struct ExecuteView {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct FilesBody {
+    /// Absent: empty; `null` is refused (the contract's type is not nullable).
     #[serde(default)]
-    pub(crate) delete: Option<Vec<String>>,
+    pub(crate) delete: Vec<String>,
+    /// Absent: empty; `null` is refused (the contract's type is not nullable).
     #[serde(default)]
-    pub(crate) copy: Option<Vec<CopyBody>>,
+    pub(crate) copy: Vec<CopyBody>,
 }
 
 /// One file of a `PATCH /files` body.

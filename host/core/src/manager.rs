@@ -39,6 +39,8 @@ pub struct EnvironmentStatistics {
     pub used_runners: u32,
     /// Why the newest runner start failed (the backend's words), while no start has succeeded since.
     pub start_failure: Option<String>,
+    /// Runners being started.
+    pub starting_runners: u32,
 }
 
 /// Owns environments, pools and claimed runners; every API operation goes through it.
@@ -469,6 +471,7 @@ impl Manager {
                 idle_runners: env.idle_count() as u32,
                 used_runners: used.get(&env.config.id).copied().unwrap_or(0),
                 start_failure: env.start_failure(),
+                starting_runners: env.starting_count() as u32,
             })
             .collect();
         stats.sort_by_key(|s| s.id);

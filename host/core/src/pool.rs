@@ -173,10 +173,15 @@ pub(crate) async fn reconcile(
                 let done = done_tx.clone();
                 tokio::spawn(async move {
                     let id = RunnerId::generate(env.config.id);
+                    let started = Instant::now();
                     let result = backend.create_runner(&env.config, id).await;
                     let ok = result.is_ok();
                     *env.start_failure.lock().unwrap() =
                         result.as_ref().err().map(ToString::to_string);
+                    metrics::histogram!("poseidon_runner_start_duration_seconds",
+                        "environment" => env.config.id.to_string(),
+                        "outcome" => if ok { "ok" } else { "error" })
+                    .record(started.elapsed());
                     match result {
                         Ok(runner) if env.stop.is_cancelled() => {
                             if let Err(e) = runner.destroy().await {

@@ -144,8 +144,22 @@ impl NomadClient {
     }
 
     async fn send(&self, r: reqwest::RequestBuilder) -> Result<(Value, u64), NomadError> {
-        let resp = r.send().await.map_err(classify)?;
+        let resp = match r.send().await {
+            Ok(resp) => resp,
+            Err(e) => {
+                metrics::counter!("poseidon_nomad_requests_total", "status" => "error")
+                    .increment(1);
+                return Err(classify(e));
+            }
+        };
         let status = resp.status().as_u16();
+        let class = match status {
+            200..=299 => "2xx",
+            400..=499 => "4xx",
+            500..=599 => "5xx",
+            _ => "other",
+        };
+        metrics::counter!("poseidon_nomad_requests_total", "status" => class).increment(1);
         let index = resp
             .headers()
             .get("X-Nomad-Index")

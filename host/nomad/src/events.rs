@@ -95,6 +95,10 @@ fn with_reason(what: &str, alloc: &Value) -> String {
 
 /// Applies one event; returns the runner that was lost, if any.
 pub fn apply(tracker: &mut Tracker, event: &Value) -> Option<(String, LostReason)> {
+    metrics::counter!("poseidon_nomad_events_total",
+        "topic" => event["Topic"].as_str().unwrap_or("").to_string(),
+        "type" => event["Type"].as_str().unwrap_or("").to_string())
+    .increment(1);
     match event["Topic"].as_str()? {
         "Job" => {
             let job = event["Key"].as_str()?;
@@ -384,6 +388,7 @@ pub async fn run(shared: Arc<Shared>, tx: mpsc::Sender<BackendEvent>, stop: Canc
                     .await;
                 }
                 if !first {
+                    metrics::counter!("poseidon_nomad_event_stream_reconnects_total").increment(1);
                     let _ = tx.send(BackendEvent::EnvironmentsChanged).await;
                 }
                 first = false;

@@ -88,7 +88,7 @@ pub(crate) async fn put(
             "image must not contain NUL characters",
         ));
     }
-    let ports = body.exposed_ports.unwrap_or_default();
+    let ports = body.exposed_ports;
     if ports.contains(&0) {
         return Err(ApiError::bad_request(
             "exposedPorts must be between 1 and 65535",

@@ -25,7 +25,7 @@ pub(crate) async fn update(
     let runner = runner(&state, &id, principal.as_deref())?;
     let body: FilesBody = body::json(request_body, state.settings.max_body_bytes).await?;
     let mut update = FileUpdate::default();
-    for path in body.delete.unwrap_or_default() {
+    for path in body.delete {
         check_path(&path)?;
         update.delete.push(if path == "./*" {
             path
@@ -33,7 +33,7 @@ pub(crate) async fn update(
             clean_path(&path)
         });
     }
-    for copy in body.copy.unwrap_or_default() {
+    for copy in body.copy {
         check_path(&copy.path)?;
         let content = match copy.content {
             None => Vec::new(),
@@ -57,6 +57,7 @@ pub(crate) async fn update(
         .await
         .map_err(ApiError::bad_request)?;
     runner.touch();
+    let bytes: usize = update.copy.iter().map(|c| c.content.len()).sum();
     let result = runner.backend().update_files(&update).await;
     runner.touch();
     result?;
@@ -65,6 +66,9 @@ pub(crate) async fn update(
         deleted: u32::try_from(update.delete.len()).unwrap_or(u32::MAX),
         bytes: update.copy.iter().map(|f| f.content.len() as u64).sum(),
     });
+    metrics::counter!("poseidon_file_bytes_copied_total",
+        "environment" => runner.environment().to_string())
+    .increment(bytes as u64);
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -131,6 +135,9 @@ pub(crate) async fn download(
     runner.touch();
     let download = runner.backend().download_file(&path, privileged).await?;
     runner.touch();
+    metrics::counter!("poseidon_file_bytes_downloaded_total",
+        "environment" => runner.environment().to_string())
+    .increment(download.size);
     Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, "application/octet-stream")

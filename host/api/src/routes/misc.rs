@@ -1,4 +1,4 @@
-//! `/health`, `/version`, `/statistics/execution-environments` and `/plugins`.
+//! `/health`, `/version`, `/openapi.yaml`, `/statistics/execution-environments` and `/plugins`.
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -59,4 +59,16 @@ pub(crate) async fn statistics(
 /// The state of every policy plugin (an empty array without plugins).
 pub(crate) async fn plugins(State(state): State<AppState>) -> Response {
     Json(state.policies.plugins_status()).into_response()
+}
+
+/// This server's OpenAPI document: the Poseidon contract as implemented here plus its own routes.
+pub(crate) const OPENAPI: &str = include_str!("../../openapi.yaml");
+
+/// The OpenAPI document (YAML).
+pub(crate) async fn openapi() -> Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/yaml")],
+        OPENAPI,
+    )
+        .into_response()
 }

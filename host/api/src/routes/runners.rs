@@ -28,6 +28,7 @@ pub(crate) async fn claim(
     let body: ClaimBody = body::json(request_body, state.settings.max_body_bytes).await?;
     let timeout = seconds("inactivityTimeout", body.inactivity_timeout)?;
     let environment = body.execution_environment_id;
+    crate::telemetry::record_environment(environment);
     if let Some(p) = principal.as_deref() {
         if !p.may_use(environment) {
             return Err(ApiError::new(
@@ -38,7 +39,19 @@ pub(crate) async fn claim(
         }
     }
     let owner = principal.map(|p| p.0.tenant);
-    let runner = state.manager.claim(environment, timeout, owner)?;
+    let label = environment.to_string();
+    let runner = match state.manager.claim(environment, timeout, owner) {
+        Ok(runner) => runner,
+        Err(e) => {
+            if matches!(e, poseidon_core::CoreError::PoolEmpty) {
+                metrics::counter!("poseidon_empty_pool_misses_total", "environment" => label)
+                    .increment(1);
+            }
+            return Err(e.into());
+        }
+    };
+    metrics::counter!("poseidon_runner_claims_total", "environment" => label).increment(1);
+    crate::telemetry::record_runner(&runner.id().to_string(), environment);
     crate::observe::emit(&state, &runner, || crate::LifecycleKind::Claimed);
     let view = ClaimView {
         runner_id: runner.id().to_string(),
@@ -117,7 +130,7 @@ pub(crate) async fn execute(
     }
     let time_limit = seconds("timeLimit", body.time_limit)?;
     let mut environment = Vec::new();
-    for (name, value) in body.environment.unwrap_or_default() {
+    for (name, value) in body.environment {
         if !valid_variable_name(&name) {
             return Err(ApiError::bad_request(format!(
                 "invalid environment variable name {name:?}: it must match [a-zA-Z_][a-zA-Z0-9_]*"
