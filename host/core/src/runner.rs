@@ -100,9 +100,36 @@ impl Runner {
         self.owner.as_deref()
     }
 
-    /// The backend's handle (files, ports).
-    pub fn backend(&self) -> &Arc<dyn RunnerBackend> {
+    /// The backend's handle.
+    pub(crate) fn backend(&self) -> &Arc<dyn RunnerBackend> {
         &self.backend
+    }
+
+    /// Ports of the runner reachable from outside.
+    pub fn mapped_ports(&self) -> Vec<crate::backend::MappedPort> {
+        self.backend.mapped_ports()
+    }
+
+    /// Deletes, then copies files (as the runner's root).
+    pub async fn update_files(&self, update: &crate::files::FileUpdate) -> Result<(), CoreError> {
+        Ok(self.backend.update_files(update).await?)
+    }
+
+    /// Lists files.
+    pub async fn list_files(
+        &self,
+        request: &crate::backend::ListRequest,
+    ) -> Result<Vec<crate::files::FileEntry>, CoreError> {
+        Ok(self.backend.list_files(request).await?)
+    }
+
+    /// Streams one regular file.
+    pub async fn download_file(
+        &self,
+        path: &str,
+        privileged: bool,
+    ) -> Result<crate::backend::FileDownload, CoreError> {
+        Ok(self.backend.download_file(path, privileged).await?)
     }
 
     /// Counts as activity: restarts the inactivity timeout.

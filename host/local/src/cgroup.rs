@@ -231,7 +231,9 @@ impl RunnerCgroup {
                 return;
             }
             if attempt > 0 || any {
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                // Killed processes are gone within a millisecond or two: poll fast, then slower.
+                let pause = std::time::Duration::from_micros(500 << attempt.min(5));
+                tokio::time::sleep(pause).await;
             }
         }
         tracing::warn!(groups = ?self.dirs, "could not remove a runner's cgroups");

@@ -58,7 +58,7 @@ pub(crate) async fn update(
         .map_err(ApiError::bad_request)?;
     runner.touch();
     let bytes: usize = update.copy.iter().map(|c| c.content.len()).sum();
-    let result = runner.backend().update_files(&update).await;
+    let result = runner.update_files(&update).await;
     runner.touch();
     result?;
     crate::observe::emit(&state, &runner, || crate::LifecycleKind::FilesChanged {
@@ -102,7 +102,6 @@ pub(crate) async fn list(
     check_path(&path)?;
     runner.touch();
     let entries = runner
-        .backend()
         .list_files(&ListRequest {
             path,
             recursive,
@@ -133,7 +132,7 @@ pub(crate) async fn download(
         .clone();
     check_path(&path)?;
     runner.touch();
-    let download = runner.backend().download_file(&path, privileged).await?;
+    let download = runner.download_file(&path, privileged).await?;
     runner.touch();
     metrics::counter!("poseidon_file_bytes_downloaded_total",
         "environment" => runner.environment().to_string())

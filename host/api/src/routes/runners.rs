@@ -56,7 +56,6 @@ pub(crate) async fn claim(
     let view = ClaimView {
         runner_id: runner.id().to_string(),
         mapped_ports: runner
-            .backend()
             .mapped_ports()
             .into_iter()
             .map(MappedPortView::from)
