@@ -51,7 +51,32 @@ impl Drop for Proc {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+        end_runners(&self.dir.join("state/runners"));
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Runners outlive the server (the next start would recover them): end their sandboxes, as
+/// recorded in each runner's `runner.json`, and unmount their directories.
+fn end_runners(runners: &Path) {
+    let Ok(entries) = std::fs::read_dir(runners) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let state: serde_json::Value = std::fs::read_to_string(entry.path().join("runner.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default();
+        for key in ["init_pid", "monitor_pid", "network_pid"] {
+            if let Some(pid) = state[key].as_u64().filter(|p| *p > 1) {
+                let _ = Command::new("kill")
+                    .arg("-KILL")
+                    .arg(pid.to_string())
+                    .stderr(Stdio::null())
+                    .status();
+            }
+        }
+        let _ = Command::new("umount").arg("-l").arg(entry.path()).status();
     }
 }
 
