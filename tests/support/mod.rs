@@ -635,6 +635,15 @@ impl Drop for Server {
         // Runners outlive the server (for the next process to recover): end their sandboxes,
         // then remove mounts, files and cgroups.
         let runners = self.state.join("state/runners");
+        // A sandbox whose start the stopping server interrupted has no runner.json yet: its
+        // command line names the state directory.
+        for pid in host_processes_with(&runners.to_string_lossy()) {
+            let _ = Command::new("kill")
+                .arg("-KILL")
+                .arg(pid.to_string())
+                .stderr(Stdio::null())
+                .status();
+        }
         if let Ok(entries) = std::fs::read_dir(&runners) {
             for e in entries.flatten() {
                 kill_runner(&e.path());
