@@ -45,8 +45,8 @@ ip link set dummy0 up && ip addr add 10.0.2.15/24 dev dummy0 && ip route add def
 echo "cgroup: \$(cat /proc/self/cgroup)"
 status=0
 cd /tmp
-/mnt/host/test-sandbox --test-threads=2 ${VM_TEST_FILTER:-} || status=1
-/mnt/host/test-api --test-threads=2 ${VM_API_FILTER:-local:: runners_survive} || status=1
+/mnt/host/test-sandbox --test-threads=1 ${VM_TEST_FILTER:-} || status=1
+/mnt/host/test-api --test-threads=1 ${VM_API_FILTER:-local:: runners_survive} || status=1
 exit \$status
 EOS
 chmod +x "$dir/payload.sh"
