@@ -2,6 +2,8 @@
 //! `NOTIFY_SOCKET` the test listens on, socket activation through Debian's
 //! `systemd-socket-activate`, and a graceful shutdown that finishes requests in flight.
 
+mod support;
+
 use std::io::{BufRead, BufReader};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
@@ -51,32 +53,8 @@ impl Drop for Proc {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
-        end_runners(&self.dir.join("state/runners"));
+        support::end_runners(&self.dir.join("state/runners"));
         let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// Runners outlive the server (the next start would recover them): end their sandboxes, as
-/// recorded in each runner's `runner.json`, and unmount their directories.
-fn end_runners(runners: &Path) {
-    let Ok(entries) = std::fs::read_dir(runners) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let state: serde_json::Value = std::fs::read_to_string(entry.path().join("runner.json"))
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok())
-            .unwrap_or_default();
-        for key in ["init_pid", "monitor_pid", "network_pid"] {
-            if let Some(pid) = state[key].as_u64().filter(|p| *p > 1) {
-                let _ = Command::new("kill")
-                    .arg("-KILL")
-                    .arg(pid.to_string())
-                    .stderr(Stdio::null())
-                    .status();
-            }
-        }
-        let _ = Command::new("umount").arg("-l").arg(entry.path()).status();
     }
 }
 

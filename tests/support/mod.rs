@@ -634,22 +634,7 @@ impl Drop for Server {
         }
         // Runners outlive the server (for the next process to recover): end their sandboxes,
         // then remove mounts, files and cgroups.
-        let runners = self.state.join("state/runners");
-        // A sandbox whose start the stopping server interrupted has no runner.json yet: its
-        // command line names the state directory.
-        for pid in host_processes_with(&runners.to_string_lossy()) {
-            let _ = Command::new("kill")
-                .arg("-KILL")
-                .arg(pid.to_string())
-                .stderr(Stdio::null())
-                .status();
-        }
-        if let Ok(entries) = std::fs::read_dir(&runners) {
-            for e in entries.flatten() {
-                kill_runner(&e.path());
-                let _ = Command::new("umount").arg("-l").arg(e.path()).status();
-            }
-        }
+        end_runners(&self.state.join("state/runners"));
         let _ = std::fs::remove_dir_all(&self.state);
         for c in ["memory", "pids", "cpu"] {
             let dir = PathBuf::from("/sys/fs/cgroup").join(c).join(&self.cgroup);
@@ -665,21 +650,34 @@ impl Drop for Server {
     }
 }
 
-/// Kills the processes a runner directory's `runner.json` names.
-fn kill_runner(dir: &std::path::Path) {
-    let Ok(text) = std::fs::read_to_string(dir.join("runner.json")) else {
+/// Ends the sandboxes of a stopped server's runners (they outlive it) and unmounts their
+/// directories: the processes each `runner.json` names, and those whose command line names the
+/// runners directory (a sandbox whose start the stopping server interrupted has no runner.json).
+pub fn end_runners(runners: &std::path::Path) {
+    let kill = |pid: u64| {
+        let _ = Command::new("kill")
+            .arg("-KILL")
+            .arg(pid.to_string())
+            .stderr(Stdio::null())
+            .status();
+    };
+    for pid in host_processes_with(&runners.to_string_lossy()) {
+        kill(u64::from(pid));
+    }
+    let Ok(entries) = std::fs::read_dir(runners) else {
         return;
     };
-    let Ok(state) = serde_json::from_str::<Value>(&text) else {
-        return;
-    };
-    for key in ["initPid", "init_pid", "monitor_pid", "network_pid"] {
-        if let Some(pid) = state[key].as_u64().filter(|p| *p > 1) {
-            let _ = Command::new("kill")
-                .arg("-KILL")
-                .arg(pid.to_string())
-                .status();
+    for entry in entries.flatten() {
+        let state: Value = std::fs::read_to_string(entry.path().join("runner.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default();
+        for key in ["init_pid", "monitor_pid", "network_pid"] {
+            if let Some(pid) = state[key].as_u64().filter(|p| *p > 1) {
+                kill(pid);
+            }
         }
+        let _ = Command::new("umount").arg("-l").arg(entry.path()).status();
     }
 }
 

@@ -329,27 +329,29 @@ impl Manager {
             Some(why) => CoreError::PoolFailing(why),
             None => CoreError::PoolEmpty,
         })?;
+        let runner = Arc::new(Runner::new(environment, backend, inactivity_timeout, owner));
+        {
+            let mut runners = self.inner.runners.write().unwrap();
+            // Checked under the lock that a teardown sweeps the claimed runners with, after it shut
+            // the environment down: a runner is either swept by the teardown or never registered.
+            if env.is_shut_down() {
+                drop(runners);
+                let backend = Arc::clone(runner.backend());
+                tokio::spawn(async move {
+                    let _ = backend.destroy().await;
+                });
+                return Err(CoreError::EnvironmentNotFound);
+            }
+            runners.insert(runner.id().clone(), Arc::clone(&runner));
+        }
         let timeout_secs = inactivity_timeout.map(|d| d.as_secs() as i64).unwrap_or(0);
-        let marker = Arc::clone(&backend);
+        let marker = Arc::clone(runner.backend());
         tokio::spawn(async move {
             if let Err(e) = marker.mark_claimed(Some(timeout_secs)).await {
                 tracing::warn!(runner = %marker.id(), error = %e, "could not record the claim");
             }
         });
-        let runner = self.adopt_claimed(environment, backend, inactivity_timeout, owner);
-        // The environment may have been torn down between taking the runner and registering it;
-        // its teardown then missed this runner, so it goes here (unless the teardown got it).
-        if env.is_shut_down() {
-            let orphan = self.inner.runners.write().unwrap().remove(runner.id());
-            if let Some(orphan) = orphan {
-                orphan.mark_destroyed(DestroyReason::EnvironmentDeleted);
-                let backend = Arc::clone(orphan.backend());
-                tokio::spawn(async move {
-                    let _ = backend.destroy().await;
-                });
-            }
-            return Err(CoreError::EnvironmentNotFound);
-        }
+        self.watch_inactivity(&runner);
         Ok(runner)
     }
 
@@ -366,8 +368,14 @@ impl Manager {
             .write()
             .unwrap()
             .insert(runner.id().clone(), Arc::clone(&runner));
+        self.watch_inactivity(&runner);
+        runner
+    }
+
+    /// Destroys the runner when its inactivity timeout expires.
+    fn watch_inactivity(&self, runner: &Arc<Runner>) {
         let weak = Arc::downgrade(&self.inner);
-        let watched = Arc::clone(&runner);
+        let watched = Arc::clone(runner);
         tokio::spawn(async move {
             if watched.inactivity_expired().await {
                 if let Some(inner) = weak.upgrade() {
@@ -378,7 +386,6 @@ impl Manager {
                 }
             }
         });
-        runner
     }
 
     /// A claimed runner.

@@ -156,23 +156,51 @@ impl AgentClient {
         self.send(Frame::control(stream, request)).await
     }
 
-    /// Health check.
-    pub async fn ping(&self, limit: Duration) -> Result<(), AgentError> {
+    /// Sends `request` (then `archive`, if any, as data frames) on a new stream and waits up to
+    /// `limit` for the answer; `NotFound` and `Failed` answers become errors. The stream is closed
+    /// afterwards unless `keep_open` (a download, whose data follows) and the call succeeded.
+    async fn call(
+        &self,
+        request: &Request,
+        archive: Option<Bytes>,
+        limit: Duration,
+        keep_open: bool,
+    ) -> Result<(Reply, u32, mpsc::Receiver<Frame>), AgentError> {
         let (stream, mut rx) = self.open();
         let result = async {
-            self.request(stream, &Request::Ping).await?;
+            self.request(stream, request).await?;
+            if let Some(mut rest) = archive {
+                while !rest.is_empty() {
+                    let chunk = rest.split_to(rest.len().min(256 * 1024));
+                    self.send(Frame::data(FrameKind::Data, stream, chunk))
+                        .await?;
+                }
+                self.send(Frame::data(FrameKind::DataEnd, stream, Bytes::new()))
+                    .await?;
+            }
             let frame = tokio::time::timeout(limit, rx.recv())
                 .await
                 .map_err(|_| AgentError::Timeout(limit))?
                 .ok_or_else(gone)?;
             match frame.parse::<Reply>()? {
-                Reply::Pong => Ok(()),
-                other => Err(unexpected(&other)),
+                Reply::NotFound => Err(AgentError::NotFound),
+                Reply::Failed { message, stderr } => Err(AgentError::Failed { message, stderr }),
+                reply => Ok(reply),
             }
         }
         .await;
-        self.close_stream(stream);
-        result
+        if result.is_err() || !keep_open {
+            self.close_stream(stream);
+        }
+        result.map(|reply| (reply, stream, rx))
+    }
+
+    /// Health check.
+    pub async fn ping(&self, limit: Duration) -> Result<(), AgentError> {
+        match self.call(&Request::Ping, None, limit, false).await?.0 {
+            Reply::Pong => Ok(()),
+            other => Err(unexpected(&other)),
+        }
     }
 
     /// Starts a process. With `tty`, standard error's line ends become `\r\n`, as a terminal would
@@ -259,41 +287,17 @@ impl AgentClient {
         archive: Bytes,
         limit: Duration,
     ) -> Result<(), AgentError> {
-        let (stream, mut rx) = self.open();
-        let result = async {
-            let has_archive = !archive.is_empty();
-            self.request(
-                stream,
-                &Request::UpdateFiles {
-                    delete,
-                    cwd,
-                    archive: has_archive,
-                },
-            )
-            .await?;
-            if has_archive {
-                let mut rest = archive;
-                while !rest.is_empty() {
-                    let chunk = rest.split_to(rest.len().min(256 * 1024));
-                    self.send(Frame::data(FrameKind::Data, stream, chunk))
-                        .await?;
-                }
-                self.send(Frame::data(FrameKind::DataEnd, stream, Bytes::new()))
-                    .await?;
-            }
-            let frame = tokio::time::timeout(limit, rx.recv())
-                .await
-                .map_err(|_| AgentError::Timeout(limit))?
-                .ok_or_else(gone)?;
-            match frame.parse::<Reply>()? {
-                Reply::Done => Ok(()),
-                Reply::Failed { message, stderr } => Err(AgentError::Failed { message, stderr }),
-                other => Err(unexpected(&other)),
-            }
+        let has_archive = !archive.is_empty();
+        let request = Request::UpdateFiles {
+            delete,
+            cwd,
+            archive: has_archive,
+        };
+        let archive = has_archive.then_some(archive);
+        match self.call(&request, archive, limit, false).await?.0 {
+            Reply::Done => Ok(()),
+            other => Err(unexpected(&other)),
         }
-        .await;
-        self.close_stream(stream);
-        result
     }
 
     /// Lists a path.
@@ -305,32 +309,16 @@ impl AgentClient {
         identity: Identity,
         limit: Duration,
     ) -> Result<Vec<FileEntry>, AgentError> {
-        let (stream, mut rx) = self.open();
-        let result = async {
-            self.request(
-                stream,
-                &Request::List {
-                    path,
-                    recursive,
-                    cwd,
-                    identity,
-                },
-            )
-            .await?;
-            let frame = tokio::time::timeout(limit, rx.recv())
-                .await
-                .map_err(|_| AgentError::Timeout(limit))?
-                .ok_or_else(gone)?;
-            match frame.parse::<Reply>()? {
-                Reply::Listing { entries } => Ok(entries.into_iter().map(file_entry).collect()),
-                Reply::NotFound => Err(AgentError::NotFound),
-                Reply::Failed { message, stderr } => Err(AgentError::Failed { message, stderr }),
-                other => Err(unexpected(&other)),
-            }
+        let request = Request::List {
+            path,
+            recursive,
+            cwd,
+            identity,
+        };
+        match self.call(&request, None, limit, false).await?.0 {
+            Reply::Listing { entries } => Ok(entries.into_iter().map(file_entry).collect()),
+            other => Err(unexpected(&other)),
         }
-        .await;
-        self.close_stream(stream);
-        result
     }
 
     /// Streams a regular file: its exact size, then its content.
@@ -341,34 +329,16 @@ impl AgentClient {
         identity: Identity,
         limit: Duration,
     ) -> Result<FileDownload, AgentError> {
-        let (stream, mut rx) = self.open();
-        let first = async {
-            self.request(
-                stream,
-                &Request::Read {
-                    path,
-                    cwd,
-                    identity,
-                },
-            )
-            .await?;
-            let frame = tokio::time::timeout(limit, rx.recv())
-                .await
-                .map_err(|_| AgentError::Timeout(limit))?
-                .ok_or_else(gone)?;
-            match frame.parse::<Reply>()? {
-                Reply::FileSize { size } => Ok(size),
-                Reply::NotFound => Err(AgentError::NotFound),
-                Reply::Failed { message, stderr } => Err(AgentError::Failed { message, stderr }),
-                other => Err(unexpected(&other)),
-            }
-        }
-        .await;
-        let size = match first {
-            Ok(size) => size,
-            Err(e) => {
+        let request = Request::Read {
+            path,
+            cwd,
+            identity,
+        };
+        let (size, stream, rx) = match self.call(&request, None, limit, true).await? {
+            (Reply::FileSize { size }, stream, rx) => (size, stream, rx),
+            (other, stream, _) => {
                 self.close_stream(stream);
-                return Err(e);
+                return Err(unexpected(&other));
             }
         };
         let client = self.clone();
