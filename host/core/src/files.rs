@@ -20,26 +20,9 @@ pub struct FileUpdate {
     pub copy: Vec<FileCopy>,
 }
 
-/// One entry of a file listing.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FileEntry {
-    /// Path as listed (bare name when not recursive, prefixed by the listed directory otherwise).
-    pub name: String,
-    /// `ls`-style type character (`-`, `d`, `l`, ...).
-    pub entry_type: char,
-    /// Target of a symbolic link.
-    pub link_target: Option<String>,
-    /// Size in bytes.
-    pub size: u64,
-    /// Modification time, Unix seconds.
-    pub modification_time: i64,
-    /// The nine `rwx` characters.
-    pub permissions: String,
-    /// Owner name.
-    pub owner: String,
-    /// Group name.
-    pub group: String,
-}
+/// One entry of a file listing: the agent protocol's entry, so that a listing passes from a
+/// runner's agent to the API without a copy of the type.
+pub use poseidon_agent_protocol::Entry as FileEntry;
 
 /// Lexically cleans a path like Go's `path.Clean`: `./a/../b` → `b`, `dir/` → `dir`, `` → `.`.
 pub fn clean_path(path: &str) -> String {

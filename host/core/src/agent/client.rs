@@ -8,8 +8,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use poseidon_agent_protocol::{
-    encode, Decoder, Entry, Frame, FrameKind, Identity, ProtocolError, Reply, Request,
-    PROTOCOL_VERSION,
+    encode, Decoder, Frame, FrameKind, Identity, ProtocolError, Reply, Request, PROTOCOL_VERSION,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
@@ -121,11 +120,6 @@ impl AgentClient {
         self.closed.is_cancelled()
     }
 
-    /// Resolves when the connection is gone.
-    pub async fn closed(&self) {
-        self.closed.cancelled().await
-    }
-
     async fn send(&self, frame: Frame) -> Result<(), AgentError> {
         if self.closed.is_cancelled() {
             return Err(AgentError::Unreachable("the connection is closed".into()));
@@ -193,14 +187,6 @@ impl AgentClient {
             self.close_stream(stream);
         }
         result.map(|reply| (reply, stream, rx))
-    }
-
-    /// Health check.
-    pub async fn ping(&self, limit: Duration) -> Result<(), AgentError> {
-        match self.call(&Request::Ping, None, limit, false).await?.0 {
-            Reply::Pong => Ok(()),
-            other => Err(unexpected(&other)),
-        }
     }
 
     /// Starts a process. With `tty`, standard error's line ends become `\r\n`, as a terminal would
@@ -316,7 +302,7 @@ impl AgentClient {
             identity,
         };
         match self.call(&request, None, limit, false).await?.0 {
-            Reply::Listing { entries } => Ok(entries.into_iter().map(file_entry).collect()),
+            Reply::Listing { entries } => Ok(entries),
             other => Err(unexpected(&other)),
         }
     }
@@ -378,19 +364,6 @@ fn gone() -> AgentError {
 
 fn unexpected(reply: &Reply) -> AgentError {
     AgentError::Protocol(ProtocolError::Unexpected(format!("{reply:?}")))
-}
-
-fn file_entry(e: Entry) -> FileEntry {
-    FileEntry {
-        name: e.name,
-        entry_type: e.entry_type,
-        link_target: e.link_target,
-        size: e.size,
-        modification_time: e.modification_time,
-        permissions: e.permissions,
-        owner: e.owner,
-        group: e.group,
-    }
 }
 
 async fn write_frames(

@@ -93,14 +93,6 @@ impl AgentRunner {
         *slot = Some(client.clone());
         Ok(client)
     }
-
-    /// Whether the agent answers a ping within `limit`.
-    pub async fn is_healthy(&self, limit: Duration) -> bool {
-        match self.client().await {
-            Ok(client) => client.ping(limit).await.is_ok(),
-            Err(_) => false,
-        }
-    }
 }
 
 fn identity(privileged: bool) -> Identity {
