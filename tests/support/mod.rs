@@ -635,7 +635,9 @@ impl Drop for Server {
         // Runners outlive the server (for the next process to recover): end their sandboxes,
         // then remove mounts, files and cgroups.
         end_runners(&self.state.join("state/runners"));
-        let _ = std::fs::remove_dir_all(&self.state);
+        if std::env::var_os("POSEIDON_TEST_KEEP_STATE").is_none() {
+            let _ = std::fs::remove_dir_all(&self.state);
+        }
         for c in ["memory", "pids", "cpu"] {
             let dir = PathBuf::from("/sys/fs/cgroup").join(c).join(&self.cgroup);
             if let Ok(entries) = std::fs::read_dir(&dir) {

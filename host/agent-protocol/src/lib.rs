@@ -23,4 +23,8 @@ mod codec;
 mod messages;
 
 pub use codec::{encode, Decoder, Frame, FrameKind, ProtocolError, HEADER_LEN, MAX_FRAME};
-pub use messages::{Entry, Identity, Reply, Request, PROTOCOL_VERSION};
+pub use messages::{Entry, Identity, Reply, Request, Resume, PROTOCOL_VERSION};
+
+/// The line `poseidon-agent --connect SOCKET` prints once it reached the agent (an exec session
+/// into a container carries the protocol after it; before it, the session's output is an error).
+pub const BRIDGE_BANNER: &str = "poseidon-agent connected";

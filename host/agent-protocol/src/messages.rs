@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 /// The protocol version both sides must share.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Who a process or file operation runs as inside the runner.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -23,6 +23,11 @@ pub enum Request {
     Hello {
         /// The gateway's [`PROTOCOL_VERSION`].
         version: u32,
+        /// Executions of an earlier connection the gateway still follows: the agent first sends
+        /// again what of their output came after `from` (and their end, if they ended), then
+        /// carries on. An execution it no longer knows is answered with [`Reply::Failed`].
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        resume: Vec<Resume>,
     },
     /// Starts a process; output follows as stdout/stderr frames, then [`Reply::Exited`].
     Exec {
@@ -36,6 +41,14 @@ pub enum Request {
         identity: Identity,
         /// Standard input and output on a terminal (standard error stays a pipe).
         tty: bool,
+        /// `env` is added to the agent's own environment instead of replacing it (a container's
+        /// agent inherits the image's environment, as `docker exec` gives it); for `user`, `HOME`,
+        /// `USER` and `LOGNAME` then follow the runner's account of `user`.
+        #[serde(default)]
+        inherit_env: bool,
+        /// With `tty`, standard error goes to the terminal too (one stream, in the order written).
+        #[serde(default)]
+        stderr_on_terminal: bool,
     },
     /// Sends a signal to every process the execution started (its whole session).
     Signal {
@@ -73,6 +86,19 @@ pub enum Request {
     },
     /// Asks for [`Reply::Pong`] (health).
     Ping,
+}
+
+/// An execution to pick up again after a broken connection ([`Request::Hello`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Resume {
+    /// The execution's stream.
+    pub stream: u32,
+    /// Bytes of its output (stdout and stderr frames' payloads, in order) the gateway has.
+    pub from: u64,
+    /// Whether the gateway saw it start: one it did not see may never have reached the agent
+    /// (then the agent says nothing and the gateway sends the request again).
+    pub started: bool,
 }
 
 /// One entry of a listing.

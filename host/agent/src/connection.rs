@@ -5,23 +5,30 @@ use std::os::unix::fs::PermissionsExt;
 
 use bytes::{Bytes, BytesMut};
 use poseidon_agent_protocol::{
-    encode, Decoder, Frame, FrameKind, ProtocolError, Reply, Request, PROTOCOL_VERSION,
+    encode, Decoder, Frame, FrameKind, ProtocolError, Reply, Request, Resume, PROTOCOL_VERSION,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 use crate::session::{Input, Session};
-use crate::{exec, files};
+use crate::{environment, exec, files};
 
 /// Largest tar archive one file update may carry.
 const MAX_ARCHIVE: usize = 1024 * 1024 * 1024;
 
-/// Listens on a Unix socket (mode 0600) and serves each connection; a new connection replaces
-/// the current one.
-pub(crate) async fn serve_socket(path: &str, session: Session) -> std::io::Result<()> {
+/// Listens on a Unix socket (mode 0600), calls `listening`, and serves each connection; a new
+/// connection replaces the current one.
+pub(crate) async fn serve_socket(
+    path: &str,
+    session: Session,
+    listening: impl FnOnce(),
+) -> std::io::Result<()> {
     let _ = std::fs::remove_file(path);
-    let listener = tokio::net::UnixListener::bind(path)?;
+    let listener = crate::socket_path::short(path, |p| std::os::unix::net::UnixListener::bind(p))?;
+    listener.set_nonblocking(true)?;
+    let listener = tokio::net::UnixListener::from_std(listener)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    listening();
     loop {
         let (stream, _) = listener.accept().await?;
         let (reader, writer) = stream.into_split();
@@ -38,8 +45,8 @@ pub(crate) async fn serve_stream(
     let (tx, rx) = mpsc::channel::<Frame>(256);
     let writer_task = tokio::spawn(write_frames(writer, rx));
     let mut decoder = Decoder::default();
-    let generation = match handshake(&mut reader, &mut decoder, &tx).await {
-        Ok(()) => session.attach(tx.clone()),
+    let resume = match handshake(&mut reader, &mut decoder, &tx).await {
+        Ok(resume) => resume,
         Err(e) => {
             eprintln!("poseidon-agent: handshake failed: {e}");
             drop(tx);
@@ -47,9 +54,20 @@ pub(crate) async fn serve_stream(
             return;
         }
     };
+    // What the gateway lost with its previous connection goes first, then everything new.
+    let (generation, replay) = session.begin_attach(&resume);
+    for frame in replay {
+        let _ = tx.send(frame).await;
+    }
+    session.finish_attach(generation, tx.clone());
     let mut uploads: HashMap<u32, Upload> = HashMap::new();
     let result = loop {
-        let frame = match next_frame(&mut reader, &mut decoder).await {
+        let frame = tokio::select! {
+            frame = next_frame(&mut reader, &mut decoder) => frame,
+            // A newer connection took over: this one ends (its bridge process with it).
+            _ = session.superseded(generation) => break Ok(()),
+        };
+        let frame = match frame {
             Ok(Some(frame)) => frame,
             Ok(None) => break Ok(()),
             Err(e) => break Err(e),
@@ -76,7 +94,7 @@ async fn handshake(
     reader: &mut (impl AsyncRead + Unpin),
     decoder: &mut Decoder,
     tx: &mpsc::Sender<Frame>,
-) -> Result<(), ProtocolError> {
+) -> Result<Vec<Resume>, ProtocolError> {
     let frame = next_frame(reader, decoder)
         .await?
         .ok_or_else(|| ProtocolError::Unexpected("connection closed before hello".into()))?;
@@ -87,8 +105,8 @@ async fn handshake(
     };
     let _ = tx.send(Frame::control(0, &reply)).await;
     match hello {
-        Request::Hello { version } if version == PROTOCOL_VERSION => Ok(()),
-        Request::Hello { version } => Err(ProtocolError::Version {
+        Request::Hello { version, resume } if version == PROTOCOL_VERSION => Ok(resume),
+        Request::Hello { version, .. } => Err(ProtocolError::Version {
             theirs: version,
             ours: PROTOCOL_VERSION,
         }),
@@ -163,13 +181,21 @@ fn dispatch(
                 cwd,
                 identity,
                 tty,
+                inherit_env,
+                stderr_on_terminal,
             } => {
+                let env = if inherit_env {
+                    environment::inherited(env, identity)
+                } else {
+                    env
+                };
                 let spec = exec::ExecSpec {
                     argv,
                     env,
                     cwd,
                     identity,
                     tty,
+                    stderr_on_terminal: tty && stderr_on_terminal,
                 };
                 exec::start(session.clone(), stream, spec);
             }

@@ -27,6 +27,8 @@ pub(crate) struct ExecSpec {
     pub(crate) cwd: String,
     pub(crate) identity: Identity,
     pub(crate) tty: bool,
+    /// Standard error goes to the terminal too.
+    pub(crate) stderr_on_terminal: bool,
 }
 
 enum Stdin {
@@ -42,11 +44,8 @@ pub(crate) fn start(session: Session, stream: u32, spec: ExecSpec) {
     let registered = session.add_execution(stream, input_tx);
     tokio::spawn(async move {
         if !registered {
-            let reply = Reply::Failed {
-                message: format!("stream {stream} is already in use"),
-                stderr: String::new(),
-            };
-            session.send(Frame::control(stream, &reply)).await;
+            // The gateway sends an execution again when it cannot know whether the request
+            // arrived before a connection broke: the one that did arrive goes on.
             return;
         }
         let code = match run(&session, stream, spec, input_rx).await {
@@ -125,8 +124,11 @@ fn spawn(session: &Session, stream: u32, spec: &ExecSpec) -> std::io::Result<Spa
         .args(&spec.argv)
         .env_clear()
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
-        .current_dir(&spec.cwd)
-        .stderr(Stdio::piped());
+        .current_dir(&spec.cwd);
+    match (&slave, spec.stderr_on_terminal) {
+        (Some(slave), true) => cmd.stderr(Stdio::from(slave.try_clone()?)),
+        _ => cmd.stderr(Stdio::piped()),
+    };
     if master.is_some() {
         cmd.stdin(Stdio::null()).stdout(Stdio::null());
     } else {

@@ -7,6 +7,10 @@
 //! poseidon-agent --listen PATH   serve on a Unix socket (one gateway connection at a time;
 //!                                a new connection replaces the old, executions keep running)
 //! poseidon-agent --stdio         serve on standard input and output
+//! poseidon-agent --daemon PATH   serve on a Unix socket from a detached copy (in a container,
+//!                                started by an exec session that ends); returns once it listens
+//! poseidon-agent --connect PATH  carry standard input and output to the agent at PATH (the
+//!                                gateway's long-lived exec session into a container)
 //! ```
 //!
 //! The agent runs as the runner's root inside the runner's namespaces; everything it touches is the
@@ -14,11 +18,14 @@
 #![forbid(unsafe_code)]
 
 mod connection;
+mod daemon;
+mod environment;
 mod exec;
 mod files;
 mod launch;
 mod pty;
 mod session;
+mod socket_path;
 mod users;
 
 /// Uid and gid of the unprivileged `user` inside a runner.
@@ -36,8 +43,20 @@ pub fn main_with_args(args: Vec<String>) -> i32 {
         Some(files::AS_USER_ARG) => files::run_as_user(&args[2..]),
         Some("--listen") if args.len() == 3 => serve(Listen::Socket(args[2].clone())),
         Some("--stdio") => serve(Listen::Stdio),
+        Some("--daemon") if args.len() == 3 => daemon::start(&args[2]),
+        Some(daemon::SERVE_ARG) if args.len() == 3 => {
+            daemon::detach_session();
+            serve(Listen::Daemon(args[2].clone()))
+        }
+        Some("--connect") if args.len() == 3 => daemon::bridge(&args[2]),
+        Some("--version") => {
+            println!("poseidon-agent {}", env!("CARGO_PKG_VERSION"));
+            0
+        }
         _ => {
-            eprintln!("usage: poseidon-agent --listen SOCKET | --stdio");
+            eprintln!(
+                "usage: poseidon-agent --listen SOCKET | --stdio | --daemon SOCKET | --connect SOCKET"
+            );
             2
         }
     }
@@ -45,6 +64,8 @@ pub fn main_with_args(args: Vec<String>) -> i32 {
 
 enum Listen {
     Socket(String),
+    /// A socket, announcing on standard output once it listens.
+    Daemon(String),
     Stdio,
 }
 
@@ -65,7 +86,14 @@ fn serve(listen: Listen) -> i32 {
         }
         let session = session::Session::new();
         match listen {
-            Listen::Socket(path) => connection::serve_socket(&path, session).await,
+            Listen::Socket(path) => connection::serve_socket(&path, session, || {}).await,
+            Listen::Daemon(path) => {
+                connection::serve_socket(&path, session, || {
+                    daemon::announce_ready();
+                    detach_standard_streams();
+                })
+                .await
+            }
             Listen::Stdio => {
                 connection::serve_stream(tokio::io::stdin(), tokio::io::stdout(), session).await;
                 Ok(())

@@ -61,6 +61,7 @@ impl Agent {
             0,
             &Request::Hello {
                 version: PROTOCOL_VERSION,
+                resume: Vec::new(),
             },
         ));
         let reply: Reply = self.recv().unwrap().parse().unwrap();
@@ -96,6 +97,8 @@ fn runs_a_process_with_pipes_and_reports_its_exit() {
         cwd,
         identity: Identity::Root,
         tty: false,
+        inherit_env: false,
+        stderr_on_terminal: false,
     };
     agent.send(Frame::control(7, &exec));
     agent.send(Frame::data(
@@ -227,6 +230,7 @@ fn malformed_input_ends_the_connection() {
         0,
         &Request::Hello {
             version: PROTOCOL_VERSION + 1,
+            resume: Vec::new(),
         },
     ));
     let reply: Reply = agent.recv().unwrap().parse().unwrap();

@@ -125,7 +125,7 @@ async fn scripted_agent(stream: tokio::io::DuplexStream) {
                 continue;
             };
             match request {
-                Request::Hello { version } => {
+                Request::Hello { version, .. } => {
                     send(Frame::control(0, &Reply::Hello { version, pid: 1 })).await
                 }
                 Request::Ping => send(Frame::control(stream, &Reply::Pong)).await,

@@ -584,7 +584,8 @@ impl Backend for LocalBackend {
         let shared = Arc::clone(&self.shared);
         let sandbox = shared.start_sandbox(config, id).await?;
         let sandbox = Arc::new(sandbox);
-        let client = match AgentRunner::connect(sandbox.as_ref()).await {
+        let channel: Arc<dyn Sandbox> = sandbox.clone();
+        let client = match AgentRunner::connect(&channel).await {
             Ok(client) => client,
             Err(e) => {
                 let log = sandbox.startup_log().await;
@@ -617,7 +618,8 @@ impl Backend for LocalBackend {
         let mut recovered = Vec::new();
         for (id, state) in found {
             let sandbox = Arc::new(self.shared.adopt(id.clone(), state.clone()));
-            match AgentRunner::connect(sandbox.as_ref()).await {
+            let channel: Arc<dyn Sandbox> = sandbox.clone();
+            match AgentRunner::connect(&channel).await {
                 Ok(client) => {
                     tracing::info!(runner = %id, claimed = state.claimed.is_some(), "recovered a runner");
                     self.shared.supervise(Arc::clone(&sandbox));

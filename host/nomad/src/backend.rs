@@ -1,6 +1,7 @@
 //! The Nomad [`Backend`]: environments are template jobs, runners are batch jobs.
 
 use async_trait::async_trait;
+use poseidon_core::agent::{AgentRunner, Sandbox};
 use poseidon_core::backend::{
     Backend, BackendError, BackendEvent, MappedPort, RecoveredRunner, RunnerBackend,
 };
@@ -11,6 +12,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::agent::AgentBinary;
 use crate::api::{NomadClient, NomadError};
 use crate::config::NomadConfig;
 use crate::events::{self, Tracker};
@@ -18,6 +20,8 @@ use crate::jobs::{self, CONFIG_GROUP};
 use crate::reasons;
 use crate::runner::{ports_of, NomadRunner};
 
+/// How long a file operation through the agent may take.
+const FILE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long registration waits for its evaluation (Poseidon: 10 s, then assumes success).
 const EVAL_WAIT: Duration = Duration::from_secs(10);
 
@@ -30,6 +34,8 @@ pub struct Shared {
     /// Mapped ports of each live runner, refreshed from the event stream when its allocation
     /// changes (a rescheduled runner gets new host ports).
     pub(crate) ports: Mutex<HashMap<String, Vec<MappedPort>>>,
+    /// The runner agent put into runners.
+    pub(crate) agent: AgentBinary,
 }
 
 impl Shared {
@@ -64,12 +70,14 @@ impl NomadBackend {
     /// Creates the backend and starts following Nomad's event stream.
     pub fn new(config: NomadConfig) -> Result<Self, BackendError> {
         let client = NomadClient::new(&config)?;
+        let config_agent = config.agentbinary.clone();
         let shared = Arc::new(Shared {
             client,
             config,
             tracker: Mutex::new(Tracker::default()),
             destroyed: Mutex::new(HashSet::new()),
             ports: Mutex::new(HashMap::new()),
+            agent: AgentBinary::new(&config_agent),
         });
         let (tx, rx) = mpsc::channel(256);
         let stop = CancellationToken::new();
@@ -97,6 +105,28 @@ impl NomadBackend {
             running: Mutex::new(Vec::new()),
             job_lock: tokio::sync::Mutex::new(false),
         })
+    }
+
+    /// The runner as core drives it: through its agent (started now when `start`, so that a
+    /// runner in the pool is ready), or through exec sessions per operation without
+    /// `runneragent`.
+    async fn with_agent(
+        &self,
+        runner: Arc<NomadRunner>,
+        start: bool,
+    ) -> Result<Arc<dyn RunnerBackend>, BackendError> {
+        if !self.shared.config.runneragent {
+            return Ok(runner);
+        }
+        let sandbox: Arc<dyn Sandbox> = runner;
+        let client = if start {
+            Some(AgentRunner::connect(&sandbox).await.map_err(|e| {
+                BackendError::Internal(format!("the runner's agent did not start: {e}"))
+            })?)
+        } else {
+            None
+        };
+        Ok(Arc::new(AgentRunner::new(sandbox, client, FILE_TIMEOUT)))
     }
 
     /// Waits until the newest allocation of `job` runs.
@@ -250,8 +280,12 @@ impl Backend for NomadBackend {
                 .map_err(eval_error)?;
             self.wait_running(id.as_str()).await
         };
+        let ready = async {
+            let runner = self.runner(id.clone(), &ready.await?);
+            self.with_agent(runner, true).await
+        };
         match ready.await {
-            Ok(alloc) => Ok(self.runner(id, &alloc)),
+            Ok(runner) => Ok(runner),
             Err(e) => {
                 self.shared.mark_destroyed(id.as_str());
                 let _ = self.client().retire(id.as_str()).await;
@@ -303,8 +337,10 @@ impl Backend for NomadBackend {
                     .and_then(|t| t.parse::<i64>().ok())
                     .unwrap_or(60)
             });
+            let runner = self.runner(RunnerId::from_raw(id), &alloc);
             out.push(RecoveredRunner {
-                runner: self.runner(RunnerId::from_raw(id), &alloc),
+                // The agent is reached (or started again) on the runner's next operation.
+                runner: self.with_agent(runner, false).await?,
                 claimed,
             });
         }

@@ -131,6 +131,13 @@ pub struct NomadConfig {
     /// Prefix that runs a command as the unprivileged user (Poseidon: `/sbin/setuser user`).
     /// Empty runs unprivileged commands as the task's user (used with the emulator).
     pub unprivilegedprefix: String,
+    /// Run a runner agent in every runner (default): executions and file operations are messages
+    /// to it over one long-lived exec session per runner. `false` opens exec sessions per
+    /// operation (for images the agent cannot run in).
+    pub runneragent: bool,
+    /// The agent binary put into runners (a static `x86_64-unknown-linux-musl` build runs in any
+    /// image); empty: `poseidon-agent` next to the gateway's executable.
+    pub agentbinary: String,
     /// Seconds to wait for a new runner's allocation to run.
     pub startuptimeoutseconds: u64,
     /// Task driver of runners: `docker` (as Poseidon), or `exec`/`raw_exec` for clusters without
@@ -160,6 +167,8 @@ impl Default for NomadConfig {
             disableforcepull: false,
             network: NetworkConfig::default(),
             unprivilegedprefix: "/sbin/setuser user".into(),
+            runneragent: true,
+            agentbinary: String::new(),
             startuptimeoutseconds: 120,
             driver: "docker".into(),
             datacenters: vec!["dc1".into()],

@@ -116,7 +116,7 @@ impl NomadRunner {
 
     /// The allocation to exec into: the running one (Poseidon takes the first listed, which after a
     /// reschedule can be the dead one). A replacement that is still starting is waited for.
-    async fn allocation(&self) -> Result<String, BackendError> {
+    pub(crate) async fn allocation(&self) -> Result<String, BackendError> {
         let deadline = tokio::time::Instant::now() + ALLOCATION_WAIT;
         loop {
             let (list, _) = self
@@ -161,20 +161,18 @@ impl NomadRunner {
     fn file_timeout(&self) -> Duration {
         Duration::from_secs(60)
     }
-}
 
-#[async_trait]
-impl RunnerBackend for NomadRunner {
-    fn id(&self) -> &RunnerId {
-        &self.id
-    }
-
-    fn mapped_ports(&self) -> Vec<MappedPort> {
+    /// The runner's mapped ports, as the event stream last reported them.
+    pub(crate) fn current_ports(&self) -> Vec<MappedPort> {
         let ports = self.shared.ports.lock().unwrap();
         ports.get(self.id.as_str()).cloned().unwrap_or_default()
     }
 
-    async fn mark_claimed(&self, inactivity_timeout: Option<i64>) -> Result<(), BackendError> {
+    /// Records in the runner's job that it is claimed (with its inactivity timeout) or idle.
+    pub(crate) async fn record_claim(
+        &self,
+        inactivity_timeout: Option<i64>,
+    ) -> Result<(), BackendError> {
         let purged = self.job_lock.lock().await;
         if *purged {
             return Ok(());
@@ -197,6 +195,41 @@ impl RunnerBackend for NomadRunner {
         }
         client.register(&job).await?;
         Ok(())
+    }
+
+    /// Purges the runner's job (its allocation and every process in it end).
+    pub(crate) async fn remove(&self) -> Result<(), BackendError> {
+        self.shared.forget(&self.id);
+        let mut purged = self.job_lock.lock().await;
+        *purged = true;
+        let mut last = None;
+        for attempt in 0..3u32 {
+            match self.client().retire(self.id.as_str()).await {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    last = Some(e);
+                    tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt + 1))).await;
+                }
+            }
+        }
+        Err(last
+            .map(BackendError::from)
+            .unwrap_or_else(|| BackendError::internal("deregister failed")))
+    }
+}
+
+#[async_trait]
+impl RunnerBackend for NomadRunner {
+    fn id(&self) -> &RunnerId {
+        &self.id
+    }
+
+    fn mapped_ports(&self) -> Vec<MappedPort> {
+        self.current_ports()
+    }
+
+    async fn mark_claimed(&self, inactivity_timeout: Option<i64>) -> Result<(), BackendError> {
+        self.record_claim(inactivity_timeout).await
     }
 
     async fn execute(&self, request: &ExecRequest) -> Result<ExecProcess, BackendError> {
@@ -332,21 +365,6 @@ impl RunnerBackend for NomadRunner {
         for t in self.running.lock().unwrap().drain(..) {
             t.cancel();
         }
-        self.shared.forget(&self.id);
-        let mut purged = self.job_lock.lock().await;
-        *purged = true;
-        let mut last = None;
-        for attempt in 0..3u32 {
-            match self.client().retire(self.id.as_str()).await {
-                Ok(()) => return Ok(()),
-                Err(e) => {
-                    last = Some(e);
-                    tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt + 1))).await;
-                }
-            }
-        }
-        Err(last
-            .map(BackendError::from)
-            .unwrap_or_else(|| BackendError::internal("deregister failed")))
+        self.remove().await
     }
 }

@@ -54,6 +54,29 @@ pub fn kill_group(pgid: i32, sig: Signal) {
     }
 }
 
+/// Kills every process working in `task_dir` or below: what a container's end takes with it
+/// (processes started through exec sessions, daemons that left the task's process group).
+pub fn kill_contained(task_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if pid == std::process::id() as i32 {
+            continue;
+        }
+        if std::fs::read_link(entry.path().join("cwd")).is_ok_and(|cwd| cwd.starts_with(task_dir)) {
+            let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    }
+}
+
 /// The environment Nomad gives a task.
 fn task_env(
     alloc: &crate::state::Alloc,
@@ -356,6 +379,7 @@ impl TaskRunner {
             let _ = child.wait().await;
         }
         self.shared.lock().pgids.remove(&pgid);
+        kill_contained(&self.task_dir);
     }
 
     /// Waits for `d`; returns the command that interrupted the wait, if any.
@@ -489,6 +513,7 @@ impl TaskRunner {
                         Err(_) => (-1, 0),
                     };
                     if let Some(pid) = child.id() { self.shared.lock().pgids.remove(&(pid as i32)); }
+                    kill_contained(&self.task_dir);
                     Outcome::Exited { code, signal, oom: false, fault: false }
                 }
                 cmd = self.rx.recv() => match cmd {

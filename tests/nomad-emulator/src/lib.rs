@@ -121,6 +121,7 @@ impl Emulator {
         for p in pgids {
             client::kill_group(p, Signal::SIGKILL);
         }
+        client::kill_contained(&self.shared.data_dir);
         if let Some(d) = self.temp_dir.take() {
             let _ = std::fs::remove_dir_all(d);
         }

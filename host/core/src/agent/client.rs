@@ -1,14 +1,15 @@
 //! The gateway's side of the agent protocol: one connection, many operations multiplexed by stream.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use poseidon_agent_protocol::{
-    encode, Decoder, Frame, FrameKind, Identity, ProtocolError, Reply, Request, PROTOCOL_VERSION,
+    encode, Decoder, Frame, FrameKind, Identity, ProtocolError, Reply, Request, Resume,
+    PROTOCOL_VERSION,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
@@ -21,6 +22,26 @@ use crate::files::FileEntry;
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Frames buffered per operation before the connection's reader waits for its consumer.
 const STREAM_BUFFER: usize = 64;
+
+/// What an execution runs, and how.
+#[derive(Debug, Clone)]
+pub struct ExecSpec {
+    /// Program and arguments.
+    pub argv: Vec<String>,
+    /// Environment variables: the whole environment, or with `inherit_env` additions to the
+    /// agent's own.
+    pub env: Vec<(String, String)>,
+    /// Working directory.
+    pub cwd: String,
+    /// Who it runs as.
+    pub identity: Identity,
+    /// Standard input and output on a terminal.
+    pub tty: bool,
+    /// `env` is added to the agent's own environment.
+    pub inherit_env: bool,
+    /// With `tty`, standard error goes to the terminal too (one stream for both).
+    pub merge_stderr: bool,
+}
 
 /// Why talking to an agent failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -47,9 +68,48 @@ pub enum AgentError {
     Timeout(Duration),
 }
 
-type Routes = Arc<Mutex<HashMap<u32, mpsc::Sender<Frame>>>>;
+/// Opens a new byte channel to the same agent, for reconnecting after a broken one.
+pub type Connector = Arc<
+    dyn Fn() -> futures::future::BoxFuture<'static, Result<crate::agent::SandboxChannel, String>>
+        + Send
+        + Sync,
+>;
+
+/// Where the frames of one operation go.
+struct Route {
+    tx: mpsc::Sender<Frame>,
+    /// For executions: what a reconnection needs to pick them up again.
+    resume: Option<Arc<ResumePoint>>,
+}
+
+/// How far an execution's output arrived, and whether the agent started it.
+#[derive(Default)]
+struct ResumePoint {
+    received: AtomicU64,
+    started: AtomicBool,
+    /// The request, until the agent reports the start (sent again on a new channel: the
+    /// broken one may have lost it).
+    request: Mutex<Option<Frame>>,
+}
+
+type Routes = Arc<Mutex<HashMap<u32, Route>>>;
+
+/// How a broken connection is replaced.
+#[derive(Clone)]
+struct Reconnect {
+    connector: Connector,
+    /// How long the agent may stay unreachable before running executions fail.
+    window: Duration,
+}
+
+type BoxReader = std::pin::Pin<Box<dyn AsyncRead + Send>>;
+type BoxWriter = std::pin::Pin<Box<dyn AsyncWrite + Send>>;
 
 /// A connection to one agent. Cheap to clone; dropping the last clone closes it.
+///
+/// With a [`Connector`], a broken connection is replaced: the executions the agent had started
+/// carry on, with the output the broken connection lost sent again by the agent; other
+/// operations in flight fail.
 #[derive(Clone)]
 pub struct AgentClient {
     outbox: mpsc::Sender<Frame>,
@@ -62,17 +122,42 @@ pub struct AgentClient {
 impl AgentClient {
     /// Greets the agent over a byte channel and starts serving the connection.
     pub async fn connect(
-        reader: impl AsyncRead + Unpin + Send + 'static,
-        writer: impl AsyncWrite + Unpin + Send + 'static,
+        reader: impl AsyncRead + Send + 'static,
+        writer: impl AsyncWrite + Send + 'static,
     ) -> Result<Self, AgentError> {
+        Self::start(Box::pin(reader), Box::pin(writer), None).await
+    }
+
+    /// Connects through `connector`, and reconnects through it when the connection breaks,
+    /// trying for up to `window` before giving up on the running executions.
+    pub async fn reconnecting(connector: Connector, window: Duration) -> Result<Self, AgentError> {
+        let (reader, writer) = connector().await.map_err(AgentError::Unreachable)?;
+        Self::start(reader, writer, Some(Reconnect { connector, window })).await
+    }
+
+    async fn start(
+        reader: BoxReader,
+        writer: BoxWriter,
+        reconnect: Option<Reconnect>,
+    ) -> Result<Self, AgentError> {
+        let (reader, decoder, writer) = greet(reader, writer, Vec::new()).await?;
         let (outbox, outgoing) = mpsc::channel::<Frame>(256);
+        let (writers_tx, writers_rx) = mpsc::channel::<WriterSwitch>(1);
         let closed = CancellationToken::new();
         let routes: Routes = Arc::default();
-        let (hello_tx, mut hello_rx) = mpsc::channel(1);
-        routes.lock().unwrap().insert(0, hello_tx);
-        tokio::spawn(write_frames(writer, outgoing, closed.clone()));
-        tokio::spawn(read_frames(reader, Arc::clone(&routes), closed.clone()));
-        let client = Self {
+        let _ = writers_tx
+            .send((Some(writer), tokio::sync::oneshot::channel().0))
+            .await;
+        tokio::spawn(write_frames(outgoing, writers_rx, closed.clone()));
+        tokio::spawn(follow(
+            reader,
+            decoder,
+            writers_tx,
+            Arc::clone(&routes),
+            reconnect,
+            closed.clone(),
+        ));
+        Ok(Self {
             outbox,
             routes,
             // Streams of an earlier connection may still run in the agent: start elsewhere.
@@ -80,42 +165,11 @@ impl AgentClient {
                 (uuid::Uuid::new_v4().as_u128() as u32 & 0x3fff_ffff) | 1,
             )),
             closed: closed.clone(),
-            _close_on_drop: Arc::new(closed.clone().drop_guard()),
-        };
-        client
-            .send(Frame::control(
-                0,
-                &Request::Hello {
-                    version: PROTOCOL_VERSION,
-                },
-            ))
-            .await?;
-        let answer = tokio::time::timeout(HELLO_TIMEOUT, hello_rx.recv())
-            .await
-            .map_err(|_| AgentError::Timeout(HELLO_TIMEOUT))?
-            .ok_or_else(|| AgentError::Unreachable("closed during the greeting".into()))?;
-        match answer.parse::<Reply>()? {
-            Reply::Hello { version, .. } if version == PROTOCOL_VERSION => {}
-            Reply::Hello { version, .. } => {
-                closed.cancel();
-                return Err(ProtocolError::Version {
-                    theirs: version,
-                    ours: PROTOCOL_VERSION,
-                }
-                .into());
-            }
-            other => {
-                closed.cancel();
-                return Err(
-                    ProtocolError::Unexpected(format!("{other:?} instead of hello")).into(),
-                );
-            }
-        }
-        client.routes.lock().unwrap().remove(&0);
-        Ok(client)
+            _close_on_drop: Arc::new(closed.drop_guard()),
+        })
     }
 
-    /// Whether the connection is gone (then every later call fails).
+    /// Whether the connection is gone for good (then every later call fails).
     pub fn is_closed(&self) -> bool {
         self.closed.is_cancelled()
     }
@@ -132,14 +186,21 @@ impl AgentClient {
 
     /// Opens an operation: a fresh stream id and the receiver of its frames.
     fn open(&self) -> (u32, mpsc::Receiver<Frame>) {
+        let (stream, rx, _) = self.open_route(false);
+        (stream, rx)
+    }
+
+    fn open_route(&self, resumable: bool) -> (u32, mpsc::Receiver<Frame>, Arc<ResumePoint>) {
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let point = Arc::new(ResumePoint::default());
         let mut routes = self.routes.lock().unwrap();
         let mut stream = self.next_stream.fetch_add(1, Ordering::Relaxed);
         while stream == 0 || routes.contains_key(&stream) {
             stream = self.next_stream.fetch_add(1, Ordering::Relaxed);
         }
-        routes.insert(stream, tx);
-        (stream, rx)
+        let resume = resumable.then(|| Arc::clone(&point));
+        routes.insert(stream, Route { tx, resume });
+        (stream, rx, point)
     }
 
     fn close_stream(&self, stream: u32) {
@@ -191,23 +252,22 @@ impl AgentClient {
 
     /// Starts a process. With `tty`, standard error's line ends become `\r\n`, as a terminal would
     /// show them.
-    pub async fn exec(
-        &self,
-        argv: Vec<String>,
-        env: Vec<(String, String)>,
-        cwd: String,
-        identity: Identity,
-        tty: bool,
-    ) -> Result<ExecProcess, AgentError> {
-        let (stream, mut rx) = self.open();
+    pub async fn exec(&self, spec: ExecSpec) -> Result<ExecProcess, AgentError> {
+        let (stream, mut rx, point) = self.open_route(true);
+        let tty = spec.tty;
+        let merge_stderr = spec.merge_stderr;
         let request = Request::Exec {
-            argv,
-            env,
-            cwd,
-            identity,
+            argv: spec.argv,
+            env: spec.env,
+            cwd: spec.cwd,
+            identity: spec.identity,
             tty,
+            inherit_env: spec.inherit_env,
+            stderr_on_terminal: merge_stderr,
         };
-        if let Err(e) = self.request(stream, &request).await {
+        let frame = Frame::control(stream, &request);
+        *point.request.lock().unwrap() = Some(frame.clone());
+        if let Err(e) = self.send(frame).await {
             self.close_stream(stream);
             return Err(e);
         }
@@ -234,7 +294,10 @@ impl AgentClient {
                                 if events_tx.send(ProcessEvent::Stderr(bytes)).await.is_err() { break ProcessEvent::Failed(String::new()); }
                             }
                             FrameKind::Control => match frame.parse::<Reply>() {
-                                Ok(Reply::Started { .. }) => {}
+                                Ok(Reply::Started { .. }) => {
+                                    point.started.store(true, Ordering::Relaxed);
+                                    point.request.lock().unwrap().take();
+                                }
                                 Ok(Reply::Exited { code }) => break ProcessEvent::Exited(code),
                                 Ok(Reply::Failed { message, .. }) => break ProcessEvent::Failed(message),
                                 Ok(other) => break ProcessEvent::Failed(unexpected(&other).to_string()),
@@ -366,18 +429,88 @@ fn unexpected(reply: &Reply) -> AgentError {
     AgentError::Protocol(ProtocolError::Unexpected(format!("{reply:?}")))
 }
 
+/// Says hello on a fresh channel (asking the agent to resume `resume`) and checks the answer;
+/// returns the channel with the decoder holding whatever followed the answer.
+async fn greet(
+    mut reader: BoxReader,
+    mut writer: BoxWriter,
+    resume: Vec<Resume>,
+) -> Result<(BoxReader, Decoder, BoxWriter), AgentError> {
+    let hello = Frame::control(
+        0,
+        &Request::Hello {
+            version: PROTOCOL_VERSION,
+            resume,
+        },
+    );
+    let mut out = BytesMut::new();
+    encode(&hello, &mut out);
+    let mut decoder = Decoder::default();
+    let answer = async {
+        writer
+            .write_all(&out)
+            .await
+            .map_err(|e| AgentError::Unreachable(e.to_string()))?;
+        writer
+            .flush()
+            .await
+            .map_err(|e| AgentError::Unreachable(e.to_string()))?;
+        loop {
+            if let Some(frame) = decoder.next_frame()? {
+                if frame.stream == 0 {
+                    return Ok::<_, AgentError>(frame);
+                }
+                continue;
+            }
+            let buffer = decoder.buffer_mut();
+            buffer.reserve(64 * 1024);
+            match reader.read_buf(buffer).await {
+                Ok(0) => return Err(AgentError::Unreachable("closed during the greeting".into())),
+                Err(e) => return Err(AgentError::Unreachable(e.to_string())),
+                Ok(_) => {}
+            }
+        }
+    };
+    let answer = tokio::time::timeout(HELLO_TIMEOUT, answer)
+        .await
+        .map_err(|_| AgentError::Timeout(HELLO_TIMEOUT))??;
+    match answer.parse::<Reply>()? {
+        Reply::Hello { version, .. } if version == PROTOCOL_VERSION => {
+            Ok((reader, decoder, writer))
+        }
+        Reply::Hello { version, .. } => Err(ProtocolError::Version {
+            theirs: version,
+            ours: PROTOCOL_VERSION,
+        }
+        .into()),
+        other => Err(ProtocolError::Unexpected(format!("{other:?} instead of hello")).into()),
+    }
+}
+
+/// A new channel for the writer (`None`: none while one is being opened; frames wait), and the
+/// writer's acknowledgement that nothing more goes to the previous one.
+type WriterSwitch = (Option<BoxWriter>, tokio::sync::oneshot::Sender<()>);
+
+/// Writes the outgoing frames to the current channel until `writers` replaces it.
 async fn write_frames(
-    mut writer: impl AsyncWrite + Unpin,
     mut outgoing: mpsc::Receiver<Frame>,
+    mut writers: mpsc::Receiver<WriterSwitch>,
     closed: CancellationToken,
 ) {
+    let mut writer: Option<BoxWriter> = None;
     let mut out = BytesMut::with_capacity(64 * 1024);
     loop {
         let frame = tokio::select! {
-            f = outgoing.recv() => f,
+            f = outgoing.recv(), if writer.is_some() => f,
+            w = writers.recv() => match w {
+                Some((w, switched)) => { writer = w; let _ = switched.send(()); continue; }
+                None => None,
+            },
             _ = closed.cancelled() => None,
         };
-        let Some(frame) = frame else { break };
+        let (Some(frame), Some(current)) = (frame, writer.as_mut()) else {
+            break;
+        };
         encode(&frame, &mut out);
         while out.len() < 256 * 1024 {
             match outgoing.try_recv() {
@@ -385,38 +518,165 @@ async fn write_frames(
                 Err(_) => break,
             }
         }
-        if writer.write_all(&out).await.is_err() || writer.flush().await.is_err() {
-            break;
+        // A broken channel loses what was written to it; the reader notices and reconnects
+        // (executions whose start was not confirmed are sent again).
+        let _ = async {
+            current.write_all(&out).await?;
+            current.flush().await
         }
+        .await;
         out.clear();
     }
     closed.cancel();
-    let _ = writer.shutdown().await;
+    if let Some(mut writer) = writer {
+        let _ = writer.shutdown().await;
+    }
 }
 
-async fn read_frames(
-    mut reader: impl AsyncRead + Unpin,
+/// Reads frames and routes them to their operations; when the channel breaks, reconnects (if it
+/// may) and asks the agent to resume the executions it had started.
+async fn follow(
+    mut reader: BoxReader,
+    mut decoder: Decoder,
+    writers: mpsc::Sender<WriterSwitch>,
     routes: Routes,
+    reconnect: Option<Reconnect>,
     closed: CancellationToken,
 ) {
-    let mut decoder = Decoder::default();
-    'connection: loop {
+    loop {
+        read_frames(&mut reader, &mut decoder, &routes, &closed).await;
+        if closed.is_cancelled() {
+            break;
+        }
+        let Some(reconnect) = &reconnect else { break };
+        tracing::info!("the connection to a runner's agent broke; reconnecting");
+        // Nothing more goes to the broken channel; what went there may be lost: one-answer
+        // operations sent so far fail at once (rather than wait for their time limit), later
+        // ones wait for the next channel, executions are resumed on it.
+        if !switch_writer(&writers, None).await {
+            break;
+        }
+        routes.lock().unwrap().retain(|_, r| r.resume.is_some());
+        match replace_channel(reconnect, &routes, &closed).await {
+            Some((r, d, w)) => {
+                reader = r;
+                decoder = d;
+                if !switch_writer(&writers, Some(w)).await {
+                    break;
+                }
+            }
+            None => break,
+        }
+    }
+    closed.cancel();
+    // Every waiting operation sees its channel close.
+    routes.lock().unwrap().clear();
+}
+
+/// Gives the writer its next channel and waits until it took it; false if the writer is gone.
+async fn switch_writer(writers: &mpsc::Sender<WriterSwitch>, writer: Option<BoxWriter>) -> bool {
+    let (switched, taken) = tokio::sync::oneshot::channel();
+    writers.send((writer, switched)).await.is_ok() && taken.await.is_ok()
+}
+
+/// Opens and greets a new channel, trying until the reconnect window has passed.
+async fn replace_channel(
+    reconnect: &Reconnect,
+    routes: &Routes,
+    closed: &CancellationToken,
+) -> Option<(BoxReader, Decoder, BoxWriter)> {
+    let deadline = tokio::time::Instant::now() + reconnect.window;
+    let mut delay = Duration::from_millis(50);
+    loop {
+        let resume: Vec<Resume> = routes
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|(stream, route)| {
+                let point = route.resume.as_ref()?;
+                Some(Resume {
+                    stream: *stream,
+                    from: point.received.load(Ordering::Relaxed),
+                    started: point.started.load(Ordering::Relaxed),
+                })
+            })
+            .collect();
+        // Requests of executions whose start was not confirmed go again, right after the hello
+        // (the agent ignores one it has already).
+        let again: Vec<Frame> = routes
+            .lock()
+            .unwrap()
+            .values()
+            .filter_map(|route| route.resume.as_ref()?.request.lock().unwrap().clone())
+            .collect();
+        let attempt = async {
+            let (r, w) = (reconnect.connector)()
+                .await
+                .map_err(AgentError::Unreachable)?;
+            let (r, d, mut w) = greet(r, w, resume).await?;
+            let mut out = BytesMut::new();
+            for frame in &again {
+                encode(frame, &mut out);
+            }
+            w.write_all(&out)
+                .await
+                .map_err(|e| AgentError::Unreachable(e.to_string()))?;
+            Ok::<_, AgentError>((r, d, w))
+        };
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        tokio::select! {
+            result = tokio::time::timeout(left.max(Duration::from_millis(1)), attempt) => match result {
+                Ok(Ok(channel)) => {
+                    tracing::info!("reconnected to a runner's agent");
+                    return Some(channel);
+                }
+                Ok(Err(e)) => tracing::debug!(error = %e, "reconnecting to a runner's agent failed"),
+                Err(_) => {}
+            },
+            _ = closed.cancelled() => return None,
+        }
+        if tokio::time::Instant::now() + delay >= deadline {
+            tracing::warn!("a runner's agent stayed unreachable; its executions end");
+            return None;
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// Routes frames until the channel ends, breaks the protocol, or the client closes.
+async fn read_frames(
+    reader: &mut BoxReader,
+    decoder: &mut Decoder,
+    routes: &Routes,
+    closed: &CancellationToken,
+) {
+    loop {
         loop {
             match decoder.next_frame() {
                 Ok(Some(frame)) => {
-                    let route = routes.lock().unwrap().get(&frame.stream).cloned();
+                    let route = routes.lock().unwrap().get(&frame.stream).map(|r| {
+                        if let Some(point) = &r.resume {
+                            if matches!(frame.kind, FrameKind::Stdout | FrameKind::Stderr) {
+                                point
+                                    .received
+                                    .fetch_add(frame.payload.len() as u64, Ordering::Relaxed);
+                            }
+                        }
+                        r.tx.clone()
+                    });
                     // Frames of operations nobody waits for any more are dropped.
                     if let Some(route) = route {
                         tokio::select! {
                             _ = route.send(frame) => {}
-                            _ = closed.cancelled() => break 'connection,
+                            _ = closed.cancelled() => return,
                         }
                     }
                 }
                 Ok(None) => break,
                 Err(e) => {
                     tracing::warn!(error = %e, "dropping the connection to a runner's agent");
-                    break 'connection;
+                    return;
                 }
             }
         }
@@ -424,16 +684,13 @@ async fn read_frames(
         buffer.reserve(64 * 1024);
         let read = tokio::select! {
             r = reader.read_buf(buffer) => r,
-            _ = closed.cancelled() => break,
+            _ = closed.cancelled() => return,
         };
         match read {
-            Ok(0) | Err(_) => break,
+            Ok(0) | Err(_) => return,
             Ok(_) => {}
         }
     }
-    closed.cancel();
-    // Every waiting operation sees its channel close.
-    routes.lock().unwrap().clear();
 }
 
 /// Turns `\n` into `\r\n` (a lone `\n` only: `\r\n` stays as it is).

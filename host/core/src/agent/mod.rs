@@ -8,5 +8,6 @@
 pub mod client;
 mod runner;
 
-pub use client::{AgentClient, AgentError};
+pub use client::{AgentClient, AgentError, Connector, ExecSpec};
+pub use poseidon_agent_protocol::Identity;
 pub use runner::{AgentRunner, Sandbox, SandboxChannel};

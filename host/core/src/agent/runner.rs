@@ -9,7 +9,7 @@ use bytes::Bytes;
 use poseidon_agent_protocol::Identity;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::client::{AgentClient, AgentError};
+use super::client::{AgentClient, AgentError, Connector, ExecSpec};
 use crate::backend::{
     BackendError, ExecProcess, ExecRequest, FileDownload, ListRequest, MappedPort, RunnerBackend,
 };
@@ -44,6 +44,32 @@ pub trait Sandbox: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Whether executions inherit the agent's own environment ([`Sandbox::base_environment`]
+    /// and the request's variables are added to it), as in a container whose image sets it.
+    fn inherits_environment(&self) -> bool {
+        false
+    }
+
+    /// Who an execution or file operation runs as.
+    fn identity(&self, privileged: bool) -> Identity {
+        if privileged {
+            Identity::Root
+        } else {
+            Identity::User
+        }
+    }
+
+    /// Whether an execution with a terminal reports standard error as standard output (Poseidon's
+    /// `interactivestderr: false`).
+    fn merges_stderr_on_terminal(&self) -> bool {
+        false
+    }
+
+    /// How long a broken channel to the agent is re-opened before running executions fail.
+    fn reconnect_window(&self) -> Duration {
+        Duration::from_secs(2)
+    }
+
     /// Opens a new byte channel to the agent.
     async fn connect(&self) -> Result<SandboxChannel, BackendError>;
 
@@ -72,13 +98,14 @@ impl AgentRunner {
         }
     }
 
-    /// Connects (or reconnects) to the agent.
-    pub async fn connect(sandbox: &dyn Sandbox) -> Result<AgentClient, AgentError> {
-        let (reader, writer) = sandbox
-            .connect()
-            .await
-            .map_err(|e| AgentError::Unreachable(e.to_string()))?;
-        AgentClient::connect(reader, writer).await
+    /// Connects to the agent; a connection that breaks later is re-opened through the sandbox.
+    pub async fn connect(sandbox: &Arc<dyn Sandbox>) -> Result<AgentClient, AgentError> {
+        let target = Arc::clone(sandbox);
+        let connector: Connector = Arc::new(move || {
+            let sandbox = Arc::clone(&target);
+            Box::pin(async move { sandbox.connect().await.map_err(|e| e.to_string()) })
+        });
+        AgentClient::reconnecting(connector, sandbox.reconnect_window()).await
     }
 
     /// The current connection, re-opened once if it broke.
@@ -87,19 +114,9 @@ impl AgentRunner {
         if let Some(client) = slot.as_ref().filter(|c| !c.is_closed()) {
             return Ok(client.clone());
         }
-        let client = Self::connect(self.sandbox.as_ref())
-            .await
-            .map_err(to_backend)?;
+        let client = Self::connect(&self.sandbox).await.map_err(to_backend)?;
         *slot = Some(client.clone());
         Ok(client)
-    }
-}
-
-fn identity(privileged: bool) -> Identity {
-    if privileged {
-        Identity::Root
-    } else {
-        Identity::User
     }
 }
 
@@ -135,13 +152,15 @@ impl RunnerBackend for AgentRunner {
         env.push(("CODEOCEAN".into(), "true".into()));
         let argv = vec!["/bin/bash".into(), "-c".into(), request.command.clone()];
         client
-            .exec(
+            .exec(ExecSpec {
                 argv,
                 env,
-                self.sandbox.workdir().to_string(),
-                identity(request.privileged),
-                request.tty,
-            )
+                cwd: self.sandbox.workdir().to_string(),
+                identity: self.sandbox.identity(request.privileged),
+                tty: request.tty,
+                inherit_env: self.sandbox.inherits_environment(),
+                merge_stderr: request.tty && self.sandbox.merges_stderr_on_terminal(),
+            })
             .await
             .map_err(to_backend)
     }
@@ -171,7 +190,7 @@ impl RunnerBackend for AgentRunner {
                 request.path.clone(),
                 request.recursive,
                 self.sandbox.workdir().to_string(),
-                identity(request.privileged),
+                self.sandbox.identity(request.privileged),
                 self.file_timeout,
             )
             .await
@@ -188,7 +207,7 @@ impl RunnerBackend for AgentRunner {
             .read(
                 path.to_string(),
                 self.sandbox.workdir().to_string(),
-                identity(privileged),
+                self.sandbox.identity(privileged),
                 self.file_timeout,
             )
             .await
