@@ -19,7 +19,9 @@ use crate::exec;
 use crate::runner::NomadRunner;
 
 /// The agent's directory in the container: the task's own directory (`/local` with Docker,
-/// outside the learner's workspace), readable by root only.
+/// outside the learner's workspace). Only root may list or change it and use the agent's socket
+/// (mode 0600); `user` may run the binary (the agent lists and reads files as `user` through a
+/// copy of itself running as `user`).
 const AGENT_DIR: &str = "${NOMAD_TASK_DIR:-/tmp}/.poseidon";
 /// How long installing and starting the agent may take.
 const INSTALL_WAIT: Duration = Duration::from_secs(60);
@@ -68,12 +70,12 @@ impl AgentBinary {
     }
 }
 
-/// Writes the binary from stdin into a fresh root-only directory and starts it as a daemon
+/// Writes the binary from stdin into a fresh directory only root can change and starts it as a daemon
 /// (without Nomad's variables, which executions do not see either). Whatever was in the
 /// directory goes first: nothing a learner put there is run.
 fn install_script() -> String {
     format!(
-        r#"set -e; d="{AGENT_DIR}"; rm -rf "$d"; mkdir -m 700 "$d"; cat > "$d/agent.new"; chmod 700 "$d/agent.new"; mv -f "$d/agent.new" "$d/agent"; unset ${{!NOMAD_@}}; exec "$d/agent" --daemon "$d/agent.sock""#
+        r#"set -e; d="{AGENT_DIR}"; rm -rf "$d"; mkdir -m 711 "$d"; cat > "$d/agent.new"; chmod 755 "$d/agent.new"; mv -f "$d/agent.new" "$d/agent"; unset ${{!NOMAD_@}}; exec "$d/agent" --daemon "$d/agent.sock""#
     )
 }
 
