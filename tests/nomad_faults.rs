@@ -764,3 +764,60 @@ async fn real_nomad_an_oom_kill_in_an_execution_ends_only_that_program() {
     assert_eq!(out.stdout, "alive\r\n");
     settled(&s, 26, 1, 1).await;
 }
+
+/// The exec session that carries a runner's agent breaks (here: every connection between the
+/// gateway and Nomad is cut for a few seconds, as a restarting Nomad server or client agent does):
+/// the gateway reconnects to the agent, which kept the program running, and the learner gets all
+/// of its output, once, and its exit code.
+async fn an_execution_outlives_a_cut_connection_to_nomad(
+    s: &Server,
+    cut: impl std::future::Future<Output = ()>,
+) {
+    s.environment(23, 1, json!({})).await;
+    let runner = s.claim(23, 120).await;
+    let url = s
+        .execute(
+            &runner,
+            json!({"command": "for i in $(seq 1 40); do echo line-$i; sleep 0.25; done; exit 3"}),
+        )
+        .await;
+    let mut ws = Ws::connect(&url).await;
+    ws.wait_stdout("line-4").await;
+    cut.await;
+    let out = ws.finish().await;
+    let expected: String = (1..=40).map(|i| format!("line-{i}\r\n")).collect();
+    assert_eq!(out.stdout, expected, "{:?}", out.messages);
+    assert_eq!(out.exit(), Some(3), "{:?}", out.messages);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_execution_outlives_a_cut_connection_to_nomad_on_the_emulator() {
+    let s = nomad_server().await;
+    an_execution_outlives_a_cut_connection_to_nomad(&s, fault(&s, "refuse?seconds=3")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a real Nomad: NOMAD_ADDR=http://127.0.0.1:4646 cargo test -- --ignored real_nomad"]
+async fn real_nomad_an_execution_outlives_a_cut_connection_to_nomad() {
+    support::require_real_nomad("real_nomad_an_execution_outlives_a_cut_connection_to_nomad");
+    let agent = std::env::var("NOMAD_ADDR").unwrap();
+    let gate = support::TcpGate::open(
+        agent
+            .split("://")
+            .last()
+            .unwrap()
+            .trim_end_matches('/')
+            .to_string(),
+    )
+    .await;
+    let s = Server::start_with(Options {
+        backend: Backend::RealNomad,
+        real_nomad_via: Some(gate.addr.clone()),
+        ..Default::default()
+    })
+    .await;
+    an_execution_outlives_a_cut_connection_to_nomad(&s, async {
+        gate.close_for(Duration::from_secs(3))
+    })
+    .await;
+}

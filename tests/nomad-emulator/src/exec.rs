@@ -372,15 +372,18 @@ async fn run_pipes(shared: &Arc<Shared>, t: Target, socket: WebSocket) -> io::Re
         }
         sink
     });
+    let mut outage = shared.outage.subscribe();
     let mut killed = false;
     let status = loop {
         tokio::select! {
             s = child.wait() => break s,
             // Kill once: a cancelled token stays ready, and select! must not spin on it.
             _ = t.cancel.cancelled(), if !killed => { killed = true; crate::client::kill_group(pgid, nix::sys::signal::Signal::SIGKILL); }
-            m = stream.next() => match m.and_then(|m| m.ok()).as_ref().and_then(decode_input) {
+            m = next_input(&mut stream, &mut outage) => match m {
                 None => {
-                    // Client went away: the process runs on, as on Nomad.
+                    // Client went away (or the connection was cut): the process runs on, as on
+                    // Nomad.
+                    writer.abort();
                     drop(stdin);
                     if !killed {
                         detach(shared, child, pgid, t.cancel.clone(), ());
@@ -425,6 +428,18 @@ async fn run_pipes(shared: &Arc<Shared>, t: Target, socket: WebSocket) -> io::Re
         .map_err(io::Error::other)?;
     // Nomad closes the TCP connection without a close frame: dropping the socket does that.
     Ok(())
+}
+
+/// The client's next input; `None` when it went away, or when an outage fault cuts the
+/// connection (as Nomad going down does: the exec'd process is not told).
+async fn next_input(
+    stream: &mut futures::stream::SplitStream<WebSocket>,
+    outage: &mut tokio::sync::watch::Receiver<u64>,
+) -> Option<Input> {
+    tokio::select! {
+        m = stream.next() => m.and_then(|m| m.ok()).as_ref().and_then(decode_input),
+        _ = outage.changed() => None,
+    }
 }
 
 async fn read_fd(fd: &AsyncFd<OwnedFd>, buf: &mut [u8]) -> io::Result<usize> {
@@ -520,14 +535,16 @@ async fn run_tty(shared: &Arc<Shared>, t: Target, socket: WebSocket) -> io::Resu
         }
         sink
     });
+    let mut outage = shared.outage.subscribe();
     let mut killed = false;
     let status = loop {
         tokio::select! {
             s = child.wait() => break s,
             // Kill once: a cancelled token stays ready, and select! must not spin on it.
             _ = t.cancel.cancelled(), if !killed => { killed = true; crate::client::kill_group(pgid, nix::sys::signal::Signal::SIGKILL); }
-            m = stream.next() => match m.and_then(|m| m.ok()).as_ref().and_then(decode_input) {
+            m = next_input(&mut stream, &mut outage) => match m {
                 None => {
+                    writer.abort();
                     // Client went away: the process keeps its terminal and runs on, as on Nomad
                     // (the reader goes on draining the terminal until the process ends).
                     detach(shared, child, pgid, t.cancel.clone(), master.clone());

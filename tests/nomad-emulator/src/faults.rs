@@ -8,7 +8,7 @@
 //! | `POST /_emulator/allocation/<id>/exit?code=N[&task=]` | task exits with N (0 = batch task completes) |
 //! | `POST /_emulator/allocation/<id>/lose-node` | the allocation's node goes down (lost + replacement) |
 //! | `POST /_emulator/node/<id>/lose`, `POST /_emulator/node/<id>/up` | node down / back up |
-//! | `POST /_emulator/refuse?seconds=S` | closes the listener: connections are refused for S seconds; open streams are cut |
+//! | `POST /_emulator/refuse?seconds=S` | closes the listener: connections are refused for S seconds; open streams (event streams, exec sessions: their processes run on) are cut |
 //! | `POST /_emulator/delay?ms=N[&count=K]` | delays the next K (default: all) `/v1` requests by N ms; `ms=0` clears |
 //! | `POST /_emulator/events/duplicate?count=N` | the next N live event lines are sent twice |
 //! | `POST /_emulator/events/reorder?count=N` | each of the next N live lines is held back and sent after its successor (or after 1 s) |
