@@ -1,6 +1,7 @@
 //! Speed of the Nomad backend on a real cluster (prints figures, asserts nothing about time):
-//! pool fill time for 20 runners, claim latency, and execution latency in a claimed runner next to
-//! a bare `docker exec` into the same runner's container, measured in the same run.
+//! pool fill time for 20 runners, claim latency, and execution latency in a claimed runner (through
+//! the runner agent, and on the agentless path) next to a bare `docker exec` into the same runner's
+//! container, measured in the same run.
 //!
 //! ```sh
 //! NOMAD_ADDR=http://127.0.0.1:4646 cargo test -p poseidon --test nomad_speed -- --ignored --nocapture
@@ -113,7 +114,7 @@ async fn speed_on_a_nomad_cluster() {
         bare.push(bare_docker_exec(&container).await);
     }
     row(
-        "execution `echo hi` (POST execute + WebSocket to exit)",
+        "execution `echo hi` through the runner agent (POST execute + WebSocket to exit)",
         &mut gateway,
     );
     row("bare `docker exec -t` of the same command", &mut bare);
@@ -130,35 +131,37 @@ async fn speed_on_a_nomad_cluster() {
     }
     drop(s);
 
-    // `server.interactivestderr: false`: one exec session per execution instead of two.
-    let single = Server::start_with(support::Options {
+    // `nomad.runneragent: false`: exec sessions per execution (two with a terminal), as Poseidon.
+    let agentless = Server::start_with(support::Options {
         backend: Backend::RealNomad,
-        server_yaml: "  interactivestderr: false".into(),
+        nomad_yaml: "  runneragent: false\n".into(),
         ..Default::default()
     })
     .await;
-    single
+    agentless
         .environment(32, 1, json!({"cpuLimit": 20, "memoryLimit": 64}))
         .await;
-    let runner = single.claim(32, 300).await;
-    let container = single.real_nomad().unwrap().container_of(&runner).await;
-    let (mut one_session, mut bare) = (Vec::new(), Vec::new());
+    let runner = agentless.claim(32, 300).await;
+    let container = agentless.real_nomad().unwrap().container_of(&runner).await;
+    let (mut sessions, mut bare) = (Vec::new(), Vec::new());
     for _ in 0..EXECUTIONS {
         let t = Instant::now();
-        let url = single.execute(&runner, json!({"command": "echo hi"})).await;
+        let url = agentless
+            .execute(&runner, json!({"command": "echo hi"}))
+            .await;
         let out = Ws::connect(&url).await.finish().await;
-        one_session.push(t.elapsed());
+        sessions.push(t.elapsed());
         assert_eq!(out.stdout, "hi\r\n");
         bare.push(bare_docker_exec(&container).await);
     }
     row(
-        "execution `echo hi`, `interactivestderr: false` (one session)",
-        &mut one_session,
+        "execution `echo hi`, `runneragent: false` (exec sessions per execution)",
+        &mut sessions,
     );
     row("bare `docker exec -t` of the same command", &mut bare);
     println!(
-        "ratio p50 gateway (one session) / bare docker exec: {:.2}",
-        percentile(&mut one_session, 0.5).as_secs_f64() / percentile(&mut bare, 0.5).as_secs_f64()
+        "ratio p50 gateway (agentless) / bare docker exec: {:.2}",
+        percentile(&mut sessions, 0.5).as_secs_f64() / percentile(&mut bare, 0.5).as_secs_f64()
     );
 }
 
