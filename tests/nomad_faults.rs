@@ -821,3 +821,68 @@ async fn real_nomad_an_execution_outlives_a_cut_connection_to_nomad() {
     })
     .await;
 }
+
+/// A learner who kills the runner's agent (as root in their runner) only breaks their own
+/// execution: it ends with an error, and the next one runs with a fresh agent.
+async fn a_learner_who_kills_the_agent_gets_a_fresh_one(s: &Server) {
+    s.environment(24, 1, json!({})).await;
+    let runner = s.claim(24, 120).await;
+    let out = s
+        .run(
+            &runner,
+            json!({"command": "echo bye; kill -9 $PPID; sleep 30", "privilegedExecution": true}),
+        )
+        .await;
+    assert_eq!(out.last["type"], "error", "{:?}", out.messages);
+    let out = s.run(&runner, json!({"command": "echo again"})).await;
+    assert_eq!(out.stdout, "again\r\n", "{:?}", out.messages);
+    assert_eq!(out.exit(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_learner_who_kills_the_agent_gets_a_fresh_one_on_the_emulator() {
+    a_learner_who_kills_the_agent_gets_a_fresh_one(&nomad_server().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a real Nomad: NOMAD_ADDR=http://127.0.0.1:4646 cargo test -- --ignored real_nomad"]
+async fn real_nomad_a_learner_who_kills_the_agent_gets_a_fresh_one() {
+    support::require_real_nomad("real_nomad_a_learner_who_kills_the_agent_gets_a_fresh_one");
+    a_learner_who_kills_the_agent_gets_a_fresh_one(&Server::on(Backend::RealNomad).await).await;
+}
+
+/// `nomad.runneragent: false` (images the agent cannot run in): executions, files and time limits
+/// still work, through exec sessions per operation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agentless_path_runs_commands_and_files() {
+    let s = Server::start_with(Options {
+        backend: Backend::Nomad,
+        nomad_yaml: "  runneragent: false\n".into(),
+        ..Default::default()
+    })
+    .await;
+    s.environment(25, 1, json!({})).await;
+    let runner = s.claim(25, 120).await;
+    s.copy(&runner, &[("in.txt", b"agentless")]).await;
+    let out = s
+        .run(
+            &runner,
+            json!({"command": "cat in.txt; echo; echo err >&2; exit 4"}),
+        )
+        .await;
+    assert_eq!(out.stdout, "agentless\r\n");
+    assert_eq!(out.stderr, "err\r\n");
+    assert_eq!(out.exit(), Some(4));
+    let r = s
+        .http
+        .get(s.url(&format!("/runners/{runner}/files/raw?path=in.txt")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "agentless");
+    let out = s
+        .run(&runner, json!({"command": "sleep 100", "timeLimit": 1}))
+        .await;
+    assert_eq!(out.last, json!({"type": "timeout"}));
+}
