@@ -886,3 +886,96 @@ async fn the_agentless_path_runs_commands_and_files() {
         .await;
     assert_eq!(out.last, json!({"type": "timeout"}));
 }
+
+/// Runs the shell command in the environment variable `var` (a restart of a real system this
+/// machine runs) and waits for it; panics when it is not set or fails.
+async fn run_restart_command(var: &str) {
+    let command = std::env::var(var).unwrap_or_else(|_| {
+        panic!("{var} is not set: it must name the command that restarts it (see docs/nomad.md)")
+    });
+    let status = tokio::process::Command::new("bash")
+        .arg("-c")
+        .arg(&command)
+        .status()
+        .await
+        .unwrap();
+    assert!(status.success(), "{var} ({command}) failed: {status}");
+}
+
+/// A restart of the Nomad agent (server and client) while a learner's program runs: the event
+/// stream and every exec session break. Nothing is lost: the program's output arrives complete,
+/// the runner keeps its files, the pool is full again without duplicates. Needs a Nomad that keeps
+/// its state (`REAL_NOMAD_DEV=0 up.sh`) and, in `POSEIDON_TEST_NOMAD_RESTART`, the command that
+/// restarts it and returns once it answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "restarts the real Nomad: NOMAD_ADDR=... POSEIDON_TEST_NOMAD_RESTART=... cargo test -- --ignored restart_of_real"]
+async fn restart_of_real_nomad_loses_no_output_runner_or_file() {
+    support::require_real_nomad("restart_of_real_nomad_loses_no_output_runner_or_file");
+    let s = Server::on(Backend::RealNomad).await;
+    s.environment(26, 2, json!({})).await;
+    let runner = s.claim(26, 600).await;
+    s.copy(&runner, &[("kept.txt", b"still here")]).await;
+    let url = s
+        .execute(
+            &runner,
+            json!({"command": "for i in $(seq 1 90); do echo line-$i; sleep 0.5; done; exit 6"}),
+        )
+        .await;
+    let mut ws = Ws::connect(&url).await;
+    ws.wait_stdout("line-3").await;
+    run_restart_command("POSEIDON_TEST_NOMAD_RESTART").await;
+    let out = ws.finish().await;
+    let expected: String = (1..=90).map(|i| format!("line-{i}\r\n")).collect();
+    assert_eq!(out.stdout, expected, "{:?}", out.messages);
+    assert_eq!(out.exit(), Some(6));
+    let r = s
+        .http
+        .get(s.url(&format!("/runners/{runner}/files/raw?path=kept.txt")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.text().await.unwrap(), "still here");
+    settled(&s, 26, 2, 1).await;
+}
+
+/// A restart of dockerd while a learner's program runs: every container ends and Nomad starts the
+/// tasks again. The learner is told (an error), keeps the runner (its files are gone), and runs
+/// again; the pool is full again with clean runners, no runner lost or duplicated. Needs
+/// `POSEIDON_TEST_DOCKERD_RESTART`: the command that restarts dockerd and returns once it answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "restarts dockerd: NOMAD_ADDR=... POSEIDON_TEST_DOCKERD_RESTART=... cargo test -- --ignored restart_of_real"]
+async fn restart_of_real_dockerd_ends_executions_and_keeps_runners() {
+    support::require_real_nomad("restart_of_real_dockerd_ends_executions_and_keeps_runners");
+    let s = Server::on(Backend::RealNomad).await;
+    s.environment(27, 2, json!({})).await;
+    let runner = s.claim(27, 600).await;
+    s.copy(&runner, &[("gone.txt", b"before")]).await;
+    let url = s
+        .execute(&runner, json!({"command": "echo up; sleep 300"}))
+        .await;
+    let mut ws = Ws::connect(&url).await;
+    ws.wait_stdout("up").await;
+    run_restart_command("POSEIDON_TEST_DOCKERD_RESTART").await;
+    let out = ws.finish().await;
+    assert!(
+        out.last["type"] == "error" || out.last == json!({"type": "exit", "data": 137}),
+        "{:?}",
+        out.messages
+    );
+    eventually("the runner runs in its new container", 180, || async {
+        s.http
+            .get(s.url(&format!("/runners/{runner}/files/raw?path=gone.txt")))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            == 424
+    })
+    .await;
+    let out = s.run(&runner, json!({"command": "echo again"})).await;
+    assert_eq!(out.stdout, "again\r\n");
+    settled(&s, 27, 2, 1).await;
+    let fresh = s.claim(27, 60).await;
+    let list: Value = s.get_json(s.url(&format!("/runners/{fresh}/files"))).await;
+    assert_eq!(list["files"], json!([]), "an idle runner is clean: {list}");
+}
