@@ -8,6 +8,8 @@ use crate::config::NomadConfig;
 
 /// Longest wait between stopping a job and purging it ([`NomadClient::retire`]).
 pub const RETIRE_WAIT: Duration = Duration::from_secs(60);
+/// How long [`NomadClient::retire_eventually`] keeps trying.
+pub const RETIRE_RETRY_WINDOW: Duration = Duration::from_secs(600);
 
 /// Errors talking to Nomad.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -258,6 +260,34 @@ impl NomadClient {
             }
         });
         Ok(())
+    }
+
+    /// [`NomadClient::retire`] from the background, tried again (1 s, doubling to 30 s) while
+    /// Nomad cannot be reached, for up to [`RETIRE_RETRY_WINDOW`]: a job the gateway gave up must
+    /// not outlive a Nomad outage (a runner whose start failed because Nomad went away, a lost
+    /// runner, a destroy during a restart of Nomad).
+    pub fn retire_eventually(&self, id: &str) {
+        let client = self.clone();
+        let id = id.to_string();
+        tokio::spawn(async move {
+            let deadline = tokio::time::Instant::now() + RETIRE_RETRY_WINDOW;
+            let mut delay = Duration::from_secs(1);
+            loop {
+                match client.retire(&id).await {
+                    Ok(()) => return,
+                    Err(e) if e.is_not_found() => return,
+                    Err(e) if tokio::time::Instant::now() + delay >= deadline => {
+                        tracing::warn!(job = %id, error = %e, "gave up removing a runner job");
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::debug!(job = %id, error = %e, "removing a runner job failed; trying again")
+                    }
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
+        });
     }
 
     /// `GET /v1/job/<id>/allocations` (newest first), optionally as a blocking query.

@@ -288,7 +288,7 @@ impl Backend for NomadBackend {
             Ok(runner) => Ok(runner),
             Err(e) => {
                 self.shared.mark_destroyed(id.as_str());
-                let _ = self.client().retire(id.as_str()).await;
+                self.client().retire_eventually(id.as_str());
                 Err(e)
             }
         }

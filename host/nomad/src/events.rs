@@ -290,11 +290,8 @@ async fn report(
         .await;
     // The runner's files are gone; purge its job so nothing is left running (like Poseidon for
     // unexpected stops).
-    let s = shared.clone();
-    tokio::spawn(async move {
-        s.mark_destroyed(&job);
-        let _ = s.client.retire(&job).await;
-    });
+    shared.mark_destroyed(&job);
+    shared.client.retire_eventually(&job);
 }
 
 /// One subscription: returns when the stream ends or fails.

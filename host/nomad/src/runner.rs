@@ -212,6 +212,8 @@ impl NomadRunner {
                 }
             }
         }
+        // Nomad is away for longer: the job goes once it is back.
+        self.client().retire_eventually(self.id.as_str());
         Err(last
             .map(BackendError::from)
             .unwrap_or_else(|| BackendError::internal("deregister failed")))

@@ -28,12 +28,15 @@ fn env(id: u64) -> EnvironmentConfig {
     }
 }
 
+/// The backend on the emulator, on the agentless path (the runner agent is a binary of another
+/// crate; the server's tests drive the backend with the agent).
 async fn setup() -> (Emulator, NomadBackend) {
     let emu = Emulator::start(EmulatorConfig::for_tests()).await.unwrap();
     let config = NomadConfig {
         address: "127.0.0.1".into(),
         port: emu.addr().port(),
         unprivilegedprefix: String::new(),
+        runneragent: false,
         startuptimeoutseconds: 20,
         ..NomadConfig::default()
     };
