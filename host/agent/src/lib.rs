@@ -90,7 +90,9 @@ fn serve(listen: Listen) -> i32 {
             Listen::Daemon(path) => {
                 connection::serve_socket(&path, session, || {
                     daemon::announce_ready();
-                    detach_standard_streams();
+                    // Also standard error: an exec session (Nomad's raw_exec) ends only once
+                    // every copy of its output descriptors is closed.
+                    detach(&[0, 1, 2]);
                 })
                 .await
             }
@@ -114,13 +116,19 @@ fn serve(listen: Listen) -> i32 {
 /// Points standard input and output at `/dev/null`: a socket-serving agent has no use for what it
 /// was started with (bubblewrap's set-up pipes), and must not keep them open.
 fn detach_standard_streams() {
+    detach(&[0, 1]);
+}
+
+/// Points the given standard descriptors at `/dev/null`.
+fn detach(descriptors: &[i32]) {
     use std::os::fd::AsRawFd;
     if let Ok(null) = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/null")
     {
-        let _ = nix::unistd::dup2(null.as_raw_fd(), 0);
-        let _ = nix::unistd::dup2(null.as_raw_fd(), 1);
+        for &fd in descriptors {
+            let _ = nix::unistd::dup2(null.as_raw_fd(), fd);
+        }
     }
 }
