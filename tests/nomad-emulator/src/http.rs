@@ -632,6 +632,18 @@ async fn list_allocs(State(shared): St, RawQuery(raw): RawQuery) -> Result<Respo
     ))
 }
 
+/// Nomad looks allocations and evaluations up by UUID: an id that is not 36 characters long is a
+/// 500 naming the index error, not a 404 (seen on Nomad 2.0).
+fn uuid_check(id: &str, what: &str) -> Result<(), ApiError> {
+    if id.len() == 36 {
+        Ok(())
+    } else {
+        Err(ApiError::internal(format!(
+            "{what}: index error: UUID must be 36 characters"
+        )))
+    }
+}
+
 async fn read_alloc(
     State(shared): St,
     Path(id): Path<String>,
@@ -639,6 +651,7 @@ async fn read_alloc(
 ) -> Result<Response, ApiError> {
     let q = Query::parse(&raw);
     region_check(&q)?;
+    uuid_check(&id, "alloc lookup failed")?;
     block(&shared, &q).await?;
     let inner = shared.lock();
     let a = inner
@@ -712,6 +725,7 @@ async fn read_eval(
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
     let q = Query::parse(&raw);
+    uuid_check(&id, "failed to lookup eval: eval lookup failed")?;
     block(&shared, &q).await?;
     let inner = shared.lock();
     let e = inner

@@ -159,3 +159,327 @@ async fn real_nomad_an_exec_process_outlives_its_closed_session() {
     let t = Target::real("real_nomad_an_exec_process_outlives_its_closed_session");
     an_exec_process_outlives_its_closed_session(t).await;
 }
+
+/// Exec sessions: separate output streams, exit codes (0 omitted), stdin and its close, a terminal,
+/// deaths by a signal, and errors as close frames with Nomad's reasons.
+async fn exec_streams_output_and_exit_codes(t: Target) {
+    let job = t.job("exec");
+    let id = &t.running(&job).await;
+    let base = &t.base;
+
+    let r = exec(
+        base,
+        id,
+        &["/bin/sh", "-c", "echo out; echo err >&2; exit 3"],
+        false,
+        b"",
+        false,
+    )
+    .await;
+    assert_eq!(r.stdout, b"out\n");
+    assert_eq!(r.stderr, b"err\n");
+    assert_eq!(r.exit_code, Some(3));
+    assert_eq!(r.exit_frame.unwrap()["result"], json!({"exit_code": 3}));
+    let n = r.frames.len();
+    assert_eq!(r.frames[n - 3], json!({"stdout": {"close": true}}));
+    assert_eq!(r.frames[n - 2], json!({"stderr": {"close": true}}));
+
+    // Exit code 0 is omitted.
+    let r = exec(base, id, &["true"], false, b"", false).await;
+    assert_eq!(r.exit_frame.unwrap(), json!({"exited": true, "result": {}}));
+
+    // stdin and stdin close.
+    let r = exec(base, id, &["cat"], false, b"hello stdin", true).await;
+    assert_eq!(r.stdout, b"hello stdin");
+    assert_eq!(r.exit_code, Some(0));
+
+    // With a TTY: a real terminal, stderr merged into stdout.
+    let r = exec(
+        base,
+        id,
+        &["/bin/bash", "-c", "tty; echo e >&2; exit 4"],
+        true,
+        b"",
+        false,
+    )
+    .await;
+    let out = String::from_utf8_lossy(&r.stdout);
+    assert!(out.contains("/dev/pts/"), "{out}");
+    assert!(out.contains("e\r\n"), "{out}");
+    assert!(r.stderr.is_empty());
+    assert_eq!(r.exit_code, Some(4));
+
+    // Signal deaths report 128 + signal.
+    let r = exec(
+        base,
+        id,
+        &["/bin/sh", "-c", "kill -9 $$"],
+        false,
+        b"",
+        false,
+    )
+    .await;
+    assert_eq!(r.exit_code, Some(137));
+
+    // Errors arrive as close frames with Nomad's reasons.
+    let r = exec(
+        base,
+        "00000000-0000-0000-0000-000000000000",
+        &["true"],
+        false,
+        b"",
+        false,
+    )
+    .await;
+    assert_eq!(
+        r.close,
+        Some((
+            1008,
+            "Unknown allocation \"00000000-0000-0000-0000-000000000000\"".into()
+        ))
+    );
+    let r = exec(base, id, &[], false, b"", false).await;
+    assert_eq!(r.close, Some((1008, "command is not present".into())));
+    t.purge(&job.0).await;
+}
+
+#[tokio::test]
+async fn emulator_exec_streams_output_and_exit_codes() {
+    exec_streams_output_and_exit_codes(Target::emulator().await).await;
+}
+
+#[tokio::test]
+#[ignore = "needs a real Nomad: NOMAD_ADDR=http://127.0.0.1:4646 cargo test -- --ignored real_nomad"]
+async fn real_nomad_exec_streams_output_and_exit_codes() {
+    exec_streams_output_and_exit_codes(Target::real(
+        "real_nomad_exec_streams_output_and_exit_codes",
+    ))
+    .await;
+}
+
+/// Errors of the HTTP API: plain text with Nomad's status codes and messages; namespaces.
+async fn http_errors_are_plain_text_with_nomad_status_codes(t: Target) {
+    let base = &t.base;
+    let c = http();
+    let ns = format!("conformance-{}", unique());
+    let (y, mut y_job) = t.job("y");
+    let r = c.get(format!("{base}/v1/job/nope")).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(r.headers()["content-type"], "text/plain; charset=utf-8");
+    assert_eq!(r.text().await.unwrap(), "job not found");
+    let r = c
+        .get(format!("{base}/v1/allocation/nope"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status().as_u16(), r.text().await.unwrap()),
+        (
+            500,
+            "alloc lookup failed: index error: UUID must be 36 characters".into()
+        )
+    );
+    let r = c
+        .get(format!(
+            "{base}/v1/allocation/00000000-0000-0000-0000-000000000000"
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status().as_u16(), r.text().await.unwrap()),
+        (404, "alloc not found".into())
+    );
+    let r = c
+        .get(format!("{base}/v1/evaluation/nope"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status().as_u16(), r.text().await.unwrap()),
+        (
+            500,
+            "failed to lookup eval: eval lookup failed: index error: UUID must be 36 characters"
+                .into()
+        )
+    );
+    let r = c
+        .get(format!(
+            "{base}/v1/evaluation/00000000-0000-0000-0000-000000000000"
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status().as_u16(), r.text().await.unwrap()),
+        (404, "eval not found".into())
+    );
+    let r = c.patch(format!("{base}/v1/jobs")).send().await.unwrap();
+    assert_eq!(
+        (r.status().as_u16(), r.text().await.unwrap()),
+        (405, "Invalid method".into())
+    );
+    // Deleting a missing job is 200 with a zero body.
+    let r = c
+        .delete(format!("{base}/v1/job/nope?purge=true"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(
+        (v["EvalID"].as_str(), v["Index"].as_u64()),
+        (Some(""), Some(0))
+    );
+    let r = c
+        .delete(format!("{base}/v1/job/nope?purge=x"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 500);
+    // Validation failure is 500 with a multierror.
+    let bad = json!({"Job": {"ID": "x", "Type": "batch", "TaskGroups": [{"Name": "g", "Tasks": [{"Name": "t"}]}]}});
+    let r = c
+        .put(format!("{base}/v1/jobs"))
+        .json(&bad)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 500);
+    assert!(r.text().await.unwrap().contains("* Missing task driver"));
+    let r = c
+        .put(format!("{base}/v1/jobs"))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status().as_u16(), r.text().await.unwrap()),
+        (400, "Job must be specified".into())
+    );
+    // Nonexistent namespace → 500.
+    let r = c
+        .put(format!("{base}/v1/jobs?namespace={ns}"))
+        .json(&y_job)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 500);
+    assert!(r
+        .text()
+        .await
+        .unwrap()
+        .contains(&format!("nonexistent namespace \"{ns}\"")));
+    // Namespaces can be created; then the register succeeds.
+    let r = c
+        .put(format!("{base}/v1/namespace/{ns}"))
+        .json(&json!({"Name": ns}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    y_job["Job"]["Namespace"] = json!(ns);
+    let r = c
+        .put(format!("{base}/v1/jobs?namespace={ns}"))
+        .json(&y_job)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let list: Value = c
+        .get(format!("{base}/v1/jobs?namespace={ns}&prefix={y}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list[0]["Namespace"], json!(ns));
+    let list: Value = c
+        .get(format!("{base}/v1/jobs?prefix={y}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list, json!([]));
+    // Unknown paths: 404 with an empty body.
+    let r = c.get(format!("{base}/v2/nothing")).send().await.unwrap();
+    assert_eq!(
+        (r.status().as_u16(), r.text().await.unwrap()),
+        (404, String::new())
+    );
+    let _ = c
+        .delete(format!("{base}/v1/job/{y}?purge=true&namespace={ns}"))
+        .send()
+        .await;
+    let _ = c.delete(format!("{base}/v1/namespace/{ns}")).send().await;
+}
+
+#[tokio::test]
+async fn emulator_http_errors_are_plain_text_with_nomad_status_codes() {
+    http_errors_are_plain_text_with_nomad_status_codes(Target::emulator().await).await;
+}
+
+#[tokio::test]
+#[ignore = "needs a real Nomad: NOMAD_ADDR=http://127.0.0.1:4646 cargo test -- --ignored real_nomad"]
+async fn real_nomad_http_errors_are_plain_text_with_nomad_status_codes() {
+    http_errors_are_plain_text_with_nomad_status_codes(Target::real(
+        "real_nomad_http_errors_are_plain_text_with_nomad_status_codes",
+    ))
+    .await;
+}
+
+/// A changed meta of the count-0 `config` group is a new job version on the same allocation (how
+/// a claim is recorded); an identical re-register only makes an evaluation.
+async fn in_place_meta_update_keeps_the_allocation(t: Target) {
+    let base = &t.base;
+    let c = http();
+    let (id, h_job) = t.job("meta");
+    register(&c, base, &h_job).await;
+    let alloc = wait_alloc(&c, base, &id, |a| a["ClientStatus"] == "running").await;
+    // Identical re-register: only an eval.
+    let again = register(&c, base, &h_job).await;
+    let job_before: Value = c
+        .get(format!("{base}/v1/job/{id}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(job_before["Version"], 0);
+    assert!(again["EvalCreateIndex"].as_u64() > again["JobModifyIndex"].as_u64());
+    // Change the config group's meta: new version, same allocation.
+    let mut j = h_job.clone();
+    j["Job"]["TaskGroups"][1]["Meta"]["used"] = json!("true");
+    register(&c, base, &j).await;
+    let job_after: Value = c
+        .get(format!("{base}/v1/job/{id}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(job_after["Version"], 1);
+    let updated = wait_alloc(&c, base, &id, |a| a["JobVersion"] == 1).await;
+    assert_eq!(updated["ID"], alloc["ID"]);
+    assert_eq!(updated["ClientStatus"], "running");
+    t.purge(&id).await;
+}
+
+#[tokio::test]
+async fn emulator_in_place_meta_update_keeps_the_allocation() {
+    in_place_meta_update_keeps_the_allocation(Target::emulator().await).await;
+}
+
+#[tokio::test]
+#[ignore = "needs a real Nomad: NOMAD_ADDR=http://127.0.0.1:4646 cargo test -- --ignored real_nomad"]
+async fn real_nomad_in_place_meta_update_keeps_the_allocation() {
+    in_place_meta_update_keeps_the_allocation(Target::real(
+        "real_nomad_in_place_meta_update_keeps_the_allocation",
+    ))
+    .await;
+}
