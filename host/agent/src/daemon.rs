@@ -66,7 +66,8 @@ pub(crate) fn bridge(socket: &str) -> i32 {
     let stream = match crate::socket_path::short(socket, |p| UnixStream::connect(p)) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("poseidon-agent: cannot reach the agent at {socket}: {e}");
+            // On standard output: the other end reads the first line to tell success from failure.
+            println!("poseidon-agent: cannot reach the agent at {socket}: {e}");
             return 1;
         }
     };

@@ -79,10 +79,10 @@ fn install_script() -> String {
     )
 }
 
-/// Carries the exec session to the running agent (exit 127: no agent installed).
+/// Carries the exec session to the running agent (no agent installed: a line saying so, exit 127).
 fn bridge_script() -> String {
     format!(
-        r#"d="{AGENT_DIR}"; [ -x "$d/agent" ] || exit 127; exec "$d/agent" --connect "$d/agent.sock""#
+        r#"d="{AGENT_DIR}"; [ -x "$d/agent" ] || {{ echo "no poseidon-agent in $d"; exit 127; }}; exec "$d/agent" --connect "$d/agent.sock""#
     )
 }
 

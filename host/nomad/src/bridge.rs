@@ -62,13 +62,15 @@ pub async fn open(
                 Some(Ok(Message::Text(t))) => match exec::parse_frame(t.as_str()) {
                     Some(Frame::Stdout(d)) => {
                         head.extend_from_slice(&d);
-                        if head.len() >= banner.len() {
-                            if head.starts_with(banner.as_bytes()) {
-                                return Ok(head.split_off(banner.len()));
+                        // The first line decides (some drivers, e.g. raw_exec, report the exit
+                        // only once stdin is closed, so a failing bridge says so on stdout too).
+                        if let Some(end) = head.iter().position(|b| *b == b'\n') {
+                            if head[..=end] == *banner.as_bytes() {
+                                return Ok(head.split_off(end + 1));
                             }
                             return Err(BridgeError::NoAgent {
                                 code: -1,
-                                stderr: String::from_utf8_lossy(&head).into_owned(),
+                                stderr: String::from_utf8_lossy(&head[..end]).into_owned(),
                             });
                         }
                     }
