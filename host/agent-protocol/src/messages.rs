@@ -146,7 +146,13 @@ pub enum Reply {
     },
     /// A file operation succeeded.
     Done,
-    /// The listing of a [`Request::List`].
+    /// Part of a long listing of a [`Request::List`]; more parts follow, the last as
+    /// [`Reply::Listing`].
+    ListingPart {
+        /// The entries of this part.
+        entries: Vec<Entry>,
+    },
+    /// The listing of a [`Request::List`] (its last part).
     Listing {
         /// The entries.
         entries: Vec<Entry>,

@@ -132,12 +132,44 @@ pub(crate) fn spawn_list(
                 }
             }
         };
-        let answer = match answer {
-            Some(entries) => Reply::Listing { entries },
-            None => Reply::NotFound,
+        let Some(mut entries) = answer else {
+            reply(&tx, stream, Reply::NotFound);
+            return;
         };
-        reply(&tx, stream, answer);
+        // A long listing goes in parts, each well below the protocol's frame limit.
+        loop {
+            let cut = part_length(&entries);
+            if cut == entries.len() {
+                break;
+            }
+            let rest = entries.split_off(cut);
+            let part = Reply::ListingPart { entries };
+            if tx.send(Frame::control(stream, &part)).await.is_err() {
+                return;
+            }
+            entries = rest;
+        }
+        let _ = tx
+            .send(Frame::control(stream, &Reply::Listing { entries }))
+            .await;
     });
+}
+
+/// JSON bytes of one listing frame at most (a quarter of the protocol's frame limit).
+const LISTING_PART_BYTES: usize = poseidon_agent_protocol::MAX_FRAME / 4;
+
+/// How many of `entries` fit into one listing frame (at least one: an entry's name is at most
+/// `PATH_MAX`, far below the limit).
+fn part_length(entries: &[Entry]) -> usize {
+    let mut bytes = 0;
+    for (i, e) in entries.iter().enumerate() {
+        // Escaping can double a name's bytes; the fixed fields take < 200.
+        bytes += 2 * (e.name.len() + e.link_target.as_ref().map_or(0, String::len)) + 200;
+        if bytes > LISTING_PART_BYTES && i > 0 {
+            return i;
+        }
+    }
+    entries.len()
 }
 
 fn as_user(args: Vec<String>) -> tokio::process::Command {
@@ -375,6 +407,34 @@ pub(crate) fn run_as_user(args: &[String]) -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_listings_are_cut_into_parts_below_the_frame_limit() {
+        let entry = |n: usize| Entry {
+            name: "x".repeat(n),
+            entry_type: '-',
+            link_target: None,
+            size: 0,
+            modification_time: 0,
+            permissions: "rw-r--r--".into(),
+            owner: "root".into(),
+            group: "root".into(),
+        };
+        let many: Vec<Entry> = (0..5000).map(|_| entry(100)).collect();
+        let cut = part_length(&many);
+        assert!(cut > 100 && cut < 5000, "{cut}");
+        let json = serde_json::to_vec(&Reply::ListingPart {
+            entries: many[..cut].to_vec(),
+        })
+        .unwrap();
+        assert!(
+            json.len() < poseidon_agent_protocol::MAX_FRAME,
+            "{}",
+            json.len()
+        );
+        assert_eq!(part_length(&many[..10]), 10);
+        assert_eq!(part_length(&[entry(4096), entry(4096)]), 2);
+    }
 
     #[test]
     fn permission_strings_match_ls() {

@@ -20,6 +20,8 @@ use crate::files::FileEntry;
 
 /// How long the agent may take to answer the greeting.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Entries one listing may have (a learner's runaway loop must not exhaust the gateway's memory).
+const MAX_LISTING: usize = 1_000_000;
 /// Frames buffered per operation before the connection's reader waits for its consumer.
 const STREAM_BUFFER: usize = 64;
 
@@ -364,10 +366,38 @@ impl AgentClient {
             cwd,
             identity,
         };
-        match self.call(&request, None, limit, false).await?.0 {
-            Reply::Listing { entries } => Ok(entries),
-            other => Err(unexpected(&other)),
-        }
+        let deadline = tokio::time::Instant::now() + limit;
+        let (mut reply, stream, mut rx) = self.call(&request, None, limit, true).await?;
+        let mut all = Vec::new();
+        let result = loop {
+            match reply {
+                Reply::Listing { entries } => {
+                    all.extend(entries);
+                    break Ok(all);
+                }
+                Reply::ListingPart { entries } if all.len() + entries.len() <= MAX_LISTING => {
+                    all.extend(entries);
+                }
+                Reply::ListingPart { .. } => {
+                    break Err(AgentError::Failed {
+                        message: format!("the listing has more than {MAX_LISTING} entries"),
+                        stderr: String::new(),
+                    })
+                }
+                other => break Err(unexpected(&other)),
+            }
+            let next = match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(frame)) => frame.parse::<Reply>().map_err(AgentError::from),
+                Ok(None) => Err(gone()),
+                Err(_) => Err(AgentError::Timeout(limit)),
+            };
+            match next {
+                Ok(r) => reply = r,
+                Err(e) => break Err(e),
+            }
+        };
+        self.close_stream(stream);
+        result
     }
 
     /// Streams a regular file: its exact size, then its content.
