@@ -1,7 +1,8 @@
 //! Poseidon's InfluxDB output, when `influxdb.url` is set: the same measurement names, tags and
-//! fields (`poseidon_<route>` per request, `poseidon_poolsize`, `poseidon_environments`,
-//! `poseidon_used_runners`, `poseidon_nomad_idle_runners`, `poseidon_file_download`), tag `stage`
-//! on every point, written in batches by a background task in InfluxDB's line protocol to the v2
+//! fields (`poseidon_<route>` per request and `poseidon_file_download` from here; the periodic
+//! `poseidon_poolsize`, `poseidon_environments`, `poseidon_used_runners`,
+//! `poseidon_nomad_idle_runners`, `poseidon_nomad_executions`; the change points the core and
+//! the Nomad backend record through `poseidon_core::monitoring`), tag `stage` on every point, written in batches by a background task in InfluxDB's line protocol to the v2
 //! write API as Poseidon does (`/api/v2/write`, `Authorization: Token`) or the v1 API (`/write`).
 //! A request only formats its line and hands it over without waiting: when the buffer is full
 //! the point is dropped and counted, never the request slowed.
@@ -13,6 +14,7 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
 use poseidon_api::RequestSubject;
+use poseidon_core::monitoring::{Field, Point, Sink};
 use poseidon_core::Manager;
 use tokio::sync::mpsc;
 
@@ -75,8 +77,14 @@ impl Influx {
         }))
     }
 
-    /// Queues one point.
+    /// Queues one point with integer fields.
     fn point(&self, measurement: &str, tags: &[(&str, &str)], fields: &[(&str, i64)]) {
+        let fields: Vec<(&str, Field)> = fields.iter().map(|(k, v)| (*k, Field::Int(*v))).collect();
+        self.line(measurement, tags, &fields);
+    }
+
+    /// Queues one point.
+    fn line(&self, measurement: &str, tags: &[(&str, &str)], fields: &[(&str, Field)]) {
         let mut line = escape(measurement, ", ");
         let stage = [("stage", self.stage.as_str())];
         for (key, value) in tags.iter().chain(stage.iter()) {
@@ -86,7 +94,17 @@ impl Influx {
         }
         for (i, (key, value)) in fields.iter().enumerate() {
             let sep = if i == 0 { ' ' } else { ',' };
-            let _ = write!(line, "{sep}{}={value}i", escape(key, ", ="));
+            let _ = match value {
+                Field::Int(value) => write!(line, "{sep}{}={value}i", escape(key, ", =")),
+                Field::Text(text) => {
+                    write!(
+                        line,
+                        "{sep}{}=\"{}\"",
+                        escape(key, ", ="),
+                        escape(text, "\"\\")
+                    )
+                }
+            };
         }
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -136,6 +154,15 @@ impl Influx {
                 }
             }
         });
+    }
+}
+
+/// The points the core and the backends record (`poseidon_core::monitoring`): environments,
+/// idle and used runners, executions, runner start-ups, Nomad events, jobs and allocations.
+impl Sink for Influx {
+    fn point(&self, point: Point) {
+        let tags: Vec<(&str, &str)> = point.tags.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        self.line(point.measurement, &tags, &point.fields);
     }
 }
 
