@@ -21,6 +21,8 @@ vm_home=${CGROUP2_VM_HOME:-$HOME/.cache/cgroup2-vm}
 H=${POSEIDON_DEB_VM_HOME:-$HOME/.cache/poseidon-deb-vm}
 skip() { echo "skipped: Debian package in a systemd VM ($*)"; exit 0; }
 [ -f "$tool" ] || skip "$tool is missing"
+work=$(mktemp -d /tmp/poseidon-deb-vm.XXXXXX)
+trap 'rm -rf "$work"' EXIT
 
 if [ -z "$deb" ]; then
   command -v cargo-deb >/dev/null 2>&1 || cargo install --locked cargo-deb
@@ -30,9 +32,10 @@ if [ -z "$deb" ]; then
   cargo build -q --release -p poseidon
   target=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
   cp "$target/x86_64-unknown-linux-musl/release/poseidon-agent" "$target/release/poseidon-agent"
-  out=$(mktemp -d /tmp/poseidon-deb.XXXXXX)
-  cargo deb -p poseidon --no-build --output "$out/" >/dev/null
-  deb=$(ls "$out"/poseidon_*.deb)
+  mkdir -p "$work/deb"
+  # (cargo-deb warns that it finds no shared-library dependencies of the static agent: right.)
+  cargo deb -p poseidon --no-build --output "$work/deb/" 2>&1 >/dev/null | grep -v -e 'dependency specification' -e 'No \$auto deps' || true
+  deb=$(ls "$work"/deb/poseidon_*.deb)
 fi
 
 # The kernel and the Debian root of the cgroup v2 VM (built by its first run).
@@ -56,8 +59,6 @@ if [ ! -x "$H/root/lib/systemd/systemd" ]; then
   rm -rf "$H/root" && mv "$H/root.new" "$H/root"
 fi
 
-work=$(mktemp -d /tmp/poseidon-deb-vm.XXXXXX)
-trap 'rm -rf "$work"' EXIT
 cp -a "$H/root" "$work/root"
 r=$work/root
 cp "$deb" "$r/root/poseidon.deb"
@@ -130,7 +131,7 @@ timeout "${POSEIDON_DEB_VM_TIMEOUT:-600}" qemu-system-x86_64 -accel tcg -cpu max
   -nographic -no-reboot -kernel "$vm_home/vmlinuz" -initrd "$vm_home/initrd.img" \
   -append "root=/dev/vda rw console=ttyS0 quiet panic=-1 systemd.show_status=0 init=/lib/systemd/systemd" \
   -drive "file=$work/disk.ext4,if=virtio,format=raw" >"$work/console.log" 2>&1 || true
-sed -e 's/\r$//' "$work/console.log" | grep -E 'PACKAGE-TEST|poseidon' | grep -v '^\s*$' || true
+sed -e 's/\r$//' -e 's/\x1b\[[0-9;?]*[a-zA-Z]//g' "$work/console.log" | grep -E 'PACKAGE-TEST|poseidon' || true
 if grep -q 'PACKAGE-TEST: OK' "$work/console.log"; then
   echo "test-package-vm: OK ($deb installed and started by systemd)"
   exit 0
