@@ -241,7 +241,7 @@ async fn environment_runner_and_execution_changes_are_written_as_poseidon_does()
     query(&influx, "CREATE DATABASE poseidon").await;
     let s = Server::start_with(Options {
         extra_yaml: format!(
-            "influxdb:\n  url: {}\n  bucket: poseidon\n  api: v1\n  stage: ci\n",
+            "influxdb:\n  url: {}\n  bucket: poseidon\n  api: v1\n  stage: ci\n  periodseconds: 1\n",
             influx.url
         ),
         ..Default::default()
@@ -301,6 +301,15 @@ async fn environment_runner_and_execution_changes_are_written_as_poseidon_does()
     })
     .await;
     assert_eq!(consumed["count"], 0, "{consumed:?}");
+    // A stored execution shows in the periodic points of its runner.
+    s.execute(&runner, json!({"command": "true"})).await;
+    point_where(&influx, &s, "poseidon_nomad_executions", |p| {
+        is(p, "event_type", "periodically")
+            && is(p, "runner_id", &runner)
+            && is(p, "environment_id", "4")
+            && p["count"] == 1
+    })
+    .await;
 
     let r = s
         .http

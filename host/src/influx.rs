@@ -92,20 +92,7 @@ impl Influx {
                 let _ = write!(line, ",{}={}", escape(key, ", ="), escape(value, ", ="));
             }
         }
-        for (i, (key, value)) in fields.iter().enumerate() {
-            let sep = if i == 0 { ' ' } else { ',' };
-            let _ = match value {
-                Field::Int(value) => write!(line, "{sep}{}={value}i", escape(key, ", =")),
-                Field::Text(text) => {
-                    write!(
-                        line,
-                        "{sep}{}=\"{}\"",
-                        escape(key, ", ="),
-                        escape(text, "\"\\")
-                    )
-                }
-            };
-        }
+        line.push_str(&field_text(fields));
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_nanos())
@@ -116,8 +103,9 @@ impl Influx {
         }
     }
 
-    /// Every `period`: idle and used runners and the pool size of each environment, and the
-    /// number of environments (Poseidon's `periodically` points).
+    /// Every `period`: idle and used runners and the pool size of each environment, the
+    /// number of environments, and the stored executions of each claimed runner (Poseidon's
+    /// `periodically` points).
     pub fn spawn_periodic(&self, manager: Manager, period: Duration) {
         let influx = self.clone();
         tokio::spawn(async move {
@@ -150,6 +138,18 @@ impl Influx {
                         "poseidon_poolsize",
                         &[("environment_id", env.as_str())],
                         &[("prewarming_pool_size", i64::from(s.prewarming_pool_size))],
+                    );
+                }
+                for (runner, environment, count) in manager.stored_executions() {
+                    let environment = environment.to_string();
+                    influx.point(
+                        "poseidon_nomad_executions",
+                        &[
+                            ("event_type", "periodically"),
+                            ("environment_id", environment.as_str()),
+                            ("runner_id", runner.as_str()),
+                        ],
+                        &[("count", count as i64)],
                     );
                 }
             }
@@ -241,6 +241,21 @@ pub async fn measure(State(influx): State<Influx>, request: Request, next: Next)
     response
 }
 
+/// The field set of a line, with its leading space: integers as `key=1i`, text quoted with
+/// `"` and `\` escaped.
+fn field_text(fields: &[(&str, Field)]) -> String {
+    let mut out = String::new();
+    for (i, (key, value)) in fields.iter().enumerate() {
+        let sep = if i == 0 { ' ' } else { ',' };
+        let key = escape(key, ", =");
+        let _ = match value {
+            Field::Int(value) => write!(out, "{sep}{key}={value}i"),
+            Field::Text(text) => write!(out, "{sep}{key}=\"{}\"", escape(text, "\"\\")),
+        };
+    }
+    out
+}
+
 /// Line protocol escaping: a backslash before each of `special`.
 fn escape(text: &str, special: &str) -> String {
     let mut out = String::with_capacity(text.len());
@@ -314,6 +329,11 @@ mod tests {
             Some("/files_list")
         );
         assert_eq!(route_name("GET", "/api/v1/plugins"), None);
+        assert_eq!(
+            field_text(&[("payload", Field::Text(r#"{"a":"b\\c"}"#.into()))]),
+            r#" payload="{\"a\":\"b\\\\c\"}""#
+        );
+        assert_eq!(field_text(&[("count", Field::Int(3))]), " count=3i");
         assert_eq!(escape("a b,c=d", ", ="), "a\\ b\\,c\\=d");
     }
 }

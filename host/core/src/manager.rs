@@ -509,6 +509,22 @@ impl Manager {
         }
     }
 
+    /// Every claimed runner with its environment and its number of stored executions.
+    pub fn stored_executions(&self) -> Vec<(RunnerId, EnvironmentId, usize)> {
+        let runners: Vec<Arc<Runner>> = self
+            .inner
+            .runners
+            .read()
+            .unwrap()
+            .values()
+            .cloned()
+            .collect();
+        runners
+            .iter()
+            .map(|r| (r.id().clone(), r.environment(), r.stored_execution_count()))
+            .collect()
+    }
+
     /// Pool figures of every environment, ordered by id.
     pub fn statistics(&self) -> Vec<EnvironmentStatistics> {
         // One pass over the claimed runners, not one per environment.

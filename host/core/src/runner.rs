@@ -174,6 +174,11 @@ impl Runner {
         );
     }
 
+    /// Executions stored and not yet consumed (expired ones included until the next store).
+    pub fn stored_execution_count(&self) -> usize {
+        self.executions.lock().unwrap().len()
+    }
+
     /// Whether an execution with this id is stored.
     pub fn has_execution(&self, id: &ExecutionId) -> bool {
         self.executions.lock().unwrap().contains_key(id)
