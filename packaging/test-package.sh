@@ -34,7 +34,7 @@ dpkg-deb --ctrl-tarfile "$deb" | tar -xO ./postinst | grep -q 'deb-systemd-helpe
   || fail "postinst does not enable poseidon.socket"
 root=$work/root
 dpkg-deb -x "$deb" "$root"
-for f in usr/bin/poseidon usr/lib/systemd/system/poseidon.service usr/lib/systemd/system/poseidon.socket \
+for f in usr/bin/poseidon usr/bin/poseidon-agent usr/lib/systemd/system/poseidon.service usr/lib/systemd/system/poseidon.socket \
   etc/poseidon/configuration.yaml usr/share/doc/poseidon/operations.md; do
   [ -e "$root/$f" ] || fail "$f is not in the package"
 done

@@ -2,12 +2,13 @@
 """The cost of operability: metrics and request logging on claims and executions (A/B), and the
 time of a /metrics scrape with many runners.
 
-Starts two release `poseidon` servers on the local backend (127.0.0.1, port 0, own state
+Starts three release `poseidon` servers on the local backend (127.0.0.1, port 0, own state
 directories and cgroup parents; as root):
   A  metrics.enabled: true,  logger.level: info   (one line per request, every figure recorded)
   B  metrics.enabled: false, logger.level: error  (neither)
-and runs `poseidon-loadgen --scenarios claim,execute` against A and B alternately, ROUNDS times,
-so that both see the same machine load. Then it fills one environment of A with RUNNERS idle
+  C  metrics.enabled: true,  logger.level: error  (metrics alone: A/C is the logging's share)
+and runs `poseidon-loadgen --scenarios claim,execute` against A, B and C in turn, ROUNDS times,
+so that all see the same machine load. With --runners 0 the scrape timing is skipped. Then it fills one environment of A with RUNNERS idle
 runners, claims half of them, and times SCRAPES requests of `/metrics` against as many of
 `/api/v1/version` (the same client, the same connection) for a ratio.
 
@@ -168,9 +169,11 @@ def main():
         servers.append(a)
         b = Server(server_bin, work, "b", 4_500_000, False, "error")
         servers.append(b)
-        rows = {"A": [], "B": []}
+        c = Server(server_bin, work, "c", 4_600_000, True, "error")
+        servers.append(c)
+        rows = {"A": [], "B": [], "C": []}
         for round_ in range(args.rounds):
-            for name, server, base in (("A", a, 9200), ("B", b, 9300)):
+            for name, server, base in (("A", a, 9200), ("B", b, 9300), ("C", c, 9400)):
                 rows[name] += loadgen(loadgen_bin, server, base + 20 * round_,
                                       os.path.join(work, f"{name}{round_}.json"))
         ab = []
@@ -184,26 +187,31 @@ def main():
                 return statistics.median(values)
             ab.append({
                 "scenario": scenario, "variant": variant, "concurrency": concurrency,
-                "rate_a": pick("A", "rate"), "rate_b": pick("B", "rate"),
+                "rate_a": pick("A", "rate"), "rate_b": pick("B", "rate"), "rate_c": pick("C", "rate"),
                 "p50_a_ms": pick("A", "p50_ms"), "p50_b_ms": pick("B", "p50_ms"),
+                "p50_c_ms": pick("C", "p50_ms"),
                 "unit": next(r["rate_unit"] for r in rows["A"] if r["scenario"] == scenario),
             })
-        scrape = scrape_timing(a, args.runners, args.scrapes)
+        scrape = scrape_timing(a, args.runners, args.scrapes) if args.runners else None
         result = {"ab": ab, "scrape": scrape, "rounds": args.rounds}
         os.makedirs(os.path.join(args.target, "bench"), exist_ok=True)
         with open(os.path.join(args.target, "bench", "ops.json"), "w") as f:
             json.dump(result, f, indent=2)
-        print("| scenario | variant | conc. | unit | rate A (on) | rate B (off) | A/B rate | p50 A ms | p50 B ms | A/B p50 |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
+        print("| scenario | variant | conc. | unit | rate A (both on) | rate C (metrics only) | rate B (off) |"
+              " A/B rate | C/B rate | p50 A ms | p50 C ms | p50 B ms | A/B p50 | C/B p50 |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in ab:
             print(f"| {r['scenario']} | {r['variant']} | {r['concurrency']} | {r['unit']} | {r['rate_a']:.1f} |"
-                  f" {r['rate_b']:.1f} | {r['rate_a'] / r['rate_b']:.3f} | {r['p50_a_ms']:.2f} |"
-                  f" {r['p50_b_ms']:.2f} | {r['p50_a_ms'] / r['p50_b_ms']:.3f} |")
-        print()
-        print(f"/metrics with {scrape['runners_idle']} idle + {scrape['runners_used']} used runners:"
-              f" p50 {scrape['metrics_p50_ms']:.3f} ms, p99 {scrape['metrics_p99_ms']:.3f} ms"
-              f" ({scrape['metrics_bytes']} bytes); GET /version p50 {scrape['version_p50_ms']:.3f} ms;"
-              f" ratio {scrape['ratio_p50']:.2f}")
+                  f" {r['rate_c']:.1f} | {r['rate_b']:.1f} | {r['rate_a'] / r['rate_b']:.3f} |"
+                  f" {r['rate_c'] / r['rate_b']:.3f} | {r['p50_a_ms']:.2f} | {r['p50_c_ms']:.2f} |"
+                  f" {r['p50_b_ms']:.2f} | {r['p50_a_ms'] / r['p50_b_ms']:.3f} |"
+                  f" {r['p50_c_ms'] / r['p50_b_ms']:.3f} |")
+        if scrape:
+            print()
+            print(f"/metrics with {scrape['runners_idle']} idle + {scrape['runners_used']} used runners:"
+                  f" p50 {scrape['metrics_p50_ms']:.3f} ms, p99 {scrape['metrics_p99_ms']:.3f} ms"
+                  f" ({scrape['metrics_bytes']} bytes); GET /version p50 {scrape['version_p50_ms']:.3f} ms;"
+                  f" ratio {scrape['ratio_p50']:.2f}")
     finally:
         for s in reversed(servers):
             s.stop()

@@ -49,4 +49,10 @@ if [ "${POSEIDON_SKIP_CGROUP2_VM:-0}" = 1 ]; then
 else
   tests/cgroup2/run.sh || status=$?
 fi
+# The Debian package installed into a Debian 12 VM with systemd as PID 1 and started by its units.
+if [ "${POSEIDON_SKIP_PACKAGE_VM:-0}" = 1 ]; then
+  echo "skipped: Debian package in a systemd VM (POSEIDON_SKIP_PACKAGE_VM=1)"
+else
+  packaging/test-package-vm.sh || status=$?
+fi
 exit "$status"

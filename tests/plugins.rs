@@ -736,3 +736,136 @@ async fn sighup_applies_a_changed_plugin_config_without_a_restart() {
     })
     .await;
 }
+
+/// A Prometheus sample's value: the first line of `name` carrying every one of `labels`.
+fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let (series, value) = line.rsplit_once(' ')?;
+        let (metric, rest) = series.split_once('{').unwrap_or((series, ""));
+        (metric == name
+            && labels
+                .iter()
+                .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))))
+        .then(|| value.parse().ok())?
+    })
+}
+
+/// The `name` of each plugin in `GET /plugins`, by file.
+async fn plugin_names(s: &Server) -> std::collections::HashMap<String, String> {
+    let plugins: Value = s.get_json(s.url("/plugins")).await;
+    plugins
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["file"].as_str().unwrap().to_string(),
+                p["name"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugin_calls_failures_and_latency_are_in_the_metrics() {
+    let dir = plugin_dir(&[
+        ("test_loop", "loop.wasm"),
+        ("test_alloc", "hog.wasm"),
+        ("test_trap", "trap.wasm"),
+    ]);
+    let s = Server::start_with(Options {
+        extra_yaml: format!(
+            "plugins:\n  directory: {}\n  limits:\n    callTimeoutMs: 3000\n    epochDeadlineTicks: 100\n    memoryMb: 32\n  entries:\n    - file: loop.wasm\n      environments: [6]\n    - file: hog.wasm\n",
+            dir.display()
+        ),
+        ..Options::default()
+    })
+    .await;
+    s.environment(6, 1, json!({})).await;
+    let runner = s.claim(6, 0).await;
+    let r = s
+        .http
+        .post(s.url(&format!("/runners/{runner}/execute")))
+        .json(&json!({"command": "true"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let names = plugin_names(&s).await;
+    let (sizer, hog) = (&names["loop.wasm"], &names["hog.wasm"]);
+    let metrics_url = s.url("/metrics").replace("/api/v1", "");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let text = loop {
+        let t = s
+            .http
+            .get(&metrics_url)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let failed = |plugin: &str| {
+            metric(
+                &t,
+                "poseidon_plugin_call_failures_total",
+                &[("plugin", plugin)],
+            )
+            .is_some()
+        };
+        if failed(sizer) && failed(hog) {
+            break t;
+        }
+        assert!(Instant::now() < deadline, "no plugin failures in {t}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    for plugin in [sizer, hog] {
+        let calls = metric(&text, "poseidon_plugin_calls_total", &[("plugin", plugin)]);
+        assert!(calls.is_some_and(|c| c >= 1.0), "{plugin}: {text}");
+        let timed = metric(
+            &text,
+            "poseidon_plugin_call_duration_seconds_count",
+            &[("plugin", plugin)],
+        );
+        assert!(timed.is_some_and(|c| c >= 1.0), "{plugin}: {text}");
+    }
+    let timeouts = metric(
+        &text,
+        "poseidon_plugin_call_failures_total",
+        &[("plugin", sizer), ("reason", "timeout")],
+    );
+    assert!(timeouts.is_some_and(|c| c >= 1.0), "{text}");
+    let memory = metric(
+        &text,
+        "poseidon_plugin_call_failures_total",
+        &[("plugin", hog), ("reason", "memory")],
+    );
+    assert_eq!(memory, Some(1.0), "{text}");
+    drop(s);
+
+    // A trapping authenticator: every API request is refused, the metrics still answer.
+    let s = server_with_plugins(&dir, "    - file: trap.wasm\n      kind: authenticator\n").await;
+    let r = s
+        .http
+        .get(s.url("/execution-environments"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    let text = s
+        .http
+        .get(s.url("/metrics").replace("/api/v1", ""))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let traps = metric(
+        &text,
+        "poseidon_plugin_call_failures_total",
+        &[("reason", "trap")],
+    );
+    assert!(traps.is_some_and(|c| c >= 1.0), "{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -353,3 +353,94 @@ async fn shutdown_finishes_requests_in_flight_and_refuses_new_ones() {
     assert_eq!(response.status(), 204, "{}", proc.log());
     assert_eq!(proc.wait(30), Some(0), "{}", proc.log());
 }
+
+/// Sets the soft open-file limit of `pid` (util-linux's `prlimit`).
+fn set_open_file_limit(pid: u32, soft: &str) {
+    let status = Command::new("prlimit")
+        .args(["--pid", &pid.to_string(), &format!("--nofile={soft}:")])
+        .status()
+        .expect("prlimit (util-linux) is needed");
+    assert!(status.success());
+}
+
+fn count_lines(log: &str, needle: &str) -> usize {
+    log.lines().filter(|l| l.contains(needle)).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watchdog_stops_while_the_server_cannot_serve_and_resumes_after() {
+    let dir = fresh_dir("unhealthy");
+    let socket_path = dir.join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    let file = config(&dir, "", 473_000);
+    let (proc, url) = start(
+        &dir,
+        "sh",
+        &[
+            "-c",
+            "WATCHDOG_PID=$$ exec \"$0\" \"$@\"",
+            poseidon(),
+            "--config",
+            file.to_str().unwrap(),
+        ],
+        &[
+            ("NOTIFY_SOCKET", socket_path.display().to_string()),
+            ("WATCHDOG_USEC", "300000".into()),
+        ],
+    );
+    receive_until(&socket, 30, |m| count(m, "WATCHDOG=1") >= 2);
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", proc.pid())).unwrap();
+    let soft = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .unwrap()
+        .to_string();
+
+    // Out of file descriptors (a real production failure): the server cannot accept a
+    // connection, so its own /health check fails and systemd gets no more pings.
+    let failed = "watchdog self-check failed";
+    // A limit of 3: the descriptors it has stay usable, every new one (numbered 3 or more,
+    // as 0-2 are taken) fails with EMFILE.
+    set_open_file_limit(proc.pid(), "3");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while count_lines(&proc.log(), failed) < 1 {
+        assert!(Instant::now() < deadline, "no failed check: {}", proc.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Checks run one after the other: every ping sent before the first failure is queued now.
+    socket.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 4096];
+    while socket.recv(&mut buf).is_ok() {}
+    let seen = count_lines(&proc.log(), failed);
+    while count_lines(&proc.log(), failed) < seen + 2 {
+        assert!(Instant::now() < deadline, "checks stopped: {}", proc.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut during = Vec::new();
+    while let Ok(n) = socket.recv(&mut buf) {
+        during.push(String::from_utf8_lossy(&buf[..n]).to_string());
+    }
+    assert!(
+        !during.iter().any(|m| m.contains("WATCHDOG=1")),
+        "pinged while unable to serve: {during:?}"
+    );
+    assert!(
+        reqwest::Client::builder()
+            .timeout(Duration::from_secs(2))
+            .build()
+            .unwrap()
+            .get(format!("{url}/api/v1/health"))
+            .send()
+            .await
+            .is_err(),
+        "the server answered a new connection"
+    );
+
+    // Healthy again: pings resume.
+    socket.set_nonblocking(false).unwrap();
+    set_open_file_limit(proc.pid(), &soft);
+    receive_until(&socket, 30, |m| count(m, "WATCHDOG=1") >= 2);
+    let r = reqwest::get(format!("{url}/api/v1/health")).await.unwrap();
+    assert_eq!(r.status(), 204);
+}

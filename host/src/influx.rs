@@ -1,7 +1,8 @@
 //! Poseidon's InfluxDB output, when `influxdb.url` is set: the same measurement names, tags and
-//! fields (`poseidon_<route>` per request, `poseidon_poolsize`, `poseidon_environments`,
-//! `poseidon_used_runners`, `poseidon_nomad_idle_runners`, `poseidon_file_download`), tag `stage`
-//! on every point, written in batches by a background task in InfluxDB's line protocol to the v2
+//! fields (`poseidon_<route>` per request and `poseidon_file_download` from here; the periodic
+//! `poseidon_poolsize`, `poseidon_environments`, `poseidon_used_runners`,
+//! `poseidon_nomad_idle_runners`, `poseidon_nomad_executions`; the change points the core and
+//! the Nomad backend record through `poseidon_core::monitoring`), tag `stage` on every point, written in batches by a background task in InfluxDB's line protocol to the v2
 //! write API as Poseidon does (`/api/v2/write`, `Authorization: Token`) or the v1 API (`/write`).
 //! A request only formats its line and hands it over without waiting: when the buffer is full
 //! the point is dropped and counted, never the request slowed.
@@ -13,6 +14,7 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
 use poseidon_api::RequestSubject;
+use poseidon_core::monitoring::{Field, Point, Sink};
 use poseidon_core::Manager;
 use tokio::sync::mpsc;
 
@@ -75,8 +77,14 @@ impl Influx {
         }))
     }
 
-    /// Queues one point.
+    /// Queues one point with integer fields.
     fn point(&self, measurement: &str, tags: &[(&str, &str)], fields: &[(&str, i64)]) {
+        let fields: Vec<(&str, Field)> = fields.iter().map(|(k, v)| (*k, Field::Int(*v))).collect();
+        self.line(measurement, tags, &fields);
+    }
+
+    /// Queues one point.
+    fn line(&self, measurement: &str, tags: &[(&str, &str)], fields: &[(&str, Field)]) {
         let mut line = escape(measurement, ", ");
         let stage = [("stage", self.stage.as_str())];
         for (key, value) in tags.iter().chain(stage.iter()) {
@@ -84,10 +92,7 @@ impl Influx {
                 let _ = write!(line, ",{}={}", escape(key, ", ="), escape(value, ", ="));
             }
         }
-        for (i, (key, value)) in fields.iter().enumerate() {
-            let sep = if i == 0 { ' ' } else { ',' };
-            let _ = write!(line, "{sep}{}={value}i", escape(key, ", ="));
-        }
+        line.push_str(&field_text(fields));
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_nanos())
@@ -98,8 +103,9 @@ impl Influx {
         }
     }
 
-    /// Every `period`: idle and used runners and the pool size of each environment, and the
-    /// number of environments (Poseidon's `periodically` points).
+    /// Every `period`: idle and used runners and the pool size of each environment, the
+    /// number of environments, and the stored executions of each claimed runner (Poseidon's
+    /// `periodically` points).
     pub fn spawn_periodic(&self, manager: Manager, period: Duration) {
         let influx = self.clone();
         tokio::spawn(async move {
@@ -134,8 +140,29 @@ impl Influx {
                         &[("prewarming_pool_size", i64::from(s.prewarming_pool_size))],
                     );
                 }
+                for (runner, environment, count) in manager.stored_executions() {
+                    let environment = environment.to_string();
+                    influx.point(
+                        "poseidon_nomad_executions",
+                        &[
+                            ("event_type", "periodically"),
+                            ("environment_id", environment.as_str()),
+                            ("runner_id", runner.as_str()),
+                        ],
+                        &[("count", count as i64)],
+                    );
+                }
             }
         });
+    }
+}
+
+/// The points the core and the backends record (`poseidon_core::monitoring`): environments,
+/// idle and used runners, executions, runner start-ups, Nomad events, jobs and allocations.
+impl Sink for Influx {
+    fn point(&self, point: Point) {
+        let tags: Vec<(&str, &str)> = point.tags.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        self.line(point.measurement, &tags, &point.fields);
     }
 }
 
@@ -214,6 +241,21 @@ pub async fn measure(State(influx): State<Influx>, request: Request, next: Next)
     response
 }
 
+/// The field set of a line, with its leading space: integers as `key=1i`, text quoted with
+/// `"` and `\` escaped.
+fn field_text(fields: &[(&str, Field)]) -> String {
+    let mut out = String::new();
+    for (i, (key, value)) in fields.iter().enumerate() {
+        let sep = if i == 0 { ' ' } else { ',' };
+        let key = escape(key, ", =");
+        let _ = match value {
+            Field::Int(value) => write!(out, "{sep}{key}={value}i"),
+            Field::Text(text) => write!(out, "{sep}{key}=\"{}\"", escape(text, "\"\\")),
+        };
+    }
+    out
+}
+
 /// Line protocol escaping: a backslash before each of `special`.
 fn escape(text: &str, special: &str) -> String {
     let mut out = String::with_capacity(text.len());
@@ -287,6 +329,11 @@ mod tests {
             Some("/files_list")
         );
         assert_eq!(route_name("GET", "/api/v1/plugins"), None);
+        assert_eq!(
+            field_text(&[("payload", Field::Text(r#"{"a":"b\\c"}"#.into()))]),
+            r#" payload="{\"a\":\"b\\\\c\"}""#
+        );
+        assert_eq!(field_text(&[("count", Field::Int(3))]), " count=3i");
         assert_eq!(escape("a b,c=d", ", ="), "a\\ b\\,c\\=d");
     }
 }

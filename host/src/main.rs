@@ -226,11 +226,15 @@ async fn serve(
         None => None,
     };
     let pool_policy = policies.clone().map(|p| p as Arc<dyn PoolPolicy>);
+    // Before the manager starts, so that the environments and runners it recovers are recorded.
+    let influx = influx::Influx::start(&config.influxdb)?;
+    if let Some(influx) = &influx {
+        poseidon_core::monitoring::set_sink(Box::new(influx.clone()));
+    }
     let manager = Manager::start(backend, pool_policy).await?;
     if let Some(metrics) = &metrics {
         metrics.set_manager(manager.clone());
     }
-    let influx = influx::Influx::start(&config.influxdb)?;
     if let Some(influx) = &influx {
         influx.spawn_periodic(
             manager.clone(),

@@ -1,5 +1,6 @@
 //! systemd as Poseidon uses it: `READY=1` once the server serves, `WATCHDOG=1` every half
-//! `WATCHDOG_USEC` while a request to the server's own `/health` is answered, `STOPPING=1` on
+//! `WATCHDOG_USEC` while a request to the server's own `/health` over a new connection is
+//! answered (healthy: it accepts connections and its runtime answers requests), `STOPPING=1` on
 //! shutdown, and the listening sockets systemd passes (`server.systemdsocketactivation`).
 //! Without `NOTIFY_SOCKET` every notification is a no-op.
 
@@ -67,9 +68,12 @@ pub fn spawn_watchdog(address: SocketAddr, tls: bool) {
     }
     let scheme = if tls { "https" } else { "http" };
     let url = format!("{scheme}://{target}/api/v1/health");
-    // The server's own certificate names its public host, not the loopback address.
+    // The server's own certificate names its public host, not the loopback address. Every
+    // check opens a new connection: a server that can no longer accept one (out of file
+    // descriptors, accept loop stuck) is not healthy even if an old connection still answers.
     let client = match reqwest::Client::builder()
         .danger_accept_invalid_certs(true)
+        .pool_max_idle_per_host(0)
         .timeout(period)
         .build()
     {

@@ -13,6 +13,7 @@ pub mod execution;
 pub mod files;
 pub mod ids;
 pub mod manager;
+pub mod monitoring;
 pub mod policy;
 mod pool;
 pub mod runner;

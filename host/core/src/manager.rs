@@ -43,6 +43,18 @@ pub struct EnvironmentStatistics {
     pub starting_runners: u32,
 }
 
+/// Poseidon's `poseidon_used_runners` point: a runner was claimed or released (`count`: all
+/// claimed runners after the change).
+fn used_point(runner: &Runner, created: bool, count: usize) {
+    crate::monitoring::storage_change(
+        "poseidon_used_runners",
+        runner.id().as_str(),
+        created,
+        count,
+        || vec![("environment_id", runner.environment().to_string())],
+    );
+}
+
 /// Owns environments, pools and claimed runners; every API operation goes through it.
 #[derive(Clone)]
 pub struct Manager {
@@ -161,11 +173,25 @@ impl Manager {
                 tracing::warn!(environment = config.id, error = %e, "could not recover runners")
             }
         }
-        self.inner
-            .environments
-            .write()
-            .unwrap()
-            .insert(config.id, Arc::clone(&env));
+        let count = {
+            let mut environments = self.inner.environments.write().unwrap();
+            environments.insert(config.id, Arc::clone(&env));
+            environments.len()
+        };
+        crate::monitoring::storage_change(
+            "poseidon_environments",
+            &config.id.to_string(),
+            true,
+            count,
+            || {
+                vec![
+                    ("image", config.image.clone()),
+                    ("cpu_limit", config.cpu_limit.to_string()),
+                    ("memory_limit", config.memory_limit.to_string()),
+                    ("network_access", config.network_access.to_string()),
+                ]
+            },
+        );
         self.spawn_reconciler(env);
     }
 
@@ -284,7 +310,19 @@ impl Manager {
 
     /// Removes an environment locally and destroys its idle and claimed runners.
     async fn teardown(&self, id: EnvironmentId, reason: DestroyReason) {
-        let env = self.inner.environments.write().unwrap().remove(&id);
+        let (env, count) = {
+            let mut environments = self.inner.environments.write().unwrap();
+            (environments.remove(&id), environments.len())
+        };
+        if env.is_some() {
+            crate::monitoring::storage_change(
+                "poseidon_environments",
+                &id.to_string(),
+                false,
+                count,
+                Vec::new,
+            );
+        }
         let mut doomed: Vec<Arc<dyn RunnerBackend>> = Vec::new();
         if let Some(env) = env {
             doomed.extend(env.shut_down());
@@ -296,7 +334,11 @@ impl Manager {
                 .filter(|r| r.environment() == id)
                 .map(|r| r.id().clone())
                 .collect();
-            ids.iter().filter_map(|i| runners.remove(i)).collect()
+            let claimed: Vec<_> = ids.iter().filter_map(|i| runners.remove(i)).collect();
+            for runner in &claimed {
+                used_point(runner, false, runners.len());
+            }
+            claimed
         };
         for runner in claimed {
             runner.mark_destroyed(reason.clone());
@@ -343,6 +385,7 @@ impl Manager {
                 return Err(CoreError::EnvironmentNotFound);
             }
             runners.insert(runner.id().clone(), Arc::clone(&runner));
+            used_point(&runner, true, runners.len());
         }
         let timeout_secs = inactivity_timeout.map(|d| d.as_secs() as i64).unwrap_or(0);
         let marker = Arc::clone(runner.backend());
@@ -363,11 +406,11 @@ impl Manager {
         owner: Option<String>,
     ) -> Arc<Runner> {
         let runner = Arc::new(Runner::new(environment, backend, inactivity_timeout, owner));
-        self.inner
-            .runners
-            .write()
-            .unwrap()
-            .insert(runner.id().clone(), Arc::clone(&runner));
+        {
+            let mut runners = self.inner.runners.write().unwrap();
+            runners.insert(runner.id().clone(), Arc::clone(&runner));
+            used_point(&runner, true, runners.len());
+        }
         self.watch_inactivity(&runner);
         runner
     }
@@ -405,13 +448,12 @@ impl Manager {
         id: &RunnerId,
         reason: DestroyReason,
     ) -> Result<(), CoreError> {
-        let runner = self
-            .inner
-            .runners
-            .write()
-            .unwrap()
-            .remove(id)
-            .ok_or(CoreError::RunnerGone)?;
+        let runner = {
+            let mut runners = self.inner.runners.write().unwrap();
+            let runner = runners.remove(id).ok_or(CoreError::RunnerGone)?;
+            used_point(&runner, false, runners.len());
+            runner
+        };
         runner.mark_destroyed(reason);
         match tokio::time::timeout(DESTROY_WAIT, runner.backend().destroy()).await {
             Ok(Ok(())) => Ok(()),
@@ -426,7 +468,14 @@ impl Manager {
     async fn handle_backend_event(&self, event: BackendEvent) {
         match event {
             BackendEvent::RunnerLost { runner, reason } => {
-                let claimed = self.inner.runners.write().unwrap().remove(&runner);
+                let claimed = {
+                    let mut runners = self.inner.runners.write().unwrap();
+                    let claimed = runners.remove(&runner);
+                    if let Some(claimed) = &claimed {
+                        used_point(claimed, false, runners.len());
+                    }
+                    claimed
+                };
                 if let Some(claimed) = claimed {
                     claimed.mark_destroyed(DestroyReason::Lost(reason));
                     return;
@@ -458,6 +507,22 @@ impl Manager {
                 }
             }
         }
+    }
+
+    /// Every claimed runner with its environment and its number of stored executions.
+    pub fn stored_executions(&self) -> Vec<(RunnerId, EnvironmentId, usize)> {
+        let runners: Vec<Arc<Runner>> = self
+            .inner
+            .runners
+            .read()
+            .unwrap()
+            .values()
+            .cloned()
+            .collect();
+        runners
+            .iter()
+            .map(|r| (r.id().clone(), r.environment(), r.stored_execution_count()))
+            .collect()
     }
 
     /// Pool figures of every environment, ordered by id.

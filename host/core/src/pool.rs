@@ -55,12 +55,31 @@ impl Environment {
 
     /// Adds a runner to the idle pool (recovery).
     pub(crate) fn add_idle(&self, runner: Arc<dyn RunnerBackend>) {
-        self.idle.lock().unwrap().push_back(runner);
+        let mut idle = self.idle.lock().unwrap();
+        idle.push_back(runner);
+        self.idle_point(idle.back().map(|r| r.id()), true, idle.len());
+    }
+
+    /// Poseidon's `poseidon_nomad_idle_runners` point: a runner joined or left the idle pool.
+    fn idle_point(&self, runner: Option<&RunnerId>, created: bool, count: usize) {
+        let Some(runner) = runner else { return };
+        crate::monitoring::storage_change(
+            "poseidon_nomad_idle_runners",
+            runner.as_str(),
+            created,
+            count,
+            || vec![("environment_id", self.config.id.to_string())],
+        );
     }
 
     /// Takes an idle runner, recording the claim (or the miss).
     pub(crate) fn take_idle(&self) -> Option<Arc<dyn RunnerBackend>> {
-        let runner = self.idle.lock().unwrap().pop_front();
+        let runner = {
+            let mut idle = self.idle.lock().unwrap();
+            let runner = idle.pop_front();
+            self.idle_point(runner.as_ref().map(|r| r.id()), false, idle.len());
+            runner
+        };
         match runner {
             Some(_) => self.claims.lock().unwrap().record(Instant::now()),
             None => {
@@ -76,6 +95,7 @@ impl Environment {
         let mut idle = self.idle.lock().unwrap();
         let position = idle.iter().position(|r| r.id() == id)?;
         let runner = idle.remove(position);
+        self.idle_point(Some(id), false, idle.len());
         drop(idle);
         self.wake.notify_one();
         runner
@@ -119,7 +139,11 @@ impl Environment {
     pub(crate) fn shut_down(&self) -> Vec<Arc<dyn RunnerBackend>> {
         self.stop.cancel();
         self.wake.notify_one();
-        self.idle.lock().unwrap().drain(..).collect()
+        let drained: Vec<_> = self.idle.lock().unwrap().drain(..).collect();
+        for runner in &drained {
+            self.idle_point(Some(runner.id()), false, 0);
+        }
+        drained
     }
 
     fn snapshot(&self, used: u32) -> PoolSnapshot {
@@ -178,6 +202,21 @@ pub(crate) async fn reconcile(
                     let ok = result.is_ok();
                     *env.start_failure.lock().unwrap() =
                         result.as_ref().err().map(ToString::to_string);
+                    if let Ok(runner) = &result {
+                        crate::monitoring::record(|| crate::monitoring::Point {
+                            measurement: "poseidon_nomad_idle_runners",
+                            tags: vec![
+                                ("environment_id", env.config.id.to_string()),
+                                ("runner_id", runner.id().to_string()),
+                            ],
+                            fields: vec![(
+                                "startup_duration",
+                                crate::monitoring::Field::Int(
+                                    i64::try_from(started.elapsed().as_nanos()).unwrap_or(i64::MAX),
+                                ),
+                            )],
+                        });
+                    }
                     metrics::histogram!("poseidon_runner_start_duration_seconds",
                         "environment" => env.config.id.to_string(),
                         "outcome" => if ok { "ok" } else { "error" })

@@ -150,10 +150,33 @@ impl Runner {
                 .map(|(k, _)| *k)
             {
                 executions.remove(&oldest);
+                self.execution_point(&oldest, false, executions.len());
             }
         }
         executions.insert(id, (request, now));
+        self.execution_point(&id, true, executions.len());
         id
+    }
+
+    /// Poseidon's `poseidon_nomad_executions` point: an execution stored or consumed.
+    fn execution_point(&self, id: &ExecutionId, created: bool, count: usize) {
+        crate::monitoring::storage_change(
+            "poseidon_nomad_executions",
+            &id.to_string(),
+            created,
+            count,
+            || {
+                vec![
+                    ("environment_id", self.environment.to_string()),
+                    ("runner_id", self.id().to_string()),
+                ]
+            },
+        );
+    }
+
+    /// Executions stored and not yet consumed (expired ones included until the next store).
+    pub fn stored_execution_count(&self) -> usize {
+        self.executions.lock().unwrap().len()
     }
 
     /// Whether an execution with this id is stored.
@@ -164,7 +187,11 @@ impl Runner {
     /// Removes a stored execution atomically: only one caller gets it.
     pub fn take_execution(&self, id: &ExecutionId) -> Result<ExecutionRequest, CoreError> {
         let mut executions = self.executions.lock().unwrap();
-        match executions.remove(id) {
+        let taken = executions.remove(id);
+        if taken.is_some() {
+            self.execution_point(id, false, executions.len());
+        }
+        match taken {
             Some((request, at)) if at.elapsed() < STORED_EXECUTION_TTL => Ok(request),
             _ => Err(CoreError::ExecutionNotFound),
         }

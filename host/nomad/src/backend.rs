@@ -43,7 +43,7 @@ impl Shared {
     pub(crate) fn forget(&self, id: &RunnerId) {
         self.ports.lock().unwrap().remove(id.as_str());
         self.mark_destroyed(id.as_str());
-        self.tracker.lock().unwrap().forget_job(id.as_str());
+        crate::monitoring::job_forgotten(&mut self.tracker.lock().unwrap(), id.as_str());
     }
 
     pub(crate) fn mark_destroyed(&self, job: &str) {
@@ -148,7 +148,7 @@ impl NomadBackend {
                     "running" => {
                         let id = a["ID"].as_str().unwrap_or("");
                         let full = self.client().allocation(id).await?;
-                        self.shared.tracker.lock().unwrap().seed(&full);
+                        crate::monitoring::seeded(&mut self.shared.tracker.lock().unwrap(), &full);
                         return Ok(full);
                     }
                     // A runner whose first allocation failed (image pull, driver, restarts used
@@ -330,7 +330,7 @@ impl Backend for NomadBackend {
                 .client()
                 .allocation(first["ID"].as_str().unwrap_or(""))
                 .await?;
-            self.shared.tracker.lock().unwrap().seed(&alloc);
+            crate::monitoring::seeded(&mut self.shared.tracker.lock().unwrap(), &alloc);
             let claimed = (meta.get("used").and_then(|v| v.as_str()) == Some("true")).then(|| {
                 meta.get("timeout")
                     .and_then(|v| v.as_str())

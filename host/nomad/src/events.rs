@@ -238,6 +238,7 @@ async fn resync(shared: &Shared) -> Result<(Vec<String>, u64), crate::api::Nomad
     }
     let present: HashSet<&str> = list.iter().filter_map(|a| a["ID"].as_str()).collect();
     let mut t = shared.tracker.lock().unwrap();
+    let before = crate::monitoring::snapshot(&t);
     let live_jobs: HashSet<String> = fresh.allocs.values().map(|x| x.job.clone()).collect();
     let mut lost = Vec::new();
     t.allocs.retain(|id, x| {
@@ -250,6 +251,7 @@ async fn resync(shared: &Shared) -> Result<(Vec<String>, u64), crate::api::Nomad
     for (id, x) in fresh.allocs {
         t.allocs.entry(id).or_insert(x);
     }
+    crate::monitoring::resynced(&before, &t, &list);
     lost.sort();
     lost.dedup();
     let resume = if t.last_index > 0 {
@@ -351,7 +353,7 @@ async fn subscribe(
                         continue; // duplicate delivery
                     }
                     refresh_ports(shared, e);
-                    if let Some(l) = apply(&mut t, e) {
+                    if let Some(l) = crate::monitoring::applied(&mut t, e, apply) {
                         lost.push(l);
                     }
                 }

@@ -11,6 +11,7 @@ pub mod config;
 pub mod events;
 pub mod exec;
 pub mod jobs;
+pub mod monitoring;
 pub mod reasons;
 pub mod runner;
 pub mod template;

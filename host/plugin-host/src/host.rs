@@ -713,6 +713,7 @@ impl Inner {
 
     fn record_failure(&self, slot: &Slot, error: CallError) {
         slot.failures.fetch_add(1, Ordering::Relaxed);
+        crate::telemetry::failure(&slot.name, &error);
         tracing::warn!(plugin = %slot.name, error = %error, "plugin call failed");
         slot.set_error(format!("call {error}"));
     }
@@ -727,7 +728,9 @@ impl Inner {
             + 'static,
     {
         slot.calls.fetch_add(1, Ordering::Relaxed);
+        let started = std::time::Instant::now();
         let result = self.call_inner(slot, f).await;
+        crate::telemetry::call(&slot.name, started.elapsed());
         if let Err(e) = &result {
             self.record_failure(slot, e.clone());
         }

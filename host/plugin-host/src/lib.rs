@@ -68,6 +68,7 @@ mod error;
 mod host;
 mod loader;
 mod runtime;
+mod telemetry;
 mod types;
 mod watch;
 

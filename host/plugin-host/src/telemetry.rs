@@ -1,0 +1,36 @@
+//! Plugin calls in the process's `metrics` recorder (Prometheus `/metrics` when the server
+//! installed one; without a recorder these are no-ops): calls and their duration per plugin,
+//! failures per plugin and reason.
+
+use std::time::Duration;
+
+use crate::error::CallError;
+
+/// Records one finished call of `plugin` (whatever its outcome).
+pub(crate) fn call(plugin: &str, duration: Duration) {
+    metrics::counter!("poseidon_plugin_calls_total", "plugin" => plugin.to_string()).increment(1);
+    metrics::histogram!("poseidon_plugin_call_duration_seconds", "plugin" => plugin.to_string())
+        .record(duration);
+}
+
+/// Records one failed call of `plugin`, by reason.
+pub(crate) fn failure(plugin: &str, error: &CallError) {
+    metrics::counter!("poseidon_plugin_call_failures_total",
+        "plugin" => plugin.to_string(), "reason" => reason(error))
+    .increment(1);
+}
+
+/// The `reason` label: `trap`, `timeout` (wall clock or epoch deadline), `fuel`, `memory`,
+/// `instantiate`, `bad_answer`, `not_loaded`, `host`.
+fn reason(error: &CallError) -> &'static str {
+    match error {
+        CallError::NotLoaded => "not_loaded",
+        CallError::Timeout(_) | CallError::Deadline(_) => "timeout",
+        CallError::OutOfFuel(_) => "fuel",
+        CallError::Memory(_) => "memory",
+        CallError::Trap(_) => "trap",
+        CallError::Instantiate(_) => "instantiate",
+        CallError::BadAnswer(_) => "bad_answer",
+        CallError::Host(_) => "host",
+    }
+}
