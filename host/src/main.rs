@@ -289,21 +289,15 @@ async fn serve(
     } else {
         None
     };
-    // TCP_NODELAY: a terminal's output and a WebSocket's final messages are small writes that
-    // must not wait for the acknowledgement of the previous one (Nagle's algorithm).
-    use axum_server::accept::NoDelayAcceptor;
     let mut servers = tokio::task::JoinSet::new();
     for listener in listeners {
         let app = app.clone();
         if let Some(rustls) = &rustls {
-            let server = axum_server::from_tcp_rustls(listener, rustls.clone())?
-                .map(|tls| tls.acceptor(NoDelayAcceptor::new()))
-                .handle(handle.clone());
+            let server =
+                axum_server::from_tcp_rustls(listener, rustls.clone())?.handle(handle.clone());
             servers.spawn(async move { server.serve(app).await });
         } else {
-            let server = axum_server::from_tcp(listener)?
-                .acceptor(NoDelayAcceptor::new())
-                .handle(handle.clone());
+            let server = axum_server::from_tcp(listener)?.handle(handle.clone());
             servers.spawn(async move { server.serve(app).await });
         }
     }

@@ -8,7 +8,7 @@ use axum::response::Response;
 use axum::Extension;
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
-use poseidon_core::execution::{ExecEvent, ExecutionHandle};
+use poseidon_core::execution::{ExecEvent, ExecutionRequest};
 use poseidon_core::runner::Runner;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
@@ -53,13 +53,7 @@ pub(crate) async fn connect(
     })?;
     let request = runner.take_execution(&execution).map_err(|_| unknown())?;
     runner.touch();
-    // The program starts now, while the handshake's answer travels to the client, rather than
-    // once the connection is upgraded: that overlaps the two. Its output waits in the handle's
-    // channel until the session has sent `start`. If the upgrade fails, the closure and with it
-    // the handle are dropped, which kills the program as a client that goes away does.
-    let command = request.command.clone();
-    let execution = runner.run(request);
-    Ok(upgrade.on_upgrade(move |socket| session(socket, state, runner, command, execution)))
+    Ok(upgrade.on_upgrade(move |socket| session(socket, state, runner, request)))
 }
 
 /// Like gorilla/websocket: an `Origin`, if sent, must name the same host as `Host`.
@@ -83,8 +77,7 @@ async fn session(
     socket: WebSocket,
     state: AppState,
     runner: Arc<Runner>,
-    command: String,
-    mut execution: ExecutionHandle,
+    request: ExecutionRequest,
 ) {
     let (mut sink, mut stream) = socket.split();
     if sink.send(text(&WsMessage::Start)).await.is_err() {
@@ -92,11 +85,12 @@ async fn session(
     }
     let started = std::time::Instant::now();
     observe::emit(&state, &runner, || crate::LifecycleKind::ExecutionStarted {
-        command: command.clone(),
+        command: request.command.clone(),
     });
     let mut last = None;
     let environment = runner.environment().to_string();
     let mut outcome = "disconnected";
+    let mut execution = runner.run(request);
     let stdin = execution.stdin.clone();
     let gone = CancellationToken::new();
     let reader_gone = gone.clone();

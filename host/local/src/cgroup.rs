@@ -179,9 +179,6 @@ fn write(dir: &Path, file: &str, value: u64) {
     }
 }
 
-/// Polls of an emptying group at a short interval before backing off.
-const FAST_POLLS: u32 = 15;
-
 /// The cgroup directories of one runner.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct RunnerCgroup {
@@ -214,7 +211,7 @@ impl RunnerCgroup {
             // cgroup v2 (Linux 5.14+) kills the whole group at once.
             let _ = tokio::fs::write(dir.join("cgroup.kill"), "1").await;
         }
-        for attempt in 0..50u32 {
+        for attempt in 0..50 {
             let mut any = false;
             for dir in &self.dirs {
                 if let Ok(text) = tokio::fs::read_to_string(dir.join("cgroup.procs")).await {
@@ -234,13 +231,8 @@ impl RunnerCgroup {
                 return;
             }
             if attempt > 0 || any {
-                // Killed processes are gone within a millisecond or two, and a destroy waits for
-                // this: poll at every tick of tokio's timer (1 ms) for a while, then back off.
-                let pause = if attempt < FAST_POLLS {
-                    std::time::Duration::from_millis(1)
-                } else {
-                    std::time::Duration::from_micros(500 << (attempt - FAST_POLLS).min(5))
-                };
+                // Killed processes are gone within a millisecond or two: poll fast, then slower.
+                let pause = std::time::Duration::from_micros(500 << attempt.min(5));
                 tokio::time::sleep(pause).await;
             }
         }
