@@ -100,8 +100,18 @@ cleanup() {
     cp "$work/$name/server.log" "$out/$name.log" 2>/dev/null || true
   done
   rm -rf "$work"
+  # Runners outlive their server by design: a sandbox whose start was still in flight when the
+  # load generator deleted its environment survives the server. Everything in this run's cgroups
+  # is this run's: end it, so that the groups can go.
   for cgroup in "${cgroups[@]}"; do
-    for controller in memory pids cpu; do
+    for procs in /sys/fs/cgroup/memory/"$cgroup"/*/cgroup.procs /sys/fs/cgroup/"$cgroup"/*/cgroup.procs; do
+      [ -f "$procs" ] || continue
+      while read -r pid; do kill -KILL "$pid" 2>/dev/null || true; done <"$procs"
+    done
+  done
+  sleep 0.2
+  for cgroup in "${cgroups[@]}"; do
+    for controller in memory pids cpu .; do # "." : cgroup v2
       parent="/sys/fs/cgroup/$controller/$cgroup"
       [ -d "$parent" ] || continue
       find "$parent" -mindepth 1 -depth -type d -exec rmdir {} \; 2>/dev/null || true
