@@ -21,7 +21,9 @@
 # BENCH_PLUGIN_LIMITS='{ inlineCalls: false, keepResidentKb: 0 }' sets the plugin server's `limits:`
 # (e.g. to compare the plugin host's call paths with one binary).
 # POSEIDON_BENCH_SERVER=PATH runs that poseidon binary instead of the fresh release build (to compare
-# two builds with the same load generator). BENCH_OUT=DIR writes the results there instead.
+# two builds with the same load generator; the agent next to it is used). BENCH_OUT=DIR writes the
+# results there instead. BENCH_BUILD=0 skips the release build (the binaries must exist; for
+# alternating A/B runs of two prebuilt servers).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -51,8 +53,10 @@ for arg in "$@"; do
   prev=$arg
 done
 
-cargo build --release -p poseidon --bin poseidon -p poseidon-loadgen --bin poseidon-loadgen \
-  -p nomad-emulator --bin nomad-emulator -p poseidon-agent --bin poseidon-agent
+if [ "${BENCH_BUILD:-1}" = 1 ]; then
+  cargo build --release -p poseidon --bin poseidon -p poseidon-loadgen --bin poseidon-loadgen \
+    -p nomad-emulator --bin nomad-emulator -p poseidon-agent --bin poseidon-agent
+fi
 if [ "$start_plugins" = 1 ]; then
   plugins/build.sh -p jwt-auth -p submission-guard >/dev/null
 fi
@@ -96,8 +100,18 @@ cleanup() {
     cp "$work/$name/server.log" "$out/$name.log" 2>/dev/null || true
   done
   rm -rf "$work"
+  # Runners outlive their server by design: a sandbox whose start was still in flight when the
+  # load generator deleted its environment survives the server. Everything in this run's cgroups
+  # is this run's: end it, so that the groups can go.
   for cgroup in "${cgroups[@]}"; do
-    for controller in memory pids cpu; do
+    for procs in /sys/fs/cgroup/memory/"$cgroup"/*/cgroup.procs /sys/fs/cgroup/"$cgroup"/*/cgroup.procs; do
+      [ -f "$procs" ] || continue
+      while read -r pid; do kill -KILL "$pid" 2>/dev/null || true; done <"$procs"
+    done
+  done
+  sleep 0.2
+  for cgroup in "${cgroups[@]}"; do
+    for controller in memory pids cpu .; do # "." : cgroup v2
       parent="/sys/fs/cgroup/$controller/$cgroup"
       [ -d "$parent" ] || continue
       find "$parent" -mindepth 1 -depth -type d -exec rmdir {} \; 2>/dev/null || true

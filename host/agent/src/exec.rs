@@ -11,9 +11,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, ChildStdin};
 use tokio::sync::mpsc;
 
-use crate::launch::LAUNCH_ARG;
 use crate::pty::{self, PtyMaster};
 use crate::session::{Input, Session};
+use crate::spawn;
 use crate::USER_ID;
 
 /// How long output may keep coming after the session was killed (only a descriptor passed to a
@@ -103,38 +103,42 @@ type Spawned = (
 );
 
 fn spawn(session: &Session, stream: u32, spec: &ExecSpec) -> std::io::Result<Spawned> {
-    let exe = crate::SELF_EXE;
     let id = match spec.identity {
         Identity::Root => 0,
         Identity::User => USER_ID,
     };
-    let mut cmd = tokio::process::Command::new(exe);
-    cmd.arg(LAUNCH_ARG);
-    let (master, slave) = if spec.tty {
-        let (master, slave_path, slave) = pty::open()?;
-        cmd.arg(slave_path);
-        (Some(Arc::new(master)), Some(slave))
-    } else {
-        cmd.arg("-");
-        (None, None)
+    let Some((program, args)) = spec.argv.split_first() else {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "no program to run",
+        ));
     };
-    cmd.arg(id.to_string())
-        .arg(id.to_string())
-        .arg("--")
-        .args(&spec.argv)
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(args)
+        .uid(id)
+        .gid(id)
         .env_clear()
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
         .current_dir(&spec.cwd);
-    match (&slave, spec.stderr_on_terminal) {
-        (Some(slave), true) => cmd.stderr(Stdio::from(slave.try_clone()?)),
-        _ => cmd.stderr(Stdio::piped()),
-    };
-    if master.is_some() {
-        cmd.stdin(Stdio::null()).stdout(Stdio::null());
+    let (master, slave) = if spec.tty {
+        let (master, slave) = pty::open()?;
+        cmd.stdin(slave.try_clone()?).stdout(slave.try_clone()?);
+        if spec.stderr_on_terminal {
+            cmd.stderr(slave.try_clone()?);
+        } else {
+            cmd.stderr(Stdio::piped());
+        }
+        (Some(Arc::new(master)), Some(slave))
     } else {
-        cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
-    }
-    let mut child = cmd.spawn()?;
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        (None, None)
+    };
+    spawn::in_new_session(&mut cmd, spec.tty);
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{program}: {e}")))?;
     let mut readers = Vec::new();
     if let Some(stderr) = child.stderr.take() {
         readers.push(tokio::spawn(forward(

@@ -15,23 +15,24 @@
 //!
 //! The agent runs as the runner's root inside the runner's namespaces; everything it touches is the
 //! runner's own. It trusts nothing it receives: a malformed frame ends the connection, never the agent.
-#![forbid(unsafe_code)]
+// `spawn` holds the agent's only `unsafe` (a `pre_exec` hook); everything else stays forbidden.
+#![deny(unsafe_code)]
 
 mod connection;
 mod daemon;
 mod environment;
 mod exec;
 mod files;
-mod launch;
 mod pty;
 mod session;
 mod socket_path;
+mod spawn;
 mod users;
 
 /// Uid and gid of the unprivileged `user` inside a runner.
 pub const USER_ID: u32 = 1000;
 
-/// How the agent starts copies of itself (the launcher, file operations as `user`): through the
+/// How the agent starts copies of itself (file operations as `user`): through the
 /// kernel's link to its own binary, which stays valid when the file was replaced on disk since
 /// (a newer agent installed while this runner lives on).
 pub(crate) const SELF_EXE: &str = "/proc/self/exe";
@@ -39,7 +40,6 @@ pub(crate) const SELF_EXE: &str = "/proc/self/exe";
 /// Runs the agent with these command-line arguments; returns the process's exit code.
 pub fn main_with_args(args: Vec<String>) -> i32 {
     match args.get(1).map(String::as_str) {
-        Some(launch::LAUNCH_ARG) => launch::run(&args[2..]),
         Some(files::AS_USER_ARG) => files::run_as_user(&args[2..]),
         Some("--listen") if args.len() == 3 => serve(Listen::Socket(args[2].clone())),
         Some("--stdio") => serve(Listen::Stdio),

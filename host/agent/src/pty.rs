@@ -13,9 +13,9 @@ pub(crate) struct PtyMaster {
     fd: AsyncFd<RawMaster>,
 }
 
-/// A new terminal: the master for us (close-on-exec), the path of its slave side, which the
-/// launched process opens as its controlling terminal, and our own handle on the slave side.
-pub(crate) fn open() -> io::Result<(PtyMaster, String, std::fs::File)> {
+/// A new terminal: the master for us and its slave side (both close-on-exec, neither our
+/// controlling terminal); the slave becomes the standard input and output of the process.
+pub(crate) fn open() -> io::Result<(PtyMaster, std::fs::File)> {
     let master = posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC)
         .map_err(io::Error::from)?;
     grantpt(&master).map_err(io::Error::from)?;
@@ -34,7 +34,7 @@ pub(crate) fn open() -> io::Result<(PtyMaster, String, std::fs::File)> {
     // condition the deprecation of `AsyncFd::new` is about.
     #[allow(deprecated)]
     let fd = AsyncFd::new(master)?;
-    Ok((PtyMaster { fd }, slave_path, slave))
+    Ok((PtyMaster { fd }, slave))
 }
 
 impl PtyMaster {

@@ -247,6 +247,27 @@ impl Run {
         row
     }
 
+    /// The execution alone (phase `run`: `POST …/execute` + WebSocket to `exit`) against the
+    /// direct sandbox start of the same program, p50 and p99, as the row's extra figures.
+    fn run_phase_ratio(&self, row: &Row, against: &str) -> serde_json::Value {
+        let (Some(run), Some(base)) = (
+            row.phases.iter().find(|p| p.name == "run"),
+            self.baseline(against, row.concurrency),
+        ) else {
+            return serde_json::Value::Null;
+        };
+        match Ratio::of(against, &run.latency, &base.latency) {
+            Some(r) => serde_json::json!({
+                "run p50 ms": run.latency.p50_ms,
+                "baseline p50 ms": base.latency.p50_ms,
+                "run / baseline p50": (r.p50 * 1000.0).round() / 1000.0,
+                "run / baseline p99": (r.p99 * 1000.0).round() / 1000.0,
+                "against": against,
+            }),
+            None => serde_json::Value::Null,
+        }
+    }
+
     fn env(&self, offset: u64) -> u64 {
         self.args.env_base + offset
     }
@@ -383,7 +404,9 @@ async fn run(args: Args) -> Result<(), LoadgenError> {
                 .await
                 {
                     Ok(row) => {
-                        let row = run.with_ratio(row, &format!("bwrap {}", program.name));
+                        let against = format!("bwrap {}", program.name);
+                        let mut row = run.with_ratio(row, &against);
+                        row.extra = run.run_phase_ratio(&row, &against);
                         run.push(row);
                     }
                     Err(e) => run.skip(

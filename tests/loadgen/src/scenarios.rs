@@ -68,11 +68,12 @@ pub struct Program {
 }
 
 impl Program {
+    /// `main.py`, padded with a comment to [`COPY_BYTES`]: the "1 KiB file copy".
     fn files() -> Vec<(String, Vec<u8>)> {
-        vec![(
-            "main.py".to_string(),
-            format!("print({PYTHON_LINE:?})\n").into_bytes(),
-        )]
+        let mut content = format!("print({PYTHON_LINE:?})\n#").into_bytes();
+        content.resize(COPY_BYTES - 1, b'#');
+        content.push(b'\n');
+        vec![("main.py".to_string(), content)]
     }
 
     /// `true`: the cheapest possible execution.
@@ -407,12 +408,15 @@ async fn execute_once(
     destroyed?;
     Ok(Sample {
         total: t5 - t0,
-        phases: vec![t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4],
+        phases: vec![t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t4 - t2],
     })
 }
 
-/// The names of the execute scenario's phases.
-pub const EXECUTE_PHASES: [&str; 5] = ["claim", "copy", "execute", "websocket", "destroy"];
+/// The names of the execute scenario's phases; `run` is `execute` + `websocket` of the same
+/// sample (the execution itself: `POST …/execute`, then the WebSocket up to `exit`).
+pub const EXECUTE_PHASES: [&str; 6] = ["claim", "copy", "execute", "websocket", "destroy", "run"];
+/// Size of the file the execute scenario copies.
+pub const COPY_BYTES: usize = 1024;
 
 /// Runs executions of the program at one concurrency.
 #[allow(clippy::too_many_arguments)]
