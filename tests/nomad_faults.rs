@@ -908,9 +908,9 @@ async fn run_restart_command(var: &str) {
 /// its state (`REAL_NOMAD_DEV=0 up.sh`) and, in `POSEIDON_TEST_NOMAD_RESTART`, the command that
 /// restarts it and returns once it answers again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "restarts the real Nomad: NOMAD_ADDR=... POSEIDON_TEST_NOMAD_RESTART=... cargo test -- --ignored restart_of_real"]
-async fn restart_of_real_nomad_loses_no_output_runner_or_file() {
-    support::require_real_nomad("restart_of_real_nomad_loses_no_output_runner_or_file");
+#[ignore = "restarts the real Nomad: NOMAD_ADDR=... POSEIDON_TEST_NOMAD_RESTART=... cargo test -- --ignored cluster_restart"]
+async fn cluster_restart_of_nomad_loses_no_output_runner_or_file() {
+    support::require_real_nomad("cluster_restart_of_nomad_loses_no_output_runner_or_file");
     let s = Server::on(Backend::RealNomad).await;
     s.environment(26, 2, json!({})).await;
     let runner = s.claim(26, 600).await;
@@ -943,9 +943,9 @@ async fn restart_of_real_nomad_loses_no_output_runner_or_file() {
 /// again; the pool is full again with clean runners, no runner lost or duplicated. Needs
 /// `POSEIDON_TEST_DOCKERD_RESTART`: the command that restarts dockerd and returns once it answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "restarts dockerd: NOMAD_ADDR=... POSEIDON_TEST_DOCKERD_RESTART=... cargo test -- --ignored restart_of_real"]
-async fn restart_of_real_dockerd_ends_executions_and_keeps_runners() {
-    support::require_real_nomad("restart_of_real_dockerd_ends_executions_and_keeps_runners");
+#[ignore = "restarts dockerd: NOMAD_ADDR=... POSEIDON_TEST_DOCKERD_RESTART=... cargo test -- --ignored cluster_restart"]
+async fn cluster_restart_of_dockerd_ends_executions_and_keeps_runners() {
+    support::require_real_nomad("cluster_restart_of_dockerd_ends_executions_and_keeps_runners");
     let s = Server::on(Backend::RealNomad).await;
     s.environment(27, 2, json!({})).await;
     let runner = s.claim(27, 600).await;
