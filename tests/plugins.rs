@@ -919,3 +919,50 @@ fn plugin_new_writes_a_python_project_that_builds_and_answers() {
     assert_eq!(passed["Ok"]["command"], "id", "{passed}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_change_in_the_file_applies_without_a_restart_or_a_signal() {
+    let dir = plugin_dir(&[("submission_guard", "guard.wasm")]);
+    let s = server_with_plugins(
+        &dir,
+        "    - file: guard.wasm\n      config:\n        env.ROUND: first\n",
+    )
+    .await;
+    s.environment(9, 1, json!({})).await;
+    let runner = s.claim(9, 60).await;
+    s.copy(&runner, &[("main.sh", b"echo \"$ROUND\"")]).await;
+    let session = s.run(&runner, json!({"command": "sh main.sh"})).await;
+    assert_eq!(session.stdout.trim(), "first", "{session:?}");
+
+    // Only the file changes (as an editor saves it: in place); no SIGHUP.
+    let yaml = std::fs::read_to_string(s.config_path()).unwrap();
+    std::fs::write(
+        s.config_path(),
+        yaml.replace("env.ROUND: first", "env.ROUND: second"),
+    )
+    .unwrap();
+    // Every execution succeeds while the change is applied; soon they see the new value.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut runs = 0;
+    loop {
+        let session = s.run(&runner, json!({"command": "sh main.sh"})).await;
+        runs += 1;
+        assert_eq!(session.exit(), Some(0), "{session:?}");
+        if session.stdout.trim() == "second" {
+            break;
+        }
+        assert_eq!(session.stdout.trim(), "first");
+        assert!(
+            Instant::now() < deadline,
+            "the changed file was not applied after {runs} executions"
+        );
+    }
+    let plugins: Value = s.get_json(s.url("/plugins")).await;
+    assert_eq!(plugins[0]["failures"], 0, "{plugins}");
+    eventually("the reload is logged", 10, || async {
+        s.log()
+            .contains("configuration file changed: plugin configuration reloaded")
+    })
+    .await;
+    assert!(!s.log().contains("SIGHUP"), "no signal was sent");
+}

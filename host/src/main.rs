@@ -209,6 +209,10 @@ async fn serve(
     let plugin_config = plugins::config(&config.plugins)?;
     let policies: Option<Arc<plugins::PluginPolicies>> = match plugin_config {
         Some(mut plugin_config) => {
+            let (watch_config, debounce) = (
+                plugin_config.watch,
+                std::time::Duration::from_millis(plugin_config.debounce_ms),
+            );
             if plugin_config.cache_directory.is_none() {
                 plugin_config.cache_directory = Some(config.local.statedir.join("plugin-cache"));
             }
@@ -222,6 +226,9 @@ async fn serve(
                     error = status.last_error.as_deref().unwrap_or(""),
                     "plugin"
                 );
+            }
+            if watch_config {
+                plugins::reload_on_file_change(host.clone(), config_path.clone(), debounce);
             }
             plugins::reload_on_sighup(host.clone(), config_path);
             Some(Arc::new(plugins::PluginPolicies::new(host)))
