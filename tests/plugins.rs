@@ -966,3 +966,38 @@ async fn a_config_change_in_the_file_applies_without_a_restart_or_a_signal() {
     .await;
     assert!(!s.log().contains("SIGHUP"), "no signal was sent");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn observers_see_runners_the_server_destroys() {
+    let dir = plugin_dir(&[("audit_observer", "audit.wasm")]);
+    let s = server_with_plugins(&dir, "    - file: audit.wasm\n").await;
+    s.environment(15, 1, json!({})).await;
+    s.environment(16, 1, json!({})).await;
+    // One runner ends by its inactivity timeout, one with its environment.
+    let idle = s.claim(15, 1).await;
+    let orphan = s.claim(16, 600).await;
+    let (status, _) = status_and_json(
+        s.http
+            .delete(s.url("/execution-environments/16"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 204);
+    let expected = [
+        format!("runner {idle} (environment 15) destroyed"),
+        format!("runner {orphan} (environment 16) destroyed"),
+    ];
+    eventually("the observer logged both destroys", 30, || {
+        let log = s.log();
+        let found = expected.iter().all(|line| log.contains(line.as_str()));
+        async move { found }
+    })
+    .await;
+    // Reported once each: the server's destroy is not doubled by another path.
+    let log = s.log();
+    for line in &expected {
+        assert_eq!(log.matches(line.as_str()).count(), 1, "{line}");
+    }
+}
