@@ -18,6 +18,10 @@ fi
 # Always build into this workspace's own target dir, even if CARGO_TARGET_DIR is set.
 export CARGO_TARGET_DIR="$here/target"
 cargo build --target wasm32-wasip2 --release "$@"
+# Arguments select Rust crates (`-p jwt-auth`): then the Python plugins are not built.
+if [ $# -gt 0 ]; then
+    exit 0
+fi
 
 componentize_py_version=0.25.1
 tools="${POSEIDON_PLUGIN_TOOLS:-${XDG_CACHE_HOME:-$HOME/.cache}/poseidon/plugin-tools}"

@@ -741,7 +741,12 @@ async fn sighup_applies_a_changed_plugin_config_without_a_restart() {
 /// server using the same cache directory starts without compiling it again (a Python
 /// component takes many seconds to compile in a debug build).
 /// Returns whether the call succeeded, its stdout and its stderr.
-fn warm_compile_cache(file: &Path, kind: &str, input: &str, cache: &Path) -> (bool, String, String) {
+fn warm_compile_cache(
+    file: &Path,
+    kind: &str,
+    input: &str,
+    cache: &Path,
+) -> (bool, String, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_poseidon"))
         .args(["plugin", "call"])
         .arg(file)
@@ -820,10 +825,18 @@ async fn compiled_plugins_are_cached_across_restarts() {
         let s = server_with_plugins(&dir, &entries).await;
         let plugins: Value = s.get_json(s.url("/plugins")).await;
         assert_eq!(plugins[0]["loaded"], true, "{plugins}");
-        assert_eq!(from_cache(&plugins), false, "a fresh cache cannot hit: {plugins}");
+        assert_eq!(
+            from_cache(&plugins),
+            false,
+            "a fresh cache cannot hit: {plugins}"
+        );
     }
     let files = walk_files(&cache);
-    assert!(!files.is_empty(), "nothing was written to {}", cache.display());
+    assert!(
+        !files.is_empty(),
+        "nothing was written to {}",
+        cache.display()
+    );
     // The second start finds the machine code: no compilation.
     let s = server_with_plugins(&dir, &entries).await;
     let plugins: Value = s.get_json(s.url("/plugins")).await;
@@ -860,7 +873,11 @@ fn walk_files(dir: &Path) -> Vec<PathBuf> {
 
 /// The componentize-py that `plugins/build.sh` installed, if it did.
 fn componentize_py() -> Option<PathBuf> {
-    let var = |name| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let var = |name| {
+        std::env::var_os(name)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
     let tools = var("POSEIDON_PLUGIN_TOOLS").or_else(|| {
         var("XDG_CACHE_HOME")
             .or_else(|| var("HOME").map(|h| h.join(".cache")))

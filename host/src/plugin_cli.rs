@@ -211,7 +211,11 @@ impl CallArgs {
 /// Where `plugin call` keeps compiled plugins: `$POSEIDON_PLUGIN_CACHE`, else
 /// `$XDG_CACHE_HOME/poseidon/compiled-plugins` or `~/.cache/poseidon/compiled-plugins`.
 fn user_cache_directory() -> Option<PathBuf> {
-    let var = |name| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let var = |name| {
+        std::env::var_os(name)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
     var("POSEIDON_PLUGIN_CACHE").or_else(|| {
         var("XDG_CACHE_HOME")
             .or_else(|| var("HOME").map(|home| home.join(".cache")))
