@@ -32,7 +32,7 @@ for app in python/*/app.py; do
     dir="$(dirname "$app")"
     name="$(basename "$dir" | tr - _)"
     wasm="$out/$name.wasm"
-    if [ -f "$wasm" ] && [ -z "$(find "$dir" ../wit/v0.2 -newer "$wasm" -type f -print -quit)" ]; then
+    if [ -f "$wasm" ] && [ -z "$(find "$dir" ../wit/v0.2 -newer "$wasm" -type f -not -path "*/__pycache__/*" -print -quit)" ]; then
         continue
     fi
     # A venv cannot be moved (its scripts name its path): `.installed` marks a finished install.
