@@ -38,6 +38,8 @@ rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup comp
 cargo fmt --all --check
 cargo clippy --workspace --all-targets -- -D warnings
 status=0
+# The plugin authors' crate must stay publishable (its WIT is inside the package: wit/ links).
+cargo package -p poseidon-plugin-api --allow-dirty --quiet || status=$?
 cargo test --workspace --no-fail-fast -- --test-threads="${TEST_THREADS:-4}" || status=$?
 if [ -n "${NOMAD_ADDR:-}" ]; then
   # Each real test has its own Nomad namespace; two at a time keep a one-node dev agent responsive.

@@ -456,7 +456,7 @@ fn plugin_new_command_writes_a_project() {
         "cobol",
     ]);
     assert_eq!(code, Some(2));
-    assert!(stderr.contains("only rust"), "{stderr}");
+    assert!(stderr.contains("one of rust, python"), "{stderr}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -868,4 +868,286 @@ async fn plugin_calls_failures_and_latency_are_in_the_metrics() {
     );
     assert!(traps.is_some_and(|c| c >= 1.0), "{text}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `poseidon plugin call` with its compile cache in `cache`: compiles `file` once, so that a
+/// server using the same cache directory starts without compiling it again (a Python
+/// component takes many seconds to compile in a debug build).
+/// Returns whether the call succeeded, its stdout and its stderr.
+fn warm_compile_cache(
+    file: &Path,
+    kind: &str,
+    input: &str,
+    cache: &Path,
+) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_poseidon"))
+        .args(["plugin", "call"])
+        .arg(file)
+        .args(["--kind", kind, "--input", input])
+        .env("POSEIDON_PLUGIN_CACHE", cache)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_pool_sizer_is_loaded_and_called_and_an_unoffered_import_is_refused() {
+    let dir = plugin_dir(&[
+        ("lecture_hours", "lecture.wasm"),
+        ("test_unoffered_import", "secrets.wasm"),
+    ]);
+    let cache = dir.join("cache");
+    // The sizer answers on its own first (outside lecture hours: the configured size).
+    let sizer_input = r#"{"environment":{"id":6},"pool":{"configuredSize":2,"now":0}}"#;
+    let (ok, answer, stderr) =
+        warm_compile_cache(&dir.join("lecture.wasm"), "pool-sizer", sizer_input, &cache);
+    assert!(ok, "{stderr}");
+    assert_eq!(answer.trim(), "2");
+    // A Python plugin importing an interface the host does not offer: refused at load with
+    // a message naming the import (compiled all the same, so the server finds it cached).
+    let unoffered = "imports `test:unoffered/secrets`, which this host does not offer";
+    let (ok, _, stderr) =
+        warm_compile_cache(&dir.join("secrets.wasm"), "pool-sizer", sizer_input, &cache);
+    assert!(!ok && stderr.contains(unoffered), "{stderr}");
+    let s = server_with_plugins(
+        &dir,
+        &format!(
+            "    - file: lecture.wasm\n      environments: [6]\n      timeZone: Europe/Berlin\n      config: {{ busy: 3, hours: \"00:00-24:00\", weekdays: all }}\n    - file: secrets.wasm\n  cacheDirectory: {}\n",
+            cache.display()
+        ),
+    )
+    .await;
+    // Configured size 1; the Python sizer wants 3 at any hour of any day.
+    s.environment(6, 3, json!({"prewarmingPoolSize": 1})).await;
+    let stats: Value = s
+        .get_json(s.url("/statistics/execution-environments"))
+        .await;
+    assert!(stats["6"]["idleRunners"].as_u64().unwrap() >= 3, "{stats}");
+    let plugins: Value = s.get_json(s.url("/plugins")).await;
+    let lecture = &plugins[0];
+    assert_eq!(lecture["loaded"], true, "{plugins}");
+    assert_eq!(lecture["witVersion"], "0.2.0");
+    assert_eq!(lecture["fromCache"], true, "{plugins}");
+    assert!(lecture["calls"].as_u64().unwrap() > 0);
+    assert_eq!(lecture["failures"], 0, "{plugins}");
+    // The server refuses the unoffered import the same way, and serves on.
+    let secrets = &plugins[1];
+    assert_eq!(secrets["loaded"], false, "{plugins}");
+    let error = secrets["lastError"].as_str().unwrap();
+    assert!(error.contains(unoffered), "{error}");
+    assert_eq!(
+        s.http.get(s.url("/health")).send().await.unwrap().status(),
+        204
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compiled_plugins_are_cached_across_restarts() {
+    let dir = plugin_dir(&[("demand_sizer", "demand.wasm")]);
+    let cache = dir.join("compiled");
+    let entries = format!(
+        "    - file: demand.wasm\n  cacheDirectory: {}\n",
+        cache.display()
+    );
+    let from_cache = |plugins: &Value| plugins[0]["fromCache"].clone();
+    {
+        let s = server_with_plugins(&dir, &entries).await;
+        let plugins: Value = s.get_json(s.url("/plugins")).await;
+        assert_eq!(plugins[0]["loaded"], true, "{plugins}");
+        assert_eq!(
+            from_cache(&plugins),
+            false,
+            "a fresh cache cannot hit: {plugins}"
+        );
+    }
+    let files = walk_files(&cache);
+    assert!(
+        !files.is_empty(),
+        "nothing was written to {}",
+        cache.display()
+    );
+    // The second start finds the machine code: no compilation.
+    let s = server_with_plugins(&dir, &entries).await;
+    let plugins: Value = s.get_json(s.url("/plugins")).await;
+    assert_eq!(plugins[0]["loaded"], true, "{plugins}");
+    assert_eq!(from_cache(&plugins), true, "{plugins}");
+    // Another file (different bytes) is compiled, not confused with the cached one.
+    std::fs::copy(plugin("test_v2_sizer"), dir.join("demand.wasm.new")).unwrap();
+    std::fs::rename(dir.join("demand.wasm.new"), dir.join("demand.wasm")).unwrap();
+    eventually("the replaced file is loaded", 60, || async {
+        let plugins: Value = s.get_json(s.url("/plugins")).await;
+        plugins[0]["witVersion"] == "0.2.0"
+    })
+    .await;
+    let plugins: Value = s.get_json(s.url("/plugins")).await;
+    assert_eq!(from_cache(&plugins), false, "{plugins}");
+}
+
+/// Every file below `dir`.
+fn walk_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                todo.push(path);
+            } else {
+                files.push(path);
+            }
+        }
+    }
+    files
+}
+
+/// The componentize-py that `plugins/build.sh` installed, if it did.
+fn componentize_py() -> Option<PathBuf> {
+    let var = |name| {
+        std::env::var_os(name)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    let tools = var("POSEIDON_PLUGIN_TOOLS").or_else(|| {
+        var("XDG_CACHE_HOME")
+            .or_else(|| var("HOME").map(|h| h.join(".cache")))
+            .map(|c| c.join("poseidon/plugin-tools"))
+    })?;
+    let tool = tools.join("componentize-py-0.25.1/bin/componentize-py");
+    tool.is_file().then_some(tool)
+}
+
+#[test]
+fn plugin_new_writes_a_python_project_that_builds_and_answers() {
+    let dir = std::env::temp_dir().join(format!("poseidon-new-py-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let project = dir.join("no-privileged");
+    let (code, stdout, stderr) = plugin_command(&[
+        "new",
+        "preprocessor",
+        project.to_str().unwrap(),
+        "--lang",
+        "python",
+    ]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("build:"), "{stdout}");
+    // Its build script (componentize-py: the one plugins/build.sh installed, else from PyPI).
+    let mut build = std::process::Command::new(project.join("build.sh"));
+    if let Some(tool) = componentize_py() {
+        build.env("COMPONENTIZE_PY", tool);
+    }
+    let out = build.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let wasm = project.join("no_privileged.wasm");
+    let call = |input: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_poseidon"))
+            .args(["plugin", "call"])
+            .arg(&wasm)
+            .args(["--kind", "preprocessor", "--input", input])
+            .env("POSEIDON_PLUGIN_CACHE", dir.join("cache"))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{stderr}");
+        assert!(stderr.contains("preprocessor (WIT 0.2.0)"), "{stderr}");
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()
+    };
+    let refused = call(r#"{"command":"id","privileged":true,"environmentId":1}"#);
+    assert_eq!(
+        refused["Err"]["message"], "privileged execution is not allowed",
+        "{refused}"
+    );
+    let passed = call(r#"{"command":"id","environmentId":1}"#);
+    assert_eq!(passed["Ok"]["command"], "id", "{passed}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_change_in_the_file_applies_without_a_restart_or_a_signal() {
+    let dir = plugin_dir(&[("submission_guard", "guard.wasm")]);
+    let s = server_with_plugins(
+        &dir,
+        "    - file: guard.wasm\n      config:\n        env.ROUND: first\n",
+    )
+    .await;
+    s.environment(9, 1, json!({})).await;
+    let runner = s.claim(9, 60).await;
+    s.copy(&runner, &[("main.sh", b"echo \"$ROUND\"")]).await;
+    let session = s.run(&runner, json!({"command": "sh main.sh"})).await;
+    assert_eq!(session.stdout.trim(), "first", "{session:?}");
+
+    // Only the file changes (as an editor saves it: in place); no SIGHUP.
+    let yaml = std::fs::read_to_string(s.config_path()).unwrap();
+    std::fs::write(
+        s.config_path(),
+        yaml.replace("env.ROUND: first", "env.ROUND: second"),
+    )
+    .unwrap();
+    // Every execution succeeds while the change is applied; soon they see the new value.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut runs = 0;
+    loop {
+        let session = s.run(&runner, json!({"command": "sh main.sh"})).await;
+        runs += 1;
+        assert_eq!(session.exit(), Some(0), "{session:?}");
+        if session.stdout.trim() == "second" {
+            break;
+        }
+        assert_eq!(session.stdout.trim(), "first");
+        assert!(
+            Instant::now() < deadline,
+            "the changed file was not applied after {runs} executions"
+        );
+    }
+    let plugins: Value = s.get_json(s.url("/plugins")).await;
+    assert_eq!(plugins[0]["failures"], 0, "{plugins}");
+    eventually("the reload is logged", 10, || async {
+        s.log()
+            .contains("configuration file changed: plugin configuration reloaded")
+    })
+    .await;
+    assert!(!s.log().contains("SIGHUP"), "no signal was sent");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn observers_see_runners_the_server_destroys() {
+    let dir = plugin_dir(&[("audit_observer", "audit.wasm")]);
+    let s = server_with_plugins(&dir, "    - file: audit.wasm\n").await;
+    s.environment(15, 1, json!({})).await;
+    s.environment(16, 1, json!({})).await;
+    // One runner ends by its inactivity timeout, one with its environment.
+    let idle = s.claim(15, 1).await;
+    let orphan = s.claim(16, 600).await;
+    let (status, _) = status_and_json(
+        s.http
+            .delete(s.url("/execution-environments/16"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 204);
+    let expected = [
+        format!("runner {idle} (environment 15) destroyed"),
+        format!("runner {orphan} (environment 16) destroyed"),
+    ];
+    eventually("the observer logged both destroys", 30, || {
+        let log = s.log();
+        let found = expected.iter().all(|line| log.contains(line.as_str()));
+        async move { found }
+    })
+    .await;
+    // Reported once each: the server's destroy is not doubled by another path.
+    let log = s.log();
+    for line in &expected {
+        assert_eq!(log.matches(line.as_str()).count(), 1, "{line}");
+    }
 }

@@ -52,7 +52,7 @@ enum Command {
     #[command(subcommand)]
     Config(ConfigCommand),
     /// Work with policy plugins: `check FILE`, `call FILE --kind KIND --input JSON
-    /// [--config KEY=VALUE]...`, `new KIND NAME [--lang rust]` (no server, no root).
+    /// [--config KEY=VALUE]...`, `new KIND NAME [--lang rust|python]` (no server, no root).
     Plugin {
         /// The plugin command and its arguments.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 1..)]
@@ -208,7 +208,14 @@ async fn serve(
     };
     let plugin_config = plugins::config(&config.plugins)?;
     let policies: Option<Arc<plugins::PluginPolicies>> = match plugin_config {
-        Some(plugin_config) => {
+        Some(mut plugin_config) => {
+            let (watch_config, debounce) = (
+                plugin_config.watch,
+                std::time::Duration::from_millis(plugin_config.debounce_ms),
+            );
+            if plugin_config.cache_directory.is_none() {
+                plugin_config.cache_directory = Some(config.local.statedir.join("plugin-cache"));
+            }
             let host = PluginHost::start(plugin_config)
                 .await
                 .map_err(|e| format!("plugins: {e}"))?;
@@ -219,6 +226,9 @@ async fn serve(
                     error = status.last_error.as_deref().unwrap_or(""),
                     "plugin"
                 );
+            }
+            if watch_config {
+                plugins::reload_on_file_change(host.clone(), config_path.clone(), debounce);
             }
             plugins::reload_on_sighup(host.clone(), config_path);
             Some(Arc::new(plugins::PluginPolicies::new(host)))

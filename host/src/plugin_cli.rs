@@ -3,7 +3,8 @@
 //! - `check FILE`: what the server would think of the file (see [`crate::plugins::check_command`]);
 //! - `call FILE --kind KIND --input JSON [--config k=v]…`: one call on your own input, with the
 //!   server's bounds, printing the answer and how long the call took;
-//! - `new KIND NAME`: a buildable Rust project for a plugin of that kind (WIT 0.2).
+//! - `new KIND NAME [--lang rust|python]`: a buildable project for a plugin of that kind
+//!   (WIT 0.2): Rust with `wit-bindgen`, or Python with componentize-py.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -17,7 +18,7 @@ use poseidon_plugin_host::{
 /// The usage of the plugin commands.
 pub const USAGE: &str = "       poseidon plugin check FILE
        poseidon plugin call FILE --kind KIND --input JSON [--config KEY=VALUE]...
-       poseidon plugin new KIND NAME [--lang rust]";
+       poseidon plugin new KIND NAME [--lang rust|python]";
 
 /// Runs `poseidon plugin ARGS…`; returns the process exit code (2: bad usage).
 pub fn run(args: &[String]) -> i32 {
@@ -28,13 +29,12 @@ pub fn run(args: &[String]) -> i32 {
             Err(e) => usage_error(&e),
         },
         [new, kind, name, rest @ ..] if new == "new" => match rest {
-            [] => report(new_project(kind, Path::new(name))),
-            [lang, rust] if lang == "--lang" && rust == "rust" => {
-                report(new_project(kind, Path::new(name)))
-            }
-            [lang, other] if lang == "--lang" => {
-                usage_error(&format!("--lang {other}: only rust is supported so far"))
-            }
+            [] => report(new_project(kind, Path::new(name), Lang::Rust)),
+            [flag, lang] if flag == "--lang" => match lang.as_str() {
+                "rust" => report(new_project(kind, Path::new(name), Lang::Rust)),
+                "python" => report(new_project(kind, Path::new(name), Lang::Python)),
+                other => usage_error(&format!("--lang {other}: one of rust, python")),
+            },
             _ => usage_error("unexpected arguments after NAME"),
         },
         _ => usage_error("unknown plugin command"),
@@ -136,6 +136,9 @@ impl CallArgs {
                 ..entry
             }],
             watch: false,
+            // A Python plugin takes seconds to compile: the next call of the same file
+            // reuses the machine code.
+            cache_directory: user_cache_directory(),
             ..PluginsConfig::default()
         };
         let host = PluginHost::start(config).await.map_err(|e| e.to_string())?;
@@ -205,11 +208,37 @@ impl CallArgs {
     }
 }
 
+/// Where `plugin call` keeps compiled plugins: `$POSEIDON_PLUGIN_CACHE`, else
+/// `$XDG_CACHE_HOME/poseidon/compiled-plugins` or `~/.cache/poseidon/compiled-plugins`.
+fn user_cache_directory() -> Option<PathBuf> {
+    let var = |name| {
+        std::env::var_os(name)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    var("POSEIDON_PLUGIN_CACHE").or_else(|| {
+        var("XDG_CACHE_HOME")
+            .or_else(|| var("HOME").map(|home| home.join(".cache")))
+            .map(|cache| cache.join("poseidon/compiled-plugins"))
+    })
+}
+
 /// The WIT the generated projects are built against (copied into each project).
 const WIT: &str = include_str!("../../wit/v0.2/plugins.wit");
 
-/// Writes a buildable Rust plugin project of `kind` into the new directory `dir`.
-fn new_project(kind: &str, dir: &Path) -> Result<(), String> {
+/// The componentize-py release generated Python projects install (the one
+/// `plugins/build.sh` uses).
+const COMPONENTIZE_PY_VERSION: &str = "0.25.1";
+
+/// The language of a new plugin project.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lang {
+    Rust,
+    Python,
+}
+
+/// Writes a buildable plugin project of `kind` in `lang` into the new directory `dir`.
+fn new_project(kind: &str, dir: &Path, lang: Lang) -> Result<(), String> {
     let kind = parse_kind(kind)?;
     let name = dir
         .file_name()
@@ -234,6 +263,9 @@ fn new_project(kind: &str, dir: &Path) -> Result<(), String> {
             .map_err(|e| format!("{}: {e}", path.display()))
     };
     write(&dir.join("wit/plugins.wit"), WIT)?;
+    if lang == Lang::Python {
+        return new_python_project(kind, dir, &name, write);
+    }
     write(
         &dir.join("Cargo.toml"),
         &format!(
@@ -254,6 +286,78 @@ fn new_project(kind: &str, dir: &Path) -> Result<(), String> {
         input = example_input(kind),
     );
     Ok(())
+}
+
+/// The Python side of [`new_project`]: `app.py`, `build.sh` (componentize-py from PyPI
+/// into `.venv` on first use) and `.gitignore`.
+fn new_python_project(
+    kind: PluginKind,
+    dir: &Path,
+    name: &str,
+    write: impl Fn(&Path, &str) -> Result<(), String>,
+) -> Result<(), String> {
+    let file = name.replace('-', "_");
+    write(&dir.join("app.py"), &python_template(kind))?;
+    let build = dir.join("build.sh");
+    write(
+        &build,
+        &format!(
+            "#!/bin/sh\n\
+             # Builds {file}.wasm from app.py with componentize-py (installed from PyPI into .venv\n\
+             # on first use; set COMPONENTIZE_PY to use another installation).\n\
+             set -eu\n\
+             cd \"$(dirname \"$0\")\"\n\
+             tool=\"${{COMPONENTIZE_PY:-.venv/bin/componentize-py}}\"\n\
+             if [ ! -x \"$tool\" ]; then\n\
+             \x20   python3 -m venv .venv\n\
+             \x20   .venv/bin/pip install --quiet componentize-py=={COMPONENTIZE_PY_VERSION}\n\
+             fi\n\
+             \"$tool\" -d wit -w {world} componentize app -o {file}.wasm\n",
+            world = kind.world(),
+        ),
+    )?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&build, std::fs::Permissions::from_mode(0o755))
+            .map_err(|e| format!("{}: {e}", build.display()))?;
+    }
+    write(&dir.join(".gitignore"), "/.venv\n/*.wasm\n/wit_world\n")?;
+    println!(
+        "created {dir}: a {kind} plugin in Python (poseidon:plugins@0.2.0)\n\
+         build:  {dir}/build.sh\n\
+         try:    poseidon plugin call {dir}/{file}.wasm --kind {kind} --input '{input}'",
+        dir = dir.display(),
+        input = example_input(kind),
+    );
+    Ok(())
+}
+
+/// `app.py` of a new Python plugin: the same behaviour as the Rust template.
+fn python_template(kind: PluginKind) -> String {
+    let (imports, class) = match kind {
+        PluginKind::PoolSizer => (
+            "from wit_world.imports import types",
+            "class PoolSizer(exports.PoolSizer):\n    def wanted_idle(self, environment: types.Environment, state: types.PoolState) -> int:\n        \"\"\"Keeps one more idle runner than configured during working hours (local time).\"\"\"\n        working = state.local.weekday < 5 and 8 <= state.local.hour < 18\n        return state.configured_size + (1 if working else 0)\n",
+        ),
+        PluginKind::Preprocessor => (
+            "from componentize_py_types import Err\nfrom wit_world.imports import types",
+            "class Preprocessor(exports.Preprocessor):\n    def preprocess_execute(self, request: types.ExecuteRequest) -> types.ExecuteRequest:\n        \"\"\"Refuses privileged executions (HTTP 400 with the message), passes everything else.\"\"\"\n        if request.privileged:\n            raise Err(\"privileged execution is not allowed\")\n        return request\n\n    def preprocess_files(self, update: types.FileUpdate) -> types.FileUpdate:\n        \"\"\"Passes file updates unchanged.\"\"\"\n        return update\n",
+        ),
+        PluginKind::Authenticator => (
+            "from componentize_py_types import Err\nfrom wit_world.imports import host, types",
+            "class Authenticator(exports.Authenticator):\n    def authenticate(self, request: types.AuthRequest) -> types.Principal:\n        \"\"\"The tenant whose `token.TENANT` configuration value is the request's Poseidon-Token.\"\"\"\n        for key, value in host.config_entries():\n            if key.startswith(\"token.\") and value == request.poseidon_token:\n                return types.Principal(tenant=key[len(\"token.\"):], environments=None)\n        raise Err(types.Denial(status=401, message=\"unknown Poseidon-Token\"))\n",
+        ),
+        PluginKind::Observer => (
+            "from wit_world.imports import host, types",
+            "class Observer(exports.Observer):\n    def observe(self, events: list[types.LifecycleEvent]) -> None:\n        \"\"\"Logs how many events arrived.\"\"\"\n        host.log(host.LogLevel.INFO, f\"{len(events)} events\")\n",
+        ),
+    };
+    format!(
+        "\"\"\"A Poseidon {kind} plugin in Python (WIT poseidon:plugins@0.2.0, see wit/plugins.wit).\n\n\
+         Build it with ./build.sh (componentize-py); the host functions are in\n\
+         wit_world.imports.host (log, config_get, config_entries).\n\"\"\"\n\n\
+         from wit_world import exports\n{imports}\n\n\n{class}"
+    )
 }
 
 /// A JSON input for `plugin call` of `kind`, shown after `plugin new`.

@@ -46,23 +46,87 @@ pub fn reload_on_sighup(host: PluginHost, config_path: Option<std::path::PathBuf
     };
     tokio::spawn(async move {
         while hangup.recv().await.is_some() {
-            let section = crate::config::Config::load(config_path.as_deref(), std::env::vars())
-                .map_err(|e| e.to_string())
-                .and_then(|c| config(&c.plugins));
-            match section {
-                Ok(Some(new)) => {
-                    for line in host.reconfigure(&new).await {
-                        tracing::warn!("{line}; restart the server to apply it");
-                    }
-                    tracing::info!("SIGHUP: plugin configuration reloaded");
-                }
-                Ok(None) => tracing::warn!(
-                    "SIGHUP: the plugins section is gone; restart the server to apply it"
-                ),
-                Err(e) => tracing::error!("SIGHUP: configuration not reloaded: {e}"),
-            }
+            apply_configuration_file(&host, config_path.as_deref(), "SIGHUP").await;
         }
     });
+}
+
+/// Watches the configuration file (its directory, for editors that replace the file) and
+/// applies a changed `plugins:` section like SIGHUP does, once the file has been quiet for
+/// `debounce`. Without a configuration file there is nothing to watch.
+pub fn reload_on_file_change(
+    host: PluginHost,
+    config_path: Option<std::path::PathBuf>,
+    debounce: Duration,
+) {
+    use notify::Watcher;
+    let Some(path) = config_path else {
+        return;
+    };
+    let path = std::path::absolute(&path).unwrap_or(path);
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return;
+    };
+    let name = name.to_os_string();
+    // Capacity 1: a pending message already means "re-read the file".
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
+    let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        let ours = match &event {
+            Ok(event) => event
+                .paths
+                .iter()
+                .any(|p| p.file_name() == Some(name.as_os_str())),
+            Err(_) => true,
+        };
+        if ours {
+            let _ = tx.try_send(());
+        }
+    })
+    .and_then(|mut w| {
+        w.watch(dir, notify::RecursiveMode::NonRecursive)?;
+        Ok(w)
+    });
+    let watcher = match watcher {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot watch the configuration file; plugin configuration changes need SIGHUP");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        let _watcher = watcher;
+        while rx.recv().await.is_some() {
+            // Quiet period, restarted by every further event (an editor's several writes).
+            loop {
+                match tokio::time::timeout(debounce, rx.recv()).await {
+                    Ok(Some(())) => continue,
+                    Ok(None) => return,
+                    Err(_elapsed) => break,
+                }
+            }
+            apply_configuration_file(&host, Some(&path), "configuration file changed").await;
+        }
+    });
+}
+
+/// Re-reads the configuration file and applies its `plugins:` section; `trigger` names
+/// what asked for it in the log lines.
+async fn apply_configuration_file(host: &PluginHost, path: Option<&Path>, trigger: &str) {
+    let section = crate::config::Config::load(path, std::env::vars())
+        .map_err(|e| e.to_string())
+        .and_then(|c| config(&c.plugins));
+    match section {
+        Ok(Some(new)) => {
+            for line in host.reconfigure(&new).await {
+                tracing::warn!("{line}; restart the server to apply it");
+            }
+            tracing::info!("{trigger}: plugin configuration reloaded");
+        }
+        Ok(None) => {
+            tracing::warn!("{trigger}: the plugins section is gone; restart the server to apply it")
+        }
+        Err(e) => tracing::error!("{trigger}: configuration not reloaded: {e}"),
+    }
 }
 
 /// The plugin host as the API's and the pools' policy.

@@ -7,7 +7,7 @@
 pub mod pool_sizer {
     wit_bindgen::generate!({
         world: "pool-sizer-plugin",
-        path: "../wit",
+        path: "wit",
         pub_export_macro: true,
         export_macro_name: "__poseidon_export_pool_sizer_world",
         default_bindings_module: "poseidon_plugin_api::__bindings::pool_sizer",
@@ -21,7 +21,7 @@ pub mod pool_sizer {
 pub mod preprocessor {
     wit_bindgen::generate!({
         world: "preprocessor-plugin",
-        path: "../wit",
+        path: "wit",
         pub_export_macro: true,
         export_macro_name: "__poseidon_export_preprocessor_world",
         default_bindings_module: "poseidon_plugin_api::__bindings::preprocessor",
@@ -37,7 +37,7 @@ pub mod preprocessor {
 pub mod authenticator {
     wit_bindgen::generate!({
         world: "authenticator-plugin",
-        path: "../wit",
+        path: "wit",
         pub_export_macro: true,
         export_macro_name: "__poseidon_export_authenticator_world",
         default_bindings_module: "poseidon_plugin_api::__bindings::authenticator",

@@ -1,9 +1,10 @@
 //! Lifecycle events for observer policies, built only when a policy observes.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use poseidon_core::execution::ExecEvent;
-use poseidon_core::runner::Runner;
+use poseidon_core::runner::{DestroyReason, Runner};
 
 use crate::policy::{ExecutionOutcome, LifecycleEvent, LifecycleKind};
 use crate::AppState;
@@ -19,6 +20,22 @@ pub(crate) fn emit(state: &AppState, runner: &Runner, kind: impl FnOnce() -> Lif
         environment: runner.environment(),
         tenant: runner.owner().map(str::to_string),
         kind: kind(),
+    });
+}
+
+/// Reports the `destroyed` event of a claimed runner that the server destroys by itself
+/// (inactivity timeout, environment changed or deleted, lost by the backend); the route of
+/// `DELETE /runners/{id}` reports its own. Nothing is spawned unless a policy observes.
+pub(crate) fn destroyed_by_server(state: &AppState, runner: &Arc<Runner>) {
+    if !state.policies.observes() {
+        return;
+    }
+    let (state, runner) = (state.clone(), Arc::clone(runner));
+    tokio::spawn(async move {
+        match runner.destroyed().await {
+            Some(DestroyReason::ClientRequest) | None => {}
+            Some(_) => emit(&state, &runner, || LifecycleKind::Destroyed),
+        }
     });
 }
 

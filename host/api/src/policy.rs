@@ -91,7 +91,8 @@ pub enum LifecycleKind {
         /// From start to end.
         duration: std::time::Duration,
     },
-    /// Destroyed at its client's request.
+    /// Destroyed: at its client's request, or by the server (inactivity timeout,
+    /// environment changed or deleted, lost by the backend).
     Destroyed,
 }
 

@@ -302,6 +302,14 @@ impl Runner {
         self.destroyed.cancel();
     }
 
+    /// Waits until the runner is destroyed — by its client, or by the server itself
+    /// (inactivity timeout, environment changed or deleted, lost by the backend) — and
+    /// returns why.
+    pub async fn destroyed(&self) -> Option<DestroyReason> {
+        self.destroyed.cancelled().await;
+        self.reason.get().cloned()
+    }
+
     /// Whether the runner has been destroyed.
     pub fn is_destroyed(&self) -> bool {
         self.destroyed.is_cancelled()

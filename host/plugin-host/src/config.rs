@@ -60,6 +60,15 @@ pub struct PluginsConfig {
     /// Most events handed to an observer in one call.
     #[serde(alias = "observerbatch")]
     pub observer_batch: usize,
+    /// Keep compiled plugins in wasmtime's compile cache, so that a restart (or a file
+    /// that comes back) does not compile them again.
+    #[serde(alias = "compilecache")]
+    pub compile_cache: bool,
+    /// Directory of the compile cache (absolute; a relative path is taken relative to
+    /// the working directory). `None`: the embedding application decides (the server
+    /// uses `plugin-cache` in its state directory); without one no cache is used.
+    #[serde(alias = "cachedirectory")]
+    pub cache_directory: Option<PathBuf>,
 }
 
 impl Default for PluginsConfig {
@@ -73,6 +82,8 @@ impl Default for PluginsConfig {
             debounce_ms: 100,
             observer_queue: 4096,
             observer_batch: 64,
+            compile_cache: true,
+            cache_directory: None,
         }
     }
 }

@@ -197,7 +197,11 @@ impl PluginHost {
     /// file is loaded once it appears or is fixed.
     pub async fn start(config: PluginsConfig) -> Result<PluginHost, PluginError> {
         validate(&config)?;
-        let runtime = Runtime::new(&config.limits)?;
+        let cache = config
+            .cache_directory
+            .as_deref()
+            .filter(|_| config.compile_cache);
+        let runtime = Runtime::new(&config.limits, cache)?;
         let slots = config
             .entries
             .iter()
@@ -547,6 +551,7 @@ impl PluginHost {
                     wit_version: current.wit_version.clone(),
                     loaded_at: std::time::SystemTime::now(),
                     pre: current.pre.clone(),
+                    from_cache: current.from_cache,
                 })));
             }
             tracing::info!(plugin = %name, "plugin configuration changed; applied");
@@ -637,6 +642,7 @@ impl PluginHost {
                     calls: slot.calls.load(Ordering::Relaxed),
                     failures: slot.failures.load(Ordering::Relaxed),
                     last_error: lock(&slot.last_error).clone(),
+                    from_cache: current.as_ref().and_then(|p| p.from_cache),
                 }
             })
             .collect()
@@ -877,6 +883,7 @@ impl Inner {
                     wit_version = %plugin.wit_version,
                     digest = %plugin.identity.digest,
                     compile_ms = details.compile_ms,
+                    from_cache = ?details.from_cache,
                     "plugin loaded"
                 );
                 slot.current.store(Some(Arc::new(plugin)));
@@ -965,6 +972,15 @@ async fn deliver_events(
 /// Describes a plugin file: compiles it and checks it as a load would (kind, WIT
 /// version, imports satisfiable, instantiable). For `poseidon plugin check FILE`.
 pub fn check_file(path: &Path) -> Result<PluginDescription, PluginError> {
+    check_file_cached(path, None)
+}
+
+/// [`check_file`] with wasmtime's compile cache in `cache_directory`, so that checking
+/// an unchanged file again does not compile it again.
+pub fn check_file_cached(
+    path: &Path,
+    cache_directory: Option<&Path>,
+) -> Result<PluginDescription, PluginError> {
     let bytes = std::fs::read(path).map_err(|source| PluginError::Read {
         path: path.to_path_buf(),
         source,
@@ -973,7 +989,7 @@ pub fn check_file(path: &Path) -> Result<PluginDescription, PluginError> {
         pooling: false,
         ..Limits::default()
     };
-    let runtime = Runtime::new(&limits)?;
+    let runtime = Runtime::new(&limits, cache_directory)?;
     let name = path
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
@@ -994,5 +1010,6 @@ pub fn check_file(path: &Path) -> Result<PluginDescription, PluginError> {
         imports: details.imports,
         exports: details.exports,
         compile_ms: details.compile_ms,
+        from_cache: details.from_cache,
     })
 }

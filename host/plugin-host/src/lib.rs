@@ -74,7 +74,7 @@ mod watch;
 
 pub use config::{Limits, PluginEntry, PluginKind, PluginsConfig, SizerBounds};
 pub use error::{CallError, PluginError};
-pub use host::{check_file, PluginHost};
+pub use host::{check_file, check_file_cached, PluginHost};
 pub use types::{
     AuthInput, Denial, EnvironmentInfo, ExecuteInput, ExecutionOutcome, FileEntry, FilesInput,
     LifecycleEvent, LifecycleKind, ObserverStats, PluginDescription, PluginStatus, PoolSizerInput,

@@ -53,6 +53,8 @@ pub(crate) struct LoadedPlugin {
     pub wit_version: Version,
     pub loaded_at: SystemTime,
     pub pre: PluginPre,
+    /// Whether the machine code came from the compile cache (`None`: no cache in use).
+    pub from_cache: Option<bool>,
 }
 
 /// What a load learned besides the plugin itself.
@@ -60,6 +62,8 @@ pub(crate) struct LoadDetails {
     pub imports: Vec<String>,
     pub exports: Vec<String>,
     pub compile_ms: u64,
+    /// Whether the machine code came from the compile cache (`None`: no cache in use).
+    pub from_cache: Option<bool>,
 }
 
 /// SHA-256 of `bytes`, lower-case hex.
@@ -185,11 +189,19 @@ pub(crate) fn load(
 ) -> Result<(LoadedPlugin, LoadDetails), PluginError> {
     let digest = sha256_hex(bytes);
     let started = Instant::now();
+    // Loads are serialised (the host's reload lock), so a hit counted during this compile
+    // is this file's.
+    let hits_before = runtime.cache.as_ref().map(|c| c.cache_hits());
     let component = Component::new(&runtime.engine, bytes).map_err(|e| PluginError::Compile {
         path: path.to_path_buf(),
         message: format!("{e:#}"),
     })?;
     let compile_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    let from_cache = runtime
+        .cache
+        .as_ref()
+        .zip(hits_before)
+        .map(|(c, before)| c.cache_hits() > before);
     let ty = component.component_type();
     let exports: Vec<String> = ty
         .exports(&runtime.engine)
@@ -211,7 +223,7 @@ pub(crate) fn load(
     }
     let link_error = |e: wasmtime::Error| PluginError::Link {
         path: path.to_path_buf(),
-        message: format!("{e:#}"),
+        message: link_message(&e),
     };
     let instance_pre = runtime
         .linker
@@ -263,13 +275,34 @@ pub(crate) fn load(
             wit_version,
             loaded_at: SystemTime::now(),
             pre,
+            from_cache,
         },
         LoadDetails {
             imports,
             exports,
             compile_ms,
+            from_cache,
         },
     ))
+}
+
+/// The linker's complaint, led by what is missing when the component imports an
+/// interface the host does not offer (a plugin built against a world with more imports,
+/// e.g. a Python plugin importing `wasi:http`).
+fn link_message(error: &wasmtime::Error) -> String {
+    let full = format!("{error:#}");
+    let missing = full
+        .split("component imports instance `")
+        .nth(1)
+        .and_then(|rest| rest.split('`').next());
+    match missing {
+        Some(name) => format!(
+            "it imports `{name}`, which this host does not offer (plugins may import WASI 0.2 \
+             and poseidon:plugins/host only; rebuild it against one of the plugin worlds) \
+             [{full}]"
+        ),
+        None => full,
+    }
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 //! bounded execution of one call.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -24,6 +25,25 @@ const STDERR_CAPTURE: usize = 16 * 1024;
 const MAX_LOG_LINES: u32 = 100;
 /// Longest forwarded log message, in bytes.
 const MAX_LOG_MESSAGE: usize = 4096;
+
+/// wasmtime's compile cache in `directory` (made absolute and created if missing), or
+/// `None` with a warning when it cannot be used: plugins are then compiled at every start.
+fn compile_cache(directory: &Path) -> Option<wasmtime::Cache> {
+    let directory = std::path::absolute(directory).unwrap_or_else(|_| directory.to_path_buf());
+    let mut config = wasmtime::CacheConfig::new();
+    config.with_directory(&directory);
+    match wasmtime::Cache::new(config) {
+        Ok(cache) => Some(cache),
+        Err(e) => {
+            tracing::warn!(
+                directory = %directory.display(),
+                error = %format!("{e:#}"),
+                "the plugin compile cache is unusable; plugins are compiled at every start"
+            );
+            None
+        }
+    }
+}
 
 /// Identity of a loaded plugin version, for log lines.
 #[derive(Debug)]
@@ -188,27 +208,31 @@ pub(crate) struct Runtime {
     pub engine: Engine,
     pub linker: Linker<HostState>,
     pub limits: Limits,
+    /// The engine's compile cache (a handle sharing its hit counter), if one is in use.
+    pub cache: Option<wasmtime::Cache>,
     /// Keeps the epoch ticker thread alive; it stops once this is dropped.
     _ticker_alive: Arc<()>,
 }
 
 impl Runtime {
-    /// Creates the engine (pooling if configured and possible), the linker with WASI
-    /// (nothing granted) and the host interface, and starts the epoch ticker.
-    pub fn new(limits: &Limits) -> Result<Runtime, PluginError> {
+    /// Creates the engine (pooling if configured and possible; compiled code cached in
+    /// `cache_directory` if given), the linker with WASI (nothing granted) and the host
+    /// interface, and starts the epoch ticker.
+    pub fn new(limits: &Limits, cache_directory: Option<&Path>) -> Result<Runtime, PluginError> {
+        let cache = cache_directory.and_then(compile_cache);
         let engine = if limits.pooling {
-            match Self::engine(limits, true) {
+            match Self::engine(limits, true, cache.clone()) {
                 Ok(engine) => engine,
                 Err(e) => {
                     tracing::warn!(
                         error = %e,
                         "pooling allocator unavailable, using on-demand allocation"
                     );
-                    Self::engine(limits, false)?
+                    Self::engine(limits, false, cache.clone())?
                 }
             }
         } else {
-            Self::engine(limits, false)?
+            Self::engine(limits, false, cache.clone())?
         };
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
@@ -228,12 +252,21 @@ impl Runtime {
             engine,
             linker,
             limits: limits.clone(),
+            cache,
             _ticker_alive: alive,
         })
     }
 
-    fn engine(limits: &Limits, pooling: bool) -> Result<Engine, PluginError> {
+    fn engine(
+        limits: &Limits,
+        pooling: bool,
+        cache: Option<wasmtime::Cache>,
+    ) -> Result<Engine, PluginError> {
         let mut config = wasmtime::Config::new();
+        // wasmtime's own cache: entries are keyed by the component's bytes, the compiler's
+        // version and every engine setting that affects code, so a changed file or setting
+        // simply misses; nothing is deserialized that this engine did not write.
+        config.cache(cache);
         config.wasm_component_model(true);
         config.epoch_interruption(true);
         config.consume_fuel(limits.fuel.is_some());

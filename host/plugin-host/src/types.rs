@@ -180,6 +180,9 @@ pub struct PluginStatus {
     pub failures: u64,
     /// The last load or call error, if any.
     pub last_error: Option<String>,
+    /// Whether the loaded version's machine code came from the compile cache rather
+    /// than a compilation (`None`: nothing loaded, or no cache in use).
+    pub from_cache: Option<bool>,
 }
 
 /// What `check_file` learned about a plugin file.
@@ -200,6 +203,8 @@ pub struct PluginDescription {
     pub exports: Vec<String>,
     /// Time to compile the file, milliseconds.
     pub compile_ms: u64,
+    /// Whether the compiled code came from the compile cache (`None`: no cache in use).
+    pub from_cache: Option<bool>,
 }
 
 /// Something that happened to a runner, for observer plugins.

@@ -53,6 +53,7 @@ pub(crate) async fn claim(
     metrics::counter!("poseidon_runner_claims_total", "environment" => label).increment(1);
     crate::telemetry::record_runner(&runner.id().to_string(), environment);
     crate::observe::emit(&state, &runner, || crate::LifecycleKind::Claimed);
+    crate::observe::destroyed_by_server(&state, &runner);
     let view = ClaimView {
         runner_id: runner.id().to_string(),
         mapped_ports: runner
