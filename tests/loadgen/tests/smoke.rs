@@ -307,7 +307,9 @@ fn every_scenario_produces_figures() {
     }
     // Each execute level has its phases and a ratio against the direct sandbox.
     for row in rows(&report, "execute") {
-        assert_eq!(row["phases"].as_array().unwrap().len(), 5, "{row}");
+        // claim, copy, execute, websocket, destroy, and run (= execute + websocket):
+        // `scenarios::EXECUTE_PHASES`.
+        assert_eq!(row["phases"].as_array().unwrap().len(), 6, "{row}");
         assert!(row["ratio"]["p50"].as_f64().unwrap() > 0.0, "{row}");
     }
     let variants: Vec<&str> = rows(&report, "execute")
