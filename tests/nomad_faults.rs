@@ -130,15 +130,84 @@ async fn real_nomad_a_killed_server_recovers_used_and_idle_runners() {
     a_killed_server_recovers_used_and_idle_runners_on(Backend::RealNomad).await;
 }
 
-/// kill -9 of the gateway while a runner is claimed: after the restart, no runner is lost,
-/// leaked or duplicated, and the claimed one keeps its files.
+/// Clients that keep claiming runners (counted in `claims`), copying into them and giving them
+/// back, until `stop`; returns the runners they still hold.
+fn keep_busy(
+    s: &Server,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    claims: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) -> Vec<tokio::task::JoinHandle<Vec<String>>> {
+    (0..3)
+        .map(|_| {
+            let http = s.http.clone();
+            let api = s.url("");
+            let stop = stop.clone();
+            let claims = claims.clone();
+            tokio::spawn(async move {
+                let mut held = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let claim = http
+                        .post(format!("{api}/runners"))
+                        .json(&json!({"executionEnvironmentId": 1, "inactivityTimeout": 120}))
+                        .send()
+                        .await;
+                    let Ok(r) = claim else {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    };
+                    let Some(id) = r
+                        .json::<Value>()
+                        .await
+                        .ok()
+                        .and_then(|v| v["runnerId"].as_str().map(String::from))
+                    else {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    };
+                    held.push(id.clone());
+                    claims.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let _ = http
+                        .patch(format!("{api}/runners/{id}/files"))
+                        .json(&json!({"copy": [{"path": "load.txt", "content": "bG9hZA=="}]}))
+                        .send()
+                        .await;
+                    if let Ok(r) = http.delete(format!("{api}/runners/{id}")).send().await {
+                        if r.status() == 204 {
+                            held.retain(|h| h != &id);
+                        }
+                    }
+                }
+                held
+            })
+        })
+        .collect()
+}
+
+/// kill -9 of the gateway under load (clients claiming, copying and giving back runners) while a
+/// runner is claimed: after the restart, no runner is lost, leaked or duplicated, and the claimed
+/// one keeps its files.
 async fn a_killed_server_recovers_used_and_idle_runners_on(backend: Backend) {
     let mut s = Server::on(backend).await;
     s.environment(1, 2, json!({})).await;
     let runner = s.claim(1, 600).await;
     s.copy(&runner, &[("kept.txt", b"still here")]).await;
     settled(&s, 1, 2, 1).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let claims = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let load = keep_busy(&s, stop.clone(), claims.clone());
+    // The server dies while the clients are at it: once they have claimed a few runners.
+    eventually("the clients claimed runners", 120, || async {
+        claims.load(std::sync::atomic::Ordering::Relaxed) >= 3
+    })
+    .await;
     s.kill_and_restart().await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    // What the clients still held when the server died is given back now.
+    for task in load {
+        for id in task.await.unwrap() {
+            let _ = s.http.delete(s.url(&format!("/runners/{id}"))).send().await;
+        }
+    }
     // The used runner keeps its id and its files; the pool is recognised, not recreated.
     let r = s
         .http
