@@ -10,10 +10,14 @@ use bytes::Bytes;
 use poseidon_agent_protocol::{Frame, FrameKind, Reply, Resume};
 use tokio::sync::{mpsc, watch, Notify};
 
-/// Output bytes of an execution kept after they were sent, for a gateway that reconnects.
-const RETAINED_OUTPUT: u64 = 1024 * 1024;
+/// Output bytes of an execution kept after they were sent, for a gateway that reconnects (what a
+/// broken connection can lose is what sat in its buffers: far less). The agent's memory counts
+/// against the runner's limit, so this stays small.
+const RETAINED_OUTPUT: u64 = 256 * 1024;
 /// How long an ended execution can still be resumed.
 const ENDED_KEPT: Duration = Duration::from_secs(120);
+/// Ended executions kept for resuming at most (the oldest go first).
+const ENDED_MAX: usize = 16;
 
 /// Input towards a running execution.
 pub(crate) enum Input {
@@ -213,6 +217,17 @@ impl Session {
         state
             .executions
             .retain(|_, e| e.ended.is_none_or(|t| t.elapsed() < ENDED_KEPT));
+        let mut ended: Vec<(Instant, u32)> = state
+            .executions
+            .iter()
+            .filter_map(|(stream, e)| e.ended.map(|t| (t, *stream)))
+            .collect();
+        if ended.len() > ENDED_MAX {
+            ended.sort();
+            for (_, stream) in &ended[..ended.len() - ENDED_MAX] {
+                state.executions.remove(stream);
+            }
+        }
         if state.executions.contains_key(&stream) {
             return false;
         }
@@ -255,6 +270,25 @@ mod tests {
     }
 
     #[test]
+    fn only_the_newest_ended_executions_stay_resumable() {
+        let session = Session::new();
+        for stream in 1..=(ENDED_MAX as u32 + 4) {
+            let (tx, _rx) = mpsc::unbounded_channel();
+            assert!(session.add_execution(stream, tx));
+            session.remove_execution(stream);
+        }
+        let (tx, _rx) = mpsc::unbounded_channel();
+        assert!(session.add_execution(1000, tx));
+        let state = session.inner.state.lock().unwrap();
+        assert_eq!(state.executions.len(), ENDED_MAX + 1);
+        assert!(
+            !state.executions.contains_key(&1),
+            "the oldest ended one went first"
+        );
+        assert!(state.executions.contains_key(&(ENDED_MAX as u32 + 4)));
+    }
+
+    #[test]
     fn the_journal_sends_again_exactly_what_came_after_the_offset() {
         let mut j = Journal::default();
         j.record(&Frame::control(5, &Reply::Started { pid: 9 }));
@@ -275,7 +309,7 @@ mod tests {
     #[test]
     fn the_journal_keeps_a_bounded_window_and_says_when_output_is_gone() {
         let mut j = Journal::default();
-        for _ in 0..40 {
+        for _ in 0..20 {
             j.record(&out(64 * 1024, b'x'));
         }
         let kept: u64 = j.frames.iter().map(|(_, f)| f.payload.len() as u64).sum();
