@@ -310,14 +310,9 @@ async fn while_nomad_refuses_connections_claims_work_and_the_rest_says_nomad_unr
     nomad_unreachable_for_a_while(&s).await;
 }
 
-/// 10 s of Nomad unreachable on a real cluster: the gateway reaches the agent through a TCP gate
-/// that cuts every connection (event stream, exec sessions) and refuses new ones for 10 s.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs a real Nomad: NOMAD_ADDR=http://127.0.0.1:4646 cargo test -- --ignored real_nomad"]
-async fn real_nomad_while_nomad_is_unreachable_claims_work_and_the_rest_says_nomad_unreachable() {
-    support::require_real_nomad(
-        "real_nomad_while_nomad_is_unreachable_claims_work_and_the_rest_says_nomad_unreachable",
-    );
+/// A server on the real Nomad at `NOMAD_ADDR`, reaching it through a [`support::TcpGate`] the
+/// test can close.
+async fn server_behind_a_gate() -> (support::TcpGate, Server) {
     let agent = std::env::var("NOMAD_ADDR").unwrap();
     let gate = support::TcpGate::open(
         agent
@@ -334,6 +329,18 @@ async fn real_nomad_while_nomad_is_unreachable_claims_work_and_the_rest_says_nom
         ..Default::default()
     })
     .await;
+    (gate, s)
+}
+
+/// 10 s of Nomad unreachable on a real cluster: the gateway reaches the agent through a TCP gate
+/// that cuts every connection (event stream, exec sessions) and refuses new ones for 10 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a real Nomad: NOMAD_ADDR=http://127.0.0.1:4646 cargo test -- --ignored real_nomad"]
+async fn real_nomad_while_nomad_is_unreachable_claims_work_and_the_rest_says_nomad_unreachable() {
+    support::require_real_nomad(
+        "real_nomad_while_nomad_is_unreachable_claims_work_and_the_rest_says_nomad_unreachable",
+    );
+    let (gate, s) = server_behind_a_gate().await;
     s.environment(5, 2, json!({})).await;
     gate.close_for(Duration::from_secs(10));
     nomad_unreachable_for_a_while(&s).await;
@@ -869,22 +876,7 @@ async fn an_execution_outlives_a_cut_connection_to_nomad_on_the_emulator() {
 #[ignore = "needs a real Nomad: NOMAD_ADDR=http://127.0.0.1:4646 cargo test -- --ignored real_nomad"]
 async fn real_nomad_an_execution_outlives_a_cut_connection_to_nomad() {
     support::require_real_nomad("real_nomad_an_execution_outlives_a_cut_connection_to_nomad");
-    let agent = std::env::var("NOMAD_ADDR").unwrap();
-    let gate = support::TcpGate::open(
-        agent
-            .split("://")
-            .last()
-            .unwrap()
-            .trim_end_matches('/')
-            .to_string(),
-    )
-    .await;
-    let s = Server::start_with(Options {
-        backend: Backend::RealNomad,
-        real_nomad_via: Some(gate.addr.clone()),
-        ..Default::default()
-    })
-    .await;
+    let (gate, s) = server_behind_a_gate().await;
     an_execution_outlives_a_cut_connection_to_nomad(&s, async {
         gate.close_for(Duration::from_secs(3))
     })

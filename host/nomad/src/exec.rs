@@ -226,7 +226,7 @@ pub async fn connect(
     Ok(ws)
 }
 
-pub(crate) fn parse_frame(text: &str) -> Option<Frame> {
+fn parse_frame(text: &str) -> Option<Frame> {
     let v: Value = serde_json::from_str(text).ok()?;
     if v["exited"] == true {
         return Some(Frame::Exited(
