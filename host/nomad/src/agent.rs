@@ -98,7 +98,7 @@ impl NomadRunner {
             &self.shared.client,
             alloc,
             bash(install_script()),
-            binary.to_vec(),
+            binary,
             INSTALL_WAIT,
         )
         .await?;

@@ -302,7 +302,7 @@ pub async fn run_captured(
     client: &NomadClient,
     alloc: &str,
     argv: Vec<String>,
-    input: Vec<u8>,
+    input: Bytes,
     timeout: Duration,
 ) -> Result<(Vec<u8>, Vec<u8>, i32), BackendError> {
     let ws = connect(client, alloc, &argv, false).await?;
@@ -311,8 +311,10 @@ pub async fn run_captured(
     let kill = CancellationToken::new();
     let session = tokio::spawn(drive(ws, in_rx, true, out_tx, kill.clone()));
     tokio::spawn(async move {
-        for chunk in input.chunks(64 * 1024) {
-            if in_tx.send(Bytes::copy_from_slice(chunk)).await.is_err() {
+        let mut rest = input;
+        while !rest.is_empty() {
+            let chunk = rest.split_to(rest.len().min(64 * 1024));
+            if in_tx.send(chunk).await.is_err() {
                 return;
             }
         }
@@ -454,7 +456,7 @@ async fn kill_remote(client: &NomadClient, alloc: &str, pid_files: &[String]) {
         "bash".to_string(),
     ];
     argv.extend(pid_files.iter().cloned());
-    match run_captured(client, alloc, argv, Vec::new(), KILL_WAIT).await {
+    match run_captured(client, alloc, argv, Bytes::new(), KILL_WAIT).await {
         Ok((_, _, 0)) => tracing::debug!(alloc, "killed an execution's processes"),
         Ok((_, err, code)) => tracing::warn!(
             alloc,

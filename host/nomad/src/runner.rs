@@ -258,8 +258,14 @@ impl RunnerBackend for NomadRunner {
             (UPDATE_SCRIPT, build_tar(&update.copy))
         };
         let argv = Self::script(script, update.delete.iter().cloned());
-        let (out, err, code) =
-            exec::run_captured(self.client(), &alloc, argv, input, self.file_timeout()).await?;
+        let (out, err, code) = exec::run_captured(
+            self.client(),
+            &alloc,
+            argv,
+            Bytes::from(input),
+            self.file_timeout(),
+        )
+        .await?;
         if code == 0 {
             Ok(())
         } else {
