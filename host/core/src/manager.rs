@@ -160,7 +160,8 @@ impl Manager {
             Ok(recovered) => {
                 for r in recovered {
                     match r.claimed {
-                        None => env.add_idle(r.runner),
+                        // A new environment is not shut down: the runner always joins.
+                        None => drop(env.add_idle(r.runner)),
                         Some(timeout) => {
                             let timeout =
                                 (timeout > 0).then(|| Duration::from_secs(timeout as u64));

@@ -53,11 +53,21 @@ impl Environment {
         })
     }
 
-    /// Adds a runner to the idle pool (recovery).
-    pub(crate) fn add_idle(&self, runner: Arc<dyn RunnerBackend>) {
+    /// Adds a runner to the idle pool, or hands it back when the environment is shut down.
+    ///
+    /// Checked under the idle lock that [`Environment::shut_down`] drains with, after it cancelled:
+    /// a runner is either drained by the shutdown or handed back here, never left in a dead pool.
+    pub(crate) fn add_idle(
+        &self,
+        runner: Arc<dyn RunnerBackend>,
+    ) -> Result<(), Arc<dyn RunnerBackend>> {
         let mut idle = self.idle.lock().unwrap();
+        if self.stop.is_cancelled() {
+            return Err(runner);
+        }
         idle.push_back(runner);
         self.idle_point(idle.back().map(|r| r.id()), true, idle.len());
+        Ok(())
     }
 
     /// Poseidon's `poseidon_nomad_idle_runners` point: a runner joined or left the idle pool.
@@ -130,12 +140,12 @@ impl Environment {
         self.target.load(Ordering::Relaxed)
     }
 
-    /// Stops the reconciler and hands back the idle runners for destruction.
     /// Whether [`Environment::shut_down`] was called.
     pub(crate) fn is_shut_down(&self) -> bool {
         self.stop.is_cancelled()
     }
 
+    /// Stops the reconciler and hands back the idle runners for destruction.
     pub(crate) fn shut_down(&self) -> Vec<Arc<dyn RunnerBackend>> {
         self.stop.cancel();
         self.wake.notify_one();
@@ -222,18 +232,19 @@ pub(crate) async fn reconcile(
                         "outcome" => if ok { "ok" } else { "error" })
                     .record(started.elapsed());
                     match result {
-                        Ok(runner) if env.stop.is_cancelled() => {
-                            if let Err(e) = runner.destroy().await {
-                                tracing::warn!(error = %e, "could not destroy a runner of a removed environment");
-                            }
-                        }
                         Ok(runner)
                             if env.lost_while_starting.lock().unwrap().remove(runner.id()) =>
                         {
                             tracing::info!(runner = %runner.id(), "a runner was lost while starting");
                             let _ = runner.destroy().await;
                         }
-                        Ok(runner) => env.add_idle(runner),
+                        Ok(runner) => {
+                            if let Err(runner) = env.add_idle(runner) {
+                                if let Err(e) = runner.destroy().await {
+                                    tracing::warn!(error = %e, "could not destroy a runner of a removed environment");
+                                }
+                            }
+                        }
                         Err(e) => {
                             tracing::warn!(environment = env.config.id, error = %e, "could not start a runner")
                         }
@@ -330,5 +341,60 @@ mod tests {
         assert_eq!(v.len(), 60);
         assert_eq!(v[59], 2);
         assert_eq!(v.iter().sum::<u32>(), 2);
+    }
+
+    /// A sandbox that is never used: the pool only holds and hands back runners.
+    struct Idle(RunnerId);
+
+    #[async_trait::async_trait]
+    impl crate::agent::Sandbox for Idle {
+        fn id(&self) -> &RunnerId {
+            &self.0
+        }
+        fn workdir(&self) -> &str {
+            "/workspace"
+        }
+        fn base_environment(&self) -> Vec<(String, String)> {
+            Vec::new()
+        }
+        async fn connect(
+            &self,
+        ) -> Result<crate::agent::SandboxChannel, crate::backend::BackendError> {
+            Err(crate::backend::BackendError::Unreachable("unused".into()))
+        }
+        async fn destroy(&self) -> Result<(), crate::backend::BackendError> {
+            Ok(())
+        }
+    }
+
+    fn runner() -> Arc<dyn RunnerBackend> {
+        Arc::new(crate::agent::AgentRunner::new(
+            Arc::new(Idle(RunnerId::generate(1))),
+            None,
+            Duration::from_secs(1),
+        ))
+    }
+
+    #[test]
+    fn a_runner_started_after_the_shutdown_is_handed_back_not_pooled() {
+        let env = Environment::new(EnvironmentConfig {
+            id: 1,
+            image: "i".into(),
+            prewarming_pool_size: 2,
+            cpu_limit: 0,
+            memory_limit: 0,
+            network_access: false,
+            exposed_ports: Vec::new(),
+        });
+        assert!(env.add_idle(runner()).is_ok());
+        assert_eq!(env.shut_down().len(), 1);
+        let late = runner();
+        let id = late.id().clone();
+        let back = env
+            .add_idle(late)
+            .expect_err("a shut-down pool takes no runner");
+        assert_eq!(back.id(), &id);
+        assert_eq!(env.idle_count(), 0);
+        assert!(env.take_idle().is_none());
     }
 }
