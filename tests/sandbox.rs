@@ -140,6 +140,51 @@ async fn executions_see_only_their_own_environment_and_no_inherited_descriptors(
     );
 }
 
+/// A plain command may start without bash (the agent does what bash would); the program must not
+/// be able to tell: the same environment as under bash, scripts without `#!` still run, and a
+/// file that is not executable still fails as bash reports it.
+#[tokio::test]
+async fn plain_commands_run_as_under_bash() {
+    let s = Server::start().await;
+    s.environment(1, 1, json!({})).await;
+    let r = s.claim(1, 60).await;
+    let sorted = |text: &str| {
+        let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+        lines.sort();
+        lines
+    };
+    for privileged in [false, true] {
+        let body = |command: &str| json!({"command": command, "environment": {"MINE": "1"}, "privilegedExecution": privileged});
+        // Quotes make the second one bash's to run; both end as bash's exec of `env`.
+        let plain = s.run(&r, body("env")).await;
+        let quoted = s.run(&r, body("\"env\"")).await;
+        assert_eq!(plain.last["data"], 0, "{:?}", plain.messages);
+        assert_eq!(sorted(&plain.stdout), sorted(&quoted.stdout));
+        assert!(plain.stdout.contains("SHLVL="), "{}", plain.stdout);
+    }
+    let made = s
+        .run(
+            &r,
+            json!({"command": "printf 'echo from a script\\n' > script && chmod 755 script && printf 'x' > data"}),
+        )
+        .await;
+    assert_eq!(made.last["data"], 0, "{:?}", made.messages);
+    let script = s.run(&r, json!({"command": "./script"})).await;
+    assert_eq!(script.last["data"], 0, "{:?}", script.messages);
+    assert!(script.stdout.contains("from a script"), "{}", script.stdout);
+    let not_executable = s.run(&r, json!({"command": "./data"})).await;
+    assert_eq!(
+        not_executable.last["data"], 126,
+        "{:?}",
+        not_executable.messages
+    );
+    assert!(
+        format!("{}{}", not_executable.stdout, not_executable.stderr).contains("Permission denied"),
+        "{:?}",
+        not_executable.messages
+    );
+}
+
 #[tokio::test]
 async fn network_is_off_unless_allowed_and_never_reaches_host_loopback() {
     let s = Server::start().await;

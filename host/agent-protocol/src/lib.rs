@@ -25,6 +25,11 @@ mod messages;
 pub use codec::{encode, Decoder, Frame, FrameKind, ProtocolError, HEADER_LEN, MAX_FRAME};
 pub use messages::{Entry, Identity, Reply, Request, Resume, PROTOCOL_VERSION};
 
+/// The flag after `poseidon-agent --listen SOCKET` that lets the agent start a `bash -c` of one
+/// plain command without bash, as bash itself would exec it (only where the backend knows the
+/// runner's bash, and once the agent saw that bash export what it expects).
+pub const DIRECT_SIMPLE_COMMANDS_ARG: &str = "--direct-simple-commands";
+
 /// The line `poseidon-agent --connect SOCKET` prints once it reached the agent (an exec session
 /// into a container carries the protocol after it; before it, the session's output is an error).
 pub const BRIDGE_BANNER: &str = "poseidon-agent connected";

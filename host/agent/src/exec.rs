@@ -1,6 +1,7 @@
 //! Executions: a process per [`ExecSpec`], its output streamed as frames, its whole session killed
 //! on request and when it ends.
 
+use std::path::Path;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,6 +14,7 @@ use tokio::sync::mpsc;
 
 use crate::pty::{self, PtyMaster};
 use crate::session::{Input, Session};
+use crate::simple_command;
 use crate::spawn;
 use crate::USER_ID;
 
@@ -107,38 +109,21 @@ fn spawn(session: &Session, stream: u32, spec: &ExecSpec) -> std::io::Result<Spa
         Identity::Root => 0,
         Identity::User => USER_ID,
     };
-    let Some((program, args)) = spec.argv.split_first() else {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            "no program to run",
-        ));
+    // Only when the agent was told to and its bash was calibrated (see `simple_command`).
+    let started = match simple_command::plan(&spec.argv, &spec.env, &spec.cwd, id) {
+        // A program that cannot be started directly (a script without `#!`, say) is bash's.
+        Some(direct) => start_process(
+            &direct.program,
+            &direct.argv[0],
+            &direct.argv[1..],
+            &direct.env,
+            id,
+            spec,
+        )
+        .or_else(|_| start_argv(id, spec)),
+        None => start_argv(id, spec),
     };
-    let mut cmd = tokio::process::Command::new(program);
-    cmd.args(args)
-        .uid(id)
-        .gid(id)
-        .env_clear()
-        .envs(spec.env.iter().map(|(k, v)| (k, v)))
-        .current_dir(&spec.cwd);
-    let (master, slave) = if spec.tty {
-        let (master, slave) = pty::open()?;
-        cmd.stdin(slave.try_clone()?).stdout(slave.try_clone()?);
-        if spec.stderr_on_terminal {
-            cmd.stderr(slave.try_clone()?);
-        } else {
-            cmd.stderr(Stdio::piped());
-        }
-        (Some(Arc::new(master)), Some(slave))
-    } else {
-        cmd.stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        (None, None)
-    };
-    spawn::in_new_session(&mut cmd, spec.tty);
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| std::io::Error::new(e.kind(), format!("{program}: {e}")))?;
+    let (mut child, master, slave) = started?;
     let mut readers = Vec::new();
     if let Some(stderr) = child.stderr.take() {
         readers.push(tokio::spawn(forward(
@@ -170,6 +155,58 @@ fn spawn(session: &Session, stream: u32, spec: &ExecSpec) -> std::io::Result<Spa
         }
     };
     Ok((child, stdin, readers, slave))
+}
+
+type Started = (Child, Option<Arc<PtyMaster>>, Option<std::fs::File>);
+
+/// Starts `spec.argv` as it is.
+fn start_argv(id: u32, spec: &ExecSpec) -> std::io::Result<Started> {
+    let Some((program, args)) = spec.argv.split_first() else {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "no program to run",
+        ));
+    };
+    start_process(Path::new(program), program, args, &spec.env, id, spec)
+}
+
+/// Starts `program` as `id` in a session of its own, with a terminal or pipes as `spec` says.
+fn start_process(
+    program: &Path,
+    arg0: &str,
+    args: &[String],
+    env: &[(String, String)],
+    id: u32,
+    spec: &ExecSpec,
+) -> std::io::Result<Started> {
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.arg0(arg0)
+        .args(args)
+        .uid(id)
+        .gid(id)
+        .env_clear()
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .current_dir(&spec.cwd);
+    let (master, slave) = if spec.tty {
+        let (master, slave) = pty::open()?;
+        cmd.stdin(slave.try_clone()?).stdout(slave.try_clone()?);
+        if spec.stderr_on_terminal {
+            cmd.stderr(slave.try_clone()?);
+        } else {
+            cmd.stderr(Stdio::piped());
+        }
+        (Some(Arc::new(master)), Some(slave))
+    } else {
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        (None, None)
+    };
+    spawn::in_new_session(&mut cmd, spec.tty);
+    let child = cmd
+        .spawn()
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{arg0}: {e}")))?;
+    Ok((child, master, slave))
 }
 
 async fn write_input(stdin: &mut Stdin, bytes: Bytes) {

@@ -120,7 +120,9 @@ impl SandboxSpec<'_> {
         // bubblewrap builds `/` on a writable tmpfs; only the workspace and /tmp stay writable.
         push(&["--remount-ro", "/", "--chdir", self.workdir, "--clearenv"]);
         push(&["--setenv", "PATH", DEFAULT_PATH]);
+        // Plain commands may skip bash once the agent saw the runner's bash export what it adds.
         push(&["--", AGENT_PATH, "--listen", AGENT_SOCKET]);
+        push(&[poseidon_agent_protocol::DIRECT_SIMPLE_COMMANDS_ARG]);
         a
     }
 }

@@ -319,7 +319,7 @@ async fn run(args: Args) -> Result<(), LoadgenError> {
         args,
     };
     let levels = run.args.concurrency.clone();
-    let programs = [Program::true_(), Program::python()];
+    let programs = [Program::true_(), Program::true_binary(), Program::python()];
 
     // Memory: find the server process and read it before any load.
     let mut probe = None;
@@ -352,7 +352,7 @@ async fn run(args: Args) -> Result<(), LoadgenError> {
             });
         }
         for &c in &levels {
-            for program in &programs {
+            for program in programs.iter().filter(|p| p.baseline == p.name) {
                 let row = scenarios::baseline_direct(&run.settings, program, c).await;
                 run.push(row);
             }
@@ -404,7 +404,7 @@ async fn run(args: Args) -> Result<(), LoadgenError> {
                 .await
                 {
                     Ok(row) => {
-                        let against = format!("bwrap {}", program.name);
+                        let against = format!("bwrap {}", program.baseline);
                         let mut row = run.with_ratio(row, &against);
                         row.extra = run.run_phase_ratio(&row, &against);
                         run.push(row);
@@ -765,7 +765,7 @@ async fn nomad(run: &mut Run, levels: &[usize], programs: &[Program]) {
             {
                 Ok(mut row) => {
                     row.variant = format!("execute {}", program.name);
-                    let row = run.with_ratio(row, &format!("bwrap {}", program.name));
+                    let row = run.with_ratio(row, &format!("bwrap {}", program.baseline));
                     run.push(row);
                 }
                 Err(e) => {

@@ -65,6 +65,9 @@ pub struct Program {
     pub expect: Option<&'static str>,
     /// The same program's arguments after `bwrap ... --` for the direct baseline.
     pub direct: Vec<String>,
+    /// The program whose direct bwrap start is this one's baseline (its own name, or another
+    /// program's that starts the same binary).
+    pub baseline: &'static str,
 }
 
 impl Program {
@@ -76,7 +79,7 @@ impl Program {
         vec![("main.py".to_string(), content)]
     }
 
-    /// `true`: the cheapest possible execution.
+    /// `true`: the cheapest possible execution (bash's builtin: the gateway's `bash -c`).
     pub fn true_() -> Self {
         Self {
             name: "true",
@@ -84,6 +87,19 @@ impl Program {
             files: Self::files(),
             expect: None,
             direct: vec!["true".into()],
+            baseline: "true",
+        }
+    }
+
+    /// `/usr/bin/true`: the baseline's own program, which bash would exec (a runner's agent may
+    /// start it without bash).
+    pub fn true_binary() -> Self {
+        Self {
+            name: "/usr/bin/true",
+            command: "/usr/bin/true".into(),
+            direct: vec!["/usr/bin/true".into()],
+            baseline: "true",
+            ..Self::true_()
         }
     }
 
@@ -99,6 +115,7 @@ impl Program {
                 "-c".into(),
                 format!("print({PYTHON_LINE:?})"),
             ],
+            baseline: "python3",
         }
     }
 }
