@@ -9,8 +9,8 @@
 //!   tabs; no `=` in the first word), so bash would neither expand nor redirect anything, and its
 //!   first word is no bash keyword or builtin;
 //! - the environment holds nothing that changes how bash starts or finds programs (`BASH_ENV`,
-//!   `SHELLOPTS`, `BASHOPTS`, exported functions, ...) and only valid names, `PATH` holds only
-//!   absolute directories, and the working directory is a physical path;
+//!   `SHELLOPTS`, `BASHOPTS`, exported functions, an inherited `SHLVL`, ...) and only valid
+//!   names, `PATH` holds only absolute directories, and the working directory is a physical path;
 //! - the program is found on `PATH` the way bash finds it (the first existing file, which must be
 //!   executable for the identity);
 //! - the runner's bash was seen to give a program exactly the variables this module adds (`PWD`,
@@ -151,8 +151,7 @@ pub(crate) struct Direct {
 }
 
 /// Learns, once, whether the runner's bash exports what [`plan`] adds, by having it exec the
-/// agent with [`ENV_PROBE_ARG`] twice (without and with an inherited `SHLVL`). Until it is done,
-/// and if it fails, every command goes to bash.
+/// agent with [`ENV_PROBE_ARG`]. Until it is done, and if it fails, every command goes to bash.
 pub(crate) fn calibrate(cwd: &str) {
     let result = probe(cwd);
     if result.is_none() {
@@ -170,38 +169,25 @@ fn probe(cwd: &str) -> Option<BashExports> {
     let me = std::env::current_exe().ok()?;
     let me = me.to_str()?;
     let path = std::env::var("PATH").ok()?;
-    let run = |shlvl: Option<&str>| -> Option<Vec<(String, String)>> {
-        let mut cmd = std::process::Command::new(BASH);
-        cmd.arg("-c")
-            .arg(format!("{me} {ENV_PROBE_ARG}"))
-            .env_clear()
-            .env("PATH", &path)
-            .current_dir(cwd)
-            .stdin(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null());
-        if let Some(level) = shlvl {
-            cmd.env("SHLVL", level);
-        }
-        let out = cmd.output().ok()?;
-        if !out.status.success() {
-            return None;
-        }
-        Some(parse_env(&out.stdout))
+    let out = std::process::Command::new(BASH)
+        .arg("-c")
+        .arg(format!("{me} {ENV_PROBE_ARG}"))
+        .env_clear()
+        .env("PATH", &path)
+        .current_dir(cwd)
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let seen = parse_env(&out.stdout);
+    let exports = BashExports {
+        shlvl_unset: value(&seen, "SHLVL")?.to_string(),
     };
-    let unset = run(None)?;
-    let shlvl_unset = value(&unset, "SHLVL")?.to_string();
-    let exports = BashExports { shlvl_unset };
-    let base = vec![("PATH".to_string(), path.clone())];
-    let expected = exports.add(base.clone(), cwd, me);
-    if sorted(unset) != sorted(expected?) {
-        return None;
-    }
-    let mut inherited = base;
-    inherited.push(("SHLVL".into(), "7".into()));
-    if sorted(run(Some("7"))?) != sorted(exports.add(inherited, cwd, me)?) {
-        return None;
-    }
-    Some(exports)
+    let expected = exports.add(vec![("PATH".to_string(), path)], cwd, me)?;
+    (sorted(seen) == sorted(expected)).then_some(exports)
 }
 
 /// Prints the agent's environment, NUL-separated (the end of [`calibrate`]'s probe).
@@ -240,12 +226,12 @@ impl BashExports {
             Some(_) => {}
             None => env.push(("PWD".into(), cwd.into())),
         }
-        match value(&env, "SHLVL") {
-            // bash counts itself in, and out again as it execs the program.
-            Some(level) if !is_plain_level(level) => return None,
-            Some(_) => {}
-            None => env.push(("SHLVL".into(), self.shlvl_unset.clone())),
+        // bash counts itself in, and out again as it execs the program; what it makes of an
+        // inherited level is left to bash (the gateway sets none).
+        if value(&env, "SHLVL").is_some() {
+            return None;
         }
+        env.push(("SHLVL".into(), self.shlvl_unset.clone()));
         env.retain(|(name, _)| name != "_");
         env.push(("_".into(), program.into()));
         Some(env)
@@ -322,14 +308,6 @@ fn is_identifier(name: &str) -> bool {
         .next()
         .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
-}
-
-/// A `SHLVL` bash keeps as it is: a plain decimal number below bash's limit of 1000.
-fn is_plain_level(level: &str) -> bool {
-    level == "0"
-        || (!level.starts_with('0')
-            && level.len() <= 3
-            && level.bytes().all(|b| b.is_ascii_digit()))
 }
 
 fn is_physical(cwd: &str) -> bool {
@@ -456,7 +434,7 @@ mod tests {
             );
         }
         let mut env = env();
-        env.push(("SHLVL".into(), "007".into()));
+        env.push(("SHLVL".into(), "3".into()));
         assert!(plan_with(&exports(), &bash("env"), &env, "/", 0).is_none());
     }
 
@@ -493,55 +471,34 @@ mod tests {
     /// The shortcut's promise: what the program sees equals what the machine's bash gives it.
     #[test]
     fn a_direct_start_sees_what_bash_gives_the_program() {
+        use std::os::unix::process::CommandExt;
         if !Path::new(BASH).exists() {
             eprintln!("skipped: no {BASH}");
             return;
         }
-        let cwd = std::env::temp_dir();
-        let cwd = std::fs::canonicalize(cwd).unwrap();
+        let cwd = std::fs::canonicalize(std::env::temp_dir()).unwrap();
         let cwd = cwd.to_str().unwrap();
-        for shlvl in [None, Some("3")] {
-            let mut env = env();
-            if let Some(level) = shlvl {
-                env.push(("SHLVL".into(), level.into()));
-            }
-            let argv = bash("env -0");
-            let mut via_bash = std::process::Command::new(BASH);
-            via_bash
-                .args(&argv[1..])
-                .env_clear()
-                .envs(env.clone())
-                .current_dir(cwd);
-            let via_bash = parse_env(&via_bash.output().unwrap().stdout);
-            let exports = BashExports {
-                shlvl_unset: value(
-                    &parse_env(
-                        &std::process::Command::new(BASH)
-                            .args(["-c", "env -0"])
-                            .env_clear()
-                            .env("PATH", "/usr/bin:/bin")
-                            .current_dir(cwd)
-                            .output()
-                            .unwrap()
-                            .stdout,
-                    ),
-                    "SHLVL",
-                )
-                .unwrap()
-                .to_string(),
-            };
-            let direct = plan_with(&exports, &argv, &env, cwd, 0).unwrap();
-            let mut cmd = std::process::Command::new(&direct.program);
-            {
-                use std::os::unix::process::CommandExt;
-                cmd.arg0(&direct.argv[0]);
-            }
-            cmd.args(&direct.argv[1..])
-                .env_clear()
-                .envs(direct.env.clone())
-                .current_dir(cwd);
-            let seen = parse_env(&cmd.output().unwrap().stdout);
-            assert_eq!(sorted(seen), sorted(via_bash), "SHLVL {shlvl:?}");
-        }
+        let argv = bash("env -0");
+        let via_bash = std::process::Command::new(BASH)
+            .args(&argv[1..])
+            .env_clear()
+            .envs(env())
+            .current_dir(cwd)
+            .output()
+            .unwrap();
+        let via_bash = parse_env(&via_bash.stdout);
+        let exports = BashExports {
+            shlvl_unset: value(&via_bash, "SHLVL").unwrap().to_string(),
+        };
+        let direct = plan_with(&exports, &argv, &env(), cwd, 0).unwrap();
+        let seen = std::process::Command::new(&direct.program)
+            .arg0(&direct.argv[0])
+            .args(&direct.argv[1..])
+            .env_clear()
+            .envs(direct.env)
+            .current_dir(cwd)
+            .output()
+            .unwrap();
+        assert_eq!(sorted(parse_env(&seen.stdout)), sorted(via_bash));
     }
 }
