@@ -25,10 +25,15 @@ mod messages;
 pub use codec::{encode, Decoder, Frame, FrameKind, ProtocolError, HEADER_LEN, MAX_FRAME};
 pub use messages::{Entry, Identity, Reply, Request, Resume, PROTOCOL_VERSION};
 
-/// The flag after `poseidon-agent --listen SOCKET` that lets the agent start a `bash -c` of one
-/// plain command without bash, as bash itself would exec it (only where the backend knows the
-/// runner's bash, and once the agent saw that bash export what it expects).
+/// The flag after `poseidon-agent --listen SOCKET`, followed by what [`PROBE_BASH_ARG`] printed,
+/// that lets the agent start a `bash -c` of one plain command without bash, as bash itself would
+/// exec it. Only for a runner whose bash is the one the probe ran.
 pub const DIRECT_SIMPLE_COMMANDS_ARG: &str = "--direct-simple-commands";
+
+/// `poseidon-agent --probe-bash` has `/bin/bash` exec the agent and checks that it exported
+/// exactly what the agent adds when it starts a plain command itself; prints the `SHLVL` bash left
+/// (exit 0), or exits 1 when bash did something else.
+pub const PROBE_BASH_ARG: &str = "--probe-bash";
 
 /// The line `poseidon-agent --connect SOCKET` prints once it reached the agent (an exec session
 /// into a container carries the protocol after it; before it, the session's output is an error).

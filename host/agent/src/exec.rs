@@ -109,7 +109,7 @@ fn spawn(session: &Session, stream: u32, spec: &ExecSpec) -> std::io::Result<Spa
         Identity::Root => 0,
         Identity::User => USER_ID,
     };
-    // Only when the agent was told to and its bash was calibrated (see `simple_command`).
+    // Only when the backend enabled it for this runner's bash (see `simple_command`).
     let started = match simple_command::plan(&spec.argv, &spec.env, &spec.cwd, id) {
         // A program that cannot be started directly (a script without `#!`, say) is bash's.
         Some(direct) => start_process(

@@ -4,12 +4,13 @@
 //! one byte stream speaking `poseidon-agent-protocol`.
 //!
 //! ```text
-//! poseidon-agent --listen PATH [--direct-simple-commands]
+//! poseidon-agent --listen PATH [--direct-simple-commands SHLVL]
 //!                                serve on a Unix socket (one gateway connection at a time;
 //!                                a new connection replaces the old, executions keep running);
 //!                                with the flag, `bash -c` of one plain command starts the
-//!                                program without bash once bash was seen to allow it
-//!                                (`simple_command`)
+//!                                program without bash (`simple_command`)
+//! poseidon-agent --probe-bash    check what bash gives a program it execs; print the SHLVL
+//!                                for `--direct-simple-commands`
 //! poseidon-agent --stdio         serve on standard input and output
 //! poseidon-agent --daemon PATH   serve on a Unix socket from a detached copy (in a container,
 //!                                started by an exec session that ends); returns once it listens
@@ -48,12 +49,13 @@ pub fn main_with_args(args: Vec<String>) -> i32 {
         Some(files::AS_USER_ARG) => files::run_as_user(&args[2..]),
         Some("--listen") if args.len() == 3 => serve(Listen::Socket(args[2].clone())),
         Some("--listen")
-            if args.len() == 4
+            if args.len() == 5
                 && args[3] == poseidon_agent_protocol::DIRECT_SIMPLE_COMMANDS_ARG =>
         {
-            calibrate_in_background();
+            simple_command::enable(&args[4]);
             serve(Listen::Socket(args[2].clone()))
         }
+        Some(poseidon_agent_protocol::PROBE_BASH_ARG) => simple_command::probe_bash(),
         Some(simple_command::ENV_PROBE_ARG) => simple_command::print_environment(),
         Some("--stdio") => serve(Listen::Stdio),
         Some("--daemon") if args.len() == 3 => daemon::start(&args[2]),
@@ -73,16 +75,6 @@ pub fn main_with_args(args: Vec<String>) -> i32 {
             2
         }
     }
-}
-
-/// Learns whether bash allows the shortcut, off the serving thread (commands go to bash until it
-/// is known).
-fn calibrate_in_background() {
-    let cwd = std::env::current_dir()
-        .ok()
-        .and_then(|d| d.to_str().map(str::to_string))
-        .unwrap_or_else(|| "/".into());
-    std::thread::spawn(move || simple_command::calibrate(&cwd));
 }
 
 enum Listen {

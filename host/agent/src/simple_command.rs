@@ -14,8 +14,8 @@
 //! - the program is found on `PATH` the way bash finds it (the first existing file, which must be
 //!   executable for the identity);
 //! - the runner's bash was seen to give a program exactly the variables this module adds (`PWD`,
-//!   `SHLVL`, `_`): [`calibrate`] runs it once when the agent starts and enables the shortcut
-//!   only if it did.
+//!   `SHLVL`, `_`): the backend runs [`probe_bash`] once with the same bash and passes what it
+//!   printed to every agent that may take the shortcut ([`enable`]).
 //!
 //! Anything else, and a program that then cannot be started (a script without `#!`, a missing
 //! interpreter), is run by bash as asked.
@@ -24,7 +24,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-/// The agent's argument that prints its environment (for [`calibrate`]).
+/// The agent's argument that prints its environment (for [`probe_bash`]).
 pub(crate) const ENV_PROBE_ARG: &str = "__env-probe";
 
 /// The shell the gateway asks for.
@@ -130,14 +130,14 @@ const BASH_SETTINGS: &[&str] = &[
     "SHELLOPTS",
 ];
 
-/// What the runner's bash gives a program it execs, learnt by [`calibrate`].
+/// What the runner's bash gives a program it execs, learnt by [`probe_bash`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct BashExports {
     /// `SHLVL` the program sees when bash inherited none.
     shlvl_unset: String,
 }
 
-static CALIBRATED: OnceLock<Option<BashExports>> = OnceLock::new();
+static CALIBRATED: OnceLock<BashExports> = OnceLock::new();
 
 /// A process to start in place of `bash -c COMMAND`.
 #[derive(Debug, PartialEq, Eq)]
@@ -150,19 +150,32 @@ pub(crate) struct Direct {
     pub(crate) env: Vec<(String, String)>,
 }
 
-/// Learns, once, whether the runner's bash exports what [`plan`] adds, by having it exec the
-/// agent with [`ENV_PROBE_ARG`]. Until it is done, and if it fails, every command goes to bash.
-pub(crate) fn calibrate(cwd: &str) {
-    let result = probe(cwd);
-    if result.is_none() {
-        tracing_free_note("simple commands go to bash: its exports could not be confirmed");
-    }
-    let _ = CALIBRATED.set(result);
+/// Enables the shortcut with what [`probe_bash`] learnt of the runner's bash (the `SHLVL` it
+/// leaves a program it execs, when it inherited none).
+pub(crate) fn enable(shlvl_unset: &str) {
+    let _ = CALIBRATED.set(BashExports {
+        shlvl_unset: shlvl_unset.to_string(),
+    });
 }
 
-/// The calibration's outcome: `None` until it is done or when bash did not behave as expected.
+/// `--probe-bash`: has `/bin/bash` exec this agent with [`ENV_PROBE_ARG`] and prints the `SHLVL`
+/// it left, if bash exported exactly what [`plan`] adds; exit 1 otherwise.
+pub(crate) fn probe_bash() -> i32 {
+    match probe("/") {
+        Some(exports) => {
+            println!("{}", exports.shlvl_unset);
+            0
+        }
+        None => {
+            eprintln!("poseidon-agent: bash exported something else: plain commands stay bash's");
+            1
+        }
+    }
+}
+
+/// The shortcut's settings: `None` unless [`enable`] was called.
 fn calibrated() -> Option<&'static BashExports> {
-    CALIBRATED.get().and_then(Option::as_ref)
+    CALIBRATED.get()
 }
 
 fn probe(cwd: &str) -> Option<BashExports> {
@@ -190,7 +203,7 @@ fn probe(cwd: &str) -> Option<BashExports> {
     (sorted(seen) == sorted(expected)).then_some(exports)
 }
 
-/// Prints the agent's environment, NUL-separated (the end of [`calibrate`]'s probe).
+/// Prints the agent's environment, NUL-separated (the end of [`probe_bash`]'s probe).
 pub(crate) fn print_environment() -> i32 {
     use std::io::Write;
     use std::os::unix::ffi::OsStrExt;
@@ -205,11 +218,6 @@ pub(crate) fn print_environment() -> i32 {
         Ok(()) => 0,
         Err(_) => 1,
     }
-}
-
-/// The agent has no logger: a note on standard error (the daemon's goes to /dev/null).
-fn tracing_free_note(note: &str) {
-    eprintln!("poseidon-agent: {note}");
 }
 
 impl BashExports {

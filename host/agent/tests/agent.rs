@@ -237,3 +237,31 @@ fn malformed_input_ends_the_connection() {
     assert!(matches!(reply, Reply::Hello { .. }));
     assert!(agent.exits());
 }
+
+/// `--probe-bash` answers with the `SHLVL` this machine's bash leaves a program it execs — the same
+/// value bash gives `env` here — or, with a bash setting in its environment that the probe's bash
+/// must not see, still the clean answer (the probe clears the environment).
+#[test]
+fn the_bash_probe_reports_what_bash_exports() {
+    if !std::path::Path::new("/bin/bash").exists() {
+        eprintln!("skipped: no /bin/bash");
+        return;
+    }
+    let probe = Command::new(env!("CARGO_BIN_EXE_poseidon-agent"))
+        .arg(poseidon_agent_protocol::PROBE_BASH_ARG)
+        .env("BASH_ENV", "/nonexistent")
+        .env("SHLVL", "5")
+        .output()
+        .unwrap();
+    assert!(probe.status.success(), "{probe:?}");
+    let bash = Command::new("/bin/bash")
+        .args(["-c", "printenv SHLVL"])
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&probe.stdout).trim(),
+        String::from_utf8_lossy(&bash.stdout).trim()
+    );
+}

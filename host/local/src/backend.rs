@@ -37,6 +37,8 @@ pub(crate) struct Shared {
     pub(crate) network: Network,
     bwrap: PathBuf,
     agent: PathBuf,
+    /// What the agent's bash probe printed (plain commands may start without bash), if anything.
+    bash_probe: Option<String>,
     hierarchy: Hierarchy,
     runners_dir: PathBuf,
     can_mount: AtomicBool,
@@ -79,6 +81,7 @@ impl LocalBackend {
         let store = EnvironmentStore::open(state.join("environments"))
             .map_err(io("opening the environment store"))?;
         let agent = install_agent(&agent, &state).map_err(io("copying the runner agent"))?;
+        let bash_probe = probe_bash(&agent).await;
         let hierarchy = Hierarchy::detect(&config.cgroupparent);
         tracing::info!(limits = %hierarchy.describe(), "local backend resource limits");
         let network = Network::detect(&config);
@@ -90,6 +93,7 @@ impl LocalBackend {
             network,
             bwrap,
             agent,
+            bash_probe,
             hierarchy,
             runners_dir,
             can_mount: AtomicBool::new(true),
@@ -157,6 +161,34 @@ fn find_agent(config: &LocalConfig) -> Result<PathBuf, LocalError> {
 /// Copies the agent into the state directory, where every runner's uid can reach it (the build
 /// or install directory may not be traversable for them). A new file each time, so that agents of
 /// running sandboxes keep their own copy.
+/// Asks the agent whether the host's bash lets plain commands start without it (see the agent's
+/// `simple_command`); its answer goes to every sandbox that shows the host's system.
+async fn probe_bash(agent: &Path) -> Option<String> {
+    let output = tokio::process::Command::new(agent)
+        .arg(poseidon_agent_protocol::PROBE_BASH_ARG)
+        .env_clear()
+        .env("PATH", sandbox::DEFAULT_PATH)
+        .current_dir("/")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .ok()?;
+    let answer = String::from_utf8(output.stdout).ok()?;
+    let answer = answer.trim();
+    let plain =
+        output.status.success() && !answer.is_empty() && answer.bytes().all(|b| b.is_ascii_digit());
+    if plain {
+        tracing::info!("plain commands start without bash (the host's bash was probed)");
+        Some(answer.to_string())
+    } else {
+        tracing::info!(
+            stderr = %String::from_utf8_lossy(&output.stderr).trim(),
+            "every command goes through bash (the host's bash probe did not confirm)"
+        );
+        None
+    }
+}
+
 fn install_agent(agent: &Path, state: &Path) -> std::io::Result<PathBuf> {
     let dir = state.join("agent");
     std::fs::create_dir_all(&dir)?;
@@ -409,6 +441,7 @@ impl Shared {
             workdir: &self.config.workdir,
             host_network: config.network_access && !user_network,
             agent: &self.agent,
+            bash_probe: self.bash_probe.as_deref(),
         };
         let log = std::fs::File::create(sandbox.dir.join("sandbox.log"))
             .map_err(|e| format!("creating the sandbox log: {e}"))?;

@@ -52,6 +52,9 @@ pub(crate) struct SandboxSpec<'a> {
     pub(crate) host_network: bool,
     /// The agent binary on the host.
     pub(crate) agent: &'a Path,
+    /// What `poseidon-agent --probe-bash` printed for the host's bash, if it allows plain
+    /// commands to start without bash (used only when the sandbox shows the host's system).
+    pub(crate) bash_probe: Option<&'a str>,
 }
 
 impl SandboxSpec<'_> {
@@ -120,9 +123,11 @@ impl SandboxSpec<'_> {
         // bubblewrap builds `/` on a writable tmpfs; only the workspace and /tmp stay writable.
         push(&["--remount-ro", "/", "--chdir", self.workdir, "--clearenv"]);
         push(&["--setenv", "PATH", DEFAULT_PATH]);
-        // Plain commands may skip bash once the agent saw the runner's bash export what it adds.
         push(&["--", AGENT_PATH, "--listen", AGENT_SOCKET]);
-        push(&[poseidon_agent_protocol::DIRECT_SIMPLE_COMMANDS_ARG]);
+        // The probe ran the host's bash: it speaks for a sandbox that shows the host's system.
+        if let (None, Some(probe)) = (self.rootfs, self.bash_probe) {
+            push(&[poseidon_agent_protocol::DIRECT_SIMPLE_COMMANDS_ARG, probe]);
+        }
         a
     }
 }
