@@ -120,6 +120,21 @@ pub fn encode(frame: &Frame, out: &mut BytesMut) {
     out.put_slice(&frame.payload);
 }
 
+/// Bytes a writer gathers at most before one write ([`encode_batch`]).
+pub const BATCH_BYTES: usize = 256 * 1024;
+
+/// Appends `first` and then, for one write, the frames `next` has ready at once, until
+/// [`BATCH_BYTES`] are gathered or `next` has none.
+pub fn encode_batch(first: &Frame, mut next: impl FnMut() -> Option<Frame>, out: &mut BytesMut) {
+    encode(first, out);
+    while out.len() < BATCH_BYTES {
+        match next() {
+            Some(frame) => encode(&frame, out),
+            None => break,
+        }
+    }
+}
+
 /// Reassembles frames from bytes that arrive in arbitrary pieces.
 #[derive(Debug, Default)]
 pub struct Decoder {
@@ -175,6 +190,26 @@ impl Decoder {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_batch_takes_what_is_ready_up_to_its_size_in_order() {
+        let frame = |i: u32| Frame::data(FrameKind::Stdout, i, Bytes::from(vec![b'x'; 100 * 1024]));
+        let mut queued: std::collections::VecDeque<Frame> = (1..10).map(frame).collect();
+        let mut out = BytesMut::new();
+        encode_batch(&frame(0), || queued.pop_front(), &mut out);
+        // 100 KiB frames: the third crosses the limit, the fourth waits for the next write.
+        let mut decoder = Decoder::default();
+        decoder.extend(&out);
+        let mut streams = Vec::new();
+        while let Some(f) = decoder.next_frame().unwrap() {
+            streams.push(f.stream);
+        }
+        assert_eq!(streams, [0, 1, 2]);
+        assert_eq!(queued.front().map(|f| f.stream), Some(3));
+        let mut out = BytesMut::new();
+        encode_batch(&frame(0), || None, &mut out);
+        assert_eq!(out.len(), HEADER_LEN + 100 * 1024);
+    }
 
     fn kind_strategy() -> impl Strategy<Value = FrameKind> {
         prop_oneof![

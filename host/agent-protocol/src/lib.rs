@@ -22,7 +22,10 @@
 mod codec;
 mod messages;
 
-pub use codec::{encode, Decoder, Frame, FrameKind, ProtocolError, HEADER_LEN, MAX_FRAME};
+pub use codec::{
+    encode, encode_batch, Decoder, Frame, FrameKind, ProtocolError, BATCH_BYTES, HEADER_LEN,
+    MAX_FRAME,
+};
 pub use messages::{Entry, Identity, Reply, Request, Resume, PROTOCOL_VERSION};
 
 /// The flag after `poseidon-agent --listen SOCKET`, followed by what [`PROBE_BASH_ARG`] printed,

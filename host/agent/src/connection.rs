@@ -5,7 +5,8 @@ use std::os::unix::fs::PermissionsExt;
 
 use bytes::{Bytes, BytesMut};
 use poseidon_agent_protocol::{
-    encode, Decoder, Frame, FrameKind, ProtocolError, Reply, Request, Resume, PROTOCOL_VERSION,
+    encode_batch, Decoder, Frame, FrameKind, ProtocolError, Reply, Request, Resume,
+    PROTOCOL_VERSION,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
@@ -134,14 +135,8 @@ async fn next_frame(
 async fn write_frames(mut writer: impl AsyncWrite + Unpin, mut rx: mpsc::Receiver<Frame>) {
     let mut out = BytesMut::with_capacity(64 * 1024);
     while let Some(frame) = rx.recv().await {
-        encode(&frame, &mut out);
-        // Batch what is already queued into one write.
-        while out.len() < 256 * 1024 {
-            match rx.try_recv() {
-                Ok(frame) => encode(&frame, &mut out),
-                Err(_) => break,
-            }
-        }
+        // What is already queued goes out in the same write.
+        encode_batch(&frame, || rx.try_recv().ok(), &mut out);
         if writer.write_all(&out).await.is_err() || writer.flush().await.is_err() {
             return;
         }

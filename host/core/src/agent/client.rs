@@ -8,8 +8,8 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use poseidon_agent_protocol::{
-    encode, Decoder, Frame, FrameKind, Identity, ProtocolError, Reply, Request, Resume,
-    PROTOCOL_VERSION,
+    encode, encode_batch, Decoder, Frame, FrameKind, Identity, ProtocolError, Reply, Request,
+    Resume, PROTOCOL_VERSION,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
@@ -541,13 +541,7 @@ async fn write_frames(
         let (Some(frame), Some(current)) = (frame, writer.as_mut()) else {
             break;
         };
-        encode(&frame, &mut out);
-        while out.len() < 256 * 1024 {
-            match outgoing.try_recv() {
-                Ok(frame) => encode(&frame, &mut out),
-                Err(_) => break,
-            }
-        }
+        encode_batch(&frame, || outgoing.try_recv().ok(), &mut out);
         // A broken channel loses what was written to it; the reader notices and reconnects
         // (executions whose start was not confirmed are sent again).
         let _ = async {
