@@ -273,7 +273,7 @@ fn plan_with(
     if !environment_is_plain(env) || !is_physical(cwd) {
         return None;
     }
-    let program = find_program(&words[0], value(env, "PATH")?, uid)?;
+    let program = find_program(&words[0], value(env, "PATH")?, cwd, uid)?;
     let env = exports.add(env.to_vec(), cwd, program.to_str()?)?;
     Some(Direct {
         program,
@@ -322,11 +322,12 @@ fn is_physical(cwd: &str) -> bool {
     cwd.starts_with('/') && std::fs::canonicalize(cwd).is_ok_and(|real| real == Path::new(cwd))
 }
 
-/// The program bash would run for `word`: a path as written, or the first file of that name in a
-/// `PATH` directory — which must then be an executable file for `uid`.
-fn find_program(word: &str, path: &str, uid: u32) -> Option<PathBuf> {
-    let candidate = if word.contains('/') {
-        Some(PathBuf::from(word))
+/// The program bash would run for `word` from `cwd`: a path as written (bash execs it relative to
+/// the working directory, and exports it as written), or the first file of that name in a `PATH`
+/// directory — which must then be an executable file for `uid`.
+fn find_program(word: &str, path: &str, cwd: &str, uid: u32) -> Option<PathBuf> {
+    let (program, file) = if word.contains('/') {
+        (PathBuf::from(word), Path::new(cwd).join(word))
     } else {
         let mut found = None;
         for dir in path.split(':') {
@@ -343,10 +344,11 @@ fn find_program(word: &str, path: &str, uid: u32) -> Option<PathBuf> {
                 Err(_) => return None,
             }
         }
-        found
-    }?;
-    let meta = std::fs::metadata(&candidate).ok()?;
-    (meta.is_file() && executable_by(&meta, uid)).then_some(candidate)
+        let found = found?;
+        (found.clone(), found)
+    };
+    let meta = std::fs::metadata(file).ok()?;
+    (meta.is_file() && executable_by(&meta, uid)).then_some(program)
 }
 
 /// Whether `uid` (whose only group is the group of the same number) may execute the file.
@@ -467,6 +469,14 @@ mod tests {
             0
         )
         .is_none());
+    }
+
+    #[test]
+    fn a_relative_program_is_found_from_the_working_directory_and_exported_as_written() {
+        let direct = plan_with(&exports(), &bash("./bin/env"), &env(), "/usr", 0).unwrap();
+        assert_eq!(direct.program, Path::new("./bin/env"));
+        assert!(direct.env.contains(&("_".into(), "./bin/env".into())));
+        assert!(plan_with(&exports(), &bash("./bin/env"), &env(), "/etc", 0).is_none());
     }
 
     #[test]
