@@ -31,91 +31,12 @@ pub(crate) const ENV_PROBE_ARG: &str = "__env-probe";
 const BASH: &str = "/bin/bash";
 
 /// bash's reserved words and builtins (bash 5): a command starting with one is bash's own.
-const BASH_WORDS: &[&str] = &[
-    "!",
-    ".",
-    ":",
-    "[",
-    "[[",
-    "]]",
-    "{",
-    "}",
-    "alias",
-    "bg",
-    "bind",
-    "break",
-    "builtin",
-    "caller",
-    "case",
-    "cd",
-    "command",
-    "compgen",
-    "complete",
-    "compopt",
-    "continue",
-    "coproc",
-    "declare",
-    "dirs",
-    "disown",
-    "do",
-    "done",
-    "echo",
-    "elif",
-    "else",
-    "enable",
-    "esac",
-    "eval",
-    "exec",
-    "exit",
-    "export",
-    "false",
-    "fc",
-    "fg",
-    "fi",
-    "for",
-    "function",
-    "getopts",
-    "hash",
-    "help",
-    "history",
-    "if",
-    "in",
-    "jobs",
-    "kill",
-    "let",
-    "local",
-    "logout",
-    "mapfile",
-    "popd",
-    "printf",
-    "pushd",
-    "pwd",
-    "read",
-    "readarray",
-    "readonly",
-    "return",
-    "select",
-    "set",
-    "shift",
-    "shopt",
-    "source",
-    "suspend",
-    "test",
-    "then",
-    "time",
-    "times",
-    "trap",
-    "true",
-    "type",
-    "typeset",
-    "ulimit",
-    "umask",
-    "unalias",
-    "unset",
-    "until",
-    "wait",
-    "while",
-];
+const BASH_WORDS: &str = "! . : [ [[ ]] { } alias bg bind break builtin caller case cd command \
+    compgen complete compopt continue coproc declare dirs disown do done echo elif else enable \
+    esac eval exec exit export false fc fg fi for function getopts hash help history if in jobs \
+    kill let local logout mapfile popd printf pushd pwd read readarray readonly return select set \
+    shift shopt source suspend test then time times trap true type typeset ulimit umask unalias \
+    unset until wait while";
 
 /// Variables that change how bash starts, what it runs or where it finds programs.
 const BASH_SETTINGS: &[&str] = &[
@@ -294,7 +215,7 @@ fn plain_words(command: &str) -> Option<Vec<String>> {
         .map(str::to_string)
         .collect();
     let first = words.first()?;
-    if first.contains('=') || BASH_WORDS.contains(&first.as_str()) {
+    if first.contains('=') || BASH_WORDS.split_whitespace().any(|w| w == first) {
         return None;
     }
     Some(words)
@@ -422,6 +343,10 @@ mod tests {
             "env $HOME",
             "env\nenv",
             "time env",
+            "exec env",
+            "kill 1",
+            "test -e x",
+            "while",
             "",
             "   ",
         ] {
