@@ -1,7 +1,7 @@
 //! Hot reload: replacing, breaking, removing and adding plugin files while the host
 //! serves calls.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use poseidon_plugin_host::{ExecuteInput, PluginHost, PluginKind};
@@ -175,18 +175,31 @@ async fn changed_config_applies_without_restart_and_without_failed_calls() {
     assert_eq!(round(host.clone()).await, "1");
     // Clients keep calling while the configuration changes.
     let stop = Arc::new(AtomicBool::new(false));
+    let calls = Arc::new(AtomicU32::new(0));
     let client = {
-        let (host, stop) = (host.clone(), stop.clone());
+        let (host, stop, calls) = (host.clone(), stop.clone(), calls.clone());
         tokio::spawn(async move {
-            let mut calls = 0u32;
             while !stop.load(Ordering::Relaxed) {
                 let seen = round(host.clone()).await;
                 assert!(seen == "1" || seen == "2", "{seen}");
-                calls += 1;
+                calls.fetch_add(1, Ordering::Relaxed);
             }
-            calls
         })
     };
+    let calls_past = |n: u32| {
+        let calls = calls.clone();
+        async move {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            while calls.load(Ordering::Relaxed) <= n {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the client made no call"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            }
+        }
+    };
+    calls_past(0).await;
     let mut changed = cfg.clone();
     changed.entries[0]
         .config
@@ -194,8 +207,10 @@ async fn changed_config_applies_without_restart_and_without_failed_calls() {
     let needs_restart = host.reconfigure(&changed).await;
     assert!(needs_restart.is_empty(), "{needs_restart:?}");
     assert_eq!(round(host.clone()).await, "2");
+    // The client went on calling after the change, and none of its calls failed.
+    calls_past(calls.load(Ordering::Relaxed)).await;
     stop.store(true, Ordering::Relaxed);
-    assert!(client.await.unwrap() > 0);
+    client.await.unwrap();
     let st = status(&host, "guard");
     assert_eq!(st.failures, 0, "{st:?}");
     // What cannot change at run time is reported, not half-applied.
