@@ -41,6 +41,7 @@ use crate::bindings::v2;
 use crate::config::{Limits, PluginEntry, PluginKind, PluginsConfig};
 use crate::error::{CallError, PluginError};
 use crate::loader::{self, LoadedPlugin, PluginPre};
+use crate::placement::Where;
 use crate::runtime::{HostState, PluginIdentity, Runtime};
 use crate::types::{
     AuthInput, Denial, ExecuteInput, FilesInput, LifecycleEvent, ObserverStats, PluginDescription,
@@ -179,6 +180,12 @@ fn validate(config: &PluginsConfig) -> Result<(), PluginError> {
 fn inline_calls_possible() -> bool {
     tokio::runtime::Handle::try_current()
         .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
+}
+
+/// Runs a call, turning a panic into a failed call.
+fn catch_panic<R>(run: impl FnOnce() -> Result<R, CallError>) -> Result<R, CallError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(run))
+        .unwrap_or_else(|_| Err(CallError::Host("call panicked".into())))
 }
 
 /// The outcome of one attempt to call a guest export, before classification.
@@ -552,6 +559,7 @@ impl PluginHost {
                     loaded_at: std::time::SystemTime::now(),
                     pre: current.pre.clone(),
                     from_cache: current.from_cache,
+                    placement: Arc::clone(&current.placement),
                 })));
             }
             tracing::info!(plugin = %name, "plugin configuration changed; applied");
@@ -643,6 +651,7 @@ impl PluginHost {
                     failures: slot.failures.load(Ordering::Relaxed),
                     last_error: lock(&slot.last_error).clone(),
                     from_cache: current.as_ref().and_then(|p| p.from_cache),
+                    in_place: current.as_ref().map(|p| p.placement.in_place()),
                 }
             })
             .collect()
@@ -774,6 +783,7 @@ impl Inner {
             self.runtime
                 .store(plugin.identity.clone(), cancel.clone(), deadline.into_std());
         let runtime_limits = limits.clone();
+        let placement = Arc::clone(&plugin.placement);
         let run = move || {
             // The permit is held until the guest has really stopped.
             let _permit = permit;
@@ -794,17 +804,46 @@ impl Inner {
             Runtime::forward_stderr(&store);
             result
         };
-        if limits.inline_calls && inline_calls_possible() {
-            // On the multi-threaded runtime the guest runs right here: `block_in_place` hands
-            // this worker's other tasks to another thread first, so the executor keeps serving,
-            // and the call costs no thread switch (a hop to the blocking pool and back waits
-            // for the scheduler twice, which on a busy machine is most of a call's time). The
-            // wall-clock deadline is enforced by the store's epoch callback.
-            return tokio::task::block_in_place(|| {
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(run))
-                    .unwrap_or_else(|_| Err(CallError::Host("call panicked".into())))
-            });
+        if !limits.inline_calls {
+            return self.call_in_blocking_pool(run, deadline, cancel).await;
         }
+        // In place for a version whose calls have proved short: no thread hand-off at all
+        // (on a busy machine every hand-off waits for the scheduler). Otherwise off the
+        // executor. Either way the wall-clock deadline is enforced by the store's epoch
+        // callback.
+        let place = placement.next();
+        let started = std::time::Instant::now();
+        let result = match place {
+            Where::InPlace => catch_panic(run),
+            Where::OffExecutor if inline_calls_possible() => {
+                // `block_in_place` hands this worker's other tasks to another thread first,
+                // so the executor keeps serving while the guest runs here.
+                tokio::task::block_in_place(|| catch_panic(run))
+            }
+            Where::OffExecutor => self.call_in_blocking_pool(run, deadline, cancel).await,
+        };
+        let took = started.elapsed();
+        let stopped = matches!(result, Err(CallError::Deadline(_) | CallError::Timeout(_)));
+        let budget = Duration::from_micros(limits.in_place_budget_us);
+        if placement.record(took, budget, stopped) && place == Where::InPlace {
+            tracing::warn!(
+                plugin = %slot.name,
+                took_us = took.as_micros() as u64,
+                budget_us = limits.in_place_budget_us,
+                "a plugin call ran longer than the in-place budget; this version's calls now run off the async workers"
+            );
+        }
+        result
+    }
+
+    /// Runs `run` on tokio's blocking pool, giving up at `deadline` (the guest then stops at
+    /// its next epoch check).
+    async fn call_in_blocking_pool<R: Send + 'static>(
+        &self,
+        run: impl FnOnce() -> Result<R, CallError> + Send + 'static,
+        deadline: tokio::time::Instant,
+        cancel: Arc<AtomicBool>,
+    ) -> Result<R, CallError> {
         let task = tokio::task::spawn_blocking(run);
         match tokio::time::timeout_at(deadline, task).await {
             Ok(Ok(result)) => result,
@@ -812,7 +851,7 @@ impl Inner {
             Err(_) => {
                 // The guest stops at its next epoch check.
                 cancel.store(true, Ordering::Relaxed);
-                Err(CallError::Timeout(timeout_ms))
+                Err(CallError::Timeout(self.runtime.limits.call_timeout_ms))
             }
         }
     }

@@ -67,6 +67,7 @@ mod convert;
 mod error;
 mod host;
 mod loader;
+mod placement;
 mod runtime;
 mod telemetry;
 mod types;

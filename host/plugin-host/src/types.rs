@@ -183,6 +183,11 @@ pub struct PluginStatus {
     /// Whether the loaded version's machine code came from the compile cache rather
     /// than a compilation (`None`: nothing loaded, or no cache in use).
     pub from_cache: Option<bool>,
+    /// Whether the loaded version's calls run in place on the calling task (its calls
+    /// have been short; see `limits.inPlaceBudgetUs`) rather than off the async workers
+    /// (`None`: nothing loaded).
+    #[serde(default)]
+    pub in_place: Option<bool>,
 }
 
 /// What `check_file` learned about a plugin file.

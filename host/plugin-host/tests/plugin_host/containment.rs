@@ -292,3 +292,51 @@ async fn truncated_component_is_refused_with_a_message_and_others_load() {
     assert!(status(&host, "local").loaded);
     assert!(host.pool_size(sizer_input(1, 0)).await.is_some());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_versions_whose_calls_proved_short_run_in_place() {
+    let dir = temp_dir("in-place");
+    install(&dir, "test_loop", "loop.wasm");
+    install(&dir, "demand_sizer", "demand.wasm");
+    let mut looping = entry("loop.wasm", None, &[]);
+    looping.environments = Some(vec![1]);
+    let mut demand = entry("demand.wasm", None, &[("headroom", "4")]);
+    demand.environments = Some(vec![2]);
+    let mut cfg = config(&dir, vec![looping, demand]);
+    cfg.limits.epoch_deadline_ticks = 5;
+    // A budget no short call misses on a busy machine; the endless call is stopped by its
+    // deadline (50 ms), which moves its version off whatever the budget.
+    cfg.limits.in_place_budget_us = 10_000_000;
+    let host = PluginHost::start(cfg).await.unwrap();
+    let quick = || {
+        let mut input = sizer_input(1, 1);
+        input.environment.image = "quick".into();
+        input
+    };
+
+    // Loaded, not yet called: off the executor.
+    assert_eq!(status(&host, "loop").in_place, Some(false));
+    assert_eq!(host.pool_size(sizer_input(2, 0)).await, Some(4));
+    assert_eq!(status(&host, "demand").in_place, Some(true));
+    // A short first call lets the version run in place …
+    assert_eq!(host.pool_size(quick()).await, Some(1));
+    assert_eq!(status(&host, "loop").in_place, Some(true));
+    // … until a call of it has to be stopped: it is still stopped (in place, by its
+    // epoch deadline), and the version's later calls run off the executor, short or not.
+    assert_eq!(host.pool_size(sizer_input(1, 1)).await, None);
+    let st = status(&host, "loop");
+    assert!(
+        st.last_error
+            .as_deref()
+            .unwrap()
+            .contains("exceeded its run time of 50 ms"),
+        "{st:?}"
+    );
+    assert_eq!(st.in_place, Some(false));
+    assert_eq!(host.pool_size(quick()).await, Some(1));
+    assert_eq!(host.pool_size(sizer_input(1, 1)).await, None);
+    assert_eq!(status(&host, "loop").in_place, Some(false));
+    // The other plugin is unaffected.
+    assert_eq!(host.pool_size(sizer_input(2, 0)).await, Some(4));
+    assert_eq!(status(&host, "demand").in_place, Some(true));
+}
