@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use poseidon_plugin_host::{
-    AuthInput, ExecuteInput, FilesInput, LifecycleEvent, PluginEntry, PluginHost, PluginKind,
+    AuthRequest, ExecuteInput, FilesInput, LifecycleEvent, PluginEntry, PluginHost, PluginKind,
     PluginsConfig, PoolSizerInput,
 };
 
@@ -163,8 +163,8 @@ impl CallArgs {
                 serde_json::to_value(host.preprocess_files(input).await)
             }
             PluginKind::Authenticator => {
-                let input: AuthInput = serde_json::from_value(input).map_err(bad_input)?;
-                serde_json::to_value(host.authenticate(input).await)
+                let input: AuthRequest = serde_json::from_value(input).map_err(bad_input)?;
+                serde_json::to_value(host.authenticate(&input).await)
             }
             PluginKind::Observer => {
                 let events: Vec<LifecycleEvent> = match input {

@@ -2,7 +2,31 @@
 //! types of each supported version. The records 0.1 and 0.2 share are translated by one
 //! macro instantiated per version; what 0.2 added is translated next to it.
 
-use crate::types::{Denial, EnvironmentInfo, ExecuteInput, FileEntry, FilesInput, Principal};
+use poseidon_core::policy::{AuthRequest, Denial, Principal};
+use poseidon_core::EnvironmentId;
+
+use crate::types::{EnvironmentInfo, ExecuteInput, FileEntry, FilesInput};
+
+/// An environment id as WIT carries it (`s64`).
+fn wit_id(id: EnvironmentId) -> i64 {
+    i64::try_from(id).unwrap_or(i64::MAX)
+}
+
+/// What an authenticator of any version is given of a request: the method upper-case,
+/// the header names lower-case (HTTP header names are case-insensitive), the peer's
+/// address or "".
+fn auth_parts(r: &AuthRequest) -> (String, Vec<(String, String)>, String) {
+    let headers = r
+        .headers
+        .iter()
+        .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+        .collect();
+    (
+        r.method.to_ascii_uppercase(),
+        headers,
+        r.peer_address.clone().unwrap_or_default(),
+    )
+}
 
 /// Translations of the records every version has, for the `types` module `$wit`.
 macro_rules! shared_records {
@@ -89,7 +113,12 @@ macro_rules! shared_records {
             fn from(p: wit::Principal) -> Self {
                 Principal {
                     tenant: p.tenant,
-                    environments: p.environments,
+                    // Negative ids name no environment.
+                    environments: p.environments.map(|ids| {
+                        ids.into_iter()
+                            .filter_map(|id| EnvironmentId::try_from(id).ok())
+                            .collect()
+                    }),
                 }
             }
         }
@@ -109,7 +138,6 @@ macro_rules! shared_records {
 pub(crate) mod v1 {
     use super::*;
     use crate::host::SizerCall;
-    use crate::types::AuthInput;
     shared_records!(crate::bindings::v1::types);
 
     impl From<&SizerCall> for wit::PoolState {
@@ -127,13 +155,14 @@ pub(crate) mod v1 {
     }
 
     /// A 0.1 authenticator never sees the `Poseidon-Token`.
-    impl From<&AuthInput> for wit::AuthRequest {
-        fn from(r: &AuthInput) -> Self {
+    impl From<&AuthRequest> for wit::AuthRequest {
+        fn from(r: &AuthRequest) -> Self {
+            let (method, headers, peer_address) = auth_parts(r);
             wit::AuthRequest {
-                method: r.method.clone(),
+                method,
                 path: r.path.clone(),
-                headers: r.headers.clone(),
-                peer_address: r.peer_address.clone(),
+                headers,
+                peer_address,
             }
         }
     }
@@ -143,7 +172,7 @@ pub(crate) mod v1 {
 pub(crate) mod v2 {
     use super::*;
     use crate::host::SizerCall;
-    use crate::types::{AuthInput, ExecutionOutcome, LifecycleEvent, LifecycleKind};
+    use poseidon_core::policy::{ExecutionOutcome, LifecycleEvent, LifecycleKind};
     shared_records!(crate::bindings::v2::types);
 
     impl From<&SizerCall> for wit::PoolState {
@@ -179,13 +208,14 @@ pub(crate) mod v2 {
         }
     }
 
-    impl From<&AuthInput> for wit::AuthRequest {
-        fn from(r: &AuthInput) -> Self {
+    impl From<&AuthRequest> for wit::AuthRequest {
+        fn from(r: &AuthRequest) -> Self {
+            let (method, headers, peer_address) = auth_parts(r);
             wit::AuthRequest {
-                method: r.method.clone(),
+                method,
                 path: r.path.clone(),
-                headers: r.headers.clone(),
-                peer_address: r.peer_address.clone(),
+                headers,
+                peer_address,
                 poseidon_token: r.poseidon_token.clone(),
             }
         }
@@ -197,7 +227,7 @@ pub(crate) mod v2 {
                 at_ms: e.at_ms,
                 runner: wit::RunnerRef {
                     runner_id: e.runner_id.clone(),
-                    environment_id: e.environment_id,
+                    environment_id: wit_id(e.environment_id),
                     tenant: e.tenant.clone(),
                 },
                 kind: match &e.kind {

@@ -44,9 +44,10 @@ use crate::loader::{self, LoadedPlugin, PluginPre};
 use crate::placement::Where;
 use crate::runtime::{HostState, PluginIdentity, Runtime};
 use crate::types::{
-    AuthInput, Denial, ExecuteInput, FilesInput, LifecycleEvent, ObserverStats, PluginDescription,
-    PluginStatus, PoolSizerInput, PoolStateInfo, Principal, Rejection,
+    ExecuteInput, FilesInput, ObserverStats, PluginDescription, PluginStatus, PoolSizerInput,
+    PoolStateInfo, Rejection,
 };
+use poseidon_core::policy::{AuthRequest, Denial, LifecycleEvent, Principal};
 
 /// What a pool sizer call needs, prepared once for either WIT version.
 pub(crate) struct SizerCall {
@@ -180,6 +181,11 @@ fn validate(config: &PluginsConfig) -> Result<(), PluginError> {
 fn inline_calls_possible() -> bool {
     tokio::runtime::Handle::try_current()
         .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
+}
+
+/// Whether a call's guest was stopped by its deadline or timeout.
+fn stopped<R>(result: &Result<R, CallError>) -> bool {
+    matches!(result, Err(CallError::Deadline(_) | CallError::Timeout(_)))
 }
 
 /// Runs a call, turning a panic into a failed call.
@@ -439,7 +445,7 @@ impl PluginHost {
     /// plugin, 503 if the plugin failed (trap, timeout, bad answer, not loaded).
     /// Without an authenticator every request is let through as tenant `""` with all
     /// environments.
-    pub async fn authenticate(&self, req: AuthInput) -> Result<Principal, Denial> {
+    pub async fn authenticate(&self, request: &AuthRequest) -> Result<Principal, Denial> {
         let everyone = Principal {
             tenant: String::new(),
             environments: None,
@@ -454,15 +460,9 @@ impl PluginHost {
         else {
             return Ok(everyone);
         };
-        let request = AuthInput {
-            method: req.method.to_ascii_uppercase(),
-            headers: req
-                .headers
-                .into_iter()
-                .map(|(k, v)| (k.to_ascii_lowercase(), v))
-                .collect(),
-            ..req
-        };
+        // One copy, owned by the call (it may run on another thread); translated to the
+        // loaded version's WIT record inside the call.
+        let request = request.clone();
         let result = inner
             .call(slot, move |store, pre| match pre {
                 PluginPre::AuthenticatorV1(pre) => {
@@ -678,7 +678,7 @@ impl Inner {
         accept: impl Fn(&T, T) -> Result<T, &'static str>,
     ) -> Result<T, Rejection>
     where
-        T: HasEnvironment + Clone + Send + 'static,
+        T: HasEnvironment + Clone + Send + Sync + 'static,
     {
         for slot in self.preprocessors(req.environment_id()) {
             let request = req.clone();
@@ -738,8 +738,9 @@ impl Inner {
     async fn call<R, F>(&self, slot: &Arc<Slot>, f: F) -> Result<R, CallError>
     where
         R: Send + 'static,
-        F: FnOnce(&mut Store<HostState>, &PluginPre) -> Result<Result<R, String>, Failure>
+        F: Fn(&mut Store<HostState>, &PluginPre) -> Result<Result<R, String>, Failure>
             + Send
+            + Sync
             + 'static,
     {
         slot.calls.fetch_add(1, Ordering::Relaxed);
@@ -755,8 +756,9 @@ impl Inner {
     async fn call_inner<R, F>(&self, slot: &Arc<Slot>, f: F) -> Result<R, CallError>
     where
         R: Send + 'static,
-        F: FnOnce(&mut Store<HostState>, &PluginPre) -> Result<Result<R, String>, Failure>
+        F: Fn(&mut Store<HostState>, &PluginPre) -> Result<Result<R, String>, Failure>
             + Send
+            + Sync
             + 'static,
     {
         let Some(plugin) = slot.current.load_full() else {
@@ -779,60 +781,91 @@ impl Inner {
             }
         };
         let cancel = Arc::new(AtomicBool::new(false));
-        let store =
-            self.runtime
-                .store(plugin.identity.clone(), cancel.clone(), deadline.into_std());
-        let runtime_limits = limits.clone();
         let placement = Arc::clone(&plugin.placement);
-        let run = move || {
-            // The permit is held until the guest has really stopped.
-            let _permit = permit;
-            let mut store = store;
-            let outcome = f(&mut store, &plugin.pre);
-            let result = match outcome {
-                Ok(Ok(r)) => Ok(r),
-                Ok(Err(message)) => Err(CallError::BadAnswer(message)),
-                Err(Failure::Call(e)) => Err(Runtime::classify_with(&runtime_limits, &store, e)),
-                Err(Failure::Instantiate(e)) => {
-                    let classified = Runtime::classify_with(&runtime_limits, &store, e);
-                    Err(match classified {
-                        CallError::Trap(m) => CallError::Instantiate(m),
-                        other => other,
-                    })
-                }
-            };
-            Runtime::forward_stderr(&store);
-            result
+        let new_store = {
+            let (identity, cancel) = (plugin.identity.clone(), cancel.clone());
+            move |runtime: &Runtime| {
+                runtime.store(identity.clone(), cancel.clone(), deadline.into_std())
+            }
+        };
+        // One attempt: a fresh instance in `store`, the export called, the outcome classified.
+        let attempt = {
+            let limits = limits.clone();
+            let f = Arc::new(f);
+            move |mut store: Store<HostState>| {
+                let result = match f(&mut store, &plugin.pre) {
+                    Ok(Ok(r)) => Ok(r),
+                    Ok(Err(message)) => Err(CallError::BadAnswer(message)),
+                    Err(Failure::Call(e)) => Err(Runtime::classify_with(&limits, &store, e)),
+                    Err(Failure::Instantiate(e)) => {
+                        let classified = Runtime::classify_with(&limits, &store, e);
+                        Err(match classified {
+                            CallError::Trap(m) => CallError::Instantiate(m),
+                            other => other,
+                        })
+                    }
+                };
+                Runtime::forward_stderr(&store);
+                result
+            }
         };
         if !limits.inline_calls {
-            return self.call_in_blocking_pool(run, deadline, cancel).await;
+            let (store, run) = (new_store(&self.runtime), attempt.clone());
+            return self
+                .call_in_blocking_pool(move || run(store), permit, deadline, cancel)
+                .await;
         }
         // In place for a version whose calls have proved short: no thread hand-off at all
         // (on a busy machine every hand-off waits for the scheduler). Otherwise off the
         // executor. Either way the wall-clock deadline is enforced by the store's epoch
         // callback.
-        let place = placement.next();
-        let started = std::time::Instant::now();
-        let result = match place {
-            Where::InPlace => catch_panic(run),
-            Where::OffExecutor if inline_calls_possible() => {
-                // `block_in_place` hands this worker's other tasks to another thread first,
-                // so the executor keeps serving while the guest runs here.
-                tokio::task::block_in_place(|| catch_panic(run))
-            }
-            Where::OffExecutor => self.call_in_blocking_pool(run, deadline, cancel).await,
-        };
-        let took = started.elapsed();
-        let stopped = matches!(result, Err(CallError::Deadline(_) | CallError::Timeout(_)));
         let budget = Duration::from_micros(limits.in_place_budget_us);
-        if placement.record(took, budget, stopped) && place == Where::InPlace {
-            tracing::warn!(
-                plugin = %slot.name,
-                took_us = took.as_micros() as u64,
-                budget_us = limits.in_place_budget_us,
-                "a plugin call ran longer than the in-place budget; this version's calls now run off the async workers"
-            );
+        let started = std::time::Instant::now();
+        if placement.next() == Where::InPlace {
+            let store = new_store(&self.runtime);
+            let run = attempt.clone();
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || run(store))) {
+                Ok(result) => {
+                    drop(permit);
+                    let took = started.elapsed();
+                    if placement.record(took, budget, stopped(&result)) {
+                        tracing::warn!(
+                            plugin = %slot.name,
+                            took_us = took.as_micros() as u64,
+                            budget_us = limits.in_place_budget_us,
+                            "a plugin call ran longer than the in-place budget; this version's calls now run off the async workers"
+                        );
+                    }
+                    return result;
+                }
+                Err(_) => {
+                    // wasmtime-wasi's synchronous WASI functions that wait (stdio streams,
+                    // `poll`: e.g. a guest's panic message on stderr) block on tokio, which
+                    // panics on an async worker. The instance is gone with its store; the
+                    // call runs again off the executor, where they work, and so do all
+                    // later calls of this version.
+                    placement.record(Duration::MAX, budget, true);
+                    tracing::warn!(
+                        plugin = %slot.name,
+                        "a plugin call used a WASI function that waits (stdio, poll); this version's calls now run off the async workers"
+                    );
+                }
+            }
         }
+        let run = attempt.clone();
+        let store = new_store(&self.runtime);
+        let result = if inline_calls_possible() {
+            // `block_in_place` hands this worker's other tasks to another thread first, so
+            // the executor keeps serving while the guest runs here.
+            tokio::task::block_in_place(move || {
+                let _permit = permit;
+                catch_panic(move || run(store))
+            })
+        } else {
+            self.call_in_blocking_pool(move || run(store), permit, deadline, cancel)
+                .await
+        };
+        placement.record(started.elapsed(), budget, stopped(&result));
         result
     }
 
@@ -841,10 +874,15 @@ impl Inner {
     async fn call_in_blocking_pool<R: Send + 'static>(
         &self,
         run: impl FnOnce() -> Result<R, CallError> + Send + 'static,
+        permit: tokio::sync::OwnedSemaphorePermit,
         deadline: tokio::time::Instant,
         cancel: Arc<AtomicBool>,
     ) -> Result<R, CallError> {
-        let task = tokio::task::spawn_blocking(run);
+        let task = tokio::task::spawn_blocking(move || {
+            // The permit is held until the guest has really stopped.
+            let _permit = permit;
+            run()
+        });
         match tokio::time::timeout_at(deadline, task).await {
             Ok(Ok(result)) => result,
             Ok(Err(join)) => Err(CallError::Host(format!("call panicked: {join}"))),

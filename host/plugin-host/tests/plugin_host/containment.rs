@@ -1,7 +1,7 @@
 //! Misbehaving plugins: endless loops, endless allocation, traps, corrupt and
 //! incompatible files. The host must report the error and keep working.
 
-use poseidon_plugin_host::{AuthInput, ExecuteInput, PluginHost, PluginKind};
+use poseidon_plugin_host::{AuthRequest, ExecuteInput, PluginHost, PluginKind};
 
 use crate::common::*;
 
@@ -137,10 +137,10 @@ async fn trapping_authenticator_denies_with_503() {
     assert!(host.has_authenticator());
 
     let denial = host
-        .authenticate(AuthInput {
+        .authenticate(&AuthRequest {
             method: "GET".into(),
             path: "/api/v1/runners".into(),
-            ..AuthInput::default()
+            ..AuthRequest::default()
         })
         .await
         .unwrap_err();
@@ -158,9 +158,9 @@ async fn trapping_authenticator_denies_with_503() {
     );
     // Fresh instance per call: the next call works.
     let ok = host
-        .authenticate(AuthInput {
+        .authenticate(&AuthRequest {
             path: "/ok".into(),
-            ..AuthInput::default()
+            ..AuthRequest::default()
         })
         .await
         .unwrap();
@@ -245,7 +245,10 @@ async fn missing_authenticator_fails_closed() {
     assert!(host.has_authenticator());
     let st = status(&host, "absent");
     assert!(st.last_error.unwrap().contains("not found"));
-    let d = host.authenticate(AuthInput::default()).await.unwrap_err();
+    let d = host
+        .authenticate(&AuthRequest::default())
+        .await
+        .unwrap_err();
     assert_eq!(d.status, 503);
     assert!(
         d.message.contains("\"absent\" plugin is not loaded"),

@@ -3,7 +3,7 @@
 use base64::Engine as _;
 use hmac::{KeyInit, Mac};
 use poseidon_plugin_host::{
-    AuthInput, ExecuteInput, FileEntry, FilesInput, PluginHost, PluginKind, PluginsConfig,
+    AuthRequest, ExecuteInput, FileEntry, FilesInput, PluginHost, PluginKind, PluginsConfig,
     SizerBounds,
 };
 
@@ -21,7 +21,7 @@ async fn disabled_host_is_a_no_op() {
     };
     assert_eq!(host.preprocess_execute(req.clone()).await, Ok(req));
     assert!(host.status().is_empty());
-    let p = host.authenticate(AuthInput::default()).await.unwrap();
+    let p = host.authenticate(&AuthRequest::default()).await.unwrap();
     assert_eq!(p.environments, None);
 }
 
@@ -200,14 +200,14 @@ fn unix_now() -> i64 {
         .as_secs() as i64
 }
 
-fn auth_request(token: Option<&str>) -> AuthInput {
-    AuthInput {
+fn auth_request(token: Option<&str>) -> AuthRequest {
+    AuthRequest {
         method: "post".into(),
         path: "/api/v1/runners".into(),
         headers: token
             .map(|t| vec![("Authorization".to_string(), format!("Bearer {t}"))])
             .unwrap_or_default(),
-        peer_address: "127.0.0.1:5000".into(),
+        peer_address: Some("127.0.0.1:5000".into()),
         poseidon_token: None,
     }
 }
@@ -232,29 +232,35 @@ async fn jwt_auth_authenticates_tenants() {
     assert!(host.has_authenticator());
     let exp = unix_now() + 300;
     let token = sign(&format!(r#"{{"iss":"codeocean","exp":{exp}}}"#), b"s3cret");
-    let p = host.authenticate(auth_request(Some(&token))).await.unwrap();
+    let p = host
+        .authenticate(&auth_request(Some(&token)))
+        .await
+        .unwrap();
     assert_eq!(p.tenant, "codeocean");
     assert_eq!(p.environments, Some(vec![10, 11]));
-    assert!(p.allows(10) && !p.allows(12));
+    assert!(p.may_use(10) && !p.may_use(12));
 
     let other = sign(&format!(r#"{{"iss":"other","exp":{exp}}}"#), b"other-key");
-    let p = host.authenticate(auth_request(Some(&other))).await.unwrap();
+    let p = host
+        .authenticate(&auth_request(Some(&other)))
+        .await
+        .unwrap();
     assert_eq!((p.tenant.as_str(), p.environments), ("other", None));
 
-    let d = host.authenticate(auth_request(None)).await.unwrap_err();
+    let d = host.authenticate(&auth_request(None)).await.unwrap_err();
     assert_eq!(
         (d.status, d.message.as_str()),
         (401, "missing bearer token")
     );
     let forged = sign(&format!(r#"{{"iss":"codeocean","exp":{exp}}}"#), b"wrong");
     let d = host
-        .authenticate(auth_request(Some(&forged)))
+        .authenticate(&auth_request(Some(&forged)))
         .await
         .unwrap_err();
     assert_eq!(d.status, 401);
     let expired = sign(r#"{"iss":"codeocean","exp":1000}"#, b"s3cret");
     let d = host
-        .authenticate(auth_request(Some(&expired)))
+        .authenticate(&auth_request(Some(&expired)))
         .await
         .unwrap_err();
     assert_eq!((d.status, d.message.as_str()), (401, "token expired"));

@@ -10,7 +10,7 @@
 use std::time::{Duration, Instant};
 
 use poseidon_plugin_host::{
-    check_file, AuthInput, ExecuteInput, FileEntry, FilesInput, Limits, PluginHost,
+    check_file, AuthRequest, ExecuteInput, FileEntry, FilesInput, Limits, PluginHost,
 };
 
 use crate::common::*;
@@ -119,11 +119,11 @@ async fn per_kind(limits: Limits, n: usize) -> Vec<(&'static str, String)> {
     let auth = time(n, || {
         let host = host.clone();
         async move {
-            host.authenticate(AuthInput {
+            host.authenticate(&AuthRequest {
                 method: "GET".into(),
                 path: "/api/v1/runners".into(),
                 headers: vec![("authorization".into(), "Bearer a.b.c".into())],
-                peer_address: "127.0.0.1:1".into(),
+                peer_address: Some("127.0.0.1:1".into()),
                 poseidon_token: None,
             })
             .await
@@ -139,11 +139,11 @@ async fn per_kind(limits: Limits, n: usize) -> Vec<(&'static str, String)> {
     let tokens = time(n, || {
         let host = host2.clone();
         async move {
-            host.authenticate(AuthInput {
+            host.authenticate(&AuthRequest {
                 method: "GET".into(),
                 path: "/api/v1/runners".into(),
                 poseidon_token: Some("secret".into()),
-                ..AuthInput::default()
+                ..AuthRequest::default()
             })
             .await
             .is_ok()

@@ -175,18 +175,28 @@ async fn changed_config_applies_without_restart_and_without_failed_calls() {
     assert_eq!(round(host.clone()).await, "1");
     // Clients keep calling while the configuration changes.
     let stop = Arc::new(AtomicBool::new(false));
+    let calls = Arc::new(std::sync::atomic::AtomicU32::new(0));
     let client = {
-        let (host, stop) = (host.clone(), stop.clone());
+        let (host, stop, calls) = (host.clone(), stop.clone(), calls.clone());
         tokio::spawn(async move {
-            let mut calls = 0u32;
             while !stop.load(Ordering::Relaxed) {
                 let seen = round(host.clone()).await;
                 assert!(seen == "1" || seen == "2", "{seen}");
-                calls += 1;
+                calls.fetch_add(1, Ordering::Relaxed);
+                // A client between requests (calls in place do not suspend).
+                tokio::task::yield_now().await;
             }
-            calls
         })
     };
+    // The client is calling before the change …
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    while calls.load(Ordering::Relaxed) == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the client never called"
+        );
+        tokio::task::yield_now().await;
+    }
     let mut changed = cfg.clone();
     changed.entries[0]
         .config
@@ -194,8 +204,17 @@ async fn changed_config_applies_without_restart_and_without_failed_calls() {
     let needs_restart = host.reconfigure(&changed).await;
     assert!(needs_restart.is_empty(), "{needs_restart:?}");
     assert_eq!(round(host.clone()).await, "2");
+    // … and after it.
+    let after = calls.load(Ordering::Relaxed);
+    while calls.load(Ordering::Relaxed) <= after {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the client stopped calling"
+        );
+        tokio::task::yield_now().await;
+    }
     stop.store(true, Ordering::Relaxed);
-    assert!(client.await.unwrap() > 0);
+    client.await.unwrap();
     let st = status(&host, "guard");
     assert_eq!(st.failures, 0, "{st:?}");
     // What cannot change at run time is reported, not half-applied.

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use poseidon_plugin_host::{
-    check_file, AuthInput, ExecuteInput, ExecutionOutcome, LifecycleEvent, LifecycleKind,
+    check_file, AuthRequest, ExecuteInput, ExecutionOutcome, LifecycleEvent, LifecycleKind,
     PluginHost, PluginKind,
 };
 
@@ -20,14 +20,14 @@ fn event(runner: &str, kind: LifecycleKind) -> LifecycleEvent {
     }
 }
 
-fn auth(token: Option<&str>, bearer: Option<&str>) -> AuthInput {
-    AuthInput {
+fn auth(token: Option<&str>, bearer: Option<&str>) -> AuthRequest {
+    AuthRequest {
         method: "POST".into(),
         path: "/api/v1/runners".into(),
         headers: bearer
             .map(|b| vec![("authorization".to_string(), format!("Bearer {b}"))])
             .unwrap_or_default(),
-        peer_address: "127.0.0.1:5000".into(),
+        peer_address: Some("127.0.0.1:5000".into()),
         poseidon_token: token.map(str::to_string),
     }
 }
@@ -160,7 +160,7 @@ async fn only_a_0_2_authenticator_sees_the_poseidon_token() {
         host.status()
     );
     let p = host
-        .authenticate(auth(Some("secret-hpi"), None))
+        .authenticate(&auth(Some("secret-hpi"), None))
         .await
         .unwrap();
     assert_eq!(
@@ -168,12 +168,12 @@ async fn only_a_0_2_authenticator_sees_the_poseidon_token() {
         ("hpi", Some(vec![10, 11]))
     );
     let p = host
-        .authenticate(auth(Some("secret-tum"), None))
+        .authenticate(&auth(Some("secret-tum"), None))
         .await
         .unwrap();
     assert_eq!((p.tenant.as_str(), p.environments), ("tum", None));
     let d = host
-        .authenticate(auth(Some("guess"), None))
+        .authenticate(&auth(Some("guess"), None))
         .await
         .unwrap_err();
     assert_eq!(
@@ -191,7 +191,7 @@ async fn only_a_0_2_authenticator_sees_the_poseidon_token() {
     .await
     .unwrap();
     let d = host
-        .authenticate(auth(Some("secret-hpi"), None))
+        .authenticate(&auth(Some("secret-hpi"), None))
         .await
         .unwrap_err();
     assert_eq!(d.status, 401, "{d:?}");
