@@ -100,13 +100,12 @@ pub(crate) struct Inner {
 
 /// One configured plugin entry and its currently loaded version.
 struct Slot {
-    entry: PluginEntry,
+    /// The entry's name: an entry with another name is another plugin.
     name: String,
-    path: PathBuf,
+    /// The entry's other settings; replaced by [`PluginHost::reconfigure`].
+    settings: arc_swap::ArcSwap<SlotSettings>,
     /// The entry's `config:` values; replaced by [`PluginHost::reconfigure`].
     config: arc_swap::ArcSwap<BTreeMap<String, String>>,
-    /// The zone of the local time given to 0.2 pool sizers.
-    time_zone: jiff::tz::TimeZone,
     current: ArcSwapOption<LoadedPlugin>,
     /// Digest of the last file version that failed to load (not retried until changed).
     failed_digest: Mutex<Option<String>>,
@@ -115,12 +114,49 @@ struct Slot {
     last_error: Mutex<Option<String>>,
 }
 
+/// What a plugin entry says besides its `config:` values, ready for use.
+struct SlotSettings {
+    entry: PluginEntry,
+    /// The plugin file.
+    path: PathBuf,
+    /// The zone of the local time given to 0.2 pool sizers.
+    time_zone: jiff::tz::TimeZone,
+}
+
+impl SlotSettings {
+    /// The settings of `entry` in the plugin directory `directory`; fails on an unknown
+    /// time zone.
+    fn new(entry: &PluginEntry, directory: &Path) -> Result<SlotSettings, PluginError> {
+        let time_zone = match &entry.time_zone {
+            Some(name) => jiff::tz::TimeZone::get(name).map_err(|e| {
+                PluginError::Config(format!(
+                    "plugin {:?}: timeZone {name:?} is not a known time zone: {e}",
+                    entry.display_name()
+                ))
+            })?,
+            None => jiff::tz::TimeZone::try_system().unwrap_or(jiff::tz::TimeZone::UTC),
+        };
+        Ok(SlotSettings {
+            entry: entry.clone(),
+            path: directory.join(&entry.file),
+            time_zone,
+        })
+    }
+}
+
 impl Slot {
     /// The configured kind, or else the kind of the loaded version.
     fn kind(&self) -> Option<PluginKind> {
-        self.entry
+        self.settings
+            .load()
+            .entry
             .kind
             .or_else(|| self.current.load().as_ref().map(|p| p.identity.kind))
+    }
+
+    /// Whether the entry applies to environment `id`.
+    fn applies_to(&self, id: i64) -> bool {
+        self.settings.load().entry.applies_to(id)
     }
 
     fn set_error(&self, message: String) {
@@ -219,21 +255,13 @@ impl PluginHost {
             .entries
             .iter()
             .map(|entry| {
-                let time_zone = match &entry.time_zone {
-                    Some(name) => jiff::tz::TimeZone::get(name).map_err(|e| {
-                        PluginError::Config(format!(
-                            "plugin {:?}: timeZone {name:?} is not a known time zone: {e}",
-                            entry.display_name()
-                        ))
-                    })?,
-                    None => jiff::tz::TimeZone::try_system().unwrap_or(jiff::tz::TimeZone::UTC),
-                };
                 Ok(Arc::new(Slot {
                     name: entry.display_name(),
-                    path: config.directory.join(&entry.file),
+                    settings: arc_swap::ArcSwap::from_pointee(SlotSettings::new(
+                        entry,
+                        &config.directory,
+                    )?),
                     config: arc_swap::ArcSwap::from_pointee(entry.config.clone()),
-                    time_zone,
-                    entry: entry.clone(),
                     current: ArcSwapOption::empty(),
                     failed_digest: Mutex::new(None),
                     calls: AtomicU64::new(0),
@@ -295,7 +323,7 @@ impl PluginHost {
         let slot = inner
             .slots
             .iter()
-            .find(|s| s.kind() == Some(PluginKind::PoolSizer) && s.entry.applies_to(env_id))?;
+            .find(|s| s.kind() == Some(PluginKind::PoolSizer) && s.applies_to(env_id))?;
         let mut claims = input.pool.claims_per_minute.clone();
         if claims.len() > CLAIM_MINUTES {
             claims.drain(..claims.len() - CLAIM_MINUTES);
@@ -308,7 +336,7 @@ impl PluginHost {
         let call = SizerCall {
             pool: input.pool,
             claims,
-            time_zone: slot.time_zone.clone(),
+            time_zone: slot.settings.load().time_zone.clone(),
         };
         let environment = input.environment;
         let answer = inner
@@ -503,17 +531,23 @@ impl PluginHost {
         }
     }
 
-    /// Applies a changed `plugins:` section without a restart: an entry (matched by name)
+    /// Applies a changed `plugins:` section without a restart. An entry (matched by name)
     /// whose `config:` values changed gets them at once — its loaded version is re-issued
     /// with the new values (same compiled code, swapped atomically: calls running finish
-    /// with the old values, no call fails) — and every file is re-read as by
-    /// [`PluginHost::reload`], so a replaced file is loaded too. Returns what could not be
-    /// applied and needs a restart (added, removed or otherwise changed entries, changed
-    /// limits), one line each.
+    /// with the old values, no call fails). An entry whose `file`, `kind`, `environments`,
+    /// `failOpen` or `timeZone` changed gets them at once too; a changed file or kind is
+    /// compiled and swapped in like a replaced file, the old version serving until then.
+    /// Then every file is re-read as by [`PluginHost::reload`]. Returns what could not be
+    /// applied and needs a restart (added or removed entries — an entry without `name:` is
+    /// named after its file —, changed directory, limits or sizer bounds, an invalid
+    /// section or an unknown time zone), one line each.
     pub async fn reconfigure(&self, new: &PluginsConfig) -> Vec<String> {
         let Some(inner) = &self.inner else {
             return vec!["plugins were not enabled at start".into()];
         };
+        if let Err(e) = validate(new) {
+            return vec![format!("{e}; nothing was applied")];
+        }
         let mut restart = Vec::new();
         let old = &inner.config;
         if old.directory != new.directory || old.limits != new.limits || old.sizer != new.sizer {
@@ -531,15 +565,26 @@ impl PluginHost {
                 restart.push(format!("plugin {name:?} was added"));
                 continue;
             };
+            let old = slot.settings.load_full();
             let same_but_config = PluginEntry {
-                config: slot.entry.config.clone(),
+                config: old.entry.config.clone(),
                 ..entry.clone()
             };
-            if same_but_config != slot.entry {
-                restart.push(format!(
-                    "plugin {name:?}: only `config:` changes apply without a restart"
-                ));
-                continue;
+            if same_but_config != old.entry {
+                // file, kind, environments, failOpen, timeZone: swapped at once (a call
+                // running keeps what it started with); a changed file or kind is loaded
+                // by the reload below, the old version serving until it is ready.
+                match SlotSettings::new(entry, &inner.config.directory) {
+                    Ok(settings) => {
+                        slot.settings.store(Arc::new(settings));
+                        *lock(&slot.failed_digest) = None;
+                        tracing::info!(plugin = %name, "plugin entry changed; applied");
+                    }
+                    Err(e) => {
+                        restart.push(format!("{e}; the entry's change was not applied"));
+                        continue;
+                    }
+                }
             }
             if **slot.config.load() == entry.config {
                 continue;
@@ -639,7 +684,7 @@ impl PluginHost {
                 let current = slot.current.load_full();
                 PluginStatus {
                     name: slot.name.clone(),
-                    file: slot.entry.file.clone(),
+                    file: slot.settings.load().entry.file.clone(),
                     kind: slot.kind(),
                     loaded: current.is_some(),
                     wit_version: current.as_ref().map(|p| p.wit_version.to_string()),
@@ -662,7 +707,7 @@ impl Inner {
     fn preprocessors(&self, env_id: i64) -> Vec<Arc<Slot>> {
         self.slots
             .iter()
-            .filter(|s| s.kind() == Some(PluginKind::Preprocessor) && s.entry.applies_to(env_id))
+            .filter(|s| s.kind() == Some(PluginKind::Preprocessor) && s.applies_to(env_id))
             .cloned()
             .collect()
     }
@@ -715,7 +760,7 @@ impl Inner {
     }
 
     fn fail_preprocessor(&self, slot: &Slot, why: &str) -> Result<(), Rejection> {
-        if slot.entry.fail_open {
+        if slot.settings.load().entry.fail_open {
             tracing::warn!(plugin = %slot.name, "preprocessor failed ({why}); failOpen: request passes unchanged");
             Ok(())
         } else {
@@ -903,22 +948,23 @@ impl Inner {
     }
 
     async fn reload_slot(self: &Arc<Self>, slot: &Arc<Slot>) {
-        let bytes = match tokio::fs::read(&slot.path).await {
+        let settings = slot.settings.load_full();
+        let bytes = match tokio::fs::read(&settings.path).await {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 if slot.current.swap(None).is_some() {
-                    tracing::info!(plugin = %slot.name, path = %slot.path.display(), "plugin file removed; plugin unloaded");
-                    slot.set_error(format!("file {} was removed", slot.path.display()));
+                    tracing::info!(plugin = %slot.name, path = %settings.path.display(), "plugin file removed; plugin unloaded");
+                    slot.set_error(format!("file {} was removed", settings.path.display()));
                 } else if lock(&slot.last_error).is_none() {
-                    tracing::warn!(plugin = %slot.name, path = %slot.path.display(), "plugin file not found");
-                    slot.set_error(format!("file {} not found", slot.path.display()));
+                    tracing::warn!(plugin = %slot.name, path = %settings.path.display(), "plugin file not found");
+                    slot.set_error(format!("file {} not found", settings.path.display()));
                 }
                 *lock(&slot.failed_digest) = None;
                 return;
             }
             Err(e) => {
                 let e = PluginError::Read {
-                    path: slot.path.clone(),
+                    path: settings.path.clone(),
                     source: e,
                 };
                 tracing::error!(plugin = %slot.name, error = %e, "cannot read plugin file");
@@ -927,17 +973,14 @@ impl Inner {
             }
         };
         let digest = loader::sha256_hex(&bytes);
-        if slot
-            .current
-            .load()
-            .as_ref()
-            .is_some_and(|p| p.identity.digest == digest)
-            || lock(&slot.failed_digest).as_deref() == Some(digest.as_str())
+        let expected = settings.entry.kind;
+        if slot.current.load().as_ref().is_some_and(|p| {
+            p.identity.digest == digest && expected.is_none_or(|k| k == p.identity.kind)
+        }) || lock(&slot.failed_digest).as_deref() == Some(digest.as_str())
         {
             return;
         }
-        let path = slot.path.clone();
-        let expected = slot.entry.kind;
+        let path = settings.path.clone();
         let name = slot.name.clone();
         let config = slot.config.load_full();
         let inner = Arc::clone(self);
@@ -948,7 +991,7 @@ impl Inner {
         .await
         .unwrap_or_else(|join| {
             Err(PluginError::Compile {
-                path: slot.path.clone(),
+                path: settings.path.clone(),
                 message: format!("compilation panicked: {join}"),
             })
         });
@@ -992,7 +1035,7 @@ impl Inner {
     pub(crate) fn file_names(&self) -> HashSet<std::ffi::OsString> {
         self.slots
             .iter()
-            .filter_map(|s| s.path.file_name().map(|n| n.to_os_string()))
+            .filter_map(|s| s.settings.load().path.file_name().map(|n| n.to_os_string()))
             .collect()
     }
 }

@@ -217,11 +217,89 @@ async fn changed_config_applies_without_restart_and_without_failed_calls() {
     client.await.unwrap();
     let st = status(&host, "guard");
     assert_eq!(st.failures, 0, "{st:?}");
-    // What cannot change at run time is reported, not half-applied.
+    // What cannot change at run time (an added entry) is reported; the rest applies.
     let mut added = changed.clone();
     added.entries.push(entry("other.wasm", None, &[]));
     added.entries[0].fail_open = true;
     let needs_restart = host.reconfigure(&added).await;
-    assert_eq!(needs_restart.len(), 2, "{needs_restart:?}");
+    assert_eq!(needs_restart, vec!["plugin \"other\" was added"]);
     assert_eq!(round(host.clone()).await, "2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changed_entry_settings_apply_without_restart_and_without_failed_calls() {
+    let dir = temp_dir("reentry");
+    install(&dir, "submission_guard", "guard.wasm");
+    install(&dir, "test_v2_preprocessor", "v2.wasm");
+    install(&dir, "test_alloc", "alloc.wasm");
+    let mut pre = entry("guard.wasm", None, &[("env.ROUND", "1")]);
+    pre.name = Some("pre".into());
+    pre.environments = Some(vec![1]);
+    let cfg = config(&dir, vec![pre]);
+    let host = PluginHost::start(cfg.clone()).await.unwrap();
+    let env = |host: PluginHost, environment_id: i64| async move {
+        host.preprocess_execute(ExecuteInput {
+            command: "make".into(),
+            environment_id,
+            ..ExecuteInput::default()
+        })
+        .await
+        .map(|out| out.env)
+    };
+    let round = vec![("ROUND".to_string(), "1".to_string())];
+    assert_eq!(env(host.clone(), 1).await.unwrap(), round);
+    assert_eq!(env(host.clone(), 2).await.unwrap(), vec![]);
+    // A client of environment 2 keeps calling while the entry changes: never refused.
+    let stop = Arc::new(AtomicBool::new(false));
+    let client = {
+        let (host, stop) = (host.clone(), stop.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                env(host.clone(), 2)
+                    .await
+                    .expect("no call may fail while the entry changes");
+                tokio::task::yield_now().await;
+            }
+        })
+    };
+
+    // environments: the plugin now applies to 2, not 1.
+    let mut changed = cfg.clone();
+    changed.entries[0].environments = Some(vec![2]);
+    assert_eq!(host.reconfigure(&changed).await, Vec::<String>::new());
+    assert_eq!(env(host.clone(), 1).await.unwrap(), vec![]);
+    assert_eq!(env(host.clone(), 2).await.unwrap(), round);
+
+    // file: another component serves the same entry once compiled.
+    changed.entries[0].file = "v2.wasm".into();
+    assert_eq!(host.reconfigure(&changed).await, Vec::<String>::new());
+    assert_eq!(
+        env(host.clone(), 2).await.unwrap(),
+        vec![("WIT_VERSION".to_string(), "0.2".to_string())]
+    );
+    assert_eq!(status(&host, "pre").file, "v2.wasm");
+    stop.store(true, Ordering::Relaxed);
+    client.await.unwrap();
+    assert_eq!(status(&host, "pre").failures, 0);
+
+    // failOpen: a plugin whose every call fails rejects, then lets requests pass.
+    changed.entries[0].file = "alloc.wasm".into();
+    assert_eq!(host.reconfigure(&changed).await, Vec::<String>::new());
+    assert!(env(host.clone(), 2).await.is_err());
+    changed.entries[0].fail_open = true;
+    assert_eq!(host.reconfigure(&changed).await, Vec::<String>::new());
+    assert_eq!(env(host.clone(), 2).await.unwrap(), vec![]);
+
+    // timeZone: an unknown zone is refused with a message and changes nothing.
+    changed.entries[0].time_zone = Some("Mars/Olympus_Mons".into());
+    let refused = host.reconfigure(&changed).await;
+    assert!(
+        refused.len() == 1 && refused[0].contains("Mars/Olympus_Mons"),
+        "{refused:?}"
+    );
+    assert_eq!(env(host.clone(), 2).await.unwrap(), vec![]);
+    // A renamed entry is another plugin: that needs a restart.
+    changed.entries[0].time_zone = None;
+    changed.entries[0].name = Some("renamed".into());
+    assert_eq!(host.reconfigure(&changed).await.len(), 2);
 }
