@@ -230,7 +230,10 @@ pub struct Limits {
     /// calling async task (no thread hand-off). A version's first call runs off the
     /// executor; when it took at most this long, later calls run in place; a call that
     /// takes longer, or is stopped by its deadline or timeout, moves the version off the
-    /// executor for good. `0` = never in place.
+    /// executor for good. `0` (the default) = never in place: measured at the server level
+    /// (BENCHMARKS.md, issue 9) in place saved ~0.15 ms per authenticated claim but cost
+    /// executions under concurrency, where `block_in_place` lets the worker's other tasks
+    /// go on while a guest runs.
     #[serde(alias = "inplacebudgetus")]
     pub in_place_budget_us: u64,
 }
@@ -247,7 +250,7 @@ impl Default for Limits {
             pooling: true,
             keep_resident_kb: 2048,
             inline_calls: true,
-            in_place_budget_us: 1000,
+            in_place_budget_us: 0,
         }
     }
 }
