@@ -10,12 +10,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use poseidon_api::{AuthRequest, Denial, LifecycleEvent, Policies, Principal};
 use poseidon_core::execution::ExecutionRequest;
-use poseidon_core::files::{FileCopy, FileUpdate};
+use poseidon_core::files::FileUpdate;
 use poseidon_core::policy::{PoolPolicy, PoolSnapshot};
 use poseidon_core::EnvironmentId;
 use poseidon_plugin_host::{
-    EnvironmentInfo, ExecuteInput, FileEntry, FilesInput, PluginHost, PluginsConfig,
-    PoolSizerInput, PoolStateInfo,
+    EnvironmentInfo, PluginHost, PluginsConfig, PoolSizerInput, PoolStateInfo,
 };
 
 /// Reads the `plugins:` section: absent or `null` means no plugins.
@@ -213,31 +212,10 @@ impl Policies for PluginPolicies {
         principal: Option<&Principal>,
         request: ExecutionRequest,
     ) -> Result<ExecutionRequest, String> {
-        let input = ExecuteInput {
-            command: request.command,
-            env: request.environment,
-            time_limit: request
-                .time_limit
-                .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-                .unwrap_or(0),
-            privileged: request.privileged,
-            environment_id: to_i64(environment),
-            principal: principal.map(|p| p.tenant.clone()),
-        };
-        let out = self
-            .host
-            .preprocess_execute(input)
+        self.host
+            .preprocess_execute(environment, principal, request)
             .await
-            .map_err(|r| r.message)?;
-        Ok(ExecutionRequest {
-            command: out.command,
-            environment: out.env,
-            time_limit: u64::try_from(out.time_limit)
-                .ok()
-                .filter(|s| *s > 0)
-                .map(Duration::from_secs),
-            privileged: out.privileged,
-        })
+            .map_err(|r| r.message)
     }
 
     async fn preprocess_files(
@@ -246,35 +224,10 @@ impl Policies for PluginPolicies {
         principal: Option<&Principal>,
         update: FileUpdate,
     ) -> Result<FileUpdate, String> {
-        let input = FilesInput {
-            copy: update
-                .copy
-                .into_iter()
-                .map(|f| FileEntry {
-                    path: f.path,
-                    content: f.content,
-                })
-                .collect(),
-            delete: update.delete,
-            environment_id: to_i64(environment),
-            principal: principal.map(|p| p.tenant.clone()),
-        };
-        let out = self
-            .host
-            .preprocess_files(input)
+        self.host
+            .preprocess_files(environment, principal, update)
             .await
-            .map_err(|r| r.message)?;
-        Ok(FileUpdate {
-            delete: out.delete,
-            copy: out
-                .copy
-                .into_iter()
-                .map(|f| FileCopy {
-                    path: f.path,
-                    content: f.content,
-                })
-                .collect(),
-        })
+            .map_err(|r| r.message)
     }
 
     fn plugins_status(&self) -> serde_json::Value {

@@ -2,10 +2,25 @@
 //! types of each supported version. The records 0.1 and 0.2 share are translated by one
 //! macro instantiated per version; what 0.2 added is translated next to it.
 
+use std::time::Duration;
+
+use poseidon_core::execution::ExecutionRequest;
+use poseidon_core::files::{FileCopy, FileUpdate};
 use poseidon_core::policy::{AuthRequest, Denial, Principal};
 use poseidon_core::EnvironmentId;
 
-use crate::types::{EnvironmentInfo, ExecuteInput, FileEntry, FilesInput};
+use crate::host::Subject;
+use crate::types::EnvironmentInfo;
+
+/// An environment id a preprocessor answered, as core's.
+fn core_id(id: i64) -> Result<EnvironmentId, String> {
+    EnvironmentId::try_from(id).map_err(|_| format!("answered environment-id {id}"))
+}
+
+/// A time limit in whole seconds, as WIT carries it (0 = none).
+fn wit_seconds(limit: Option<Duration>) -> i64 {
+    limit.map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
 
 /// An environment id as WIT carries it (`s64`).
 fn wit_id(id: EnvironmentId) -> i64 {
@@ -47,36 +62,44 @@ macro_rules! shared_records {
             }
         }
 
-        impl From<&ExecuteInput> for wit::ExecuteRequest {
-            fn from(r: &ExecuteInput) -> Self {
+        impl From<&Subject<ExecutionRequest>> for wit::ExecuteRequest {
+            fn from(r: &Subject<ExecutionRequest>) -> Self {
                 wit::ExecuteRequest {
-                    command: r.command.clone(),
-                    env: r.env.clone(),
-                    time_limit: r.time_limit,
-                    privileged: r.privileged,
-                    environment_id: r.environment_id,
-                    principal: r.principal.clone(),
+                    command: r.body.command.clone(),
+                    env: r.body.environment.clone(),
+                    time_limit: wit_seconds(r.body.time_limit),
+                    privileged: r.body.privileged,
+                    environment_id: wit_id(r.environment),
+                    principal: r.tenant.clone(),
                 }
             }
         }
 
-        impl From<wit::ExecuteRequest> for ExecuteInput {
-            fn from(r: wit::ExecuteRequest) -> Self {
-                ExecuteInput {
-                    command: r.command,
-                    env: r.env,
-                    time_limit: r.time_limit,
-                    privileged: r.privileged,
-                    environment_id: r.environment_id,
-                    principal: r.principal,
-                }
+        /// A preprocessor's answer; a negative time limit or environment id is a bad answer.
+        impl TryFrom<wit::ExecuteRequest> for Subject<ExecutionRequest> {
+            type Error = String;
+
+            fn try_from(r: wit::ExecuteRequest) -> Result<Self, String> {
+                let seconds = u64::try_from(r.time_limit)
+                    .map_err(|_| "answered a negative time limit".to_string())?;
+                Ok(Subject {
+                    environment: core_id(r.environment_id)?,
+                    tenant: r.principal,
+                    body: ExecutionRequest {
+                        command: r.command,
+                        environment: r.env,
+                        time_limit: (seconds > 0).then(|| Duration::from_secs(seconds)),
+                        privileged: r.privileged,
+                    },
+                })
             }
         }
 
-        impl From<&FilesInput> for wit::FileUpdate {
-            fn from(u: &FilesInput) -> Self {
+        impl From<&Subject<FileUpdate>> for wit::FileUpdate {
+            fn from(u: &Subject<FileUpdate>) -> Self {
                 wit::FileUpdate {
                     copy: u
+                        .body
                         .copy
                         .iter()
                         .map(|f| wit::File {
@@ -84,28 +107,33 @@ macro_rules! shared_records {
                             content: f.content.clone(),
                         })
                         .collect(),
-                    delete: u.delete.clone(),
-                    environment_id: u.environment_id,
-                    principal: u.principal.clone(),
+                    delete: u.body.delete.clone(),
+                    environment_id: wit_id(u.environment),
+                    principal: u.tenant.clone(),
                 }
             }
         }
 
-        impl From<wit::FileUpdate> for FilesInput {
-            fn from(u: wit::FileUpdate) -> Self {
-                FilesInput {
-                    copy: u
-                        .copy
-                        .into_iter()
-                        .map(|f| FileEntry {
-                            path: f.path,
-                            content: f.content,
-                        })
-                        .collect(),
-                    delete: u.delete,
-                    environment_id: u.environment_id,
-                    principal: u.principal,
-                }
+        /// A preprocessor's answer; a negative environment id is a bad answer.
+        impl TryFrom<wit::FileUpdate> for Subject<FileUpdate> {
+            type Error = String;
+
+            fn try_from(u: wit::FileUpdate) -> Result<Self, String> {
+                Ok(Subject {
+                    environment: core_id(u.environment_id)?,
+                    tenant: u.principal,
+                    body: FileUpdate {
+                        copy: u
+                            .copy
+                            .into_iter()
+                            .map(|f| FileCopy {
+                                path: f.path,
+                                content: f.content,
+                            })
+                            .collect(),
+                        delete: u.delete,
+                    },
+                })
             }
         }
 

@@ -10,33 +10,51 @@ use arc_swap::ArcSwapOption;
 use tokio::sync::Semaphore;
 use wasmtime::Store;
 
-/// The environment a request is for (preprocessors apply per environment).
-trait HasEnvironment {
-    fn environment_id(&self) -> i64;
-    fn principal(&self) -> Option<&str>;
-}
-
-impl HasEnvironment for ExecuteInput {
-    fn environment_id(&self) -> i64 {
-        self.environment_id
-    }
-    fn principal(&self) -> Option<&str> {
-        self.principal.as_deref()
-    }
-}
-
-impl HasEnvironment for FilesInput {
-    fn environment_id(&self) -> i64 {
-        self.environment_id
-    }
-    fn principal(&self) -> Option<&str> {
-        self.principal.as_deref()
-    }
+/// A request on its way through the preprocessors, with what they see of its runner and
+/// may not change: the environment and the tenant that claimed it.
+#[derive(Debug, Clone)]
+pub(crate) struct Subject<T> {
+    /// The runner's environment.
+    pub environment: EnvironmentId,
+    /// The tenant that claimed the runner.
+    pub tenant: Option<String>,
+    /// The request (core's execution request or file update).
+    pub body: T,
 }
 
 /// What a preprocessor call gives back: the request as rewritten or the plugin's
 /// rejection (inner), a bad answer (middle), or a failed call (outer).
 type PreprocessOutcome<T> = Result<Result<Result<T, String>, String>, Failure>;
+
+/// `$method` (`call_preprocess_execute` or `call_preprocess_files`) of a preprocessor of
+/// either WIT version on a fresh instance, its answer translated back (a [`PreprocessCall`]).
+macro_rules! preprocessor_call {
+    ($method:ident) => {
+        |store, pre, req| match pre {
+            PluginPre::PreprocessorV1(pre) => {
+                let instance = pre.instantiate(&mut *store).map_err(Failure::Instantiate)?;
+                instance
+                    .poseidon_plugins_preprocessor()
+                    .$method(&mut *store, &req.into())
+                    .map(|r| r.map_or_else(|m| Ok(Err(m)), |out| out.try_into().map(Ok)))
+                    .map_err(Failure::Call)
+            }
+            PluginPre::PreprocessorV2(pre) => {
+                let instance = pre.instantiate(&mut *store).map_err(Failure::Instantiate)?;
+                instance
+                    .poseidon_plugins_preprocessor()
+                    .$method(&mut *store, &req.into())
+                    .map(|r| r.map_or_else(|m| Ok(Err(m)), |out| out.try_into().map(Ok)))
+                    .map_err(Failure::Call)
+            }
+            _ => Ok(Err("the loaded file is not a preprocessor".to_string())),
+        }
+    };
+}
+
+/// One preprocessor call of a chain, for either WIT version.
+type PreprocessCall<T> =
+    fn(&mut Store<HostState>, &PluginPre, &Subject<T>) -> PreprocessOutcome<Subject<T>>;
 use crate::bindings::v2;
 use crate::config::{Limits, PluginEntry, PluginKind, PluginsConfig};
 use crate::error::{CallError, PluginError};
@@ -44,10 +62,12 @@ use crate::loader::{self, LoadedPlugin, PluginPre};
 use crate::placement::Where;
 use crate::runtime::{HostState, PluginIdentity, Runtime};
 use crate::types::{
-    ExecuteInput, FilesInput, ObserverStats, PluginDescription, PluginStatus, PoolSizerInput,
-    PoolStateInfo, Rejection,
+    ObserverStats, PluginDescription, PluginStatus, PoolSizerInput, PoolStateInfo, Rejection,
 };
+use poseidon_core::execution::ExecutionRequest;
+use poseidon_core::files::FileUpdate;
 use poseidon_core::policy::{AuthRequest, Denial, LifecycleEvent, Principal};
+use poseidon_core::EnvironmentId;
 
 /// What a pool sizer call needs, prepared once for either WIT version.
 pub(crate) struct SizerCall {
@@ -379,80 +399,51 @@ impl PluginHost {
         Some(value)
     }
 
-    /// Runs an execute request through the preprocessors that apply to its
-    /// environment, in configuration order. `Err` means: answer HTTP 400 with the
-    /// rejection's message.
-    pub async fn preprocess_execute(&self, req: ExecuteInput) -> Result<ExecuteInput, Rejection> {
-        let Some(inner) = &self.inner else {
-            return Ok(req);
-        };
-        inner
-            .preprocess(
-                req,
-                |store, pre, req| match pre {
-                    PluginPre::PreprocessorV1(pre) => {
-                        let instance =
-                            pre.instantiate(&mut *store).map_err(Failure::Instantiate)?;
-                        instance
-                            .poseidon_plugins_preprocessor()
-                            .call_preprocess_execute(&mut *store, &req.into())
-                            .map(|r| Ok(r.map(ExecuteInput::from)))
-                            .map_err(Failure::Call)
-                    }
-                    PluginPre::PreprocessorV2(pre) => {
-                        let instance =
-                            pre.instantiate(&mut *store).map_err(Failure::Instantiate)?;
-                        instance
-                            .poseidon_plugins_preprocessor()
-                            .call_preprocess_execute(&mut *store, &req.into())
-                            .map(|r| Ok(r.map(ExecuteInput::from)))
-                            .map_err(Failure::Call)
-                    }
-                    _ => Ok(Err("the loaded file is not a preprocessor".to_string())),
-                },
-                |_, out| {
-                    if out.time_limit < 0 {
-                        return Err("answered a negative time limit");
-                    }
-                    Ok(out)
-                },
-            )
+    /// Runs an execute request for a runner of `environment` claimed by `principal`
+    /// through the preprocessors that apply to the environment, in configuration order.
+    /// `Err` means: answer HTTP 400 with the rejection's message.
+    pub async fn preprocess_execute(
+        &self,
+        environment: EnvironmentId,
+        principal: Option<&Principal>,
+        request: ExecutionRequest,
+    ) -> Result<ExecutionRequest, Rejection> {
+        let invoke: PreprocessCall<ExecutionRequest> = preprocessor_call!(call_preprocess_execute);
+        self.preprocess(environment, principal, request, invoke)
             .await
     }
 
-    /// Runs a file update through the preprocessors that apply to its environment, in
-    /// configuration order. `Err` means: answer HTTP 400 with the rejection's message.
-    pub async fn preprocess_files(&self, req: FilesInput) -> Result<FilesInput, Rejection> {
-        let Some(inner) = &self.inner else {
-            return Ok(req);
-        };
-        inner
-            .preprocess(
-                req,
-                |store, pre, req| match pre {
-                    PluginPre::PreprocessorV1(pre) => {
-                        let instance =
-                            pre.instantiate(&mut *store).map_err(Failure::Instantiate)?;
-                        instance
-                            .poseidon_plugins_preprocessor()
-                            .call_preprocess_files(&mut *store, &req.into())
-                            .map(|r| Ok(r.map(FilesInput::from)))
-                            .map_err(Failure::Call)
-                    }
-                    PluginPre::PreprocessorV2(pre) => {
-                        let instance =
-                            pre.instantiate(&mut *store).map_err(Failure::Instantiate)?;
-                        instance
-                            .poseidon_plugins_preprocessor()
-                            .call_preprocess_files(&mut *store, &req.into())
-                            .map(|r| Ok(r.map(FilesInput::from)))
-                            .map_err(Failure::Call)
-                    }
-                    _ => Ok(Err("the loaded file is not a preprocessor".to_string())),
-                },
-                |_, out| Ok(out),
-            )
+    /// Runs a file update for a runner of `environment` claimed by `principal` through
+    /// the preprocessors that apply to the environment, in configuration order. `Err`
+    /// means: answer HTTP 400 with the rejection's message.
+    pub async fn preprocess_files(
+        &self,
+        environment: EnvironmentId,
+        principal: Option<&Principal>,
+        update: FileUpdate,
+    ) -> Result<FileUpdate, Rejection> {
+        let invoke: PreprocessCall<FileUpdate> = preprocessor_call!(call_preprocess_files);
+        self.preprocess(environment, principal, update, invoke)
             .await
+    }
+
+    /// The preprocessor chain for `body` (see [`Inner::preprocess`]); unchanged without plugins.
+    async fn preprocess<T: Clone + Send + Sync + 'static>(
+        &self,
+        environment: EnvironmentId,
+        principal: Option<&Principal>,
+        body: T,
+        invoke: PreprocessCall<T>,
+    ) -> Result<T, Rejection> {
+        let Some(inner) = &self.inner else {
+            return Ok(body);
+        };
+        let subject = Subject {
+            environment,
+            tenant: principal.map(|p| p.tenant.clone()),
+            body,
+        };
+        inner.preprocess(subject, invoke).await.map(|s| s.body)
     }
 
     /// Whether an authenticator is configured (loaded or not). If so, the server must
@@ -712,32 +703,31 @@ impl Inner {
             .collect()
     }
 
-    /// After a failed preprocessor call: `Ok` to go on (fail open), `Err` to reject.
     /// The chain both preprocessor hooks share: every preprocessor that applies, in configuration
     /// order, sees the request as the previous one left it. A rejection ends the chain (HTTP 400);
-    /// a failed call or an answer `accept` refuses follows the plugin's `failOpen`.
+    /// a failed call or a bad answer (one that changes the environment or the tenant, or
+    /// cannot be translated back) follows the plugin's `failOpen`.
     async fn preprocess<T>(
         &self,
-        mut req: T,
-        invoke: fn(&mut Store<HostState>, &PluginPre, &T) -> PreprocessOutcome<T>,
-        accept: impl Fn(&T, T) -> Result<T, &'static str>,
-    ) -> Result<T, Rejection>
+        mut req: Subject<T>,
+        invoke: PreprocessCall<T>,
+    ) -> Result<Subject<T>, Rejection>
     where
-        T: HasEnvironment + Clone + Send + Sync + 'static,
+        T: Clone + Send + Sync + 'static,
     {
-        for slot in self.preprocessors(req.environment_id()) {
+        let env_id = i64::try_from(req.environment).unwrap_or(i64::MAX);
+        for slot in self.preprocessors(env_id) {
             let request = req.clone();
             let result = self
                 .call(&slot, move |store, pre| invoke(store, pre, &request))
                 .await;
             match result {
                 Ok(Ok(out)) => {
-                    let checked = if out.environment_id() != req.environment_id()
-                        || out.principal() != req.principal()
+                    let checked = if out.environment != req.environment || out.tenant != req.tenant
                     {
                         Err("changed environment-id or principal")
                     } else {
-                        accept(&req, out)
+                        Ok(out)
                     };
                     match checked {
                         Ok(next) => req = next,

@@ -80,8 +80,8 @@ pub use poseidon_core::policy::{
     AuthRequest, Denial, ExecutionOutcome, LifecycleEvent, LifecycleKind, Principal,
 };
 pub use types::{
-    EnvironmentInfo, ExecuteInput, FileEntry, FilesInput, ObserverStats, PluginDescription,
-    PluginStatus, PoolSizerInput, PoolStateInfo, Rejection,
+    EnvironmentInfo, ObserverStats, PluginDescription, PluginStatus, PoolSizerInput, PoolStateInfo,
+    Rejection,
 };
 
 /// The newest version of the `poseidon:plugins` WIT package this host implements.

@@ -58,48 +58,6 @@ pub struct PoolSizerInput {
     pub pool: PoolStateInfo,
 }
 
-/// An execute request, as passed to (and returned by) preprocessors.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", default)]
-pub struct ExecuteInput {
-    /// The command line.
-    pub command: String,
-    /// Environment variables.
-    pub env: Vec<(String, String)>,
-    /// Time limit in seconds (0 = none).
-    pub time_limit: i64,
-    /// Privileged execution.
-    pub privileged: bool,
-    /// The runner's environment; preprocessors may not change it.
-    pub environment_id: i64,
-    /// The tenant that claimed the runner; preprocessors may not change it.
-    pub principal: Option<String>,
-}
-
-/// A file to write, in a [`FilesInput`].
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-pub struct FileEntry {
-    /// Path in the runner.
-    pub path: String,
-    /// Content.
-    pub content: Vec<u8>,
-}
-
-/// A file update (`PATCH /runners/{id}/files`), as passed to (and returned by)
-/// preprocessors.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", default)]
-pub struct FilesInput {
-    /// Files to create or overwrite.
-    pub copy: Vec<FileEntry>,
-    /// Paths to delete.
-    pub delete: Vec<String>,
-    /// The runner's environment; preprocessors may not change it.
-    pub environment_id: i64,
-    /// The tenant that claimed the runner; preprocessors may not change it.
-    pub principal: Option<String>,
-}
-
 /// A request rejected by a preprocessor (or by a failing one, unless `failOpen`):
 /// answer with HTTP 400 and `{"message": message}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]

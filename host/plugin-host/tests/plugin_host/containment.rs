@@ -1,16 +1,13 @@
 //! Misbehaving plugins: endless loops, endless allocation, traps, corrupt and
 //! incompatible files. The host must report the error and keep working.
 
-use poseidon_plugin_host::{AuthRequest, ExecuteInput, PluginHost, PluginKind};
+use poseidon_core::execution::ExecutionRequest;
+use poseidon_plugin_host::{AuthRequest, PluginHost, PluginKind};
 
 use crate::common::*;
 
-fn exec_request() -> ExecuteInput {
-    ExecuteInput {
-        command: "make run".into(),
-        environment_id: 1,
-        ..ExecuteInput::default()
-    }
+fn exec_request() -> ExecutionRequest {
+    execution("make run")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -92,7 +89,10 @@ async fn endless_allocation_hits_the_memory_limit() {
     cfg.limits.memory_mb = 16;
     let host = PluginHost::start(cfg).await.unwrap();
 
-    let rejection = host.preprocess_execute(exec_request()).await.unwrap_err();
+    let rejection = host
+        .preprocess_execute(1, None, exec_request())
+        .await
+        .unwrap_err();
     assert_eq!(rejection.plugin, "hog");
     assert!(
         rejection
@@ -123,8 +123,14 @@ async fn fail_open_lets_requests_pass_a_failing_preprocessor() {
     let host = PluginHost::start(cfg).await.unwrap();
 
     // The hog fails (fail open), the guard after it in the chain still runs.
-    let out = host.preprocess_execute(exec_request()).await.unwrap();
-    assert_eq!(out.env, vec![("CHECKED".to_string(), "yes".to_string())]);
+    let out = host
+        .preprocess_execute(1, None, exec_request())
+        .await
+        .unwrap();
+    assert_eq!(
+        out.environment,
+        vec![("CHECKED".to_string(), "yes".to_string())]
+    );
     assert_eq!(status(&host, "hog").failures, 1);
 }
 
@@ -229,7 +235,10 @@ async fn incompatible_version_and_wrong_kind_are_refused() {
         "{error}"
     );
     // A configured preprocessor that is not loaded rejects (fail closed).
-    let r = host.preprocess_execute(exec_request()).await.unwrap_err();
+    let r = host
+        .preprocess_execute(1, None, exec_request())
+        .await
+        .unwrap_err();
     assert!(r.message.contains("plugin is not loaded"), "{r:?}");
     assert!(status(&host, "auth").loaded);
 }

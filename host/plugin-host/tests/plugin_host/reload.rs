@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use poseidon_plugin_host::{ExecuteInput, PluginHost, PluginKind};
+use poseidon_plugin_host::{PluginHost, PluginKind};
 use sha2::Digest;
 
 use crate::common::*;
@@ -159,14 +159,10 @@ async fn changed_config_applies_without_restart_and_without_failed_calls() {
     let host = PluginHost::start(cfg.clone()).await.unwrap();
     let round = |host: PluginHost| async move {
         let out = host
-            .preprocess_execute(ExecuteInput {
-                command: "make".into(),
-                environment_id: 1,
-                ..ExecuteInput::default()
-            })
+            .preprocess_execute(1, None, execution("make"))
             .await
             .expect("no call may fail while the configuration changes");
-        out.env
+        out.environment
             .iter()
             .find(|(k, _)| k == "ROUND")
             .map(|(_, v)| v.clone())
@@ -237,14 +233,10 @@ async fn changed_entry_settings_apply_without_restart_and_without_failed_calls()
     pre.environments = Some(vec![1]);
     let cfg = config(&dir, vec![pre]);
     let host = PluginHost::start(cfg.clone()).await.unwrap();
-    let env = |host: PluginHost, environment_id: i64| async move {
-        host.preprocess_execute(ExecuteInput {
-            command: "make".into(),
-            environment_id,
-            ..ExecuteInput::default()
-        })
-        .await
-        .map(|out| out.env)
+    let env = |host: PluginHost, environment: u64| async move {
+        host.preprocess_execute(environment, None, execution("make"))
+            .await
+            .map(|out| out.environment)
     };
     let round = vec![("ROUND".to_string(), "1".to_string())];
     assert_eq!(env(host.clone(), 1).await.unwrap(), round);

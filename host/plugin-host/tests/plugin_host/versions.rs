@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use poseidon_plugin_host::{
-    check_file, AuthRequest, ExecuteInput, ExecutionOutcome, LifecycleEvent, LifecycleKind,
-    PluginHost, PluginKind,
+    check_file, AuthRequest, ExecutionOutcome, LifecycleEvent, LifecycleKind, PluginHost,
+    PluginKind,
 };
 
 use crate::common::*;
@@ -91,15 +91,11 @@ async fn sizers_and_preprocessors_of_both_versions_serve_side_by_side() {
     assert_eq!(host.pool_size(sizer_input(2, 0)).await, Some(330));
     // The chain runs a 0.1 and a 0.2 preprocessor in turn.
     let out = host
-        .preprocess_execute(ExecuteInput {
-            command: "make".into(),
-            environment_id: 1,
-            ..ExecuteInput::default()
-        })
+        .preprocess_execute(1, None, execution("make"))
         .await
         .unwrap();
     assert_eq!(
-        out.env,
+        out.environment,
         [
             ("CHECKED".to_string(), "0.1".to_string()),
             ("WIT_VERSION".to_string(), "0.2".to_string())
