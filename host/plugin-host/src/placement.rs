@@ -9,6 +9,10 @@
 //! runs longer than the budget or is stopped by its deadline or timeout moves the version
 //! off the executor for good. A worker is thus held by a guest at most once per version,
 //! and never longer than the call's own bounds (epoch deadline, wall-clock timeout).
+//!
+//! Opt-in: with the default budget 0 every call runs off the executor (measured at the
+//! server level, in place cost executions under concurrency more than it saved; see
+//! BENCHMARKS.md).
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
