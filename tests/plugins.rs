@@ -1107,6 +1107,31 @@ async fn a_config_change_in_the_file_applies_without_a_restart_or_a_signal() {
             "the changed file was not applied after {runs} executions"
         );
     }
+    // The entry's other settings apply live as well: its environments no longer include 9.
+    let yaml = std::fs::read_to_string(s.config_path()).unwrap();
+    assert!(yaml.contains("    - file: guard.wasm\n"), "{yaml}");
+    std::fs::write(
+        s.config_path(),
+        yaml.replace(
+            "    - file: guard.wasm\n",
+            "    - file: guard.wasm\n      environments: [10]\n",
+        ),
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let session = s.run(&runner, json!({"command": "sh main.sh"})).await;
+        runs += 1;
+        assert_eq!(session.exit(), Some(0), "{session:?}");
+        if session.stdout.trim().is_empty() {
+            break;
+        }
+        assert_eq!(session.stdout.trim(), "second");
+        assert!(
+            Instant::now() < deadline,
+            "the changed environments were not applied after {runs} executions"
+        );
+    }
     let plugins: Value = s.get_json(s.url("/plugins")).await;
     assert_eq!(plugins[0]["failures"], 0, "{plugins}");
     eventually("the reload is logged", 10, || async {
@@ -1115,6 +1140,10 @@ async fn a_config_change_in_the_file_applies_without_a_restart_or_a_signal() {
     })
     .await;
     assert!(!s.log().contains("SIGHUP"), "no signal was sent");
+    assert!(
+        !s.log().contains("restart the server"),
+        "nothing needed a restart"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

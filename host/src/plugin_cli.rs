@@ -10,9 +10,12 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use poseidon_core::execution::ExecutionRequest;
+use poseidon_core::files::{FileCopy, FileUpdate};
+
 use poseidon_plugin_host::{
-    AuthInput, ExecuteInput, FilesInput, LifecycleEvent, PluginEntry, PluginHost, PluginKind,
-    PluginsConfig, PoolSizerInput,
+    AuthRequest, LifecycleEvent, PluginEntry, PluginHost, PluginKind, PluginsConfig,
+    PoolSizerInput, Principal,
 };
 
 /// The usage of the plugin commands.
@@ -155,16 +158,26 @@ impl CallArgs {
                 serde_json::to_value(host.pool_size(input).await)
             }
             PluginKind::Preprocessor if input.get("command").is_some() => {
-                let input: ExecuteInput = serde_json::from_value(input).map_err(bad_input)?;
-                serde_json::to_value(host.preprocess_execute(input).await)
+                let input: ExecuteJson = serde_json::from_value(input).map_err(bad_input)?;
+                let (environment, principal) = input.runner();
+                let answer = host
+                    .preprocess_execute(environment, principal.as_ref(), input.request())
+                    .await
+                    .map(|out| ExecuteJson::new(out, &input));
+                serde_json::to_value(answer)
             }
             PluginKind::Preprocessor => {
-                let input: FilesInput = serde_json::from_value(input).map_err(bad_input)?;
-                serde_json::to_value(host.preprocess_files(input).await)
+                let input: FilesJson = serde_json::from_value(input).map_err(bad_input)?;
+                let (environment, principal) = input.runner();
+                let answer = host
+                    .preprocess_files(environment, principal.as_ref(), input.update())
+                    .await
+                    .map(|out| FilesJson::new(out, &input));
+                serde_json::to_value(answer)
             }
             PluginKind::Authenticator => {
-                let input: AuthInput = serde_json::from_value(input).map_err(bad_input)?;
-                serde_json::to_value(host.authenticate(input).await)
+                let input: AuthRequest = serde_json::from_value(input).map_err(bad_input)?;
+                serde_json::to_value(host.authenticate(&input).await)
             }
             PluginKind::Observer => {
                 let events: Vec<LifecycleEvent> = match input {
@@ -432,4 +445,107 @@ mod tests {
             .unwrap();
         assert_eq!(e, "--input is required");
     }
+}
+
+/// `--input` of a preprocessor call on an execution, and its answer: the WIT record's
+/// fields (`timeLimit` in seconds, 0 = none; the runner's `environmentId` and tenant as
+/// `principal`).
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+struct ExecuteJson {
+    command: String,
+    env: Vec<(String, String)>,
+    time_limit: u64,
+    privileged: bool,
+    environment_id: u64,
+    principal: Option<String>,
+}
+
+impl ExecuteJson {
+    fn runner(&self) -> (u64, Option<Principal>) {
+        (self.environment_id, principal(&self.principal))
+    }
+
+    fn request(&self) -> ExecutionRequest {
+        ExecutionRequest {
+            command: self.command.clone(),
+            environment: self.env.clone(),
+            time_limit: (self.time_limit > 0).then(|| Duration::from_secs(self.time_limit)),
+            privileged: self.privileged,
+        }
+    }
+
+    fn new(out: ExecutionRequest, input: &ExecuteJson) -> ExecuteJson {
+        ExecuteJson {
+            command: out.command,
+            env: out.environment,
+            time_limit: out.time_limit.map_or(0, |d| d.as_secs()),
+            privileged: out.privileged,
+            environment_id: input.environment_id,
+            principal: input.principal.clone(),
+        }
+    }
+}
+
+/// `--input` of a preprocessor call on a file update, and its answer (the WIT record's
+/// fields; `content` as an array of bytes).
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+struct FilesJson {
+    copy: Vec<FileJson>,
+    delete: Vec<String>,
+    environment_id: u64,
+    principal: Option<String>,
+}
+
+/// A file of [`FilesJson`].
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+struct FileJson {
+    path: String,
+    content: Vec<u8>,
+}
+
+impl FilesJson {
+    fn runner(&self) -> (u64, Option<Principal>) {
+        (self.environment_id, principal(&self.principal))
+    }
+
+    fn update(&self) -> FileUpdate {
+        FileUpdate {
+            delete: self.delete.clone(),
+            copy: self
+                .copy
+                .iter()
+                .map(|f| FileCopy {
+                    path: f.path.clone(),
+                    content: f.content.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    fn new(out: FileUpdate, input: &FilesJson) -> FilesJson {
+        FilesJson {
+            copy: out
+                .copy
+                .into_iter()
+                .map(|f| FileJson {
+                    path: f.path,
+                    content: f.content,
+                })
+                .collect(),
+            delete: out.delete,
+            environment_id: input.environment_id,
+            principal: input.principal.clone(),
+        }
+    }
+}
+
+/// The tenant of a `principal` field (all environments: a preprocessor sees only the name).
+fn principal(tenant: &Option<String>) -> Option<Principal> {
+    tenant.as_ref().map(|t| Principal {
+        tenant: t.clone(),
+        environments: None,
+    })
 }

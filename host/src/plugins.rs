@@ -8,17 +8,13 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use poseidon_api::{
-    AuthRequest, Denial, ExecutionOutcome, LifecycleEvent, LifecycleKind, Policies, Principal,
-};
+use poseidon_api::{AuthRequest, Denial, LifecycleEvent, Policies, Principal};
 use poseidon_core::execution::ExecutionRequest;
-use poseidon_core::files::{FileCopy, FileUpdate};
+use poseidon_core::files::FileUpdate;
 use poseidon_core::policy::{PoolPolicy, PoolSnapshot};
 use poseidon_core::EnvironmentId;
-use poseidon_plugin_host as ph;
 use poseidon_plugin_host::{
-    AuthInput, EnvironmentInfo, ExecuteInput, FileEntry, FilesInput, PluginHost, PluginsConfig,
-    PoolSizerInput, PoolStateInfo,
+    EnvironmentInfo, PluginHost, PluginsConfig, PoolSizerInput, PoolStateInfo,
 };
 
 /// Reads the `plugins:` section: absent or `null` means no plugins.
@@ -200,34 +196,14 @@ impl Policies for PluginPolicies {
     }
 
     fn observe(&self, event: LifecycleEvent) {
-        self.host.observe(lifecycle_event(event));
+        self.host.observe(event);
     }
 
     async fn authenticate(&self, request: &AuthRequest) -> Result<Option<Principal>, Denial> {
         if !self.host.has_authenticator() {
             return Ok(None);
         }
-        let input = AuthInput {
-            method: request.method.clone(),
-            path: request.path.clone(),
-            headers: request.headers.clone(),
-            peer_address: request.peer.clone().unwrap_or_default(),
-            poseidon_token: request.token.clone(),
-        };
-        match self.host.authenticate(input).await {
-            Ok(p) => Ok(Some(Principal {
-                tenant: p.tenant,
-                environments: p.environments.map(|ids| {
-                    ids.into_iter()
-                        .filter_map(|id| EnvironmentId::try_from(id).ok())
-                        .collect()
-                }),
-            })),
-            Err(d) => Err(Denial {
-                status: d.status,
-                message: d.message,
-            }),
-        }
+        self.host.authenticate(request).await.map(Some)
     }
 
     async fn preprocess_execute(
@@ -236,31 +212,10 @@ impl Policies for PluginPolicies {
         principal: Option<&Principal>,
         request: ExecutionRequest,
     ) -> Result<ExecutionRequest, String> {
-        let input = ExecuteInput {
-            command: request.command,
-            env: request.environment,
-            time_limit: request
-                .time_limit
-                .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-                .unwrap_or(0),
-            privileged: request.privileged,
-            environment_id: to_i64(environment),
-            principal: principal.map(|p| p.tenant.clone()),
-        };
-        let out = self
-            .host
-            .preprocess_execute(input)
+        self.host
+            .preprocess_execute(environment, principal, request)
             .await
-            .map_err(|r| r.message)?;
-        Ok(ExecutionRequest {
-            command: out.command,
-            environment: out.env,
-            time_limit: u64::try_from(out.time_limit)
-                .ok()
-                .filter(|s| *s > 0)
-                .map(Duration::from_secs),
-            privileged: out.privileged,
-        })
+            .map_err(|r| r.message)
     }
 
     async fn preprocess_files(
@@ -269,35 +224,10 @@ impl Policies for PluginPolicies {
         principal: Option<&Principal>,
         update: FileUpdate,
     ) -> Result<FileUpdate, String> {
-        let input = FilesInput {
-            copy: update
-                .copy
-                .into_iter()
-                .map(|f| FileEntry {
-                    path: f.path,
-                    content: f.content,
-                })
-                .collect(),
-            delete: update.delete,
-            environment_id: to_i64(environment),
-            principal: principal.map(|p| p.tenant.clone()),
-        };
-        let out = self
-            .host
-            .preprocess_files(input)
+        self.host
+            .preprocess_files(environment, principal, update)
             .await
-            .map_err(|r| r.message)?;
-        Ok(FileUpdate {
-            delete: out.delete,
-            copy: out
-                .copy
-                .into_iter()
-                .map(|f| FileCopy {
-                    path: f.path,
-                    content: f.content,
-                })
-                .collect(),
-        })
+            .map_err(|r| r.message)
     }
 
     fn plugins_status(&self) -> serde_json::Value {
@@ -334,50 +264,6 @@ impl PoolPolicy for PluginPolicies {
             },
         };
         self.host.pool_size(input).await
-    }
-}
-
-/// The API's lifecycle event as the plugin host takes it.
-fn lifecycle_event(e: LifecycleEvent) -> ph::LifecycleEvent {
-    let at_ms =
-        e.at.duration_since(std::time::UNIX_EPOCH)
-            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-            .unwrap_or(0);
-    ph::LifecycleEvent {
-        at_ms,
-        runner_id: e.runner_id,
-        environment_id: to_i64(e.environment),
-        tenant: e.tenant,
-        kind: match e.kind {
-            LifecycleKind::Claimed => ph::LifecycleKind::Claimed,
-            LifecycleKind::FilesChanged {
-                copied,
-                deleted,
-                bytes,
-            } => ph::LifecycleKind::FilesChanged {
-                copied,
-                deleted,
-                bytes,
-            },
-            LifecycleKind::ExecutionStarted { command } => {
-                ph::LifecycleKind::ExecutionStarted { command }
-            }
-            LifecycleKind::ExecutionEnded {
-                outcome,
-                exit_code,
-                duration,
-            } => ph::LifecycleKind::ExecutionEnded {
-                outcome: match outcome {
-                    ExecutionOutcome::Exited => ph::ExecutionOutcome::Exited,
-                    ExecutionOutcome::TimedOut => ph::ExecutionOutcome::TimedOut,
-                    ExecutionOutcome::Failed => ph::ExecutionOutcome::Failed,
-                    ExecutionOutcome::Abandoned => ph::ExecutionOutcome::Abandoned,
-                },
-                exit_code,
-                duration_ms: u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
-            },
-            LifecycleKind::Destroyed => ph::LifecycleKind::Destroyed,
-        },
     }
 }
 

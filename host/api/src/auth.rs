@@ -38,11 +38,11 @@ pub(crate) async fn authenticate(
                 )
             })
             .collect(),
-        peer: request
+        peer_address: request
             .extensions()
             .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
             .map(|c| c.0.to_string()),
-        token: request
+        poseidon_token: request
             .headers()
             .get("Poseidon-Token")
             .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()),

@@ -15,9 +15,9 @@ pub(crate) fn emit(state: &AppState, runner: &Runner, kind: impl FnOnce() -> Lif
         return;
     }
     state.policies.observe(LifecycleEvent {
-        at: SystemTime::now(),
+        at_ms: LifecycleEvent::unix_ms(SystemTime::now()),
         runner_id: runner.id().to_string(),
-        environment: runner.environment(),
+        environment_id: runner.environment(),
         tenant: runner.owner().map(str::to_string),
         kind: kind(),
     });
@@ -51,6 +51,6 @@ pub(crate) fn ended(last: Option<&ExecEvent>, duration: Duration) -> LifecycleKi
     LifecycleKind::ExecutionEnded {
         outcome,
         exit_code,
-        duration,
+        duration_ms: u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
     }
 }

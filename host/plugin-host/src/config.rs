@@ -220,10 +220,22 @@ pub struct Limits {
     /// not page-fault its way back into its stack and heap. `0` = always `madvise`.
     #[serde(alias = "keepresidentkb")]
     pub keep_resident_kb: u64,
-    /// Run guest calls on the calling worker thread (`block_in_place`) instead of hopping
-    /// to tokio's blocking pool; the hop waits for the scheduler twice per call.
+    /// Run guest calls on the calling worker thread instead of hopping to tokio's blocking
+    /// pool (the hop waits for the scheduler twice per call): in place on the calling task
+    /// once a version's calls have proved short (see `inPlaceBudgetUs`), otherwise inside
+    /// `block_in_place`. `false`: every call hops to the blocking pool.
     #[serde(alias = "inlinecalls")]
     pub inline_calls: bool,
+    /// Longest call, in microseconds, that lets a version's calls run in place on the
+    /// calling async task (no thread hand-off). A version's first call runs off the
+    /// executor; when it took at most this long, later calls run in place; a call that
+    /// takes longer, or is stopped by its deadline or timeout, moves the version off the
+    /// executor for good. `0` (the default) = never in place: measured at the server level
+    /// (BENCHMARKS.md, issue 9) in place saved ~0.15 ms per authenticated claim but cost
+    /// executions under concurrency, where `block_in_place` lets the worker's other tasks
+    /// go on while a guest runs.
+    #[serde(alias = "inplacebudgetus")]
+    pub in_place_budget_us: u64,
 }
 
 impl Default for Limits {
@@ -238,6 +250,7 @@ impl Default for Limits {
             pooling: true,
             keep_resident_kb: 2048,
             inline_calls: true,
+            in_place_budget_us: 0,
         }
     }
 }

@@ -2,7 +2,46 @@
 //! types of each supported version. The records 0.1 and 0.2 share are translated by one
 //! macro instantiated per version; what 0.2 added is translated next to it.
 
-use crate::types::{Denial, EnvironmentInfo, ExecuteInput, FileEntry, FilesInput, Principal};
+use std::time::Duration;
+
+use poseidon_core::execution::ExecutionRequest;
+use poseidon_core::files::{FileCopy, FileUpdate};
+use poseidon_core::policy::{AuthRequest, Denial, Principal};
+use poseidon_core::EnvironmentId;
+
+use crate::host::Subject;
+use crate::types::EnvironmentInfo;
+
+/// An environment id a preprocessor answered, as core's.
+fn core_id(id: i64) -> Result<EnvironmentId, String> {
+    EnvironmentId::try_from(id).map_err(|_| format!("answered environment-id {id}"))
+}
+
+/// A time limit in whole seconds, as WIT carries it (0 = none).
+fn wit_seconds(limit: Option<Duration>) -> i64 {
+    limit.map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// An environment id as WIT carries it (`s64`).
+fn wit_id(id: EnvironmentId) -> i64 {
+    i64::try_from(id).unwrap_or(i64::MAX)
+}
+
+/// What an authenticator of any version is given of a request: the method upper-case,
+/// the header names lower-case (HTTP header names are case-insensitive), the peer's
+/// address or "".
+fn auth_parts(r: &AuthRequest) -> (String, Vec<(String, String)>, String) {
+    let headers = r
+        .headers
+        .iter()
+        .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+        .collect();
+    (
+        r.method.to_ascii_uppercase(),
+        headers,
+        r.peer_address.clone().unwrap_or_default(),
+    )
+}
 
 /// Translations of the records every version has, for the `types` module `$wit`.
 macro_rules! shared_records {
@@ -23,36 +62,44 @@ macro_rules! shared_records {
             }
         }
 
-        impl From<&ExecuteInput> for wit::ExecuteRequest {
-            fn from(r: &ExecuteInput) -> Self {
+        impl From<&Subject<ExecutionRequest>> for wit::ExecuteRequest {
+            fn from(r: &Subject<ExecutionRequest>) -> Self {
                 wit::ExecuteRequest {
-                    command: r.command.clone(),
-                    env: r.env.clone(),
-                    time_limit: r.time_limit,
-                    privileged: r.privileged,
-                    environment_id: r.environment_id,
-                    principal: r.principal.clone(),
+                    command: r.body.command.clone(),
+                    env: r.body.environment.clone(),
+                    time_limit: wit_seconds(r.body.time_limit),
+                    privileged: r.body.privileged,
+                    environment_id: wit_id(r.environment),
+                    principal: r.tenant.clone(),
                 }
             }
         }
 
-        impl From<wit::ExecuteRequest> for ExecuteInput {
-            fn from(r: wit::ExecuteRequest) -> Self {
-                ExecuteInput {
-                    command: r.command,
-                    env: r.env,
-                    time_limit: r.time_limit,
-                    privileged: r.privileged,
-                    environment_id: r.environment_id,
-                    principal: r.principal,
-                }
+        /// A preprocessor's answer; a negative time limit or environment id is a bad answer.
+        impl TryFrom<wit::ExecuteRequest> for Subject<ExecutionRequest> {
+            type Error = String;
+
+            fn try_from(r: wit::ExecuteRequest) -> Result<Self, String> {
+                let seconds = u64::try_from(r.time_limit)
+                    .map_err(|_| "answered a negative time limit".to_string())?;
+                Ok(Subject {
+                    environment: core_id(r.environment_id)?,
+                    tenant: r.principal,
+                    body: ExecutionRequest {
+                        command: r.command,
+                        environment: r.env,
+                        time_limit: (seconds > 0).then(|| Duration::from_secs(seconds)),
+                        privileged: r.privileged,
+                    },
+                })
             }
         }
 
-        impl From<&FilesInput> for wit::FileUpdate {
-            fn from(u: &FilesInput) -> Self {
+        impl From<&Subject<FileUpdate>> for wit::FileUpdate {
+            fn from(u: &Subject<FileUpdate>) -> Self {
                 wit::FileUpdate {
                     copy: u
+                        .body
                         .copy
                         .iter()
                         .map(|f| wit::File {
@@ -60,28 +107,33 @@ macro_rules! shared_records {
                             content: f.content.clone(),
                         })
                         .collect(),
-                    delete: u.delete.clone(),
-                    environment_id: u.environment_id,
-                    principal: u.principal.clone(),
+                    delete: u.body.delete.clone(),
+                    environment_id: wit_id(u.environment),
+                    principal: u.tenant.clone(),
                 }
             }
         }
 
-        impl From<wit::FileUpdate> for FilesInput {
-            fn from(u: wit::FileUpdate) -> Self {
-                FilesInput {
-                    copy: u
-                        .copy
-                        .into_iter()
-                        .map(|f| FileEntry {
-                            path: f.path,
-                            content: f.content,
-                        })
-                        .collect(),
-                    delete: u.delete,
-                    environment_id: u.environment_id,
-                    principal: u.principal,
-                }
+        /// A preprocessor's answer; a negative environment id is a bad answer.
+        impl TryFrom<wit::FileUpdate> for Subject<FileUpdate> {
+            type Error = String;
+
+            fn try_from(u: wit::FileUpdate) -> Result<Self, String> {
+                Ok(Subject {
+                    environment: core_id(u.environment_id)?,
+                    tenant: u.principal,
+                    body: FileUpdate {
+                        copy: u
+                            .copy
+                            .into_iter()
+                            .map(|f| FileCopy {
+                                path: f.path,
+                                content: f.content,
+                            })
+                            .collect(),
+                        delete: u.delete,
+                    },
+                })
             }
         }
 
@@ -89,7 +141,12 @@ macro_rules! shared_records {
             fn from(p: wit::Principal) -> Self {
                 Principal {
                     tenant: p.tenant,
-                    environments: p.environments,
+                    // Negative ids name no environment.
+                    environments: p.environments.map(|ids| {
+                        ids.into_iter()
+                            .filter_map(|id| EnvironmentId::try_from(id).ok())
+                            .collect()
+                    }),
                 }
             }
         }
@@ -109,7 +166,6 @@ macro_rules! shared_records {
 pub(crate) mod v1 {
     use super::*;
     use crate::host::SizerCall;
-    use crate::types::AuthInput;
     shared_records!(crate::bindings::v1::types);
 
     impl From<&SizerCall> for wit::PoolState {
@@ -127,13 +183,14 @@ pub(crate) mod v1 {
     }
 
     /// A 0.1 authenticator never sees the `Poseidon-Token`.
-    impl From<&AuthInput> for wit::AuthRequest {
-        fn from(r: &AuthInput) -> Self {
+    impl From<&AuthRequest> for wit::AuthRequest {
+        fn from(r: &AuthRequest) -> Self {
+            let (method, headers, peer_address) = auth_parts(r);
             wit::AuthRequest {
-                method: r.method.clone(),
+                method,
                 path: r.path.clone(),
-                headers: r.headers.clone(),
-                peer_address: r.peer_address.clone(),
+                headers,
+                peer_address,
             }
         }
     }
@@ -143,7 +200,7 @@ pub(crate) mod v1 {
 pub(crate) mod v2 {
     use super::*;
     use crate::host::SizerCall;
-    use crate::types::{AuthInput, ExecutionOutcome, LifecycleEvent, LifecycleKind};
+    use poseidon_core::policy::{ExecutionOutcome, LifecycleEvent, LifecycleKind};
     shared_records!(crate::bindings::v2::types);
 
     impl From<&SizerCall> for wit::PoolState {
@@ -179,13 +236,14 @@ pub(crate) mod v2 {
         }
     }
 
-    impl From<&AuthInput> for wit::AuthRequest {
-        fn from(r: &AuthInput) -> Self {
+    impl From<&AuthRequest> for wit::AuthRequest {
+        fn from(r: &AuthRequest) -> Self {
+            let (method, headers, peer_address) = auth_parts(r);
             wit::AuthRequest {
-                method: r.method.clone(),
+                method,
                 path: r.path.clone(),
-                headers: r.headers.clone(),
-                peer_address: r.peer_address.clone(),
+                headers,
+                peer_address,
                 poseidon_token: r.poseidon_token.clone(),
             }
         }
@@ -197,7 +255,7 @@ pub(crate) mod v2 {
                 at_ms: e.at_ms,
                 runner: wit::RunnerRef {
                     runner_id: e.runner_id.clone(),
-                    environment_id: e.environment_id,
+                    environment_id: wit_id(e.environment_id),
                     tenant: e.tenant.clone(),
                 },
                 kind: match &e.kind {

@@ -10,42 +10,64 @@ use arc_swap::ArcSwapOption;
 use tokio::sync::Semaphore;
 use wasmtime::Store;
 
-/// The environment a request is for (preprocessors apply per environment).
-trait HasEnvironment {
-    fn environment_id(&self) -> i64;
-    fn principal(&self) -> Option<&str>;
-}
-
-impl HasEnvironment for ExecuteInput {
-    fn environment_id(&self) -> i64 {
-        self.environment_id
-    }
-    fn principal(&self) -> Option<&str> {
-        self.principal.as_deref()
-    }
-}
-
-impl HasEnvironment for FilesInput {
-    fn environment_id(&self) -> i64 {
-        self.environment_id
-    }
-    fn principal(&self) -> Option<&str> {
-        self.principal.as_deref()
-    }
+/// A request on its way through the preprocessors, with what they see of its runner and
+/// may not change: the environment and the tenant that claimed it.
+#[derive(Debug, Clone)]
+pub(crate) struct Subject<T> {
+    /// The runner's environment.
+    pub environment: EnvironmentId,
+    /// The tenant that claimed the runner.
+    pub tenant: Option<String>,
+    /// The request (core's execution request or file update).
+    pub body: T,
 }
 
 /// What a preprocessor call gives back: the request as rewritten or the plugin's
 /// rejection (inner), a bad answer (middle), or a failed call (outer).
 type PreprocessOutcome<T> = Result<Result<Result<T, String>, String>, Failure>;
+
+/// `$method` (`call_preprocess_execute` or `call_preprocess_files`) of a preprocessor of
+/// either WIT version on a fresh instance, its answer translated back (a [`PreprocessCall`]).
+macro_rules! preprocessor_call {
+    ($method:ident) => {
+        |store, pre, req| match pre {
+            PluginPre::PreprocessorV1(pre) => {
+                let instance = pre.instantiate(&mut *store).map_err(Failure::Instantiate)?;
+                instance
+                    .poseidon_plugins_preprocessor()
+                    .$method(&mut *store, &req.into())
+                    .map(|r| r.map_or_else(|m| Ok(Err(m)), |out| out.try_into().map(Ok)))
+                    .map_err(Failure::Call)
+            }
+            PluginPre::PreprocessorV2(pre) => {
+                let instance = pre.instantiate(&mut *store).map_err(Failure::Instantiate)?;
+                instance
+                    .poseidon_plugins_preprocessor()
+                    .$method(&mut *store, &req.into())
+                    .map(|r| r.map_or_else(|m| Ok(Err(m)), |out| out.try_into().map(Ok)))
+                    .map_err(Failure::Call)
+            }
+            _ => Ok(Err("the loaded file is not a preprocessor".to_string())),
+        }
+    };
+}
+
+/// One preprocessor call of a chain, for either WIT version.
+type PreprocessCall<T> =
+    fn(&mut Store<HostState>, &PluginPre, &Subject<T>) -> PreprocessOutcome<Subject<T>>;
 use crate::bindings::v2;
 use crate::config::{Limits, PluginEntry, PluginKind, PluginsConfig};
 use crate::error::{CallError, PluginError};
 use crate::loader::{self, LoadedPlugin, PluginPre};
+use crate::placement::Where;
 use crate::runtime::{HostState, PluginIdentity, Runtime};
 use crate::types::{
-    AuthInput, Denial, ExecuteInput, FilesInput, LifecycleEvent, ObserverStats, PluginDescription,
-    PluginStatus, PoolSizerInput, PoolStateInfo, Principal, Rejection,
+    ObserverStats, PluginDescription, PluginStatus, PoolSizerInput, PoolStateInfo, Rejection,
 };
+use poseidon_core::execution::ExecutionRequest;
+use poseidon_core::files::FileUpdate;
+use poseidon_core::policy::{AuthRequest, Denial, LifecycleEvent, Principal};
+use poseidon_core::EnvironmentId;
 
 /// What a pool sizer call needs, prepared once for either WIT version.
 pub(crate) struct SizerCall {
@@ -98,13 +120,12 @@ pub(crate) struct Inner {
 
 /// One configured plugin entry and its currently loaded version.
 struct Slot {
-    entry: PluginEntry,
+    /// The entry's name: an entry with another name is another plugin.
     name: String,
-    path: PathBuf,
+    /// The entry's other settings; replaced by [`PluginHost::reconfigure`].
+    settings: arc_swap::ArcSwap<SlotSettings>,
     /// The entry's `config:` values; replaced by [`PluginHost::reconfigure`].
     config: arc_swap::ArcSwap<BTreeMap<String, String>>,
-    /// The zone of the local time given to 0.2 pool sizers.
-    time_zone: jiff::tz::TimeZone,
     current: ArcSwapOption<LoadedPlugin>,
     /// Digest of the last file version that failed to load (not retried until changed).
     failed_digest: Mutex<Option<String>>,
@@ -113,12 +134,49 @@ struct Slot {
     last_error: Mutex<Option<String>>,
 }
 
+/// What a plugin entry says besides its `config:` values, ready for use.
+struct SlotSettings {
+    entry: PluginEntry,
+    /// The plugin file.
+    path: PathBuf,
+    /// The zone of the local time given to 0.2 pool sizers.
+    time_zone: jiff::tz::TimeZone,
+}
+
+impl SlotSettings {
+    /// The settings of `entry` in the plugin directory `directory`; fails on an unknown
+    /// time zone.
+    fn new(entry: &PluginEntry, directory: &Path) -> Result<SlotSettings, PluginError> {
+        let time_zone = match &entry.time_zone {
+            Some(name) => jiff::tz::TimeZone::get(name).map_err(|e| {
+                PluginError::Config(format!(
+                    "plugin {:?}: timeZone {name:?} is not a known time zone: {e}",
+                    entry.display_name()
+                ))
+            })?,
+            None => jiff::tz::TimeZone::try_system().unwrap_or(jiff::tz::TimeZone::UTC),
+        };
+        Ok(SlotSettings {
+            entry: entry.clone(),
+            path: directory.join(&entry.file),
+            time_zone,
+        })
+    }
+}
+
 impl Slot {
     /// The configured kind, or else the kind of the loaded version.
     fn kind(&self) -> Option<PluginKind> {
-        self.entry
+        self.settings
+            .load()
+            .entry
             .kind
             .or_else(|| self.current.load().as_ref().map(|p| p.identity.kind))
+    }
+
+    /// Whether the entry applies to environment `id`.
+    fn applies_to(&self, id: i64) -> bool {
+        self.settings.load().entry.applies_to(id)
     }
 
     fn set_error(&self, message: String) {
@@ -181,6 +239,17 @@ fn inline_calls_possible() -> bool {
         .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
 }
 
+/// Whether a call's guest was stopped by its deadline or timeout.
+fn stopped<R>(result: &Result<R, CallError>) -> bool {
+    matches!(result, Err(CallError::Deadline(_) | CallError::Timeout(_)))
+}
+
+/// Runs a call, turning a panic into a failed call.
+fn catch_panic<R>(run: impl FnOnce() -> Result<R, CallError>) -> Result<R, CallError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(run))
+        .unwrap_or_else(|_| Err(CallError::Host("call panicked".into())))
+}
+
 /// The outcome of one attempt to call a guest export, before classification.
 enum Failure {
     Instantiate(wasmtime::Error),
@@ -206,21 +275,13 @@ impl PluginHost {
             .entries
             .iter()
             .map(|entry| {
-                let time_zone = match &entry.time_zone {
-                    Some(name) => jiff::tz::TimeZone::get(name).map_err(|e| {
-                        PluginError::Config(format!(
-                            "plugin {:?}: timeZone {name:?} is not a known time zone: {e}",
-                            entry.display_name()
-                        ))
-                    })?,
-                    None => jiff::tz::TimeZone::try_system().unwrap_or(jiff::tz::TimeZone::UTC),
-                };
                 Ok(Arc::new(Slot {
                     name: entry.display_name(),
-                    path: config.directory.join(&entry.file),
+                    settings: arc_swap::ArcSwap::from_pointee(SlotSettings::new(
+                        entry,
+                        &config.directory,
+                    )?),
                     config: arc_swap::ArcSwap::from_pointee(entry.config.clone()),
-                    time_zone,
-                    entry: entry.clone(),
                     current: ArcSwapOption::empty(),
                     failed_digest: Mutex::new(None),
                     calls: AtomicU64::new(0),
@@ -282,7 +343,7 @@ impl PluginHost {
         let slot = inner
             .slots
             .iter()
-            .find(|s| s.kind() == Some(PluginKind::PoolSizer) && s.entry.applies_to(env_id))?;
+            .find(|s| s.kind() == Some(PluginKind::PoolSizer) && s.applies_to(env_id))?;
         let mut claims = input.pool.claims_per_minute.clone();
         if claims.len() > CLAIM_MINUTES {
             claims.drain(..claims.len() - CLAIM_MINUTES);
@@ -295,7 +356,7 @@ impl PluginHost {
         let call = SizerCall {
             pool: input.pool,
             claims,
-            time_zone: slot.time_zone.clone(),
+            time_zone: slot.settings.load().time_zone.clone(),
         };
         let environment = input.environment;
         let answer = inner
@@ -338,80 +399,51 @@ impl PluginHost {
         Some(value)
     }
 
-    /// Runs an execute request through the preprocessors that apply to its
-    /// environment, in configuration order. `Err` means: answer HTTP 400 with the
-    /// rejection's message.
-    pub async fn preprocess_execute(&self, req: ExecuteInput) -> Result<ExecuteInput, Rejection> {
-        let Some(inner) = &self.inner else {
-            return Ok(req);
-        };
-        inner
-            .preprocess(
-                req,
-                |store, pre, req| match pre {
-                    PluginPre::PreprocessorV1(pre) => {
-                        let instance =
-                            pre.instantiate(&mut *store).map_err(Failure::Instantiate)?;
-                        instance
-                            .poseidon_plugins_preprocessor()
-                            .call_preprocess_execute(&mut *store, &req.into())
-                            .map(|r| Ok(r.map(ExecuteInput::from)))
-                            .map_err(Failure::Call)
-                    }
-                    PluginPre::PreprocessorV2(pre) => {
-                        let instance =
-                            pre.instantiate(&mut *store).map_err(Failure::Instantiate)?;
-                        instance
-                            .poseidon_plugins_preprocessor()
-                            .call_preprocess_execute(&mut *store, &req.into())
-                            .map(|r| Ok(r.map(ExecuteInput::from)))
-                            .map_err(Failure::Call)
-                    }
-                    _ => Ok(Err("the loaded file is not a preprocessor".to_string())),
-                },
-                |_, out| {
-                    if out.time_limit < 0 {
-                        return Err("answered a negative time limit");
-                    }
-                    Ok(out)
-                },
-            )
+    /// Runs an execute request for a runner of `environment` claimed by `principal`
+    /// through the preprocessors that apply to the environment, in configuration order.
+    /// `Err` means: answer HTTP 400 with the rejection's message.
+    pub async fn preprocess_execute(
+        &self,
+        environment: EnvironmentId,
+        principal: Option<&Principal>,
+        request: ExecutionRequest,
+    ) -> Result<ExecutionRequest, Rejection> {
+        let invoke: PreprocessCall<ExecutionRequest> = preprocessor_call!(call_preprocess_execute);
+        self.preprocess(environment, principal, request, invoke)
             .await
     }
 
-    /// Runs a file update through the preprocessors that apply to its environment, in
-    /// configuration order. `Err` means: answer HTTP 400 with the rejection's message.
-    pub async fn preprocess_files(&self, req: FilesInput) -> Result<FilesInput, Rejection> {
-        let Some(inner) = &self.inner else {
-            return Ok(req);
-        };
-        inner
-            .preprocess(
-                req,
-                |store, pre, req| match pre {
-                    PluginPre::PreprocessorV1(pre) => {
-                        let instance =
-                            pre.instantiate(&mut *store).map_err(Failure::Instantiate)?;
-                        instance
-                            .poseidon_plugins_preprocessor()
-                            .call_preprocess_files(&mut *store, &req.into())
-                            .map(|r| Ok(r.map(FilesInput::from)))
-                            .map_err(Failure::Call)
-                    }
-                    PluginPre::PreprocessorV2(pre) => {
-                        let instance =
-                            pre.instantiate(&mut *store).map_err(Failure::Instantiate)?;
-                        instance
-                            .poseidon_plugins_preprocessor()
-                            .call_preprocess_files(&mut *store, &req.into())
-                            .map(|r| Ok(r.map(FilesInput::from)))
-                            .map_err(Failure::Call)
-                    }
-                    _ => Ok(Err("the loaded file is not a preprocessor".to_string())),
-                },
-                |_, out| Ok(out),
-            )
+    /// Runs a file update for a runner of `environment` claimed by `principal` through
+    /// the preprocessors that apply to the environment, in configuration order. `Err`
+    /// means: answer HTTP 400 with the rejection's message.
+    pub async fn preprocess_files(
+        &self,
+        environment: EnvironmentId,
+        principal: Option<&Principal>,
+        update: FileUpdate,
+    ) -> Result<FileUpdate, Rejection> {
+        let invoke: PreprocessCall<FileUpdate> = preprocessor_call!(call_preprocess_files);
+        self.preprocess(environment, principal, update, invoke)
             .await
+    }
+
+    /// The preprocessor chain for `body` (see [`Inner::preprocess`]); unchanged without plugins.
+    async fn preprocess<T: Clone + Send + Sync + 'static>(
+        &self,
+        environment: EnvironmentId,
+        principal: Option<&Principal>,
+        body: T,
+        invoke: PreprocessCall<T>,
+    ) -> Result<T, Rejection> {
+        let Some(inner) = &self.inner else {
+            return Ok(body);
+        };
+        let subject = Subject {
+            environment,
+            tenant: principal.map(|p| p.tenant.clone()),
+            body,
+        };
+        inner.preprocess(subject, invoke).await.map(|s| s.body)
     }
 
     /// Whether an authenticator is configured (loaded or not). If so, the server must
@@ -432,7 +464,7 @@ impl PluginHost {
     /// plugin, 503 if the plugin failed (trap, timeout, bad answer, not loaded).
     /// Without an authenticator every request is let through as tenant `""` with all
     /// environments.
-    pub async fn authenticate(&self, req: AuthInput) -> Result<Principal, Denial> {
+    pub async fn authenticate(&self, request: &AuthRequest) -> Result<Principal, Denial> {
         let everyone = Principal {
             tenant: String::new(),
             environments: None,
@@ -447,15 +479,9 @@ impl PluginHost {
         else {
             return Ok(everyone);
         };
-        let request = AuthInput {
-            method: req.method.to_ascii_uppercase(),
-            headers: req
-                .headers
-                .into_iter()
-                .map(|(k, v)| (k.to_ascii_lowercase(), v))
-                .collect(),
-            ..req
-        };
+        // One copy, owned by the call (it may run on another thread); translated to the
+        // loaded version's WIT record inside the call.
+        let request = request.clone();
         let result = inner
             .call(slot, move |store, pre| match pre {
                 PluginPre::AuthenticatorV1(pre) => {
@@ -496,17 +522,23 @@ impl PluginHost {
         }
     }
 
-    /// Applies a changed `plugins:` section without a restart: an entry (matched by name)
+    /// Applies a changed `plugins:` section without a restart. An entry (matched by name)
     /// whose `config:` values changed gets them at once — its loaded version is re-issued
     /// with the new values (same compiled code, swapped atomically: calls running finish
-    /// with the old values, no call fails) — and every file is re-read as by
-    /// [`PluginHost::reload`], so a replaced file is loaded too. Returns what could not be
-    /// applied and needs a restart (added, removed or otherwise changed entries, changed
-    /// limits), one line each.
+    /// with the old values, no call fails). An entry whose `file`, `kind`, `environments`,
+    /// `failOpen` or `timeZone` changed gets them at once too; a changed file or kind is
+    /// compiled and swapped in like a replaced file, the old version serving until then.
+    /// Then every file is re-read as by [`PluginHost::reload`]. Returns what could not be
+    /// applied and needs a restart (added or removed entries — an entry without `name:` is
+    /// named after its file —, changed directory, limits or sizer bounds, an invalid
+    /// section or an unknown time zone), one line each.
     pub async fn reconfigure(&self, new: &PluginsConfig) -> Vec<String> {
         let Some(inner) = &self.inner else {
             return vec!["plugins were not enabled at start".into()];
         };
+        if let Err(e) = validate(new) {
+            return vec![format!("{e}; nothing was applied")];
+        }
         let mut restart = Vec::new();
         let old = &inner.config;
         if old.directory != new.directory || old.limits != new.limits || old.sizer != new.sizer {
@@ -524,15 +556,26 @@ impl PluginHost {
                 restart.push(format!("plugin {name:?} was added"));
                 continue;
             };
+            let old = slot.settings.load_full();
             let same_but_config = PluginEntry {
-                config: slot.entry.config.clone(),
+                config: old.entry.config.clone(),
                 ..entry.clone()
             };
-            if same_but_config != slot.entry {
-                restart.push(format!(
-                    "plugin {name:?}: only `config:` changes apply without a restart"
-                ));
-                continue;
+            if same_but_config != old.entry {
+                // file, kind, environments, failOpen, timeZone: swapped at once (a call
+                // running keeps what it started with); a changed file or kind is loaded
+                // by the reload below, the old version serving until it is ready.
+                match SlotSettings::new(entry, &inner.config.directory) {
+                    Ok(settings) => {
+                        slot.settings.store(Arc::new(settings));
+                        *lock(&slot.failed_digest) = None;
+                        tracing::info!(plugin = %name, "plugin entry changed; applied");
+                    }
+                    Err(e) => {
+                        restart.push(format!("{e}; the entry's change was not applied"));
+                        continue;
+                    }
+                }
             }
             if **slot.config.load() == entry.config {
                 continue;
@@ -552,6 +595,7 @@ impl PluginHost {
                     loaded_at: std::time::SystemTime::now(),
                     pre: current.pre.clone(),
                     from_cache: current.from_cache,
+                    placement: Arc::clone(&current.placement),
                 })));
             }
             tracing::info!(plugin = %name, "plugin configuration changed; applied");
@@ -631,7 +675,7 @@ impl PluginHost {
                 let current = slot.current.load_full();
                 PluginStatus {
                     name: slot.name.clone(),
-                    file: slot.entry.file.clone(),
+                    file: slot.settings.load().entry.file.clone(),
                     kind: slot.kind(),
                     loaded: current.is_some(),
                     wit_version: current.as_ref().map(|p| p.wit_version.to_string()),
@@ -643,6 +687,7 @@ impl PluginHost {
                     failures: slot.failures.load(Ordering::Relaxed),
                     last_error: lock(&slot.last_error).clone(),
                     from_cache: current.as_ref().and_then(|p| p.from_cache),
+                    in_place: current.as_ref().map(|p| p.placement.in_place()),
                 }
             })
             .collect()
@@ -653,37 +698,36 @@ impl Inner {
     fn preprocessors(&self, env_id: i64) -> Vec<Arc<Slot>> {
         self.slots
             .iter()
-            .filter(|s| s.kind() == Some(PluginKind::Preprocessor) && s.entry.applies_to(env_id))
+            .filter(|s| s.kind() == Some(PluginKind::Preprocessor) && s.applies_to(env_id))
             .cloned()
             .collect()
     }
 
-    /// After a failed preprocessor call: `Ok` to go on (fail open), `Err` to reject.
     /// The chain both preprocessor hooks share: every preprocessor that applies, in configuration
     /// order, sees the request as the previous one left it. A rejection ends the chain (HTTP 400);
-    /// a failed call or an answer `accept` refuses follows the plugin's `failOpen`.
+    /// a failed call or a bad answer (one that changes the environment or the tenant, or
+    /// cannot be translated back) follows the plugin's `failOpen`.
     async fn preprocess<T>(
         &self,
-        mut req: T,
-        invoke: fn(&mut Store<HostState>, &PluginPre, &T) -> PreprocessOutcome<T>,
-        accept: impl Fn(&T, T) -> Result<T, &'static str>,
-    ) -> Result<T, Rejection>
+        mut req: Subject<T>,
+        invoke: PreprocessCall<T>,
+    ) -> Result<Subject<T>, Rejection>
     where
-        T: HasEnvironment + Clone + Send + 'static,
+        T: Clone + Send + Sync + 'static,
     {
-        for slot in self.preprocessors(req.environment_id()) {
+        let env_id = i64::try_from(req.environment).unwrap_or(i64::MAX);
+        for slot in self.preprocessors(env_id) {
             let request = req.clone();
             let result = self
                 .call(&slot, move |store, pre| invoke(store, pre, &request))
                 .await;
             match result {
                 Ok(Ok(out)) => {
-                    let checked = if out.environment_id() != req.environment_id()
-                        || out.principal() != req.principal()
+                    let checked = if out.environment != req.environment || out.tenant != req.tenant
                     {
                         Err("changed environment-id or principal")
                     } else {
-                        accept(&req, out)
+                        Ok(out)
                     };
                     match checked {
                         Ok(next) => req = next,
@@ -706,7 +750,7 @@ impl Inner {
     }
 
     fn fail_preprocessor(&self, slot: &Slot, why: &str) -> Result<(), Rejection> {
-        if slot.entry.fail_open {
+        if slot.settings.load().entry.fail_open {
             tracing::warn!(plugin = %slot.name, "preprocessor failed ({why}); failOpen: request passes unchanged");
             Ok(())
         } else {
@@ -729,8 +773,9 @@ impl Inner {
     async fn call<R, F>(&self, slot: &Arc<Slot>, f: F) -> Result<R, CallError>
     where
         R: Send + 'static,
-        F: FnOnce(&mut Store<HostState>, &PluginPre) -> Result<Result<R, String>, Failure>
+        F: Fn(&mut Store<HostState>, &PluginPre) -> Result<Result<R, String>, Failure>
             + Send
+            + Sync
             + 'static,
     {
         slot.calls.fetch_add(1, Ordering::Relaxed);
@@ -746,8 +791,9 @@ impl Inner {
     async fn call_inner<R, F>(&self, slot: &Arc<Slot>, f: F) -> Result<R, CallError>
     where
         R: Send + 'static,
-        F: FnOnce(&mut Store<HostState>, &PluginPre) -> Result<Result<R, String>, Failure>
+        F: Fn(&mut Store<HostState>, &PluginPre) -> Result<Result<R, String>, Failure>
             + Send
+            + Sync
             + 'static,
     {
         let Some(plugin) = slot.current.load_full() else {
@@ -770,49 +816,115 @@ impl Inner {
             }
         };
         let cancel = Arc::new(AtomicBool::new(false));
-        let store =
-            self.runtime
-                .store(plugin.identity.clone(), cancel.clone(), deadline.into_std());
-        let runtime_limits = limits.clone();
-        let run = move || {
+        let placement = Arc::clone(&plugin.placement);
+        let new_store = {
+            let (identity, cancel) = (plugin.identity.clone(), cancel.clone());
+            move |runtime: &Runtime| {
+                runtime.store(identity.clone(), cancel.clone(), deadline.into_std())
+            }
+        };
+        // One attempt: a fresh instance in `store`, the export called, the outcome classified.
+        let attempt = {
+            let limits = limits.clone();
+            let f = Arc::new(f);
+            move |mut store: Store<HostState>| {
+                let result = match f(&mut store, &plugin.pre) {
+                    Ok(Ok(r)) => Ok(r),
+                    Ok(Err(message)) => Err(CallError::BadAnswer(message)),
+                    Err(Failure::Call(e)) => Err(Runtime::classify_with(&limits, &store, e)),
+                    Err(Failure::Instantiate(e)) => {
+                        let classified = Runtime::classify_with(&limits, &store, e);
+                        Err(match classified {
+                            CallError::Trap(m) => CallError::Instantiate(m),
+                            other => other,
+                        })
+                    }
+                };
+                Runtime::forward_stderr(&store);
+                result
+            }
+        };
+        if !limits.inline_calls {
+            let (store, run) = (new_store(&self.runtime), attempt.clone());
+            return self
+                .call_in_blocking_pool(move || run(store), permit, deadline, cancel)
+                .await;
+        }
+        // In place for a version whose calls have proved short: no thread hand-off at all
+        // (on a busy machine every hand-off waits for the scheduler). Otherwise off the
+        // executor. Either way the wall-clock deadline is enforced by the store's epoch
+        // callback.
+        let budget = Duration::from_micros(limits.in_place_budget_us);
+        let started = std::time::Instant::now();
+        if placement.next() == Where::InPlace {
+            let store = new_store(&self.runtime);
+            let run = attempt.clone();
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || run(store))) {
+                Ok(result) => {
+                    drop(permit);
+                    let took = started.elapsed();
+                    if placement.record(took, budget, stopped(&result)) {
+                        tracing::warn!(
+                            plugin = %slot.name,
+                            took_us = took.as_micros() as u64,
+                            budget_us = limits.in_place_budget_us,
+                            "a plugin call ran longer than the in-place budget; this version's calls now run off the async workers"
+                        );
+                    }
+                    return result;
+                }
+                Err(_) => {
+                    // wasmtime-wasi's synchronous WASI functions that wait (stdio streams,
+                    // `poll`: e.g. a guest's panic message on stderr) block on tokio, which
+                    // panics on an async worker. The instance is gone with its store; the
+                    // call runs again off the executor, where they work, and so do all
+                    // later calls of this version.
+                    placement.record(Duration::MAX, budget, true);
+                    tracing::warn!(
+                        plugin = %slot.name,
+                        "a plugin call used a WASI function that waits (stdio, poll); this version's calls now run off the async workers"
+                    );
+                }
+            }
+        }
+        let run = attempt.clone();
+        let store = new_store(&self.runtime);
+        let result = if inline_calls_possible() {
+            // `block_in_place` hands this worker's other tasks to another thread first, so
+            // the executor keeps serving while the guest runs here.
+            tokio::task::block_in_place(move || {
+                let _permit = permit;
+                catch_panic(move || run(store))
+            })
+        } else {
+            self.call_in_blocking_pool(move || run(store), permit, deadline, cancel)
+                .await
+        };
+        placement.record(started.elapsed(), budget, stopped(&result));
+        result
+    }
+
+    /// Runs `run` on tokio's blocking pool, giving up at `deadline` (the guest then stops at
+    /// its next epoch check).
+    async fn call_in_blocking_pool<R: Send + 'static>(
+        &self,
+        run: impl FnOnce() -> Result<R, CallError> + Send + 'static,
+        permit: tokio::sync::OwnedSemaphorePermit,
+        deadline: tokio::time::Instant,
+        cancel: Arc<AtomicBool>,
+    ) -> Result<R, CallError> {
+        let task = tokio::task::spawn_blocking(move || {
             // The permit is held until the guest has really stopped.
             let _permit = permit;
-            let mut store = store;
-            let outcome = f(&mut store, &plugin.pre);
-            let result = match outcome {
-                Ok(Ok(r)) => Ok(r),
-                Ok(Err(message)) => Err(CallError::BadAnswer(message)),
-                Err(Failure::Call(e)) => Err(Runtime::classify_with(&runtime_limits, &store, e)),
-                Err(Failure::Instantiate(e)) => {
-                    let classified = Runtime::classify_with(&runtime_limits, &store, e);
-                    Err(match classified {
-                        CallError::Trap(m) => CallError::Instantiate(m),
-                        other => other,
-                    })
-                }
-            };
-            Runtime::forward_stderr(&store);
-            result
-        };
-        if limits.inline_calls && inline_calls_possible() {
-            // On the multi-threaded runtime the guest runs right here: `block_in_place` hands
-            // this worker's other tasks to another thread first, so the executor keeps serving,
-            // and the call costs no thread switch (a hop to the blocking pool and back waits
-            // for the scheduler twice, which on a busy machine is most of a call's time). The
-            // wall-clock deadline is enforced by the store's epoch callback.
-            return tokio::task::block_in_place(|| {
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(run))
-                    .unwrap_or_else(|_| Err(CallError::Host("call panicked".into())))
-            });
-        }
-        let task = tokio::task::spawn_blocking(run);
+            run()
+        });
         match tokio::time::timeout_at(deadline, task).await {
             Ok(Ok(result)) => result,
             Ok(Err(join)) => Err(CallError::Host(format!("call panicked: {join}"))),
             Err(_) => {
                 // The guest stops at its next epoch check.
                 cancel.store(true, Ordering::Relaxed);
-                Err(CallError::Timeout(timeout_ms))
+                Err(CallError::Timeout(self.runtime.limits.call_timeout_ms))
             }
         }
     }
@@ -826,22 +938,23 @@ impl Inner {
     }
 
     async fn reload_slot(self: &Arc<Self>, slot: &Arc<Slot>) {
-        let bytes = match tokio::fs::read(&slot.path).await {
+        let settings = slot.settings.load_full();
+        let bytes = match tokio::fs::read(&settings.path).await {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 if slot.current.swap(None).is_some() {
-                    tracing::info!(plugin = %slot.name, path = %slot.path.display(), "plugin file removed; plugin unloaded");
-                    slot.set_error(format!("file {} was removed", slot.path.display()));
+                    tracing::info!(plugin = %slot.name, path = %settings.path.display(), "plugin file removed; plugin unloaded");
+                    slot.set_error(format!("file {} was removed", settings.path.display()));
                 } else if lock(&slot.last_error).is_none() {
-                    tracing::warn!(plugin = %slot.name, path = %slot.path.display(), "plugin file not found");
-                    slot.set_error(format!("file {} not found", slot.path.display()));
+                    tracing::warn!(plugin = %slot.name, path = %settings.path.display(), "plugin file not found");
+                    slot.set_error(format!("file {} not found", settings.path.display()));
                 }
                 *lock(&slot.failed_digest) = None;
                 return;
             }
             Err(e) => {
                 let e = PluginError::Read {
-                    path: slot.path.clone(),
+                    path: settings.path.clone(),
                     source: e,
                 };
                 tracing::error!(plugin = %slot.name, error = %e, "cannot read plugin file");
@@ -850,17 +963,14 @@ impl Inner {
             }
         };
         let digest = loader::sha256_hex(&bytes);
-        if slot
-            .current
-            .load()
-            .as_ref()
-            .is_some_and(|p| p.identity.digest == digest)
-            || lock(&slot.failed_digest).as_deref() == Some(digest.as_str())
+        let expected = settings.entry.kind;
+        if slot.current.load().as_ref().is_some_and(|p| {
+            p.identity.digest == digest && expected.is_none_or(|k| k == p.identity.kind)
+        }) || lock(&slot.failed_digest).as_deref() == Some(digest.as_str())
         {
             return;
         }
-        let path = slot.path.clone();
-        let expected = slot.entry.kind;
+        let path = settings.path.clone();
         let name = slot.name.clone();
         let config = slot.config.load_full();
         let inner = Arc::clone(self);
@@ -871,7 +981,7 @@ impl Inner {
         .await
         .unwrap_or_else(|join| {
             Err(PluginError::Compile {
-                path: slot.path.clone(),
+                path: settings.path.clone(),
                 message: format!("compilation panicked: {join}"),
             })
         });
@@ -915,7 +1025,7 @@ impl Inner {
     pub(crate) fn file_names(&self) -> HashSet<std::ffi::OsString> {
         self.slots
             .iter()
-            .filter_map(|s| s.path.file_name().map(|n| n.to_os_string()))
+            .filter_map(|s| s.settings.load().path.file_name().map(|n| n.to_os_string()))
             .collect()
     }
 }

@@ -67,6 +67,7 @@ mod convert;
 mod error;
 mod host;
 mod loader;
+mod placement;
 mod runtime;
 mod telemetry;
 mod types;
@@ -75,10 +76,12 @@ mod watch;
 pub use config::{Limits, PluginEntry, PluginKind, PluginsConfig, SizerBounds};
 pub use error::{CallError, PluginError};
 pub use host::{check_file, check_file_cached, PluginHost};
+pub use poseidon_core::policy::{
+    AuthRequest, Denial, ExecutionOutcome, LifecycleEvent, LifecycleKind, Principal,
+};
 pub use types::{
-    AuthInput, Denial, EnvironmentInfo, ExecuteInput, ExecutionOutcome, FileEntry, FilesInput,
-    LifecycleEvent, LifecycleKind, ObserverStats, PluginDescription, PluginStatus, PoolSizerInput,
-    PoolStateInfo, Principal, Rejection,
+    EnvironmentInfo, ObserverStats, PluginDescription, PluginStatus, PoolSizerInput, PoolStateInfo,
+    Rejection,
 };
 
 /// The newest version of the `poseidon:plugins` WIT package this host implements.

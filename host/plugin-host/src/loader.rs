@@ -13,6 +13,7 @@ use wasmtime::component::Component;
 use crate::bindings::{v1, v2};
 use crate::config::PluginKind;
 use crate::error::PluginError;
+use crate::placement::Placement;
 use crate::runtime::{HostState, PluginIdentity, Runtime};
 use crate::WIT_VERSIONS;
 
@@ -55,6 +56,8 @@ pub(crate) struct LoadedPlugin {
     pub pre: PluginPre,
     /// Whether the machine code came from the compile cache (`None`: no cache in use).
     pub from_cache: Option<bool>,
+    /// Where this version's calls run (shared with the copies a reconfiguration makes).
+    pub placement: Arc<Placement>,
 }
 
 /// What a load learned besides the plugin itself.
@@ -276,6 +279,7 @@ pub(crate) fn load(
             loaded_at: SystemTime::now(),
             pre,
             from_cache,
+            placement: Arc::default(),
         },
         LoadDetails {
             imports,

@@ -1,4 +1,6 @@
-//! Plain Rust types of the plugin host's public API (no wasmtime types leak out).
+//! Plain Rust types of the plugin host's public API (no wasmtime types leak out). The
+//! types it shares with the API and the core (principal, denial, authentication request,
+//! lifecycle events) are core's (`poseidon_core::policy`).
 
 use serde::{Deserialize, Serialize};
 
@@ -56,95 +58,6 @@ pub struct PoolSizerInput {
     pub pool: PoolStateInfo,
 }
 
-/// An execute request, as passed to (and returned by) preprocessors.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", default)]
-pub struct ExecuteInput {
-    /// The command line.
-    pub command: String,
-    /// Environment variables.
-    pub env: Vec<(String, String)>,
-    /// Time limit in seconds (0 = none).
-    pub time_limit: i64,
-    /// Privileged execution.
-    pub privileged: bool,
-    /// The runner's environment; preprocessors may not change it.
-    pub environment_id: i64,
-    /// The tenant that claimed the runner; preprocessors may not change it.
-    pub principal: Option<String>,
-}
-
-/// A file to write, in a [`FilesInput`].
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-pub struct FileEntry {
-    /// Path in the runner.
-    pub path: String,
-    /// Content.
-    pub content: Vec<u8>,
-}
-
-/// A file update (`PATCH /runners/{id}/files`), as passed to (and returned by)
-/// preprocessors.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", default)]
-pub struct FilesInput {
-    /// Files to create or overwrite.
-    pub copy: Vec<FileEntry>,
-    /// Paths to delete.
-    pub delete: Vec<String>,
-    /// The runner's environment; preprocessors may not change it.
-    pub environment_id: i64,
-    /// The tenant that claimed the runner; preprocessors may not change it.
-    pub principal: Option<String>,
-}
-
-/// An HTTP request to authenticate.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", default)]
-pub struct AuthInput {
-    /// Method, upper case.
-    pub method: String,
-    /// Path without query.
-    pub path: String,
-    /// Headers; the host lower-cases the names before calling the plugin.
-    pub headers: Vec<(String, String)>,
-    /// Peer address, e.g. `127.0.0.1:50000`.
-    pub peer_address: String,
-    /// The `Poseidon-Token` header's value; passed to authenticators of WIT 0.2 and
-    /// later (0.1 authenticators never see it).
-    #[serde(default)]
-    pub poseidon_token: Option<String>,
-}
-
-/// Who is calling, as decided by the authenticator.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Principal {
-    /// Tenant; runners are visible only to the tenant that claimed them.
-    pub tenant: String,
-    /// Environment ids the tenant may use; `None` = all.
-    pub environments: Option<Vec<i64>>,
-}
-
-impl Principal {
-    /// Whether the principal may use environment `id`.
-    pub fn allows(&self, id: i64) -> bool {
-        self.environments
-            .as_ref()
-            .is_none_or(|envs| envs.contains(&id))
-    }
-}
-
-/// A refused request: answer with `status` and `{"message": message}`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Denial {
-    /// HTTP status: 401 or 403 from the plugin; 503 when the authenticator failed
-    /// (trap, timeout, not loaded).
-    pub status: u16,
-    /// Message for the client.
-    pub message: String,
-}
-
 /// A request rejected by a preprocessor (or by a failing one, unless `failOpen`):
 /// answer with HTTP 400 and `{"message": message}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
@@ -183,6 +96,11 @@ pub struct PluginStatus {
     /// Whether the loaded version's machine code came from the compile cache rather
     /// than a compilation (`None`: nothing loaded, or no cache in use).
     pub from_cache: Option<bool>,
+    /// Whether the loaded version's calls run in place on the calling task (its calls
+    /// have been short; see `limits.inPlaceBudgetUs`) rather than off the async workers
+    /// (`None`: nothing loaded).
+    #[serde(default)]
+    pub in_place: Option<bool>,
 }
 
 /// What `check_file` learned about a plugin file.
@@ -205,69 +123,6 @@ pub struct PluginDescription {
     pub compile_ms: u64,
     /// Whether the compiled code came from the compile cache (`None`: no cache in use).
     pub from_cache: Option<bool>,
-}
-
-/// Something that happened to a runner, for observer plugins.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct LifecycleEvent {
-    /// When, in milliseconds since the Unix epoch.
-    pub at_ms: i64,
-    /// The runner's id.
-    pub runner_id: String,
-    /// The runner's environment.
-    pub environment_id: i64,
-    /// The tenant that claimed the runner, when an authenticator is in use.
-    pub tenant: Option<String>,
-    /// What happened.
-    pub kind: LifecycleKind,
-}
-
-/// What happened to a runner.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub enum LifecycleKind {
-    /// Claimed from the pool.
-    Claimed,
-    /// Files copied or deleted.
-    FilesChanged {
-        /// Files written.
-        copied: u32,
-        /// Paths deleted.
-        deleted: u32,
-        /// Bytes written.
-        bytes: u64,
-    },
-    /// An execution started.
-    ExecutionStarted {
-        /// Its command line.
-        command: String,
-    },
-    /// An execution ended.
-    ExecutionEnded {
-        /// How.
-        outcome: ExecutionOutcome,
-        /// Exit code, when it exited.
-        exit_code: Option<i32>,
-        /// Run time in milliseconds.
-        duration_ms: u64,
-    },
-    /// Destroyed by its client.
-    Destroyed,
-}
-
-/// How an execution ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub enum ExecutionOutcome {
-    /// The program exited.
-    Exited,
-    /// Its time limit ended it.
-    TimedOut,
-    /// The runner or backend failed.
-    Failed,
-    /// The client went away first.
-    Abandoned,
 }
 
 /// Counters of the observer queue, for the status.

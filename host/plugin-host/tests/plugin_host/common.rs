@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use poseidon_core::execution::ExecutionRequest;
 use poseidon_plugin_host::{
     EnvironmentInfo, Limits, PluginEntry, PluginHost, PluginKind, PluginStatus, PluginsConfig,
     PoolSizerInput, PoolStateInfo, SizerBounds,
@@ -139,5 +140,15 @@ pub async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
             "timed out waiting until {what}"
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// An execution of `command`, nothing else set.
+pub fn execution(command: &str) -> ExecutionRequest {
+    ExecutionRequest {
+        command: command.into(),
+        environment: vec![],
+        time_limit: None,
+        privileged: false,
     }
 }

@@ -1,16 +1,13 @@
 //! Misbehaving plugins: endless loops, endless allocation, traps, corrupt and
 //! incompatible files. The host must report the error and keep working.
 
-use poseidon_plugin_host::{AuthInput, ExecuteInput, PluginHost, PluginKind};
+use poseidon_core::execution::ExecutionRequest;
+use poseidon_plugin_host::{AuthRequest, PluginHost, PluginKind};
 
 use crate::common::*;
 
-fn exec_request() -> ExecuteInput {
-    ExecuteInput {
-        command: "make run".into(),
-        environment_id: 1,
-        ..ExecuteInput::default()
-    }
+fn exec_request() -> ExecutionRequest {
+    execution("make run")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -92,7 +89,10 @@ async fn endless_allocation_hits_the_memory_limit() {
     cfg.limits.memory_mb = 16;
     let host = PluginHost::start(cfg).await.unwrap();
 
-    let rejection = host.preprocess_execute(exec_request()).await.unwrap_err();
+    let rejection = host
+        .preprocess_execute(1, None, exec_request())
+        .await
+        .unwrap_err();
     assert_eq!(rejection.plugin, "hog");
     assert!(
         rejection
@@ -123,8 +123,14 @@ async fn fail_open_lets_requests_pass_a_failing_preprocessor() {
     let host = PluginHost::start(cfg).await.unwrap();
 
     // The hog fails (fail open), the guard after it in the chain still runs.
-    let out = host.preprocess_execute(exec_request()).await.unwrap();
-    assert_eq!(out.env, vec![("CHECKED".to_string(), "yes".to_string())]);
+    let out = host
+        .preprocess_execute(1, None, exec_request())
+        .await
+        .unwrap();
+    assert_eq!(
+        out.environment,
+        vec![("CHECKED".to_string(), "yes".to_string())]
+    );
     assert_eq!(status(&host, "hog").failures, 1);
 }
 
@@ -137,10 +143,10 @@ async fn trapping_authenticator_denies_with_503() {
     assert!(host.has_authenticator());
 
     let denial = host
-        .authenticate(AuthInput {
+        .authenticate(&AuthRequest {
             method: "GET".into(),
             path: "/api/v1/runners".into(),
-            ..AuthInput::default()
+            ..AuthRequest::default()
         })
         .await
         .unwrap_err();
@@ -158,9 +164,9 @@ async fn trapping_authenticator_denies_with_503() {
     );
     // Fresh instance per call: the next call works.
     let ok = host
-        .authenticate(AuthInput {
+        .authenticate(&AuthRequest {
             path: "/ok".into(),
-            ..AuthInput::default()
+            ..AuthRequest::default()
         })
         .await
         .unwrap();
@@ -229,7 +235,10 @@ async fn incompatible_version_and_wrong_kind_are_refused() {
         "{error}"
     );
     // A configured preprocessor that is not loaded rejects (fail closed).
-    let r = host.preprocess_execute(exec_request()).await.unwrap_err();
+    let r = host
+        .preprocess_execute(1, None, exec_request())
+        .await
+        .unwrap_err();
     assert!(r.message.contains("plugin is not loaded"), "{r:?}");
     assert!(status(&host, "auth").loaded);
 }
@@ -245,7 +254,10 @@ async fn missing_authenticator_fails_closed() {
     assert!(host.has_authenticator());
     let st = status(&host, "absent");
     assert!(st.last_error.unwrap().contains("not found"));
-    let d = host.authenticate(AuthInput::default()).await.unwrap_err();
+    let d = host
+        .authenticate(&AuthRequest::default())
+        .await
+        .unwrap_err();
     assert_eq!(d.status, 503);
     assert!(
         d.message.contains("\"absent\" plugin is not loaded"),
@@ -291,4 +303,52 @@ async fn truncated_component_is_refused_with_a_message_and_others_load() {
     );
     assert!(status(&host, "local").loaded);
     assert!(host.pool_size(sizer_input(1, 0)).await.is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_versions_whose_calls_proved_short_run_in_place() {
+    let dir = temp_dir("in-place");
+    install(&dir, "test_loop", "loop.wasm");
+    install(&dir, "demand_sizer", "demand.wasm");
+    let mut looping = entry("loop.wasm", None, &[]);
+    looping.environments = Some(vec![1]);
+    let mut demand = entry("demand.wasm", None, &[("headroom", "4")]);
+    demand.environments = Some(vec![2]);
+    let mut cfg = config(&dir, vec![looping, demand]);
+    cfg.limits.epoch_deadline_ticks = 5;
+    // A budget no short call misses on a busy machine; the endless call is stopped by its
+    // deadline (50 ms), which moves its version off whatever the budget.
+    cfg.limits.in_place_budget_us = 10_000_000;
+    let host = PluginHost::start(cfg).await.unwrap();
+    let quick = || {
+        let mut input = sizer_input(1, 1);
+        input.environment.image = "quick".into();
+        input
+    };
+
+    // Loaded, not yet called: off the executor.
+    assert_eq!(status(&host, "loop").in_place, Some(false));
+    assert_eq!(host.pool_size(sizer_input(2, 0)).await, Some(4));
+    assert_eq!(status(&host, "demand").in_place, Some(true));
+    // A short first call lets the version run in place …
+    assert_eq!(host.pool_size(quick()).await, Some(1));
+    assert_eq!(status(&host, "loop").in_place, Some(true));
+    // … until a call of it has to be stopped: it is still stopped (in place, by its
+    // epoch deadline), and the version's later calls run off the executor, short or not.
+    assert_eq!(host.pool_size(sizer_input(1, 1)).await, None);
+    let st = status(&host, "loop");
+    assert!(
+        st.last_error
+            .as_deref()
+            .unwrap()
+            .contains("exceeded its run time of 50 ms"),
+        "{st:?}"
+    );
+    assert_eq!(st.in_place, Some(false));
+    assert_eq!(host.pool_size(quick()).await, Some(1));
+    assert_eq!(host.pool_size(sizer_input(1, 1)).await, None);
+    assert_eq!(status(&host, "loop").in_place, Some(false));
+    // The other plugin is unaffected.
+    assert_eq!(host.pool_size(sizer_input(2, 0)).await, Some(4));
+    assert_eq!(status(&host, "demand").in_place, Some(true));
 }

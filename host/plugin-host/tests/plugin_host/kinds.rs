@@ -2,9 +2,12 @@
 
 use base64::Engine as _;
 use hmac::{KeyInit, Mac};
+use std::time::Duration;
+
+use poseidon_core::execution::ExecutionRequest;
+use poseidon_core::files::{FileCopy, FileUpdate};
 use poseidon_plugin_host::{
-    AuthInput, ExecuteInput, FileEntry, FilesInput, PluginHost, PluginKind, PluginsConfig,
-    SizerBounds,
+    AuthRequest, PluginHost, PluginKind, PluginsConfig, Principal, SizerBounds,
 };
 
 use crate::common::*;
@@ -15,13 +18,10 @@ async fn disabled_host_is_a_no_op() {
     assert!(!host.is_enabled());
     assert_eq!(host.pool_size(sizer_input(1, 3)).await, None);
     assert!(!host.has_authenticator());
-    let req = ExecuteInput {
-        command: "ls".into(),
-        ..ExecuteInput::default()
-    };
-    assert_eq!(host.preprocess_execute(req.clone()).await, Ok(req));
+    let req = execution("ls");
+    assert_eq!(host.preprocess_execute(1, None, req.clone()).await, Ok(req));
     assert!(host.status().is_empty());
-    let p = host.authenticate(AuthInput::default()).await.unwrap();
+    let p = host.authenticate(&AuthRequest::default()).await.unwrap();
     assert_eq!(p.environments, None);
 }
 
@@ -128,56 +128,61 @@ fn guard_config(dir: &std::path::Path) -> PluginsConfig {
 async fn submission_guard_rewrites_and_rejects() {
     let dir = temp_dir("guard");
     let host = PluginHost::start(guard_config(&dir)).await.unwrap();
-    let req = ExecuteInput {
+    let req = ExecutionRequest {
         command: "python main.py".into(),
-        env: vec![("A".into(), "b".into())],
-        time_limit: 0,
+        environment: vec![("A".into(), "b".into())],
+        time_limit: None,
         privileged: false,
-        environment_id: 10,
-        principal: Some("tenant-a".into()),
     };
-    let out = host.preprocess_execute(req.clone()).await.unwrap();
-    assert_eq!(out.time_limit, 20);
+    let tenant = Principal {
+        tenant: "tenant-a".into(),
+        environments: None,
+    };
+    let out = host
+        .preprocess_execute(10, Some(&tenant), req.clone())
+        .await
+        .unwrap();
+    assert_eq!(out.time_limit, Some(Duration::from_secs(20)));
     assert_eq!(
-        out.env,
+        out.environment,
         vec![
             ("A".to_string(), "b".to_string()),
             ("PYTHONUNBUFFERED".to_string(), "1".to_string())
         ]
     );
-    assert_eq!(out.principal.as_deref(), Some("tenant-a"));
 
-    let bad = ExecuteInput {
+    let bad = ExecutionRequest {
         command: "curl http://example.org".into(),
         ..req
     };
-    let rejection = host.preprocess_execute(bad).await.unwrap_err();
+    let rejection = host
+        .preprocess_execute(10, Some(&tenant), bad)
+        .await
+        .unwrap_err();
     assert_eq!(rejection.plugin, "guard");
     assert!(
         rejection.message.contains("command refused"),
         "{rejection:?}"
     );
 
-    let files = FilesInput {
-        copy: vec![FileEntry {
+    let files = FileUpdate {
+        copy: vec![FileCopy {
             path: "main.py".into(),
             content: b"print(1)".to_vec(),
         }],
         delete: vec!["old.py".into()],
-        environment_id: 10,
-        principal: None,
     };
     assert_eq!(
-        host.preprocess_files(files.clone()).await,
+        host.preprocess_files(10, None, files.clone()).await,
         Ok(files.clone())
     );
     let mut too_many = files.clone();
     too_many.copy = vec![too_many.copy[0].clone(); 3];
-    let r = host.preprocess_files(too_many).await.unwrap_err();
+    let r = host.preprocess_files(10, None, too_many).await.unwrap_err();
     assert!(r.message.contains("too many files"), "{r:?}");
     let mut so = files;
     so.copy[0].path = "lib/evil.so".into();
-    let r = host.preprocess_files(so).await.unwrap_err();
+    let r = host.preprocess_files(10, None, so).await.unwrap_err();
     assert!(r.message.contains("forbidden"), "{r:?}");
     // Rejections are answers, not failures.
     assert_eq!(status(&host, "guard").failures, 0);
@@ -200,14 +205,14 @@ fn unix_now() -> i64 {
         .as_secs() as i64
 }
 
-fn auth_request(token: Option<&str>) -> AuthInput {
-    AuthInput {
+fn auth_request(token: Option<&str>) -> AuthRequest {
+    AuthRequest {
         method: "post".into(),
         path: "/api/v1/runners".into(),
         headers: token
             .map(|t| vec![("Authorization".to_string(), format!("Bearer {t}"))])
             .unwrap_or_default(),
-        peer_address: "127.0.0.1:5000".into(),
+        peer_address: Some("127.0.0.1:5000".into()),
         poseidon_token: None,
     }
 }
@@ -232,29 +237,35 @@ async fn jwt_auth_authenticates_tenants() {
     assert!(host.has_authenticator());
     let exp = unix_now() + 300;
     let token = sign(&format!(r#"{{"iss":"codeocean","exp":{exp}}}"#), b"s3cret");
-    let p = host.authenticate(auth_request(Some(&token))).await.unwrap();
+    let p = host
+        .authenticate(&auth_request(Some(&token)))
+        .await
+        .unwrap();
     assert_eq!(p.tenant, "codeocean");
     assert_eq!(p.environments, Some(vec![10, 11]));
-    assert!(p.allows(10) && !p.allows(12));
+    assert!(p.may_use(10) && !p.may_use(12));
 
     let other = sign(&format!(r#"{{"iss":"other","exp":{exp}}}"#), b"other-key");
-    let p = host.authenticate(auth_request(Some(&other))).await.unwrap();
+    let p = host
+        .authenticate(&auth_request(Some(&other)))
+        .await
+        .unwrap();
     assert_eq!((p.tenant.as_str(), p.environments), ("other", None));
 
-    let d = host.authenticate(auth_request(None)).await.unwrap_err();
+    let d = host.authenticate(&auth_request(None)).await.unwrap_err();
     assert_eq!(
         (d.status, d.message.as_str()),
         (401, "missing bearer token")
     );
     let forged = sign(&format!(r#"{{"iss":"codeocean","exp":{exp}}}"#), b"wrong");
     let d = host
-        .authenticate(auth_request(Some(&forged)))
+        .authenticate(&auth_request(Some(&forged)))
         .await
         .unwrap_err();
     assert_eq!(d.status, 401);
     let expired = sign(r#"{"iss":"codeocean","exp":1000}"#, b"s3cret");
     let d = host
-        .authenticate(auth_request(Some(&expired)))
+        .authenticate(&auth_request(Some(&expired)))
         .await
         .unwrap_err();
     assert_eq!((d.status, d.message.as_str()), (401, "token expired"));

@@ -9,9 +9,8 @@
 
 use std::time::{Duration, Instant};
 
-use poseidon_plugin_host::{
-    check_file, AuthInput, ExecuteInput, FileEntry, FilesInput, Limits, PluginHost,
-};
+use poseidon_core::files::{FileCopy, FileUpdate};
+use poseidon_plugin_host::{check_file, AuthRequest, Limits, PluginHost};
 
 use crate::common::*;
 
@@ -90,27 +89,26 @@ async fn per_kind(limits: Limits, n: usize) -> Vec<(&'static str, String)> {
     let execute = time(n, || {
         let host = host.clone();
         async move {
-            host.preprocess_execute(ExecuteInput {
-                command: "python main.py".into(),
-                environment_id: 1,
-                ..ExecuteInput::default()
-            })
-            .await
-            .is_ok()
+            host.preprocess_execute(1, None, execution("python main.py"))
+                .await
+                .is_ok()
         }
     })
     .await;
     let files = time(n, || {
         let host = host.clone();
         async move {
-            host.preprocess_files(FilesInput {
-                copy: vec![FileEntry {
-                    path: "main.py".into(),
-                    content: vec![b'x'; 4096],
-                }],
-                environment_id: 1,
-                ..FilesInput::default()
-            })
+            host.preprocess_files(
+                1,
+                None,
+                FileUpdate {
+                    copy: vec![FileCopy {
+                        path: "main.py".into(),
+                        content: vec![b'x'; 4096],
+                    }],
+                    delete: vec![],
+                },
+            )
             .await
             .is_ok()
         }
@@ -119,11 +117,11 @@ async fn per_kind(limits: Limits, n: usize) -> Vec<(&'static str, String)> {
     let auth = time(n, || {
         let host = host.clone();
         async move {
-            host.authenticate(AuthInput {
+            host.authenticate(&AuthRequest {
                 method: "GET".into(),
                 path: "/api/v1/runners".into(),
                 headers: vec![("authorization".into(), "Bearer a.b.c".into())],
-                peer_address: "127.0.0.1:1".into(),
+                peer_address: Some("127.0.0.1:1".into()),
                 poseidon_token: None,
             })
             .await
@@ -139,11 +137,11 @@ async fn per_kind(limits: Limits, n: usize) -> Vec<(&'static str, String)> {
     let tokens = time(n, || {
         let host = host2.clone();
         async move {
-            host.authenticate(AuthInput {
+            host.authenticate(&AuthRequest {
                 method: "GET".into(),
                 path: "/api/v1/runners".into(),
                 poseidon_token: Some("secret".into()),
-                ..AuthInput::default()
+                ..AuthRequest::default()
             })
             .await
             .is_ok()

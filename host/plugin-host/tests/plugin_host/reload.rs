@@ -1,10 +1,10 @@
 //! Hot reload: replacing, breaking, removing and adding plugin files while the host
 //! serves calls.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use poseidon_plugin_host::{ExecuteInput, PluginHost, PluginKind};
+use poseidon_plugin_host::{PluginHost, PluginKind};
 use sha2::Digest;
 
 use crate::common::*;
@@ -159,14 +159,10 @@ async fn changed_config_applies_without_restart_and_without_failed_calls() {
     let host = PluginHost::start(cfg.clone()).await.unwrap();
     let round = |host: PluginHost| async move {
         let out = host
-            .preprocess_execute(ExecuteInput {
-                command: "make".into(),
-                environment_id: 1,
-                ..ExecuteInput::default()
-            })
+            .preprocess_execute(1, None, execution("make"))
             .await
             .expect("no call may fail while the configuration changes");
-        out.env
+        out.environment
             .iter()
             .find(|(k, _)| k == "ROUND")
             .map(|(_, v)| v.clone())
@@ -175,7 +171,7 @@ async fn changed_config_applies_without_restart_and_without_failed_calls() {
     assert_eq!(round(host.clone()).await, "1");
     // Clients keep calling while the configuration changes.
     let stop = Arc::new(AtomicBool::new(false));
-    let calls = Arc::new(AtomicU32::new(0));
+    let calls = Arc::new(std::sync::atomic::AtomicU32::new(0));
     let client = {
         let (host, stop, calls) = (host.clone(), stop.clone(), calls.clone());
         tokio::spawn(async move {
@@ -183,23 +179,20 @@ async fn changed_config_applies_without_restart_and_without_failed_calls() {
                 let seen = round(host.clone()).await;
                 assert!(seen == "1" || seen == "2", "{seen}");
                 calls.fetch_add(1, Ordering::Relaxed);
+                // A client between requests (calls in place do not suspend).
+                tokio::task::yield_now().await;
             }
         })
     };
-    let calls_past = |n: u32| {
-        let calls = calls.clone();
-        async move {
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-            while calls.load(Ordering::Relaxed) <= n {
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "the client made no call"
-                );
-                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
-            }
-        }
-    };
-    calls_past(0).await;
+    // The client is calling before the change …
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    while calls.load(Ordering::Relaxed) == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the client never called"
+        );
+        tokio::task::yield_now().await;
+    }
     let mut changed = cfg.clone();
     changed.entries[0]
         .config
@@ -207,17 +200,98 @@ async fn changed_config_applies_without_restart_and_without_failed_calls() {
     let needs_restart = host.reconfigure(&changed).await;
     assert!(needs_restart.is_empty(), "{needs_restart:?}");
     assert_eq!(round(host.clone()).await, "2");
-    // The client went on calling after the change, and none of its calls failed.
-    calls_past(calls.load(Ordering::Relaxed)).await;
+    // … and after it.
+    let after = calls.load(Ordering::Relaxed);
+    while calls.load(Ordering::Relaxed) <= after {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the client stopped calling"
+        );
+        tokio::task::yield_now().await;
+    }
     stop.store(true, Ordering::Relaxed);
     client.await.unwrap();
     let st = status(&host, "guard");
     assert_eq!(st.failures, 0, "{st:?}");
-    // What cannot change at run time is reported, not half-applied.
+    // What cannot change at run time (an added entry) is reported; the rest applies.
     let mut added = changed.clone();
     added.entries.push(entry("other.wasm", None, &[]));
     added.entries[0].fail_open = true;
     let needs_restart = host.reconfigure(&added).await;
-    assert_eq!(needs_restart.len(), 2, "{needs_restart:?}");
+    assert_eq!(needs_restart, vec!["plugin \"other\" was added"]);
     assert_eq!(round(host.clone()).await, "2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changed_entry_settings_apply_without_restart_and_without_failed_calls() {
+    let dir = temp_dir("reentry");
+    install(&dir, "submission_guard", "guard.wasm");
+    install(&dir, "test_v2_preprocessor", "v2.wasm");
+    install(&dir, "test_alloc", "alloc.wasm");
+    let mut pre = entry("guard.wasm", None, &[("env.ROUND", "1")]);
+    pre.name = Some("pre".into());
+    pre.environments = Some(vec![1]);
+    let cfg = config(&dir, vec![pre]);
+    let host = PluginHost::start(cfg.clone()).await.unwrap();
+    let env = |host: PluginHost, environment: u64| async move {
+        host.preprocess_execute(environment, None, execution("make"))
+            .await
+            .map(|out| out.environment)
+    };
+    let round = vec![("ROUND".to_string(), "1".to_string())];
+    assert_eq!(env(host.clone(), 1).await.unwrap(), round);
+    assert_eq!(env(host.clone(), 2).await.unwrap(), vec![]);
+    // A client of environment 2 keeps calling while the entry changes: never refused.
+    let stop = Arc::new(AtomicBool::new(false));
+    let client = {
+        let (host, stop) = (host.clone(), stop.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                env(host.clone(), 2)
+                    .await
+                    .expect("no call may fail while the entry changes");
+                tokio::task::yield_now().await;
+            }
+        })
+    };
+
+    // environments: the plugin now applies to 2, not 1.
+    let mut changed = cfg.clone();
+    changed.entries[0].environments = Some(vec![2]);
+    assert_eq!(host.reconfigure(&changed).await, Vec::<String>::new());
+    assert_eq!(env(host.clone(), 1).await.unwrap(), vec![]);
+    assert_eq!(env(host.clone(), 2).await.unwrap(), round);
+
+    // file: another component serves the same entry once compiled.
+    changed.entries[0].file = "v2.wasm".into();
+    assert_eq!(host.reconfigure(&changed).await, Vec::<String>::new());
+    assert_eq!(
+        env(host.clone(), 2).await.unwrap(),
+        vec![("WIT_VERSION".to_string(), "0.2".to_string())]
+    );
+    assert_eq!(status(&host, "pre").file, "v2.wasm");
+    stop.store(true, Ordering::Relaxed);
+    client.await.unwrap();
+    assert_eq!(status(&host, "pre").failures, 0);
+
+    // failOpen: a plugin whose every call fails rejects, then lets requests pass.
+    changed.entries[0].file = "alloc.wasm".into();
+    assert_eq!(host.reconfigure(&changed).await, Vec::<String>::new());
+    assert!(env(host.clone(), 2).await.is_err());
+    changed.entries[0].fail_open = true;
+    assert_eq!(host.reconfigure(&changed).await, Vec::<String>::new());
+    assert_eq!(env(host.clone(), 2).await.unwrap(), vec![]);
+
+    // timeZone: an unknown zone is refused with a message and changes nothing.
+    changed.entries[0].time_zone = Some("Mars/Olympus_Mons".into());
+    let refused = host.reconfigure(&changed).await;
+    assert!(
+        refused.len() == 1 && refused[0].contains("Mars/Olympus_Mons"),
+        "{refused:?}"
+    );
+    assert_eq!(env(host.clone(), 2).await.unwrap(), vec![]);
+    // A renamed entry is another plugin: that needs a restart.
+    changed.entries[0].time_zone = None;
+    changed.entries[0].name = Some("renamed".into());
+    assert_eq!(host.reconfigure(&changed).await.len(), 2);
 }

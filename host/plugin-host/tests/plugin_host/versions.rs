@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use poseidon_plugin_host::{
-    check_file, AuthInput, ExecuteInput, ExecutionOutcome, LifecycleEvent, LifecycleKind,
-    PluginHost, PluginKind,
+    check_file, AuthRequest, ExecutionOutcome, LifecycleEvent, LifecycleKind, PluginHost,
+    PluginKind,
 };
 
 use crate::common::*;
@@ -20,14 +20,14 @@ fn event(runner: &str, kind: LifecycleKind) -> LifecycleEvent {
     }
 }
 
-fn auth(token: Option<&str>, bearer: Option<&str>) -> AuthInput {
-    AuthInput {
+fn auth(token: Option<&str>, bearer: Option<&str>) -> AuthRequest {
+    AuthRequest {
         method: "POST".into(),
         path: "/api/v1/runners".into(),
         headers: bearer
             .map(|b| vec![("authorization".to_string(), format!("Bearer {b}"))])
             .unwrap_or_default(),
-        peer_address: "127.0.0.1:5000".into(),
+        peer_address: Some("127.0.0.1:5000".into()),
         poseidon_token: token.map(str::to_string),
     }
 }
@@ -91,15 +91,11 @@ async fn sizers_and_preprocessors_of_both_versions_serve_side_by_side() {
     assert_eq!(host.pool_size(sizer_input(2, 0)).await, Some(330));
     // The chain runs a 0.1 and a 0.2 preprocessor in turn.
     let out = host
-        .preprocess_execute(ExecuteInput {
-            command: "make".into(),
-            environment_id: 1,
-            ..ExecuteInput::default()
-        })
+        .preprocess_execute(1, None, execution("make"))
         .await
         .unwrap();
     assert_eq!(
-        out.env,
+        out.environment,
         [
             ("CHECKED".to_string(), "0.1".to_string()),
             ("WIT_VERSION".to_string(), "0.2".to_string())
@@ -160,7 +156,7 @@ async fn only_a_0_2_authenticator_sees_the_poseidon_token() {
         host.status()
     );
     let p = host
-        .authenticate(auth(Some("secret-hpi"), None))
+        .authenticate(&auth(Some("secret-hpi"), None))
         .await
         .unwrap();
     assert_eq!(
@@ -168,12 +164,12 @@ async fn only_a_0_2_authenticator_sees_the_poseidon_token() {
         ("hpi", Some(vec![10, 11]))
     );
     let p = host
-        .authenticate(auth(Some("secret-tum"), None))
+        .authenticate(&auth(Some("secret-tum"), None))
         .await
         .unwrap();
     assert_eq!((p.tenant.as_str(), p.environments), ("tum", None));
     let d = host
-        .authenticate(auth(Some("guess"), None))
+        .authenticate(&auth(Some("guess"), None))
         .await
         .unwrap_err();
     assert_eq!(
@@ -191,7 +187,7 @@ async fn only_a_0_2_authenticator_sees_the_poseidon_token() {
     .await
     .unwrap();
     let d = host
-        .authenticate(auth(Some("secret-hpi"), None))
+        .authenticate(&auth(Some("secret-hpi"), None))
         .await
         .unwrap_err();
     assert_eq!(d.status, 401, "{d:?}");
@@ -203,15 +199,18 @@ async fn observers_receive_events_and_failures_are_counted() {
     let dir = temp_dir("versions-observe");
     install(&dir, "audit_observer", "audit.wasm");
     install(&dir, "test_observer", "picky.wasm");
-    let host = PluginHost::start(config(
+    let mut cfg = config(
         &dir,
         vec![
             entry("audit.wasm", None, &[]),
             entry("picky.wasm", None, &[("trapOnRunner", "bad")]),
         ],
-    ))
-    .await
-    .unwrap();
+    );
+    // Calls in place once proved short: the trap below then happens on an async worker,
+    // where the guest's panic message on stderr cannot be written (wasmtime-wasi blocks on
+    // tokio); the host must still report the guest's own trap.
+    cfg.limits.in_place_budget_us = 10_000_000;
+    let host = PluginHost::start(cfg).await.unwrap();
     assert!(host.has_observer());
     host.observe(event("r1", LifecycleKind::Claimed));
     host.observe(event(
@@ -235,6 +234,9 @@ async fn observers_receive_events_and_failures_are_counted() {
     .await;
     let error = status(&host, "picky").last_error.unwrap();
     assert!(error.contains("test-observer saw runner bad"), "{error}");
+    // That version's calls now run off the executor; the other observer's stay in place.
+    assert_eq!(status(&host, "picky").in_place, Some(false));
+    assert_eq!(status(&host, "audit").in_place, Some(true));
     assert_eq!(status(&host, "audit").failures, 0);
     assert_eq!(host.observer_stats().dropped, 0);
 }
