@@ -58,7 +58,7 @@ pub(crate) struct BashExports {
     shlvl_unset: String,
 }
 
-static CALIBRATED: OnceLock<BashExports> = OnceLock::new();
+static ENABLED: OnceLock<BashExports> = OnceLock::new();
 
 /// A process to start in place of `bash -c COMMAND`.
 #[derive(Debug, PartialEq, Eq)]
@@ -74,7 +74,7 @@ pub(crate) struct Direct {
 /// Enables the shortcut with what [`probe_bash`] learnt of the runner's bash (the `SHLVL` it
 /// leaves a program it execs, when it inherited none).
 pub(crate) fn enable(shlvl_unset: &str) {
-    let _ = CALIBRATED.set(BashExports {
+    let _ = ENABLED.set(BashExports {
         shlvl_unset: shlvl_unset.to_string(),
     });
 }
@@ -95,8 +95,8 @@ pub(crate) fn probe_bash() -> i32 {
 }
 
 /// The shortcut's settings: `None` unless [`enable`] was called.
-fn calibrated() -> Option<&'static BashExports> {
-    CALIBRATED.get()
+fn enabled() -> Option<&'static BashExports> {
+    ENABLED.get()
 }
 
 fn probe(cwd: &str) -> Option<BashExports> {
@@ -174,7 +174,7 @@ pub(crate) fn plan(
     cwd: &str,
     uid: u32,
 ) -> Option<Direct> {
-    plan_with(calibrated()?, argv, env, cwd, uid)
+    plan_with(enabled()?, argv, env, cwd, uid)
 }
 
 fn plan_with(
