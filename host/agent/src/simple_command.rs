@@ -247,8 +247,9 @@ fn is_physical(cwd: &str) -> bool {
 /// the working directory, and exports it as written), or the first file of that name in a `PATH`
 /// directory — which must then be an executable file for `uid`.
 fn find_program(word: &str, path: &str, cwd: &str, uid: u32) -> Option<PathBuf> {
-    let (program, file) = if word.contains('/') {
-        (PathBuf::from(word), Path::new(cwd).join(word))
+    let (program, meta) = if word.contains('/') {
+        let meta = std::fs::metadata(Path::new(cwd).join(word)).ok()?;
+        (PathBuf::from(word), meta)
     } else {
         let mut found = None;
         for dir in path.split(':') {
@@ -257,18 +258,16 @@ fn find_program(word: &str, path: &str, cwd: &str, uid: u32) -> Option<PathBuf> 
             }
             let candidate = Path::new(dir).join(word);
             match std::fs::metadata(&candidate) {
-                Ok(_) => {
-                    found = Some(candidate);
+                Ok(meta) => {
+                    found = Some((candidate, meta));
                     break;
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                 Err(_) => return None,
             }
         }
-        let found = found?;
-        (found.clone(), found)
+        found?
     };
-    let meta = std::fs::metadata(file).ok()?;
     (meta.is_file() && executable_by(&meta, uid)).then_some(program)
 }
 
