@@ -91,15 +91,7 @@ pub fn reload_on_file_change(
     };
     tokio::spawn(async move {
         let _watcher = watcher;
-        while rx.recv().await.is_some() {
-            // Quiet period, restarted by every further event (an editor's several writes).
-            loop {
-                match tokio::time::timeout(debounce, rx.recv()).await {
-                    Ok(Some(())) => continue,
-                    Ok(None) => return,
-                    Err(_elapsed) => break,
-                }
-            }
+        while poseidon_plugin_host::settled(&mut rx, debounce).await {
             apply_configuration_file(&host, Some(&path), "configuration file changed").await;
         }
     });

@@ -83,6 +83,7 @@ pub use types::{
     EnvironmentInfo, ObserverStats, PluginDescription, PluginStatus, PoolSizerInput, PoolStateInfo,
     Rejection,
 };
+pub use watch::settled;
 
 /// The newest version of the `poseidon:plugins` WIT package this host implements.
 pub const WIT_VERSION: &str = "0.2.0";

@@ -49,17 +49,25 @@ pub(crate) fn start(inner: &Arc<Inner>) -> Result<(), PluginError> {
     Ok(())
 }
 
+/// Waits for the next change notification on `rx`, then for a quiet period of `quiet` that
+/// every further notification restarts (an editor's or a copy's several writes); false once
+/// the sender is gone.
+pub async fn settled(rx: &mut mpsc::Receiver<()>, quiet: Duration) -> bool {
+    if rx.recv().await.is_none() {
+        return false;
+    }
+    loop {
+        match tokio::time::timeout(quiet, rx.recv()).await {
+            Ok(Some(())) => continue,
+            Ok(None) => return false,
+            Err(_elapsed) => return true,
+        }
+    }
+}
+
 /// Waits for change notifications, lets them settle for `debounce`, then reloads.
 async fn reload_loop(inner: Weak<Inner>, mut rx: mpsc::Receiver<()>, debounce: Duration) {
-    while rx.recv().await.is_some() {
-        // Quiet period: restart it on every further event.
-        loop {
-            match tokio::time::timeout(debounce, rx.recv()).await {
-                Ok(Some(())) => continue,
-                Ok(None) => return,
-                Err(_elapsed) => break,
-            }
-        }
+    while settled(&mut rx, debounce).await {
         let Some(inner) = inner.upgrade() else {
             return;
         };
