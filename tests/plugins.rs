@@ -42,6 +42,48 @@ fn plugin_dir(plugins: &[(&str, &str)]) -> PathBuf {
 }
 
 /// Starts a server whose configuration has `plugins_yaml` (the lines inside `plugins:`).
+/// A server whose submission guard sets `ROUND=first`, and a runner of its environment 9 holding
+/// `main.sh`, which prints `$ROUND` (checked once).
+async fn server_printing_round(dir: &Path) -> (Server, String) {
+    let s = server_with_plugins(
+        dir,
+        "    - file: guard.wasm\n      config:\n        env.ROUND: first\n",
+    )
+    .await;
+    s.environment(9, 1, json!({})).await;
+    let runner = s.claim(9, 60).await;
+    s.copy(&runner, &[("main.sh", b"echo \"$ROUND\"")]).await;
+    let session = s.run(&runner, json!({"command": "sh main.sh"})).await;
+    assert_eq!(session.stdout.trim(), "first", "{session:?}");
+    (s, runner)
+}
+
+/// Replaces `from` by `to` in the server's configuration file, in place (as an editor saves it).
+fn edit_configuration(s: &Server, from: &str, to: &str) {
+    let yaml = std::fs::read_to_string(s.config_path()).unwrap();
+    std::fs::write(s.config_path(), yaml.replace(from, to)).unwrap();
+}
+
+/// Runs `main.sh` until it prints `to`: every run succeeds and prints `from` until then, for at
+/// most 30 s.
+async fn run_until_it_prints(s: &Server, runner: &str, from: &str, to: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut runs = 0;
+    loop {
+        let session = s.run(runner, json!({"command": "sh main.sh"})).await;
+        runs += 1;
+        assert_eq!(session.exit(), Some(0), "{session:?}");
+        if session.stdout.trim() == to {
+            return;
+        }
+        assert_eq!(session.stdout.trim(), from);
+        assert!(
+            Instant::now() < deadline,
+            "still {from:?}, not {to:?}, after {runs} executions"
+        );
+    }
+}
+
 async fn server_with_plugins(dir: &Path, entries_yaml: &str) -> Server {
     Server::start_with(Options {
         extra_yaml: format!(
@@ -692,42 +734,16 @@ async fn one_poseidon_token_per_institution_with_an_observer_watching() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_applies_a_changed_plugin_config_without_a_restart() {
     let dir = plugin_dir(&[("submission_guard", "guard.wasm")]);
-    let s = server_with_plugins(
-        &dir,
-        "    - file: guard.wasm\n      config:\n        env.ROUND: first\n",
-    )
-    .await;
-    s.environment(9, 1, json!({})).await;
-    let runner = s.claim(9, 60).await;
-    s.copy(&runner, &[("main.sh", b"echo \"$ROUND\"")]).await;
-    let session = s.run(&runner, json!({"command": "sh main.sh"})).await;
-    assert_eq!(session.stdout.trim(), "first", "{session:?}");
+    let (s, runner) = server_printing_round(&dir).await;
 
-    let yaml = std::fs::read_to_string(s.config_path()).unwrap();
-    std::fs::write(
-        s.config_path(),
-        yaml.replace("env.ROUND: first", "env.ROUND: second"),
-    )
-    .unwrap();
+    edit_configuration(&s, "env.ROUND: first", "env.ROUND: second");
     let hup = std::process::Command::new("kill")
         .args(["-HUP", &s.pid().to_string()])
         .status()
         .unwrap();
     assert!(hup.success());
     // Every execution succeeds while the change is applied; soon they see the new value.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let session = s.run(&runner, json!({"command": "sh main.sh"})).await;
-        assert_eq!(session.exit(), Some(0), "{session:?}");
-        if session.stdout.trim() == "second" {
-            break;
-        }
-        assert_eq!(session.stdout.trim(), "first");
-        assert!(
-            Instant::now() < deadline,
-            "the new configuration was not applied"
-        );
-    }
+    run_until_it_prints(&s, &runner, "first", "second").await;
     let (_, plugins) = status_and_json(s.http.get(s.url("/plugins")).send().await.unwrap()).await;
     assert_eq!(plugins[0]["failures"], 0, "{plugins}");
     // The log line follows the whole reconfiguration, which may finish after the new value shows.
@@ -1073,65 +1089,22 @@ fn plugin_new_writes_a_python_project_that_builds_and_answers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_config_change_in_the_file_applies_without_a_restart_or_a_signal() {
     let dir = plugin_dir(&[("submission_guard", "guard.wasm")]);
-    let s = server_with_plugins(
-        &dir,
-        "    - file: guard.wasm\n      config:\n        env.ROUND: first\n",
-    )
-    .await;
-    s.environment(9, 1, json!({})).await;
-    let runner = s.claim(9, 60).await;
-    s.copy(&runner, &[("main.sh", b"echo \"$ROUND\"")]).await;
-    let session = s.run(&runner, json!({"command": "sh main.sh"})).await;
-    assert_eq!(session.stdout.trim(), "first", "{session:?}");
+    let (s, runner) = server_printing_round(&dir).await;
 
     // Only the file changes (as an editor saves it: in place); no SIGHUP.
-    let yaml = std::fs::read_to_string(s.config_path()).unwrap();
-    std::fs::write(
-        s.config_path(),
-        yaml.replace("env.ROUND: first", "env.ROUND: second"),
-    )
-    .unwrap();
+    edit_configuration(&s, "env.ROUND: first", "env.ROUND: second");
     // Every execution succeeds while the change is applied; soon they see the new value.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut runs = 0;
-    loop {
-        let session = s.run(&runner, json!({"command": "sh main.sh"})).await;
-        runs += 1;
-        assert_eq!(session.exit(), Some(0), "{session:?}");
-        if session.stdout.trim() == "second" {
-            break;
-        }
-        assert_eq!(session.stdout.trim(), "first");
-        assert!(
-            Instant::now() < deadline,
-            "the changed file was not applied after {runs} executions"
-        );
-    }
+    run_until_it_prints(&s, &runner, "first", "second").await;
     // The entry's other settings apply live as well: its environments no longer include 9.
     let yaml = std::fs::read_to_string(s.config_path()).unwrap();
     assert!(yaml.contains("    - file: guard.wasm\n"), "{yaml}");
-    std::fs::write(
-        s.config_path(),
-        yaml.replace(
-            "    - file: guard.wasm\n",
-            "    - file: guard.wasm\n      environments: [10]\n",
-        ),
-    )
-    .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let session = s.run(&runner, json!({"command": "sh main.sh"})).await;
-        runs += 1;
-        assert_eq!(session.exit(), Some(0), "{session:?}");
-        if session.stdout.trim().is_empty() {
-            break;
-        }
-        assert_eq!(session.stdout.trim(), "second");
-        assert!(
-            Instant::now() < deadline,
-            "the changed environments were not applied after {runs} executions"
-        );
-    }
+    edit_configuration(
+        &s,
+        "    - file: guard.wasm\n",
+        "    - file: guard.wasm\n      environments: [10]\n",
+    );
+    // No preprocessor applies to environment 9 any more: `ROUND` is gone.
+    run_until_it_prints(&s, &runner, "second", "").await;
     let plugins: Value = s.get_json(s.url("/plugins")).await;
     assert_eq!(plugins[0]["failures"], 0, "{plugins}");
     eventually("the reload is logged", 10, || async {
