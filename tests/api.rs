@@ -851,12 +851,7 @@ async fn runners_survive_a_restart_of_the_gateway_with_their_files_and_programs(
     assert_eq!(env["memoryLimit"], 256);
     s.wait_idle(5, 2).await;
     // The claimed runner is still the client's, with its files and its running program.
-    let r = s
-        .http
-        .get(s.url(&format!("/runners/{runner}/files/raw?path=kept.txt")))
-        .send()
-        .await
-        .unwrap();
+    let r = s.download(&runner, "kept.txt").await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.text().await.unwrap(), "still here");
     assert!(!host_processes_with(&marker).is_empty());

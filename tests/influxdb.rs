@@ -149,12 +149,7 @@ async fn poseidons_measurements_reach_a_real_influxdb() {
     s.environment(3, 1, json!({})).await;
     let runner = s.claim(3, 0).await;
     s.copy(&runner, &[("x.txt", b"hi")]).await;
-    let r = s
-        .http
-        .get(s.url(&format!("/runners/{runner}/files/raw?path=x.txt")))
-        .send()
-        .await
-        .unwrap();
+    let r = s.download(&runner, "x.txt").await;
     assert_eq!(r.bytes().await.unwrap().as_ref(), b"hi");
 
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -209,12 +209,7 @@ async fn a_killed_server_recovers_used_and_idle_runners_on(backend: Backend) {
         }
     }
     // The used runner keeps its id and its files; the pool is recognised, not recreated.
-    let r = s
-        .http
-        .get(s.url(&format!("/runners/{runner}/files/raw?path=kept.txt")))
-        .send()
-        .await
-        .unwrap();
+    let r = s.download(&runner, "kept.txt").await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.text().await.unwrap(), "still here");
     settled(&s, 1, 2, 1).await;
@@ -477,12 +472,7 @@ async fn a_rescheduled_runner_in_use_stays_the_learners_with_its_files_gone() {
     );
     // Same runner id, a fresh sandbox: the file is gone, commands run again.
     eventually("the runner runs on its new allocation", 30, || async {
-        let r = s
-            .http
-            .get(s.url(&format!("/runners/{runner}/files/raw?path=work.txt")))
-            .send()
-            .await
-            .unwrap();
+        let r = s.download(&runner, "work.txt").await;
         r.status() == 424
     })
     .await;
@@ -806,12 +796,7 @@ async fn real_nomad_a_killed_container_ends_the_execution_and_the_runner_comes_b
         out.exit() == Some(0) && out.stdout == "again\r\n"
     })
     .await;
-    let r = s
-        .http
-        .get(s.url(&format!("/runners/{runner}/files/raw?path=work.txt")))
-        .send()
-        .await
-        .unwrap();
+    let r = s.download(&runner, "work.txt").await;
     assert_eq!(
         r.status(),
         424,
@@ -934,12 +919,7 @@ async fn the_agentless_path_runs_commands_and_files() {
     assert_eq!(out.stdout, "agentless\r\n");
     assert_eq!(out.stderr, "err\r\n");
     assert_eq!(out.exit(), Some(4));
-    let r = s
-        .http
-        .get(s.url(&format!("/runners/{runner}/files/raw?path=in.txt")))
-        .send()
-        .await
-        .unwrap();
+    let r = s.download(&runner, "in.txt").await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.text().await.unwrap(), "agentless");
     let out = s
@@ -989,12 +969,7 @@ async fn cluster_restart_of_nomad_loses_no_output_runner_or_file() {
     let expected: String = (1..=90).map(|i| format!("line-{i}\r\n")).collect();
     assert_eq!(out.stdout, expected, "{:?}", out.messages);
     assert_eq!(out.exit(), Some(6));
-    let r = s
-        .http
-        .get(s.url(&format!("/runners/{runner}/files/raw?path=kept.txt")))
-        .send()
-        .await
-        .unwrap();
+    let r = s.download(&runner, "kept.txt").await;
     assert_eq!(r.text().await.unwrap(), "still here");
     settled(&s, 26, 2, 1).await;
 }
@@ -1024,13 +999,7 @@ async fn cluster_restart_of_dockerd_ends_executions_and_keeps_runners() {
         out.messages
     );
     eventually("the runner runs in its new container", 180, || async {
-        s.http
-            .get(s.url(&format!("/runners/{runner}/files/raw?path=gone.txt")))
-            .send()
-            .await
-            .unwrap()
-            .status()
-            == 424
+        s.download(&runner, "gone.txt").await.status() == 424
     })
     .await;
     let out = s.run(&runner, json!({"command": "echo again"})).await;

@@ -268,12 +268,7 @@ async fn metrics_count_requests_claims_executions_files_and_pools() {
         .run(&runner, serde_json::json!({"command": "cat a.txt; exit 3"}))
         .await;
     assert_eq!(session.exit(), Some(3));
-    let r = s
-        .http
-        .get(s.url(&format!("/runners/{runner}/files/raw?path=a.txt")))
-        .send()
-        .await
-        .unwrap();
+    let r = s.download(&runner, "a.txt").await;
     assert_eq!(r.bytes().await.unwrap().as_ref(), b"hello world");
     let r = s
         .http

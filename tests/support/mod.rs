@@ -582,6 +582,15 @@ impl Server {
         assert_eq!(r.status(), 204, "copy: {}", r.text().await.unwrap());
     }
 
+    /// `GET /runners/{runner}/files/raw?path=PATH`: the answer as it came.
+    pub async fn download(&self, runner: &str, path: &str) -> reqwest::Response {
+        self.http
+            .get(self.url(&format!("/runners/{runner}/files/raw?path={path}")))
+            .send()
+            .await
+            .unwrap()
+    }
+
     /// Stores an execution and returns its WebSocket URL.
     pub async fn execute(&self, runner: &str, body: Value) -> String {
         let r = self
