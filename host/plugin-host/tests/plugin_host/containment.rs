@@ -6,20 +6,26 @@ use poseidon_plugin_host::{AuthRequest, PluginHost, PluginKind};
 
 use crate::common::*;
 
-fn exec_request() -> ExecutionRequest {
-    execution("make run")
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn endless_loop_hits_the_epoch_deadline_and_others_keep_working() {
-    let dir = temp_dir("loop");
+/// `test_loop` as the sizer of environment 1 (it never answers) and `demand_sizer` (headroom 4)
+/// as the sizer of environment 2, in a fresh plugin directory.
+fn looping_and_demand(name: &str) -> poseidon_plugin_host::PluginsConfig {
+    let dir = temp_dir(name);
     install(&dir, "test_loop", "loop.wasm");
     install(&dir, "demand_sizer", "demand.wasm");
     let mut looping = entry("loop.wasm", None, &[]);
     looping.environments = Some(vec![1]);
     let mut demand = entry("demand.wasm", None, &[("headroom", "4")]);
     demand.environments = Some(vec![2]);
-    let mut cfg = config(&dir, vec![looping, demand]);
+    config(&dir, vec![looping, demand])
+}
+
+fn exec_request() -> ExecutionRequest {
+    execution("make run")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endless_loop_hits_the_epoch_deadline_and_others_keep_working() {
+    let mut cfg = looping_and_demand("loop");
     cfg.limits.epoch_deadline_ticks = 5;
     let host = PluginHost::start(cfg).await.unwrap();
 
@@ -36,14 +42,7 @@ async fn endless_loop_hits_the_epoch_deadline_and_others_keep_working() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wall_clock_timeout_answers_at_once_and_stops_the_guest() {
-    let dir = temp_dir("timeout");
-    install(&dir, "test_loop", "loop.wasm");
-    install(&dir, "demand_sizer", "demand.wasm");
-    let mut looping = entry("loop.wasm", None, &[]);
-    looping.environments = Some(vec![1]);
-    let mut demand = entry("demand.wasm", None, &[("headroom", "4")]);
-    demand.environments = Some(vec![2]);
-    let mut cfg = config(&dir, vec![looping, demand]);
+    let mut cfg = looping_and_demand("timeout");
     // The epoch deadline alone would allow 60 s; the call timeout is what fires.
     cfg.limits.epoch_deadline_ticks = 6_000;
     cfg.limits.call_timeout_ms = 200;
@@ -307,14 +306,7 @@ async fn truncated_component_is_refused_with_a_message_and_others_load() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_versions_whose_calls_proved_short_run_in_place() {
-    let dir = temp_dir("in-place");
-    install(&dir, "test_loop", "loop.wasm");
-    install(&dir, "demand_sizer", "demand.wasm");
-    let mut looping = entry("loop.wasm", None, &[]);
-    looping.environments = Some(vec![1]);
-    let mut demand = entry("demand.wasm", None, &[("headroom", "4")]);
-    demand.environments = Some(vec![2]);
-    let mut cfg = config(&dir, vec![looping, demand]);
+    let mut cfg = looping_and_demand("in-place");
     cfg.limits.epoch_deadline_ticks = 5;
     // A budget no short call misses on a busy machine; the endless call is stopped by its
     // deadline (50 ms), which moves its version off whatever the budget.
