@@ -1,5 +1,5 @@
 //! Behaviour found on a real Nomad that the emulator must share. Each test runs against the
-//! emulator and, as the ignored `real_nomad_*` twin (`-- --ignored real_nomad` with `NOMAD_ADDR`
+//! emulator and, as the ignored `real_nomad::*` twin (`-- --ignored real_nomad` with `NOMAD_ADDR`
 //! set), against that real agent too (Docker driver, the image
 //! `POSEIDON_TEST_IMAGE`, default `openhpi/co_execenv_python:3.8`), so the two can be compared
 //! whenever Nomad changes.
@@ -9,6 +9,33 @@ mod common;
 use common::*;
 use serde_json::{json, Value};
 use tokio::time::Instant;
+
+/// Each check runs twice, as `emulator::NAME` and as `real_nomad::NAME` (ignored without a real
+/// Nomad), in the shape of `tests/api.rs`'s `on_both_backends!`.
+macro_rules! on_the_emulator_and_a_real_nomad {
+    ($($name:ident),* $(,)?) => {
+        mod emulator {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(super::Target::emulator().await).await
+            })*
+        }
+        mod real_nomad {
+            $(#[tokio::test]
+            #[ignore = "needs a real Nomad: NOMAD_ADDR=http://127.0.0.1:4646 cargo test -- --ignored real_nomad"]
+            async fn $name() {
+                super::$name(super::Target::real(concat!("real_nomad::", stringify!($name)))).await
+            })*
+        }
+    };
+}
+
+on_the_emulator_and_a_real_nomad!(
+    an_exec_process_outlives_its_closed_session,
+    exec_streams_output_and_exit_codes,
+    http_errors_are_plain_text_with_nomad_status_codes,
+    in_place_meta_update_keeps_the_allocation,
+);
 
 /// Where a test runs: an emulator it started, or the real agent at `NOMAD_ADDR`.
 struct Target {
@@ -148,18 +175,6 @@ async fn an_exec_process_outlives_its_closed_session(t: Target) {
     t.purge(&job.0).await;
 }
 
-#[tokio::test]
-async fn emulator_an_exec_process_outlives_its_closed_session() {
-    an_exec_process_outlives_its_closed_session(Target::emulator().await).await;
-}
-
-#[tokio::test]
-#[ignore = "needs a real Nomad: NOMAD_ADDR=http://127.0.0.1:4646 cargo test -- --ignored real_nomad"]
-async fn real_nomad_an_exec_process_outlives_its_closed_session() {
-    let t = Target::real("real_nomad_an_exec_process_outlives_its_closed_session");
-    an_exec_process_outlives_its_closed_session(t).await;
-}
-
 /// Exec sessions: separate output streams, exit codes (0 omitted), stdin and its close, a terminal,
 /// deaths by a signal, and errors as close frames with Nomad's reasons.
 async fn exec_streams_output_and_exit_codes(t: Target) {
@@ -241,20 +256,6 @@ async fn exec_streams_output_and_exit_codes(t: Target) {
     let r = exec(base, id, &[], false, b"", false).await;
     assert_eq!(r.close, Some((1008, "command is not present".into())));
     t.purge(&job.0).await;
-}
-
-#[tokio::test]
-async fn emulator_exec_streams_output_and_exit_codes() {
-    exec_streams_output_and_exit_codes(Target::emulator().await).await;
-}
-
-#[tokio::test]
-#[ignore = "needs a real Nomad: NOMAD_ADDR=http://127.0.0.1:4646 cargo test -- --ignored real_nomad"]
-async fn real_nomad_exec_streams_output_and_exit_codes() {
-    exec_streams_output_and_exit_codes(Target::real(
-        "real_nomad_exec_streams_output_and_exit_codes",
-    ))
-    .await;
 }
 
 /// Errors of the HTTP API: plain text with Nomad's status codes and messages; namespaces.
@@ -417,20 +418,6 @@ async fn http_errors_are_plain_text_with_nomad_status_codes(t: Target) {
     let _ = c.delete(format!("{base}/v1/namespace/{ns}")).send().await;
 }
 
-#[tokio::test]
-async fn emulator_http_errors_are_plain_text_with_nomad_status_codes() {
-    http_errors_are_plain_text_with_nomad_status_codes(Target::emulator().await).await;
-}
-
-#[tokio::test]
-#[ignore = "needs a real Nomad: NOMAD_ADDR=http://127.0.0.1:4646 cargo test -- --ignored real_nomad"]
-async fn real_nomad_http_errors_are_plain_text_with_nomad_status_codes() {
-    http_errors_are_plain_text_with_nomad_status_codes(Target::real(
-        "real_nomad_http_errors_are_plain_text_with_nomad_status_codes",
-    ))
-    .await;
-}
-
 /// A changed meta of the count-0 `config` group is a new job version on the same allocation (how
 /// a claim is recorded); an identical re-register only makes an evaluation.
 async fn in_place_meta_update_keeps_the_allocation(t: Target) {
@@ -468,18 +455,4 @@ async fn in_place_meta_update_keeps_the_allocation(t: Target) {
     assert_eq!(updated["ID"], alloc["ID"]);
     assert_eq!(updated["ClientStatus"], "running");
     t.purge(&id).await;
-}
-
-#[tokio::test]
-async fn emulator_in_place_meta_update_keeps_the_allocation() {
-    in_place_meta_update_keeps_the_allocation(Target::emulator().await).await;
-}
-
-#[tokio::test]
-#[ignore = "needs a real Nomad: NOMAD_ADDR=http://127.0.0.1:4646 cargo test -- --ignored real_nomad"]
-async fn real_nomad_in_place_meta_update_keeps_the_allocation() {
-    in_place_meta_update_keeps_the_allocation(Target::real(
-        "real_nomad_in_place_meta_update_keeps_the_allocation",
-    ))
-    .await;
 }
