@@ -55,6 +55,7 @@ impl Drop for Proc {
         }
         support::end_runners(&self.dir.join("state/runners"));
         let _ = std::fs::remove_dir_all(&self.dir);
+        support::remove_cgroups(&self.dir.file_name().unwrap().to_string_lossy());
     }
 }
 

@@ -647,17 +647,23 @@ impl Drop for Server {
         if std::env::var_os("POSEIDON_TEST_KEEP_STATE").is_none() {
             let _ = std::fs::remove_dir_all(&self.state);
         }
-        for c in ["memory", "pids", "cpu"] {
-            let dir = PathBuf::from("/sys/fs/cgroup").join(c).join(&self.cgroup);
-            if let Ok(entries) = std::fs::read_dir(&dir) {
-                for e in entries.flatten() {
-                    if e.path().is_dir() {
-                        let _ = std::fs::remove_dir(e.path());
-                    }
+        remove_cgroups(&self.cgroup);
+    }
+}
+
+/// Removes a stopped server's parent cgroup `name` and its runners' groups (emptied by
+/// [`end_runners`]), on cgroup v1 (memory, pids, cpu) and v2.
+pub fn remove_cgroups(name: &str) {
+    for c in ["memory", "pids", "cpu", ""] {
+        let dir = PathBuf::from("/sys/fs/cgroup").join(c).join(name);
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for e in entries.flatten() {
+                if e.path().is_dir() {
+                    let _ = std::fs::remove_dir(e.path());
                 }
             }
-            let _ = std::fs::remove_dir(&dir);
         }
+        let _ = std::fs::remove_dir(&dir);
     }
 }
 
