@@ -20,6 +20,7 @@
 # plugins and reload scenarios then say they are skipped, unless --plugin-url is given). POSEIDON_BENCH_LOG_LEVEL sets the servers' log level (default info).
 # BENCH_PLUGIN_LIMITS='{ inlineCalls: false, keepResidentKb: 0 }' sets the plugin server's `limits:`
 # (e.g. to compare the plugin host's call paths with one binary).
+# BENCH_AUTH_CACHE=MS gives the plugin server's jwt_auth entry `cacheDecisions: { inputs: [authorization], ttlMs: MS }`.
 # POSEIDON_BENCH_SERVER=PATH runs that poseidon binary instead of the fresh release build (to compare
 # two builds with the same load generator; the agent next to it is used). BENCH_OUT=DIR writes the
 # results there instead. BENCH_BUILD=0 skips the release build (the binaries must exist; for
@@ -209,7 +210,8 @@ if [ "$start_plugins" = 1 ]; then
   directory: $plugin_dir
   entries:
     - file: jwt_auth.wasm
-      kind: authenticator
+      kind: authenticator${BENCH_AUTH_CACHE:+
+      cacheDecisions: { inputs: [authorization], ttlMs: $BENCH_AUTH_CACHE \}}
       config: { key.bench: \"$jwt_key\", environments.bench: \"$environments\" }
     - file: submission_guard.wasm
       failOpen: false

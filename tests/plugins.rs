@@ -731,6 +731,61 @@ async fn one_poseidon_token_per_institution_with_an_observer_watching() {
     assert_eq!(plugins[1]["failures"], 0, "{plugins}");
 }
 
+/// The authenticator's calls and cached decisions so far, from `/plugins`.
+async fn authenticator_counts(s: &Server) -> (u64, u64) {
+    let (_, plugins) = status_and_json(s.http.get(s.url("/plugins")).send().await.unwrap()).await;
+    let counts = (
+        plugins[0]["calls"].as_u64(),
+        plugins[0]["cachedDecisions"].as_u64(),
+    );
+    (counts.0.unwrap(), counts.1.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_authenticators_decisions_are_reused_per_token_until_its_config_changes() {
+    let dir = plugin_dir(&[("token_tenants", "tokens.wasm")]);
+    let s = server_with_plugins(
+        &dir,
+        &format!(
+            "    - file: tokens.wasm\n      kind: authenticator\n      cacheDecisions: {{ inputs: [Poseidon-Token], ttlMs: 600000 }}\n      config:\n        token.ops: {}\n        token.hpi: hpi-token\n        environments.hpi: \"12\"\n",
+            support::TOKEN
+        ),
+    )
+    .await;
+    let environments = s.url("/execution-environments");
+    let hpi = codeocean("hpi-token");
+    let before = authenticator_counts(&s).await;
+    for _ in 0..5 {
+        assert_eq!(hpi.get(&environments).send().await.unwrap().status(), 200);
+    }
+    let after = authenticator_counts(&s).await;
+    assert_eq!(
+        (after.0 - before.0, after.1 - before.1),
+        (1, 4),
+        "one call for five requests"
+    );
+    // Refusals are kept too, each token on its own.
+    for _ in 0..2 {
+        let r = codeocean("guess").get(&environments).send().await.unwrap();
+        assert_eq!(r.status(), 401);
+    }
+    let refused = authenticator_counts(&s).await;
+    assert_eq!((refused.0 - after.0, refused.1 - after.1), (1, 1));
+
+    // A new config: no decision made under the old one is reused.
+    edit_configuration(&s, "token.hpi: hpi-token", "token.hpi: hpi-token-2");
+    eventually("the old token is refused", 30, || {
+        let r = hpi.get(&environments).send();
+        async move { r.await.unwrap().status() == 401 }
+    })
+    .await;
+    let renamed = codeocean("hpi-token-2");
+    assert_eq!(
+        renamed.get(&environments).send().await.unwrap().status(),
+        200
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_applies_a_changed_plugin_config_without_a_restart() {
     let dir = plugin_dir(&[("submission_guard", "guard.wasm")]);

@@ -114,6 +114,66 @@ pub struct PluginEntry {
     /// (e.g. `Europe/Berlin`); default: the server's time zone.
     #[serde(default, alias = "timezone")]
     pub time_zone: Option<String>,
+    /// Authenticators only: reuse the plugin's decision for requests that agree on the
+    /// inputs it depends on, for a while (see [`DecisionCacheConfig`]). Off when absent.
+    #[serde(default, alias = "cachedecisions")]
+    pub cache_decisions: Option<DecisionCacheConfig>,
+}
+
+/// An authenticator's decision cache (`cacheDecisions:`). Declaring `inputs` is a promise
+/// about the plugin: its decision depends on nothing else (but the time, which `ttlMs`
+/// bounds). CodeOcean sends the same token with every request of a run, so a token-reading
+/// authenticator is called once per token and `ttlMs` instead of once per request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DecisionCacheConfig {
+    /// What the decision depends on: header names, `poseidon-token` (the `Poseidon-Token`
+    /// the authenticator is given), `:method`, `:path`, `:peer`.
+    pub inputs: Vec<String>,
+    /// How long a decision is reused, in milliseconds (at most an hour).
+    #[serde(alias = "ttlms")]
+    pub ttl_ms: u64,
+    /// Most decisions kept; when full, expired ones go first, then all.
+    #[serde(default = "default_max_entries", alias = "maxentries")]
+    pub max_entries: usize,
+}
+
+fn default_max_entries() -> usize {
+    10_000
+}
+
+impl DecisionCacheConfig {
+    /// The configuration with input names in lower case, or why it is unusable.
+    pub(crate) fn validated(&self) -> Result<DecisionCacheConfig, String> {
+        if self.inputs.is_empty() {
+            return Err("cacheDecisions.inputs must name what the decision depends on".into());
+        }
+        if self.ttl_ms == 0 || self.ttl_ms > 3_600_000 {
+            return Err("cacheDecisions.ttlMs must be between 1 and 3600000".into());
+        }
+        let inputs = self
+            .inputs
+            .iter()
+            .map(|input| {
+                let input = input.trim().to_ascii_lowercase();
+                let pseudo = [":method", ":path", ":peer"].contains(&input.as_str());
+                let header = !input.is_empty()
+                    && input.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+                if pseudo || header {
+                    Ok(input)
+                } else {
+                    Err(format!(
+                        "cacheDecisions.inputs: {input:?} is neither a header name nor one of :method, :path, :peer"
+                    ))
+                }
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(DecisionCacheConfig {
+            inputs,
+            ttl_ms: self.ttl_ms,
+            max_entries: self.max_entries,
+        })
+    }
 }
 
 impl PluginEntry {
@@ -367,5 +427,47 @@ debounceMs: 100
         assert!(c.watch);
         let empty: PluginsConfig = serde_yaml::from_str("{}").unwrap();
         assert_eq!(empty, PluginsConfig::default());
+    }
+
+    #[test]
+    fn a_decision_cache_names_its_inputs_in_lower_case_and_refuses_nonsense() {
+        let c: PluginsConfig = serde_yaml::from_str(
+            "entries:\n  - {file: a.wasm, cacheDecisions: {inputs: [Authorization, Poseidon-Token, ':path'], ttlMs: 1000}}\n",
+        )
+        .unwrap();
+        let cache = c.entries[0].cache_decisions.as_ref().unwrap();
+        assert_eq!(cache.max_entries, 10_000);
+        let valid = cache.validated().unwrap();
+        assert_eq!(valid.inputs, ["authorization", "poseidon-token", ":path"]);
+        let refused = |yaml: &str| {
+            let c: PluginsConfig = serde_yaml::from_str(yaml).unwrap();
+            c.entries[0]
+                .cache_decisions
+                .as_ref()
+                .unwrap()
+                .validated()
+                .unwrap_err()
+        };
+        assert!(
+            refused("entries: [{file: a, cacheDecisions: {inputs: [], ttlMs: 5}}]")
+                .contains("inputs")
+        );
+        assert!(
+            refused("entries: [{file: a, cacheDecisions: {inputs: [x], ttlMs: 0}}]")
+                .contains("ttlMs")
+        );
+        assert!(
+            refused("entries: [{file: a, cacheDecisions: {inputs: [':body'], ttlMs: 5}}]")
+                .contains(":body")
+        );
+        assert!(
+            refused("entries: [{file: a, cacheDecisions: {inputs: ['a b'], ttlMs: 5}}]")
+                .contains("a b")
+        );
+        // An unknown key is refused, not ignored.
+        assert!(serde_yaml::from_str::<PluginsConfig>(
+            "entries: [{file: a, cacheDecisions: {inputs: [x], ttlMs: 5, ttl: 9}}]"
+        )
+        .is_err());
     }
 }

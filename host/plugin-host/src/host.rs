@@ -6,6 +6,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::config::DecisionCacheConfig;
+use crate::decisions::{DecisionCache, DecisionKey};
 use arc_swap::ArcSwapOption;
 use tokio::sync::Semaphore;
 use wasmtime::Store;
@@ -131,6 +133,8 @@ struct Slot {
     failed_digest: Mutex<Option<String>>,
     calls: AtomicU64,
     failures: AtomicU64,
+    /// Requests answered from the authenticator's decision cache (all versions).
+    cached_decisions: AtomicU64,
     last_error: Mutex<Option<String>>,
 }
 
@@ -141,12 +145,26 @@ struct SlotSettings {
     path: PathBuf,
     /// The zone of the local time given to 0.2 pool sizers.
     time_zone: jiff::tz::TimeZone,
+    /// The authenticator's decision cache, input names in lower case; `None`: off.
+    decisions: Option<DecisionCacheConfig>,
 }
 
 impl SlotSettings {
     /// The settings of `entry` in the plugin directory `directory`; fails on an unknown
-    /// time zone.
+    /// time zone or an unusable `cacheDecisions`.
     fn new(entry: &PluginEntry, directory: &Path) -> Result<SlotSettings, PluginError> {
+        let decisions = match &entry.cache_decisions {
+            None => None,
+            Some(_) if entry.kind.is_some_and(|k| k != PluginKind::Authenticator) => {
+                return Err(PluginError::Config(format!(
+                    "plugin {:?}: cacheDecisions is for authenticators",
+                    entry.display_name()
+                )))
+            }
+            Some(cache) => Some(cache.validated().map_err(|e| {
+                PluginError::Config(format!("plugin {:?}: {e}", entry.display_name()))
+            })?),
+        };
         let time_zone = match &entry.time_zone {
             Some(name) => jiff::tz::TimeZone::get(name).map_err(|e| {
                 PluginError::Config(format!(
@@ -160,6 +178,7 @@ impl SlotSettings {
             entry: entry.clone(),
             path: directory.join(&entry.file),
             time_zone,
+            decisions,
         })
     }
 }
@@ -286,6 +305,7 @@ impl PluginHost {
                     failed_digest: Mutex::new(None),
                     calls: AtomicU64::new(0),
                     failures: AtomicU64::new(0),
+                    cached_decisions: AtomicU64::new(0),
                     last_error: Mutex::new(None),
                 }))
             })
@@ -479,6 +499,21 @@ impl PluginHost {
         else {
             return Ok(everyone);
         };
+        // A decision kept for the same inputs (see `cacheDecisions`) answers at once.
+        let settings = slot.settings.load_full();
+        let cached = match (&settings.decisions, slot.current.load_full()) {
+            (Some(config), Some(plugin)) => {
+                DecisionKey::of(config, request).map(|key| (config, plugin, key))
+            }
+            _ => None,
+        };
+        if let Some((_, plugin, key)) = &cached {
+            if let Some(decision) = plugin.decisions.get(key, std::time::Instant::now()) {
+                slot.cached_decisions.fetch_add(1, Ordering::Relaxed);
+                crate::telemetry::cached_decision(&slot.name);
+                return decision;
+            }
+        }
         // One copy, owned by the call (it may run on another thread); translated to the
         // loaded version's WIT record inside the call.
         let request = request.clone();
@@ -507,7 +542,7 @@ impl PluginHost {
             status: 503,
             message: format!("authentication unavailable: plugin {:?} {e}", slot.name),
         };
-        match result {
+        let decision = match result {
             Ok(Ok(p)) => Ok(p),
             Ok(Err(d)) if d.status == 401 || d.status == 403 => Err(d),
             Ok(Err(d)) => {
@@ -516,10 +551,18 @@ impl PluginHost {
                     d.status
                 ));
                 inner.record_failure(slot, e.clone());
-                Err(unavailable(&e))
+                return Err(unavailable(&e));
             }
-            Err(e) => Err(unavailable(&e)),
+            Err(e) => return Err(unavailable(&e)),
+        };
+        // Only the plugin's own answers are kept, in the cache of the version that was
+        // current before the call (a reload during the call drops it with that version).
+        if let Some((config, plugin, key)) = cached {
+            plugin
+                .decisions
+                .put(key, decision.clone(), std::time::Instant::now(), config);
         }
+        decision
     }
 
     /// Applies a changed `plugins:` section without a restart. An entry (matched by name)
@@ -561,7 +604,8 @@ impl PluginHost {
                 config: old.entry.config.clone(),
                 ..entry.clone()
             };
-            if same_but_config != old.entry {
+            let settings_changed = same_but_config != old.entry;
+            if settings_changed {
                 // file, kind, environments, failOpen, timeZone: swapped at once (a call
                 // running keeps what it started with); a changed file or kind is loaded
                 // by the reload below, the old version serving until it is ready.
@@ -577,11 +621,14 @@ impl PluginHost {
                     }
                 }
             }
-            if **slot.config.load() == entry.config {
+            let config_changed = **slot.config.load() != entry.config;
+            if !config_changed && !settings_changed {
                 continue;
             }
             let config = Arc::new(entry.config.clone());
             slot.config.store(Arc::clone(&config));
+            // Re-issued with the new values and an empty decision cache: no decision made
+            // under the old values or settings is reused.
             if let Some(current) = slot.current.load_full() {
                 let identity = Arc::new(PluginIdentity {
                     config,
@@ -596,9 +643,12 @@ impl PluginHost {
                     pre: current.pre.clone(),
                     from_cache: current.from_cache,
                     placement: Arc::clone(&current.placement),
+                    decisions: DecisionCache::default(),
                 })));
             }
-            tracing::info!(plugin = %name, "plugin configuration changed; applied");
+            if config_changed {
+                tracing::info!(plugin = %name, "plugin configuration changed; applied");
+            }
         }
         inner.reload_all().await;
         restart
@@ -685,6 +735,7 @@ impl PluginHost {
                         .map(|p| humantime::format_rfc3339_seconds(p.loaded_at).to_string()),
                     calls: slot.calls.load(Ordering::Relaxed),
                     failures: slot.failures.load(Ordering::Relaxed),
+                    cached_decisions: slot.cached_decisions.load(Ordering::Relaxed),
                     last_error: lock(&slot.last_error).clone(),
                     from_cache: current.as_ref().and_then(|p| p.from_cache),
                     in_place: current.as_ref().map(|p| p.placement.in_place()),

@@ -64,6 +64,7 @@
 mod bindings;
 mod config;
 mod convert;
+mod decisions;
 mod error;
 mod host;
 mod loader;
@@ -73,7 +74,9 @@ mod telemetry;
 mod types;
 mod watch;
 
-pub use config::{Limits, PluginEntry, PluginKind, PluginsConfig, SizerBounds};
+pub use config::{
+    DecisionCacheConfig, Limits, PluginEntry, PluginKind, PluginsConfig, SizerBounds,
+};
 pub use error::{CallError, PluginError};
 pub use host::{check_file, check_file_cached, PluginHost};
 pub use poseidon_core::policy::{

@@ -1,5 +1,6 @@
 //! Compiling, inspecting and pre-instantiating one plugin file.
 
+use crate::decisions::DecisionCache;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
@@ -58,6 +59,8 @@ pub(crate) struct LoadedPlugin {
     pub from_cache: Option<bool>,
     /// Where this version's calls run (shared with the copies a reconfiguration makes).
     pub placement: Arc<Placement>,
+    /// The authenticator's decisions under this version and `config:` (empty in a copy).
+    pub decisions: DecisionCache,
 }
 
 /// What a load learned besides the plugin itself.
@@ -280,6 +283,7 @@ pub(crate) fn load(
             pre,
             from_cache,
             placement: Arc::default(),
+            decisions: DecisionCache::default(),
         },
         LoadDetails {
             imports,

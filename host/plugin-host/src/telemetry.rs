@@ -13,6 +13,12 @@ pub(crate) fn call(plugin: &str, duration: Duration) {
         .record(duration);
 }
 
+/// Records one request `plugin`'s decision cache answered without a call.
+pub(crate) fn cached_decision(plugin: &str) {
+    metrics::counter!("poseidon_plugin_cached_decisions_total", "plugin" => plugin.to_string())
+        .increment(1);
+}
+
 /// Records one failed call of `plugin`, by reason.
 pub(crate) fn failure(plugin: &str, error: &CallError) {
     metrics::counter!("poseidon_plugin_call_failures_total",

@@ -91,6 +91,9 @@ pub struct PluginStatus {
     pub calls: u64,
     /// Failed calls since start: traps, timeouts, bad answers, not loaded.
     pub failures: u64,
+    /// Requests an authenticator's decision cache answered without a call, since start.
+    #[serde(default)]
+    pub cached_decisions: u64,
     /// The last load or call error, if any.
     pub last_error: Option<String>,
     /// Whether the loaded version's machine code came from the compile cache rather

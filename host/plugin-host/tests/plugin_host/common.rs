@@ -64,6 +64,7 @@ pub fn entry(file: &str, kind: Option<PluginKind>, config: &[(&str, &str)]) -> P
             .collect::<BTreeMap<_, _>>(),
         fail_open: false,
         time_zone: None,
+        cache_decisions: None,
     }
 }
 
