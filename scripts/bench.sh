@@ -20,6 +20,7 @@
 # plugins and reload scenarios then say they are skipped, unless --plugin-url is given). POSEIDON_BENCH_LOG_LEVEL sets the servers' log level (default info).
 # BENCH_PLUGIN_LIMITS='{ inlineCalls: false, keepResidentKb: 0 }' sets the plugin server's `limits:`
 # (e.g. to compare the plugin host's call paths with one binary).
+# BENCH_PLUGINS_AA=1 starts the plugin server without plugins (A/A: the bias of the comparison itself).
 # BENCH_AUTH_CACHE=MS gives the plugin server's jwt_auth entry `cacheDecisions: { inputs: [authorization], ttlMs: MS }`.
 # POSEIDON_BENCH_SERVER=PATH runs that poseidon binary instead of the fresh release build (to compare
 # two builds with the same load generator; the agent next to it is used). BENCH_OUT=DIR writes the
@@ -206,7 +207,7 @@ if [ "$start_plugins" = 1 ]; then
   printf '\x00\x07\x05benchb' >>"$work/plugins/jwt_auth-b.wasm"
   jwt_key="bench-key-$(od -An -N16 -tx8 /dev/urandom | tr -d ' ')"
   environments=$(seq -s, $((env_base + 1)) $((env_base + 5)))
-  start_server plugins 4200000 "plugins:
+  plugins_yaml="plugins:
   directory: $plugin_dir
   entries:
     - file: jwt_auth.wasm
@@ -217,6 +218,10 @@ if [ "$start_plugins" = 1 ]; then
       failOpen: false
       config: { maxFiles: 50, maxFileBytes: 1048576, maxTotalBytes: 4194304, forbiddenPaths: \"**/*.so\", maxTimeLimit: 60, denyPrivileged: true }${BENCH_PLUGIN_LIMITS:+
   limits: $BENCH_PLUGIN_LIMITS}"
+  # BENCH_PLUGINS_AA=1: the "plugin" server has no plugins (an A/A run that shows what the order
+  # of the two servers alone makes of the comparison).
+  [ "${BENCH_PLUGINS_AA:-0}" = 1 ] && plugins_yaml=""
+  start_server plugins 4200000 "$plugins_yaml"
   plugins_url=$server_url
   plugin_args=(--plugin-url "$plugins_url" --plugin-jwt-key "$jwt_key"
     --plugin-file "$plugin_dir/jwt_auth.wasm"
