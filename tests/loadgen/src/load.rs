@@ -200,6 +200,20 @@ impl Latency {
             max_ms: ms(samples[n - 1]),
         }
     }
+
+    /// The mean of two runs' figures, field by field (samples: both runs'), for a comparison
+    /// measured twice in opposite orders.
+    pub fn mean_of(a: &Latency, b: &Latency) -> Self {
+        let mean = |x: f64, y: f64| (x + y) / 2.0;
+        Self {
+            samples: a.samples + b.samples,
+            mean_ms: mean(a.mean_ms, b.mean_ms),
+            p50_ms: mean(a.p50_ms, b.p50_ms),
+            p90_ms: mean(a.p90_ms, b.p90_ms),
+            p99_ms: mean(a.p99_ms, b.p99_ms),
+            max_ms: a.max_ms.max(b.max_ms),
+        }
+    }
 }
 
 /// Runs `op` under `load` and records every operation.

@@ -118,9 +118,9 @@ pub struct Comparison {
     pub operation: String,
     /// Operations in flight at once.
     pub concurrency: usize,
-    /// Latency on the plain server.
+    /// Latency on the plain server (the mean of its two runs, before and after the other's).
     pub base: Latency,
-    /// Latency on the other server.
+    /// Latency on the other server (the mean of its two runs, between the plain server's).
     pub with: Latency,
     /// `with.p50 - base.p50`, ms.
     pub added_p50_ms: f64,
