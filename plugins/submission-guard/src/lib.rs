@@ -87,6 +87,24 @@ pub struct Settings {
 impl Settings {
     /// Reads the settings from the plugin configuration.
     pub fn from_config() -> Self {
+        Self::for_execute().with_files_from(Self::for_files())
+    }
+
+    /// Reads only what a file update is checked against (each call reads the configuration
+    /// through host calls, so a call reads no more than it uses).
+    pub fn for_files() -> Self {
+        Settings {
+            max_files: config::parse("maxFiles"),
+            max_total_bytes: config::parse("maxTotalBytes"),
+            max_file_bytes: config::parse("maxFileBytes"),
+            forbidden_paths: config::list("forbiddenPaths"),
+            allow_parent_dirs: config::parse("allowParentDirs").unwrap_or(false),
+            ..Settings::default()
+        }
+    }
+
+    /// Reads only what an execute request is checked against and given.
+    pub fn for_execute() -> Self {
         let commands = config::get("forbiddenCommands")
             .map(|v| {
                 v.split(';')
@@ -96,11 +114,6 @@ impl Settings {
             })
             .unwrap_or_default();
         Settings {
-            max_files: config::parse("maxFiles"),
-            max_total_bytes: config::parse("maxTotalBytes"),
-            max_file_bytes: config::parse("maxFileBytes"),
-            forbidden_paths: config::list("forbiddenPaths"),
-            allow_parent_dirs: config::parse("allowParentDirs").unwrap_or(false),
             forbidden_commands: commands,
             max_time_limit: config::parse("maxTimeLimit"),
             deny_privileged: config::parse("denyPrivileged").unwrap_or(false),
@@ -109,6 +122,19 @@ impl Settings {
                 .filter_map(|(k, v)| k.strip_prefix("env.").map(|n| (n.to_string(), v)))
                 .filter(|(n, _)| !n.is_empty())
                 .collect(),
+            ..Settings::default()
+        }
+    }
+
+    /// These settings with the file settings of `files`.
+    fn with_files_from(self, files: Settings) -> Self {
+        Settings {
+            max_files: files.max_files,
+            max_total_bytes: files.max_total_bytes,
+            max_file_bytes: files.max_file_bytes,
+            forbidden_paths: files.forbidden_paths,
+            allow_parent_dirs: files.allow_parent_dirs,
+            ..self
         }
     }
 
@@ -186,13 +212,13 @@ pub struct SubmissionGuard;
 
 impl Preprocessor for SubmissionGuard {
     fn preprocess_execute(request: ExecuteRequest) -> Result<ExecuteRequest, String> {
-        Settings::from_config()
+        Settings::for_execute()
             .check_execute(request)
             .inspect_err(|e| info!("rejected execute: {e}"))
     }
 
     fn preprocess_files(update: FileUpdate) -> Result<FileUpdate, String> {
-        Settings::from_config()
+        Settings::for_files()
             .check_files(update)
             .inspect_err(|e| info!("rejected files: {e}"))
     }
@@ -352,6 +378,12 @@ mod tests {
             s.inject_env,
             vec![("PYTHONDONTWRITEBYTECODE".to_string(), "1".to_string())]
         );
+        // Each kind of call reads only its own part; together they are the whole.
+        let (files, execute) = (Settings::for_files(), Settings::for_execute());
+        assert_eq!((files.max_files, execute.max_files), (Some(1), None));
+        assert!(files.forbidden_commands.is_empty() && files.inject_env.is_empty());
+        assert!(execute.forbidden_paths.is_empty());
+        assert_eq!(execute.with_files_from(files), s);
         assert!(SubmissionGuard::preprocess_execute(exec("rm -rf /")).is_err());
         assert!(SubmissionGuard::preprocess_files(update(&[("a.exe", 1)], &[])).is_err());
     }
