@@ -159,32 +159,53 @@ fn as_user(setpriv: Option<&Path>, uid: u32, program: &Path) -> tokio::process::
 /// Checks that bubblewrap can start a sandbox as an unprivileged uid, and returns `setpriv` if
 /// it can start it that way (see [`as_user`]); without `setpriv` the server forks to switch uid.
 async fn check_bubblewrap(bwrap: &Path, uid: u32) -> Result<Option<PathBuf>, LocalError> {
-    let setpriv = find_program(Path::new("setpriv"));
-    let mut last_error = String::new();
-    for launcher in [setpriv.as_deref(), None] {
-        let output = as_user(launcher, uid, bwrap)
-            .args(["--unshare-user", "--unshare-pid"])
-            .args(crate::sandbox::host_system_binds())
-            .args(["--", "/bin/true"])
-            .env_clear()
-            .output()
-            .await
-            .map_err(|e| LocalError::Bubblewrap(e.to_string()))?;
-        if output.status.success() {
-            return Ok(launcher.map(Path::to_path_buf));
-        }
-        last_error = String::from_utf8_lossy(&output.stderr).trim().to_string();
-        if let Some(setpriv) = launcher {
-            tracing::warn!(setpriv = %setpriv.display(), error = %last_error,
-                "a test sandbox started through setpriv failed; starting sandboxes without it");
-        }
-        if setpriv.is_none() {
-            break;
+    check_launchers(bwrap, uid, find_program(Path::new("setpriv"))).await
+}
+
+/// [`check_bubblewrap`] with the `setpriv` to try first.
+async fn check_launchers(
+    bwrap: &Path,
+    uid: u32,
+    setpriv: Option<PathBuf>,
+) -> Result<Option<PathBuf>, LocalError> {
+    let launchers = match setpriv.as_deref() {
+        Some(setpriv) => vec![Some(setpriv), None],
+        None => vec![None],
+    };
+    let mut failures = Vec::new();
+    for launcher in launchers {
+        match test_sandbox(bwrap, uid, launcher).await {
+            Ok(()) => {
+                if let Some(failure) = failures.first() {
+                    tracing::warn!(error = %failure,
+                        "a test sandbox started through setpriv failed; the server forks to start sandboxes instead");
+                }
+                return Ok(launcher.map(Path::to_path_buf));
+            }
+            Err(failure) => failures.push(failure),
         }
     }
     Err(LocalError::Bubblewrap(format!(
-        "a test sandbox failed (are user namespaces enabled?): {last_error}"
+        "a test sandbox failed (are user namespaces enabled?): {}",
+        failures.join("; ")
     )))
+}
+
+/// Starts a sandbox running `/bin/true` as `uid` through `launcher` (see [`as_user`]).
+async fn test_sandbox(bwrap: &Path, uid: u32, launcher: Option<&Path>) -> Result<(), String> {
+    let output = as_user(launcher, uid, bwrap)
+        .args(["--unshare-user", "--unshare-pid"])
+        .args(crate::sandbox::host_system_binds())
+        .args(["--", "/bin/true"])
+        .env_clear()
+        .output()
+        .await
+        .map_err(|e| e.to_string())?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&output.stderr).trim().to_string())
+    }
 }
 
 fn find_program(name: &Path) -> Option<PathBuf> {
@@ -787,5 +808,19 @@ mod tests {
         assert_eq!(identity(None, uid).await, expected);
         let setpriv = find_program(Path::new("setpriv")).expect("setpriv (util-linux)");
         assert_eq!(identity(Some(&setpriv), uid).await, expected);
+    }
+
+    // Needs root and bubblewrap, as the server does.
+    #[tokio::test]
+    async fn sandboxes_start_through_setpriv_where_it_works_and_without_it_otherwise() {
+        let bwrap = find_program(Path::new("bwrap")).expect("bubblewrap");
+        let uid = 4_999_990;
+        let setpriv = find_program(Path::new("setpriv")).expect("setpriv (util-linux)");
+        let chosen = check_launchers(&bwrap, uid, Some(setpriv.clone())).await;
+        assert_eq!(chosen.unwrap(), Some(setpriv));
+        // A launcher that fails its test sandbox is not used; the fork is.
+        let broken = check_launchers(&bwrap, uid, Some(PathBuf::from("/bin/false"))).await;
+        assert_eq!(broken.unwrap(), None);
+        assert_eq!(check_launchers(&bwrap, uid, None).await.unwrap(), None);
     }
 }
