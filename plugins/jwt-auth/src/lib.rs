@@ -65,6 +65,44 @@ fn decode_b64(s: &str) -> Option<Vec<u8>> {
         .ok()
 }
 
+/// A token split into its three parts, its header checked and its claims decoded: what can
+/// be refused before the configuration is read.
+pub struct Token<'a> {
+    header_b64: &'a str,
+    payload_b64: &'a str,
+    signature_b64: &'a str,
+    claims: Value,
+}
+
+impl<'a> Token<'a> {
+    /// Splits `token` (JWS compact), checks that it is HS256 and decodes its claims.
+    pub fn parse(token: &'a str) -> Result<Self, Denial> {
+        let invalid = |why: &str| Denial::unauthorized(format!("invalid token: {why}"));
+        let mut parts = token.split('.');
+        let (Some(header_b64), Some(payload_b64), Some(signature_b64), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(invalid("not a JWS compact token"));
+        };
+        let header: Value = decode_b64(header_b64)
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .ok_or_else(|| invalid("bad header"))?;
+        if header.get("alg").and_then(Value::as_str) != Some("HS256") {
+            return Err(invalid("alg must be HS256"));
+        }
+        let claims: Value = decode_b64(payload_b64)
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .filter(Value::is_object)
+            .ok_or_else(|| invalid("bad payload"))?;
+        Ok(Token {
+            header_b64,
+            payload_b64,
+            signature_b64,
+            claims,
+        })
+    }
+}
+
 impl Settings {
     /// Reads the settings from `entries` (the plugin configuration).
     pub fn from_entries(entries: &[(String, String)]) -> Result<Self, String> {
@@ -124,23 +162,18 @@ impl Settings {
 
     /// Verifies `token` at Unix time `now`.
     pub fn verify(&self, token: &str, now: i64) -> Result<Principal, Denial> {
+        self.check(&Token::parse(token)?, now)
+    }
+
+    /// Checks a parsed token against the tenants' keys and the time claims at Unix time `now`.
+    pub fn check(&self, token: &Token<'_>, now: i64) -> Result<Principal, Denial> {
         let invalid = |why: &str| Denial::unauthorized(format!("invalid token: {why}"));
-        let mut parts = token.split('.');
-        let (Some(header_b64), Some(payload_b64), Some(signature_b64), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
-            return Err(invalid("not a JWS compact token"));
-        };
-        let header: Value = decode_b64(header_b64)
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .ok_or_else(|| invalid("bad header"))?;
-        if header.get("alg").and_then(Value::as_str) != Some("HS256") {
-            return Err(invalid("alg must be HS256"));
-        }
-        let claims: Value = decode_b64(payload_b64)
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .filter(Value::is_object)
-            .ok_or_else(|| invalid("bad payload"))?;
+        let Token {
+            header_b64,
+            payload_b64,
+            signature_b64,
+            claims,
+        } = token;
         let tenant_name = claims
             .get(&self.tenant_claim)
             .and_then(Value::as_str)
@@ -230,11 +263,16 @@ pub struct JwtAuth;
 
 impl Authenticator for JwtAuth {
     fn authenticate(request: AuthRequest) -> Result<Principal, Denial> {
+        // A missing or malformed token is refused before the configuration is read.
+        let token = request
+            .bearer_token()
+            .ok_or_else(|| Denial::unauthorized("missing bearer token"))?;
+        let token = Token::parse(token)?;
         let settings = Settings::from_entries(&config::entries()).map_err(|e| Denial {
             status: 401,
             message: format!("authenticator misconfigured: {e}"),
         })?;
-        settings.authenticate(&request, unix_now())
+        settings.check(&token, unix_now())
     }
 }
 
@@ -398,6 +436,25 @@ mod tests {
         assert_eq!(
             JwtAuth::authenticate(request(&t)).unwrap(),
             Principal::tenant("alpha")
+        );
+    }
+
+    #[test]
+    fn a_malformed_token_is_refused_before_the_configuration_is_read() {
+        // An empty key makes the configuration unusable: only a well-formed token gets as far
+        // as reading it.
+        set_config([("key.alpha", "")]);
+        let junk = JwtAuth::authenticate(request("a.b.c")).unwrap_err();
+        assert_eq!(
+            (junk.status, junk.message.as_str()),
+            (401, "invalid token: bad header")
+        );
+        let t = sign(&json!({"iss": "alpha", "exp": unix_now() + 60}), b"x");
+        let formed = JwtAuth::authenticate(request(&t)).unwrap_err();
+        assert!(
+            formed.message.contains("misconfigured"),
+            "{}",
+            formed.message
         );
     }
 }
