@@ -298,14 +298,69 @@ pub mod config {
 
     /// The value of `key` split at commas, each item trimmed; empty items are dropped.
     pub fn list(key: &str) -> Vec<String> {
-        get(key)
-            .map(|v| {
-                v.split(',')
-                    .map(|s| s.trim().to_string())
-                    .filter(|s| !s.is_empty())
-                    .collect()
-            })
-            .unwrap_or_default()
+        get(key).map(|v| split_list(&v)).unwrap_or_default()
+    }
+
+    fn split_list(value: &str) -> Vec<String> {
+        value
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect()
+    }
+
+    /// The whole configuration, read with one host call.
+    ///
+    /// Every host call copies its strings into the plugin's memory, so a plugin that reads
+    /// several keys in one call is faster reading them all at once (`Snapshot::read()`, then
+    /// [`Snapshot::get`] and friends) than with one [`get`] per key. Each call of a plugin
+    /// runs in a fresh instance, so a snapshot is never stale within a call.
+    #[derive(Debug, Clone, Default, PartialEq, Eq)]
+    pub struct Snapshot {
+        /// The entries, sorted by key.
+        entries: Vec<(String, String)>,
+    }
+
+    impl Snapshot {
+        /// Reads every configured entry.
+        pub fn read() -> Self {
+            Self::from_entries(entries())
+        }
+
+        /// A snapshot of `entries` (in any order).
+        pub fn from_entries(mut entries: Vec<(String, String)>) -> Self {
+            entries.sort_by(|a, b| a.0.cmp(&b.0));
+            Snapshot { entries }
+        }
+
+        /// The value of `key`, if configured.
+        pub fn get(&self, key: &str) -> Option<&str> {
+            self.entries
+                .binary_search_by(|(k, _)| k.as_str().cmp(key))
+                .ok()
+                .map(|i| self.entries[i].1.as_str())
+        }
+
+        /// The value of `key` parsed as `T`; `None` if missing or unparsable (as [`parse`]).
+        pub fn parse<T: std::str::FromStr>(&self, key: &str) -> Option<T> {
+            self.get(key).and_then(|v| v.trim().parse().ok())
+        }
+
+        /// The value of `key` split at commas, each item trimmed, empty items dropped (as
+        /// [`list`]).
+        pub fn list(&self, key: &str) -> Vec<String> {
+            self.get(key).map(split_list).unwrap_or_default()
+        }
+
+        /// The entries whose key starts with `prefix`, with the prefix removed, in key order.
+        pub fn with_prefix<'a>(
+            &'a self,
+            prefix: &'a str,
+        ) -> impl Iterator<Item = (&'a str, &'a str)> {
+            self.entries
+                .iter()
+                .filter_map(move |(k, v)| k.strip_prefix(prefix).map(|rest| (rest, v.as_str())))
+        }
     }
 }
 
@@ -432,6 +487,45 @@ macro_rules! export_authenticator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_snapshot_answers_as_the_per_key_functions_do() {
+        testing::set_config([
+            ("b", " 7 "),
+            ("a", "x, y,,z "),
+            ("env.A", "1"),
+            ("env.", "2"),
+            ("envB", "3"),
+        ]);
+        let snapshot = config::Snapshot::read();
+        for key in ["a", "b", "env.A", "missing"] {
+            assert_eq!(
+                snapshot.get(key).map(str::to_string),
+                config::get(key),
+                "{key}"
+            );
+            assert_eq!(snapshot.list(key), config::list(key), "{key}");
+            assert_eq!(
+                snapshot.parse::<u32>(key),
+                config::parse::<u32>(key),
+                "{key}"
+            );
+        }
+        assert_eq!(snapshot.parse::<u32>("b"), Some(7));
+        assert_eq!(snapshot.list("a"), vec!["x", "y", "z"]);
+        assert_eq!(
+            snapshot.with_prefix("env.").collect::<Vec<_>>(),
+            vec![("", "2"), ("A", "1")]
+        );
+        let unsorted = config::Snapshot::from_entries(vec![
+            ("z".into(), "1".into()),
+            ("a".into(), "2".into()),
+        ]);
+        assert_eq!(
+            (unsorted.get("a"), unsorted.get("z")),
+            (Some("2"), Some("1"))
+        );
+    }
 
     #[test]
     fn bearer_token_is_parsed_case_insensitively() {
