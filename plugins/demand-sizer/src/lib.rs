@@ -60,22 +60,27 @@ impl Default for Settings {
 impl Settings {
     /// Reads the settings from the plugin configuration; invalid values keep defaults.
     pub fn from_config() -> Self {
+        // One host call for all keys (each host call copies its strings across).
+        let config = config::Snapshot::read();
         let d = Settings::default();
-        let alpha = config::parse::<f64>("alpha")
+        let alpha = config
+            .parse::<f64>("alpha")
             .filter(|a| *a > 0.0 && *a <= 1.0)
             .unwrap_or(d.alpha);
         Settings {
             alpha,
-            horizon_minutes: config::parse::<f64>("horizonMinutes")
+            horizon_minutes: config
+                .parse::<f64>("horizonMinutes")
                 .filter(|h| *h >= 0.0 && h.is_finite())
                 .unwrap_or(d.horizon_minutes),
-            headroom: config::parse("headroom").unwrap_or(d.headroom),
-            headroom_percent: config::parse::<f64>("headroomPercent")
+            headroom: config.parse("headroom").unwrap_or(d.headroom),
+            headroom_percent: config
+                .parse::<f64>("headroomPercent")
                 .filter(|p| *p >= 0.0 && p.is_finite())
                 .unwrap_or(d.headroom_percent),
-            miss_boost: config::parse("missBoost").unwrap_or(d.miss_boost),
-            min: config::parse("min").unwrap_or(d.min),
-            max: config::parse("max").unwrap_or(d.max),
+            miss_boost: config.parse("missBoost").unwrap_or(d.miss_boost),
+            min: config.parse("min").unwrap_or(d.min),
+            max: config.parse("max").unwrap_or(d.max),
         }
     }
 }

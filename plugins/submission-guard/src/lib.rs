@@ -14,17 +14,25 @@
 //! | `denyPrivileged` | `true` to refuse privileged executions |
 //! | `env.NAME` | environment variable `NAME` to set on every execution (overrides the client) |
 //!
-//! Patterns are globs in the syntax of the `globset` crate. Path patterns: `*` and `?`
+//! Patterns are globs in the syntax of the `fast-glob` crate. Path patterns: `*` and `?`
 //! match within one path segment, `**` matches any number of whole segments (`**/*.so`
 //! matches `x.so` and `lib/x.so`), `{a,b}` and `[ab]` work as in a shell; a leading
 //! `./` of paths is ignored. Command patterns: `*` matches any text, `?` one character.
-//! An invalid pattern refuses every request it is checked against, with a message naming it.
+//! A leading `!` is a literal character, not a negation. An invalid pattern (an unclosed
+//! `[` or `{`, a trailing `\`) refuses every request it is checked against, with a message
+//! naming it.
+
+use std::borrow::Cow;
 
 use poseidon_plugin_api::{
     config, export_preprocessor, info, ExecuteRequest, FileUpdate, Preprocessor,
 };
 
-/// Matches `text` against a glob `pattern` (the `globset` crate's syntax). With
+/// Stands in for `/` in commands, so that `*` and `?` match across it (the matcher's
+/// wildcards stop at `/`, which is right for paths only).
+const COMMAND_SEPARATOR: char = '\u{7f}';
+
+/// Matches `text` against a glob `pattern` (the `fast-glob` crate's syntax). With
 /// `segments`, `*` and `?` do not match `/`, and `**` matches any number of whole path
 /// segments, none included: `**/*.so` matches `x.so` as well as `lib/x.so`. Without
 /// `segments` (commands), `*` matches any text.
@@ -33,32 +41,46 @@ use poseidon_plugin_api::{
 /// requests visibly instead of letting everything pass.
 pub fn glob_match(pattern: &str, text: &str, segments: bool) -> Result<bool, String> {
     let patterns = [pattern.to_string()];
-    Ok(first_match(&glob_set(&patterns, segments)?, &patterns, text).is_some())
+    Ok(first_match(&patterns, text, segments)?.is_some())
 }
 
-/// Compiles `patterns` into one matcher. A `GlobSet` sorts patterns into literal, prefix,
-/// suffix and extension lookups and builds a regular expression only for the rest, which
-/// matters because the guard compiles its patterns anew in every call.
-fn glob_set(patterns: &[String], segments: bool) -> Result<globset::GlobSet, String> {
-    let mut set = globset::GlobSetBuilder::new();
-    for p in patterns {
-        let glob = globset::GlobBuilder::new(p)
-            .literal_separator(segments)
-            .backslash_escape(true)
-            .build()
-            .map_err(|e| format!("invalid pattern {p:?}: {e}"))?;
-        set.add(glob);
-    }
-    set.build().map_err(|e| format!("invalid patterns: {e}"))
-}
-
-/// The first of `patterns` (compiled into `set`) that matches `text`.
+/// The first of `patterns` that matches `text`, or an error naming the first invalid
+/// pattern. The patterns are matched in place: `fast-glob` has no compile step, which
+/// matters because a plugin instance lives for one call, so the guard would otherwise
+/// compile its patterns anew in every call (`globset`: 1–16 µs for one or two patterns).
 fn first_match<'p>(
-    set: &globset::GlobSet,
     patterns: &'p [String],
     text: &str,
-) -> Option<&'p String> {
-    set.matches(text).into_iter().min().map(|i| &patterns[i])
+    segments: bool,
+) -> Result<Option<&'p String>, String> {
+    let text = if segments {
+        Cow::Borrowed(text)
+    } else {
+        Cow::Owned(without_slashes(text))
+    };
+    for p in patterns {
+        fast_glob::validate(p).map_err(|e| format!("invalid pattern {p:?}: {e}"))?;
+    }
+    for p in patterns {
+        // A leading `!` negates in fast-glob's syntax; here it is a literal character.
+        let literal = match p.starts_with('!') {
+            true => Cow::Owned(format!("\\{p}")),
+            false => Cow::Borrowed(p.as_str()),
+        };
+        let pattern = match segments {
+            true => literal,
+            false => Cow::Owned(without_slashes(&literal)),
+        };
+        if fast_glob::glob_match(pattern.as_ref(), text.as_ref()) {
+            return Ok(Some(p));
+        }
+    }
+    Ok(None)
+}
+
+/// `text` with every `/` replaced by [`COMMAND_SEPARATOR`].
+fn without_slashes(text: &str) -> String {
+    text.replace('/', COMMAND_SEPARATOR.encode_utf8(&mut [0; 4]))
 }
 
 /// The guard's settings.
@@ -87,25 +109,27 @@ pub struct Settings {
 impl Settings {
     /// Reads the settings from the plugin configuration.
     pub fn from_config() -> Self {
-        Self::for_execute().with_files_from(Self::for_files())
+        let config = config::Snapshot::read();
+        Self::for_execute(&config).with_files_from(Self::for_files(&config))
     }
 
-    /// Reads only what a file update is checked against (each call reads the configuration
-    /// through host calls, so a call reads no more than it uses).
-    pub fn for_files() -> Self {
+    /// What a file update is checked against. The configuration is read with one host call
+    /// per plugin call ([`config::Snapshot`]): each host call copies its strings across.
+    pub fn for_files(config: &config::Snapshot) -> Self {
         Settings {
-            max_files: config::parse("maxFiles"),
-            max_total_bytes: config::parse("maxTotalBytes"),
-            max_file_bytes: config::parse("maxFileBytes"),
-            forbidden_paths: config::list("forbiddenPaths"),
-            allow_parent_dirs: config::parse("allowParentDirs").unwrap_or(false),
+            max_files: config.parse("maxFiles"),
+            max_total_bytes: config.parse("maxTotalBytes"),
+            max_file_bytes: config.parse("maxFileBytes"),
+            forbidden_paths: config.list("forbiddenPaths"),
+            allow_parent_dirs: config.parse("allowParentDirs").unwrap_or(false),
             ..Settings::default()
         }
     }
 
-    /// Reads only what an execute request is checked against and given.
-    pub fn for_execute() -> Self {
-        let commands = config::get("forbiddenCommands")
+    /// What an execute request is checked against and given.
+    pub fn for_execute(config: &config::Snapshot) -> Self {
+        let commands = config
+            .get("forbiddenCommands")
             .map(|v| {
                 v.split(';')
                     .map(|s| s.trim().to_string())
@@ -115,12 +139,12 @@ impl Settings {
             .unwrap_or_default();
         Settings {
             forbidden_commands: commands,
-            max_time_limit: config::parse("maxTimeLimit"),
-            deny_privileged: config::parse("denyPrivileged").unwrap_or(false),
-            inject_env: config::entries()
-                .into_iter()
-                .filter_map(|(k, v)| k.strip_prefix("env.").map(|n| (n.to_string(), v)))
+            max_time_limit: config.parse("maxTimeLimit"),
+            deny_privileged: config.parse("denyPrivileged").unwrap_or(false),
+            inject_env: config
+                .with_prefix("env.")
                 .filter(|(n, _)| !n.is_empty())
+                .map(|(n, v)| (n.to_string(), v.to_string()))
                 .collect(),
             ..Settings::default()
         }
@@ -138,12 +162,12 @@ impl Settings {
         }
     }
 
-    fn check_path(&self, forbidden: &globset::GlobSet, path: &str) -> Result<(), String> {
+    fn check_path(&self, path: &str) -> Result<(), String> {
         let normalized = path.trim_start_matches("./");
         if !self.allow_parent_dirs && normalized.split('/').any(|c| c == "..") {
             return Err(format!("path {path:?} leaves the working directory"));
         }
-        if let Some(p) = first_match(forbidden, &self.forbidden_paths, normalized) {
+        if let Some(p) = first_match(&self.forbidden_paths, normalized, true)? {
             return Err(format!("path {path:?} is forbidden (matches {p:?})"));
         }
         Ok(())
@@ -174,14 +198,13 @@ impl Settings {
                 return Err(format!("files too large: {total} bytes (at most {max})"));
             }
         }
-        let forbidden = glob_set(&self.forbidden_paths, true)?;
         for path in update
             .copy
             .iter()
             .map(|f| f.path.as_str())
             .chain(update.delete.iter().map(String::as_str))
         {
-            self.check_path(&forbidden, path)?;
+            self.check_path(path)?;
         }
         Ok(update)
     }
@@ -191,8 +214,7 @@ impl Settings {
         if self.deny_privileged && request.privileged {
             return Err("privileged execution is not allowed".to_string());
         }
-        let forbidden = glob_set(&self.forbidden_commands, false)?;
-        if let Some(p) = first_match(&forbidden, &self.forbidden_commands, &request.command) {
+        if let Some(p) = first_match(&self.forbidden_commands, &request.command, false)? {
             return Err(format!("command refused (matches {p:?})"));
         }
         if let Some(max) = self.max_time_limit {
@@ -212,13 +234,13 @@ pub struct SubmissionGuard;
 
 impl Preprocessor for SubmissionGuard {
     fn preprocess_execute(request: ExecuteRequest) -> Result<ExecuteRequest, String> {
-        Settings::for_execute()
+        Settings::for_execute(&config::Snapshot::read())
             .check_execute(request)
             .inspect_err(|e| info!("rejected execute: {e}"))
     }
 
     fn preprocess_files(update: FileUpdate) -> Result<FileUpdate, String> {
-        Settings::for_files()
+        Settings::for_files(&config::Snapshot::read())
             .check_files(update)
             .inspect_err(|e| info!("rejected files: {e}"))
     }
@@ -270,11 +292,22 @@ mod tests {
         assert!(!m("?", "/", true));
         assert!(m("*.{so,dll}", "x.dll", true));
         assert!(m("*curl *", "cd x && curl http://h", false));
+        assert!(m("*/bin/rm *", "cd /tmp && /bin/rm -rf x", false));
+        assert!(m("a?b", "a/b", false));
+        assert!(!m("a?b", "a/b", true));
+        assert!(m("[/]x", "/x", false));
+        // A leading `!` is literal, as in globset, not a negation.
+        assert!(m("!x", "!x", true));
+        assert!(!m("!x", "y", true));
+        assert!(!m("!x", "y", false));
+        assert!(!m(".git/**", ".git", true));
         assert!(!m("*curl *", "make", false));
         assert!(m("", "", true));
         assert!(!m("", "a", true));
-        let e = glob_match("[a", "a", true).unwrap_err();
-        assert!(e.contains("invalid pattern \"[a\""), "{e}");
+        for bad in ["[a", "{a,b", "a\\"] {
+            let e = glob_match(bad, "a", true).unwrap_err();
+            assert!(e.contains(&format!("invalid pattern {bad:?}")), "{e}");
+        }
     }
 
     /// The bug of the hand-written matcher: `**/` had to match at least one directory,
@@ -379,7 +412,8 @@ mod tests {
             vec![("PYTHONDONTWRITEBYTECODE".to_string(), "1".to_string())]
         );
         // Each kind of call reads only its own part; together they are the whole.
-        let (files, execute) = (Settings::for_files(), Settings::for_execute());
+        let config = poseidon_plugin_api::config::Snapshot::read();
+        let (files, execute) = (Settings::for_files(&config), Settings::for_execute(&config));
         assert_eq!((files.max_files, execute.max_files), (Some(1), None));
         assert!(files.forbidden_commands.is_empty() && files.inject_env.is_empty());
         assert!(execute.forbidden_paths.is_empty());
