@@ -206,7 +206,7 @@ if [ "$start_plugins" = 1 ]; then
   cp "$wasm_dir/jwt_auth.wasm" "$work/plugins/jwt_auth-b.wasm"
   printf '\x00\x07\x05benchb' >>"$work/plugins/jwt_auth-b.wasm"
   jwt_key="bench-key-$(od -An -N16 -tx8 /dev/urandom | tr -d ' ')"
-  environments=$(seq -s, $((env_base + 1)) $((env_base + 5)))
+  environments=$(seq -s, $((env_base + 1)) $((env_base + 6)))
   plugins_yaml="plugins:
   directory: $plugin_dir
   entries:

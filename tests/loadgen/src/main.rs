@@ -38,6 +38,8 @@ enum Scenario {
     Claim,
     /// Claim, copy, execute, read the WebSocket to `exit`, destroy.
     Execute,
+    /// Executions on runners claimed beforehand (a learner pressing "Run" again).
+    Rerun,
     /// Server VmRSS idle, over repeated executions, and with many idle runners.
     Memory,
     /// Claim and execute on a server with plugins, compared to the plain one.
@@ -63,7 +65,7 @@ struct Args {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "baseline,claim,execute,memory,plugins,reload,nomad"
+        default_value = "baseline,claim,execute,rerun,memory,plugins,reload,nomad"
     )]
     scenarios: Vec<Scenario>,
     /// Concurrency levels, comma-separated.
@@ -186,6 +188,7 @@ mod env {
     pub const LEAK: u64 = 3;
     pub const IDLE: u64 = 4;
     pub const RELOAD: u64 = 5;
+    pub const RERUN: u64 = 6;
 }
 
 #[tokio::main]
@@ -387,23 +390,37 @@ async fn run(args: Args) -> Result<(), LoadgenError> {
         let _ = main.delete_environment(environment).await;
     }
 
-    if run.wants(Scenario::Execute) {
-        eprintln!("execute");
-        let environment = run.env(env::EXECUTE);
+    // Executions on freshly claimed runners, then on runners claimed beforehand.
+    for (scenario, name, offset) in [
+        (Scenario::Execute, "execute", env::EXECUTE),
+        (Scenario::Rerun, "rerun", env::RERUN),
+    ] {
+        if !run.wants(scenario) {
+            continue;
+        }
+        eprintln!("{name}");
+        let environment = run.env(offset);
         for program in &programs {
             for &c in &levels {
-                match scenarios::execute(
-                    &main,
-                    &run.settings,
-                    "execute",
-                    environment,
-                    program,
-                    c,
-                    run.settings.execute_count,
-                    Some(Arc::clone(&run.counters)),
-                )
-                .await
-                {
+                let count = run.settings.execute_count;
+                let result = if scenario == Scenario::Execute {
+                    let counters = Some(Arc::clone(&run.counters));
+                    scenarios::execute(
+                        &main,
+                        &run.settings,
+                        name,
+                        environment,
+                        program,
+                        c,
+                        count,
+                        counters,
+                    )
+                    .await
+                } else {
+                    scenarios::rerun(&main, &run.settings, name, environment, program, c, count)
+                        .await
+                };
+                match result {
                     Ok(row) => {
                         let against = format!("bwrap {}", program.baseline);
                         let mut row = run.with_ratio(row, &against);
@@ -411,11 +428,11 @@ async fn run(args: Args) -> Result<(), LoadgenError> {
                         run.push(row);
                     }
                     Err(e) => run.skip(
-                        &format!("execute {} at {c}", program.name),
+                        &format!("{name} {} at {c}", program.name),
                         format!("failed: {e}"),
                     ),
                 }
-                if let Some(p) = probe.as_mut() {
+                if let (Scenario::Execute, Some(p)) = (scenario, probe.as_mut()) {
                     let n = run.counters.executions.load(Ordering::Relaxed);
                     p.read(&format!("after execute {} at {c}", program.name), None, n);
                 }
@@ -575,7 +592,7 @@ async fn plugins(run: &mut Run, main: &Client, levels: &[usize]) {
         // first left behind (the kernel still tearing down its sandboxes); an A/A run with two
         // plain servers in one order showed the second 0.3-1 ms slower per execution and up
         // to 20 % fewer claims. Each variant's figure is the mean of its two runs.
-        let mut measured: Vec<(&str, Latency, Latency)> = Vec::new();
+        let mut measured: Vec<(&str, Latency, Latency, Latency)> = Vec::new();
         let order = [
             ("plain", main, ""),
             ("plugins", &plugged, ""),
@@ -608,14 +625,32 @@ async fn plugins(run: &mut Run, main: &Client, levels: &[usize]) {
                 row.variant = format!("execute true, {variant}{again}");
                 row
             });
-            match (claim, execute) {
-                (Ok(claim), Ok(execute)) => {
+            // The execution alone on a claimed runner: the plugins' share of an execution
+            // without a claim or a pool refill next to it.
+            let rerun = scenarios::rerun(
+                client,
+                &run.settings,
+                "plugins",
+                run.env(env::RERUN),
+                &program,
+                c,
+                run.settings.execute_count,
+            )
+            .await
+            .map(|mut row| {
+                row.variant = format!("rerun true, {variant}{again}");
+                row
+            });
+            match (claim, execute, rerun) {
+                (Ok(claim), Ok(execute), Ok(rerun)) => {
                     let execute = run.with_ratio(execute, "bwrap true");
-                    measured.push((variant, claim.latency, execute.latency));
+                    let rerun = run.with_ratio(rerun, "bwrap true");
+                    measured.push((variant, claim.latency, execute.latency, rerun.latency));
                     run.push(claim);
                     run.push(execute);
+                    run.push(rerun);
                 }
-                (Err(e), _) | (_, Err(e)) => {
+                (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
                     run.skip(
                         &format!("plugins at {c} ({variant})"),
                         format!("failed: {e}"),
@@ -626,16 +661,23 @@ async fn plugins(run: &mut Run, main: &Client, levels: &[usize]) {
         let both = |name: &str| {
             let runs: Vec<_> = measured.iter().filter(|m| m.0 == name).collect();
             match runs[..] {
-                [a, b] => Some((Latency::mean_of(&a.1, &b.1), Latency::mean_of(&a.2, &b.2))),
+                [a, b] => Some((
+                    Latency::mean_of(&a.1, &b.1),
+                    Latency::mean_of(&a.2, &b.2),
+                    Latency::mean_of(&a.3, &b.3),
+                )),
                 _ => None,
             }
         };
-        if let (Some((base_claim, base_exec)), Some((with_claim, with_exec))) =
-            (both("plain"), both("plugins"))
+        if let (
+            Some((base_claim, base_exec, base_rerun)),
+            Some((with_claim, with_exec, with_rerun)),
+        ) = (both("plain"), both("plugins"))
         {
             for (operation, base, with) in [
                 ("claim", base_claim, with_claim),
                 ("execute true", base_exec, with_exec),
+                ("rerun true", base_rerun, with_rerun),
             ] {
                 run.report.comparisons.push(Comparison {
                     scenario: "plugins".into(),
@@ -654,6 +696,7 @@ async fn plugins(run: &mut Run, main: &Client, levels: &[usize]) {
     for client in [main, &plugged] {
         let _ = client.delete_environment(run.env(env::CLAIM)).await;
         let _ = client.delete_environment(run.env(env::EXECUTE)).await;
+        let _ = client.delete_environment(run.env(env::RERUN)).await;
     }
 }
 

@@ -396,36 +396,19 @@ async fn execute_once(
     let work = async {
         client.copy(&runner, &program.files).await?;
         let t2 = Instant::now();
-        let url = client
-            .execute(&runner, &program.command, time_limit)
-            .await?;
-        let t3 = Instant::now();
-        let transcript = client.run_websocket(&url).await?;
-        let t4 = Instant::now();
-        if transcript.exit != Some(0) {
-            return Err(ClientError::Execution(format!(
-                "exit code {:?}, stdout {:?}",
-                transcript.exit, transcript.stdout
-            )));
-        }
-        if let Some(expect) = program.expect {
-            if !transcript.stdout.contains(expect) {
-                return Err(ClientError::Execution(format!(
-                    "stdout {:?} lacks {expect:?}",
-                    transcript.stdout
-                )));
-            }
-        }
-        Ok((t2, t3, t4))
+        let run = execute_on(client, &runner, program, time_limit).await?;
+        Ok::<_, ClientError>((t2, run))
     }
     .await;
+    let t4 = Instant::now();
     let destroyed = client.destroy(&runner).await;
     let t5 = Instant::now();
-    let (t2, t3, t4) = work?;
+    let (t2, run) = work?;
     destroyed?;
+    let (execute, websocket) = (run.phases[0], run.phases[1]);
     Ok(Sample {
         total: t5 - t0,
-        phases: vec![t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t4 - t2],
+        phases: vec![t1 - t0, t2 - t1, execute, websocket, t5 - t4, run.total],
     })
 }
 
@@ -485,18 +468,150 @@ pub async fn execute(
         }
     })
     .await;
+    let mut row = execution_row(
+        client,
+        scenario,
+        program,
+        concurrency,
+        &outcome,
+        &EXECUTE_PHASES,
+    );
+    row.pool_empty = empties.load(Ordering::Relaxed);
+    Ok(row)
+}
+
+/// The names of the rerun scenario's phases (`run` is the whole sample).
+pub const RERUN_PHASES: [&str; 3] = ["execute", "websocket", "run"];
+
+/// One execution on an already claimed runner: `POST …/execute`, then the WebSocket to `exit`.
+async fn execute_on(
+    client: &Client,
+    runner: &str,
+    program: &Program,
+    time_limit: u32,
+) -> Result<Sample, ClientError> {
+    let t0 = Instant::now();
+    let url = client.execute(runner, &program.command, time_limit).await?;
+    let t1 = Instant::now();
+    let transcript = client.run_websocket(&url).await?;
+    let t2 = Instant::now();
+    if transcript.exit != Some(0) {
+        return Err(ClientError::Execution(format!(
+            "exit code {:?}, stdout {:?}",
+            transcript.exit, transcript.stdout
+        )));
+    }
+    if let Some(expect) = program.expect {
+        if !transcript.stdout.contains(expect) {
+            return Err(ClientError::Execution(format!(
+                "stdout {:?} lacks {expect:?}",
+                transcript.stdout
+            )));
+        }
+    }
+    Ok(Sample {
+        total: t2 - t0,
+        phases: vec![t1 - t0, t2 - t1, t2 - t0],
+    })
+}
+
+/// Executions on runners claimed beforehand, as a learner presses "Run" again: `concurrency`
+/// runners are claimed and given the program's files, then each operation executes on one of
+/// them (no claim, no copy, no pool refill next to it), and the runners are destroyed at the end.
+#[allow(clippy::too_many_arguments)]
+pub async fn rerun(
+    client: &Client,
+    settings: &Settings,
+    scenario: &str,
+    environment: u64,
+    program: &Program,
+    concurrency: usize,
+    count: usize,
+) -> Result<Row, ClientError> {
+    let pool = concurrency as u32;
+    prepare(client, environment, pool, &settings.image).await?;
+    let empties = AtomicUsize::new(0);
+    let mut runners = Vec::with_capacity(concurrency);
+    for _ in 0..concurrency {
+        match claim_retrying(client, environment, &empties).await {
+            Ok((runner, _)) => runners.push(runner),
+            Err(e) => {
+                for r in &runners {
+                    let _ = client.destroy(r).await;
+                }
+                return Err(e);
+            }
+        }
+    }
+    let measured = async {
+        for runner in &runners {
+            client.copy(runner, &program.files).await?;
+            for _ in 0..WARMUP {
+                execute_on(client, runner, program, settings.time_limit).await?;
+            }
+        }
+        // The replacements of the claimed runners start in the background: wait for them, so
+        // that no sandbox start runs next to the measured executions.
+        client
+            .wait_idle(environment, pool, Duration::from_secs(180))
+            .await?;
+        let free = Arc::new(Mutex::new(runners.clone()));
+        let c = client.clone();
+        let p = program.clone();
+        let time_limit = settings.time_limit;
+        let outcome = drive(settings.load(concurrency, count), move || {
+            let c = c.clone();
+            let p = p.clone();
+            let free = Arc::clone(&free);
+            async move {
+                let runner = free
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .pop()
+                    .ok_or_else(|| ClientError::Execution("no free runner".into()))?;
+                let sample = execute_on(&c, &runner, &p, time_limit).await;
+                free.lock().unwrap_or_else(|e| e.into_inner()).push(runner);
+                sample
+            }
+        })
+        .await;
+        Ok::<_, ClientError>(outcome)
+    }
+    .await;
+    for r in &runners {
+        let _ = client.destroy(r).await;
+    }
+    let outcome = measured?;
+    Ok(execution_row(
+        client,
+        scenario,
+        program,
+        concurrency,
+        &outcome,
+        &RERUN_PHASES,
+    ))
+}
+
+/// The row of an execution scenario: executions per minute, latency and the named phases.
+fn execution_row(
+    client: &Client,
+    scenario: &str,
+    program: &Program,
+    concurrency: usize,
+    outcome: &Outcome,
+    phase_names: &[&str],
+) -> Row {
     let mut row = Row::new(
         scenario,
         program.name,
         client.base(),
         concurrency,
-        &outcome,
+        outcome,
         "exec/min",
         60.0,
     );
-    row.pool_empty = empties.load(Ordering::Relaxed);
-    row.phases = phases(&outcome, &EXECUTE_PHASES);
-    Ok(row)
+    row.phases = phases(outcome, phase_names);
+    row
 }
 
 /// How long after a plugin swap a request still counts as "during the swap".
