@@ -94,7 +94,7 @@ impl Server {
                 std::fs::copy(wasm_dir().join(file), dir.join(file)).unwrap();
             }
             yaml.push_str(&format!(
-                "plugins:\n  directory: {}\n  entries:\n    - file: jwt_auth.wasm\n      kind: authenticator\n      config: {{ key.bench: \"{JWT_KEY}\", environments.bench: \"9101,9102,9103,9104,9105\" }}\n    - file: submission_guard.wasm\n      config: {{ maxFiles: 50, forbiddenPaths: \"**/*.so\", maxTimeLimit: 60 }}\n",
+                "plugins:\n  directory: {}\n  entries:\n    - file: jwt_auth.wasm\n      kind: authenticator\n      config: {{ key.bench: \"{JWT_KEY}\", environments.bench: \"9101,9102,9103,9104,9105,9106\" }}\n    - file: submission_guard.wasm\n      config: {{ maxFiles: 50, forbiddenPaths: \"**/*.so\", maxTimeLimit: 60 }}\n",
                 dir.display()
             ));
         }
@@ -291,7 +291,9 @@ fn every_scenario_produces_figures() {
     let (table, _) = loadgen(&args);
     let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
 
-    for scenario in ["baseline", "claim", "execute", "plugins", "reload", "nomad"] {
+    for scenario in [
+        "baseline", "claim", "execute", "rerun", "plugins", "reload", "nomad",
+    ] {
         let found = rows(&report, scenario);
         assert!(!found.is_empty(), "no {scenario} rows: {report}");
         for row in found {
@@ -317,8 +319,14 @@ fn every_scenario_produces_figures() {
         .map(|r| r["variant"].as_str().unwrap())
         .collect();
     assert!(variants.contains(&"true") && variants.contains(&"python3"));
-    // The plugins scenario compares both servers at both levels, for claims and executions.
-    assert_eq!(report["comparisons"].as_array().unwrap().len(), 4);
+    // Each rerun level: execute, websocket and run (`scenarios::RERUN_PHASES`), and a ratio.
+    for row in rows(&report, "rerun") {
+        assert_eq!(row["phases"].as_array().unwrap().len(), 3, "{row}");
+        assert!(row["ratio"]["p50"].as_f64().unwrap() > 0.0, "{row}");
+    }
+    // The plugins scenario compares both servers at both levels, for claims, executions and
+    // executions on claimed runners.
+    assert_eq!(report["comparisons"].as_array().unwrap().len(), 6);
     // The reload scenario swapped the file.
     let reload = rows(&report, "reload")[0];
     assert!(reload["extra"]["swaps"].as_u64().unwrap() >= 1, "{reload}");
