@@ -659,11 +659,26 @@ pub fn remove_cgroups(name: &str) {
         if let Ok(entries) = std::fs::read_dir(&dir) {
             for e in entries.flatten() {
                 if e.path().is_dir() {
-                    let _ = std::fs::remove_dir(e.path());
+                    remove_cgroup_dir(&e.path());
                 }
             }
         }
-        let _ = std::fs::remove_dir(&dir);
+        remove_cgroup_dir(&dir);
+    }
+}
+
+/// Removes one cgroup directory, waiting (up to 2 s) while the kernel still counts a process
+/// that was just killed in it (`EBUSY`): a runner group removed right after its sandbox's kill
+/// was otherwise left behind now and then.
+fn remove_cgroup_dir(dir: &std::path::Path) {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        match std::fs::remove_dir(dir) {
+            Err(e) if e.raw_os_error() == Some(16) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            _ => return,
+        }
     }
 }
 
