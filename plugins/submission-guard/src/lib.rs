@@ -41,41 +41,53 @@ const COMMAND_SEPARATOR: char = '\u{7f}';
 /// requests visibly instead of letting everything pass.
 pub fn glob_match(pattern: &str, text: &str, segments: bool) -> Result<bool, String> {
     let patterns = [pattern.to_string()];
-    Ok(first_match(&patterns, text, segments)?.is_some())
+    Ok(Globs::new(&patterns, segments)?.first_match(text).is_some())
 }
 
-/// The first of `patterns` that matches `text`, or an error naming the first invalid
-/// pattern. The patterns are matched in place: `fast-glob` has no compile step, which
-/// matters because a plugin instance lives for one call, so the guard would otherwise
-/// compile its patterns anew in every call (`globset`: 1–16 µs for one or two patterns).
-fn first_match<'p>(
-    patterns: &'p [String],
-    text: &str,
+/// Patterns checked and prepared once per call, then matched against each path or the
+/// command. They are matched in place: `fast-glob` has no compile step, which matters
+/// because a plugin instance lives for one call, so the guard would otherwise compile its
+/// patterns anew in every call (`globset`: 1–16 µs for one or two patterns).
+struct Globs<'p> {
+    /// (as configured, as matched): a leading `!` escaped (fast-glob would negate), and for
+    /// commands every `/` replaced by [`COMMAND_SEPARATOR`].
+    patterns: Vec<(&'p String, Cow<'p, str>)>,
     segments: bool,
-) -> Result<Option<&'p String>, String> {
-    let text = if segments {
-        Cow::Borrowed(text)
-    } else {
-        Cow::Owned(without_slashes(text))
-    };
-    for p in patterns {
-        fast_glob::validate(p).map_err(|e| format!("invalid pattern {p:?}: {e}"))?;
+}
+
+impl<'p> Globs<'p> {
+    /// `patterns` with path (`segments`) or command semantics; an error names the first
+    /// invalid one.
+    fn new(patterns: &'p [String], segments: bool) -> Result<Self, String> {
+        let patterns = patterns
+            .iter()
+            .map(|p| {
+                fast_glob::validate(p).map_err(|e| format!("invalid pattern {p:?}: {e}"))?;
+                let literal = match p.starts_with('!') {
+                    true => Cow::Owned(format!("\\{p}")),
+                    false => Cow::Borrowed(p.as_str()),
+                };
+                let matched = match segments {
+                    true => literal,
+                    false => Cow::Owned(without_slashes(&literal)),
+                };
+                Ok((p, matched))
+            })
+            .collect::<Result<_, String>>()?;
+        Ok(Globs { patterns, segments })
     }
-    for p in patterns {
-        // A leading `!` negates in fast-glob's syntax; here it is a literal character.
-        let literal = match p.starts_with('!') {
-            true => Cow::Owned(format!("\\{p}")),
-            false => Cow::Borrowed(p.as_str()),
+
+    /// The first pattern (as configured) that matches `text`.
+    fn first_match(&self, text: &str) -> Option<&'p String> {
+        let text = match self.segments {
+            true => Cow::Borrowed(text),
+            false => Cow::Owned(without_slashes(text)),
         };
-        let pattern = match segments {
-            true => literal,
-            false => Cow::Owned(without_slashes(&literal)),
-        };
-        if fast_glob::glob_match(pattern.as_ref(), text.as_ref()) {
-            return Ok(Some(p));
-        }
+        self.patterns
+            .iter()
+            .find(|(_, matched)| fast_glob::glob_match(matched.as_ref(), text.as_ref()))
+            .map(|(p, _)| *p)
     }
-    Ok(None)
 }
 
 /// `text` with every `/` replaced by [`COMMAND_SEPARATOR`].
@@ -162,12 +174,15 @@ impl Settings {
         }
     }
 
-    fn check_path(&self, path: &str) -> Result<(), String> {
+    /// Checks one path against `..` and the forbidden patterns (prepared once per update;
+    /// an invalid one refuses the path after the `..` check, as before).
+    fn check_path(&self, forbidden: &Result<Globs<'_>, String>, path: &str) -> Result<(), String> {
         let normalized = path.trim_start_matches("./");
         if !self.allow_parent_dirs && normalized.split('/').any(|c| c == "..") {
             return Err(format!("path {path:?} leaves the working directory"));
         }
-        if let Some(p) = first_match(&self.forbidden_paths, normalized, true)? {
+        let forbidden = forbidden.as_ref().map_err(String::clone)?;
+        if let Some(p) = forbidden.first_match(normalized) {
             return Err(format!("path {path:?} is forbidden (matches {p:?})"));
         }
         Ok(())
@@ -198,13 +213,14 @@ impl Settings {
                 return Err(format!("files too large: {total} bytes (at most {max})"));
             }
         }
+        let forbidden = Globs::new(&self.forbidden_paths, true);
         for path in update
             .copy
             .iter()
             .map(|f| f.path.as_str())
             .chain(update.delete.iter().map(String::as_str))
         {
-            self.check_path(path)?;
+            self.check_path(&forbidden, path)?;
         }
         Ok(update)
     }
@@ -214,7 +230,8 @@ impl Settings {
         if self.deny_privileged && request.privileged {
             return Err("privileged execution is not allowed".to_string());
         }
-        if let Some(p) = first_match(&self.forbidden_commands, &request.command, false)? {
+        if let Some(p) = Globs::new(&self.forbidden_commands, false)?.first_match(&request.command)
+        {
             return Err(format!("command refused (matches {p:?})"));
         }
         if let Some(max) = self.max_time_limit {
