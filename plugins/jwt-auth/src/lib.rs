@@ -75,6 +75,14 @@ pub struct Token<'a> {
 }
 
 impl<'a> Token<'a> {
+    /// The request's bearer token, parsed (a missing one is refused).
+    pub fn from_request(request: &'a AuthRequest) -> Result<Self, Denial> {
+        let token = request
+            .bearer_token()
+            .ok_or_else(|| Denial::unauthorized("missing bearer token"))?;
+        Self::parse(token)
+    }
+
     /// Splits `token` (JWS compact), checks that it is HS256 and decodes its claims.
     pub fn parse(token: &'a str) -> Result<Self, Denial> {
         let invalid = |why: &str| Denial::unauthorized(format!("invalid token: {why}"));
@@ -230,10 +238,7 @@ impl Settings {
 
     /// Authenticates a request at Unix time `now`.
     pub fn authenticate(&self, request: &AuthRequest, now: i64) -> Result<Principal, Denial> {
-        let token = request
-            .bearer_token()
-            .ok_or_else(|| Denial::unauthorized("missing bearer token"))?;
-        self.verify(token, now)
+        self.check(&Token::from_request(request)?, now)
     }
 }
 
@@ -264,10 +269,7 @@ pub struct JwtAuth;
 impl Authenticator for JwtAuth {
     fn authenticate(request: AuthRequest) -> Result<Principal, Denial> {
         // A missing or malformed token is refused before the configuration is read.
-        let token = request
-            .bearer_token()
-            .ok_or_else(|| Denial::unauthorized("missing bearer token"))?;
-        let token = Token::parse(token)?;
+        let token = Token::from_request(&request)?;
         let settings = Settings::from_entries(&config::entries()).map_err(|e| Denial {
             status: 401,
             message: format!("authenticator misconfigured: {e}"),
