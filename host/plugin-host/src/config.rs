@@ -448,22 +448,15 @@ debounceMs: 100
                 .validated()
                 .unwrap_err()
         };
-        assert!(
-            refused("entries: [{file: a, cacheDecisions: {inputs: [], ttlMs: 5}}]")
-                .contains("inputs")
-        );
-        assert!(
-            refused("entries: [{file: a, cacheDecisions: {inputs: [x], ttlMs: 0}}]")
-                .contains("ttlMs")
-        );
-        assert!(
-            refused("entries: [{file: a, cacheDecisions: {inputs: [':body'], ttlMs: 5}}]")
-                .contains(":body")
-        );
-        assert!(
-            refused("entries: [{file: a, cacheDecisions: {inputs: ['a b'], ttlMs: 5}}]")
-                .contains("a b")
-        );
+        for (cache, named) in [
+            ("{inputs: [], ttlMs: 5}", "inputs"),
+            ("{inputs: [x], ttlMs: 0}", "ttlMs"),
+            ("{inputs: [':body'], ttlMs: 5}", ":body"),
+            ("{inputs: ['a b'], ttlMs: 5}", "a b"),
+        ] {
+            let error = refused(&format!("entries: [{{file: a, cacheDecisions: {cache}}}]"));
+            assert!(error.contains(named), "{cache}: {error}");
+        }
         // An unknown key is refused, not ignored.
         assert!(serde_yaml::from_str::<PluginsConfig>(
             "entries: [{file: a, cacheDecisions: {inputs: [x], ttlMs: 5, ttl: 9}}]"
