@@ -27,7 +27,7 @@ use crate::load::Latency;
 use crate::machine::{effective_uid, listener_pid, Machine};
 use crate::memory::Probe;
 use crate::report::{Comparison, Ratio, Report, Row, Skipped};
-use crate::scenarios::{Counters, Program, Settings};
+use crate::scenarios::{Counters, Level, Program, Settings};
 
 /// A scenario that can be selected with `--scenarios`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -402,23 +402,19 @@ async fn run(args: Args) -> Result<(), LoadgenError> {
         let environment = run.env(offset);
         for program in &programs {
             for &c in &levels {
-                let count = run.settings.execute_count;
+                let level = Level {
+                    client: &main,
+                    settings: &run.settings,
+                    scenario: name,
+                    environment,
+                    program,
+                    concurrency: c,
+                    count: run.settings.execute_count,
+                };
                 let result = if scenario == Scenario::Execute {
-                    let counters = Some(Arc::clone(&run.counters));
-                    scenarios::execute(
-                        &main,
-                        &run.settings,
-                        name,
-                        environment,
-                        program,
-                        c,
-                        count,
-                        counters,
-                    )
-                    .await
+                    scenarios::execute(level, Some(Arc::clone(&run.counters))).await
                 } else {
-                    scenarios::rerun(&main, &run.settings, name, environment, program, c, count)
-                        .await
+                    scenarios::rerun(level).await
                 };
                 match result {
                     Ok(row) => {
@@ -481,18 +477,16 @@ async fn memory(run: &mut Run, main: &Client, probe: &mut Probe) {
     let true_ = Program::true_();
     let mut after_rounds = Vec::new();
     for round in 1..=run.args.leak_rounds {
-        match scenarios::execute(
-            main,
-            &run.settings,
-            "memory",
+        let level = Level {
+            client: main,
+            settings: &run.settings,
+            scenario: "memory",
             environment,
-            &true_,
-            8,
-            run.args.leak_executions,
-            Some(Arc::clone(&run.counters)),
-        )
-        .await
-        {
+            program: &true_,
+            concurrency: 8,
+            count: run.args.leak_executions,
+        };
+        match scenarios::execute(level, Some(Arc::clone(&run.counters))).await {
             Ok(row) if row.failed == 0 => {
                 let n = run.counters.executions.load(Ordering::Relaxed);
                 after_rounds
@@ -610,37 +604,30 @@ async fn plugins(run: &mut Run, main: &Client, levels: &[usize]) {
                 run.settings.claim_count,
             )
             .await;
-            let execute = scenarios::execute(
+            let level = Level {
                 client,
-                &run.settings,
-                "plugins",
-                run.env(env::EXECUTE),
-                &program,
-                c,
-                run.settings.execute_count,
-                None,
-            )
-            .await
-            .map(|mut row| {
-                row.variant = format!("execute true, {variant}{again}");
-                row
-            });
+                settings: &run.settings,
+                scenario: "plugins",
+                environment: run.env(env::EXECUTE),
+                program: &program,
+                concurrency: c,
+                count: run.settings.execute_count,
+            };
+            let named = |operation: &str| {
+                let variant = format!("{operation}, {variant}{again}");
+                move |row: Row| Row { variant, ..row }
+            };
+            let execute = scenarios::execute(level, None)
+                .await
+                .map(named("execute true"));
             // The execution alone on a claimed runner: the plugins' share of an execution
             // without a claim or a pool refill next to it.
-            let rerun = scenarios::rerun(
-                client,
-                &run.settings,
-                "plugins",
-                run.env(env::RERUN),
-                &program,
-                c,
-                run.settings.execute_count,
-            )
+            let rerun = scenarios::rerun(Level {
+                environment: run.env(env::RERUN),
+                ..level
+            })
             .await
-            .map(|mut row| {
-                row.variant = format!("rerun true, {variant}{again}");
-                row
-            });
+            .map(named("rerun true"));
             match (claim, execute, rerun) {
                 (Ok(claim), Ok(execute), Ok(rerun)) => {
                     let execute = run.with_ratio(execute, "bwrap true");
@@ -814,18 +801,16 @@ async fn nomad(run: &mut Run, levels: &[usize], programs: &[Program]) {
                 );
                 continue;
             }
-            match scenarios::execute(
-                &client,
-                &run.settings,
-                "nomad",
-                run.env(env::EXECUTE),
+            let level = Level {
+                client: &client,
+                settings: &run.settings,
+                scenario: "nomad",
+                environment: run.env(env::EXECUTE),
                 program,
-                c,
-                run.settings.execute_count,
-                None,
-            )
-            .await
-            {
+                concurrency: c,
+                count: run.settings.execute_count,
+            };
+            match scenarios::execute(level, None).await {
                 Ok(mut row) => {
                     row.variant = format!("execute {}", program.name);
                     let row = run.with_ratio(row, &format!("bwrap {}", program.baseline));

@@ -418,18 +418,33 @@ pub const EXECUTE_PHASES: [&str; 6] = ["claim", "copy", "execute", "websocket", 
 /// Size of the file the execute scenario copies.
 pub const COPY_BYTES: usize = 1024;
 
+/// One level of an execution scenario: the server, the name its row is filed under, the
+/// environment, the program, and how much load.
+#[derive(Clone, Copy)]
+pub struct Level<'a> {
+    /// The server under test.
+    pub client: &'a Client,
+    /// Settings shared by all scenarios.
+    pub settings: &'a Settings,
+    /// The scenario name of the row.
+    pub scenario: &'a str,
+    /// The environment the level uses (created or resized to its pool).
+    pub environment: u64,
+    /// What each execution runs.
+    pub program: &'a Program,
+    /// Executions in flight at once.
+    pub concurrency: usize,
+    /// Executions in total (at most).
+    pub count: usize,
+}
+
 /// Runs executions of the program at one concurrency.
-#[allow(clippy::too_many_arguments)]
 pub async fn execute(
-    client: &Client,
-    settings: &Settings,
-    scenario: &str,
-    environment: u64,
-    program: &Program,
-    concurrency: usize,
-    count: usize,
+    level: Level<'_>,
     counters: Option<Arc<Counters>>,
 ) -> Result<Row, ClientError> {
+    let (client, settings, program) = (level.client, level.settings, level.program);
+    let (environment, concurrency) = (level.environment, level.concurrency);
     prepare(
         client,
         environment,
@@ -454,7 +469,7 @@ pub async fn execute(
     let c = client.clone();
     let e = Arc::clone(&empties);
     let p = program.clone();
-    let outcome = drive(settings.load(concurrency, count), move || {
+    let outcome = drive(settings.load(concurrency, level.count), move || {
         let c = c.clone();
         let e = Arc::clone(&e);
         let p = p.clone();
@@ -468,14 +483,7 @@ pub async fn execute(
         }
     })
     .await;
-    let mut row = execution_row(
-        client,
-        scenario,
-        program,
-        concurrency,
-        &outcome,
-        &EXECUTE_PHASES,
-    );
+    let mut row = execution_row(&level, &outcome, &EXECUTE_PHASES);
     row.pool_empty = empties.load(Ordering::Relaxed);
     Ok(row)
 }
@@ -518,32 +526,16 @@ async fn execute_on(
 /// Executions on runners claimed beforehand, as a learner presses "Run" again: `concurrency`
 /// runners are claimed and given the program's files, then each operation executes on one of
 /// them (no claim, no copy, no pool refill next to it), and the runners are destroyed at the end.
-#[allow(clippy::too_many_arguments)]
-pub async fn rerun(
-    client: &Client,
-    settings: &Settings,
-    scenario: &str,
-    environment: u64,
-    program: &Program,
-    concurrency: usize,
-    count: usize,
-) -> Result<Row, ClientError> {
-    let pool = concurrency as u32;
-    prepare(client, environment, pool, &settings.image).await?;
-    let empties = AtomicUsize::new(0);
-    let mut runners = Vec::with_capacity(concurrency);
-    for _ in 0..concurrency {
-        match claim_retrying(client, environment, &empties).await {
-            Ok((runner, _)) => runners.push(runner),
-            Err(e) => {
-                for r in &runners {
-                    let _ = client.destroy(r).await;
-                }
-                return Err(e);
-            }
-        }
-    }
+pub async fn rerun(level: Level<'_>) -> Result<Row, ClientError> {
+    let (client, settings, program) = (level.client, level.settings, level.program);
+    let pool = level.concurrency as u32;
+    prepare(client, level.environment, pool, &settings.image).await?;
+    let mut runners = Vec::with_capacity(level.concurrency);
     let measured = async {
+        let empties = AtomicUsize::new(0);
+        for _ in 0..level.concurrency {
+            runners.push(claim_retrying(client, level.environment, &empties).await?.0);
+        }
         for runner in &runners {
             client.copy(runner, &program.files).await?;
             for _ in 0..WARMUP {
@@ -553,13 +545,13 @@ pub async fn rerun(
         // The replacements of the claimed runners start in the background: wait for them, so
         // that no sandbox start runs next to the measured executions.
         client
-            .wait_idle(environment, pool, Duration::from_secs(180))
+            .wait_idle(level.environment, pool, Duration::from_secs(180))
             .await?;
         let free = Arc::new(Mutex::new(runners.clone()));
         let c = client.clone();
         let p = program.clone();
         let time_limit = settings.time_limit;
-        let outcome = drive(settings.load(concurrency, count), move || {
+        let outcome = drive(settings.load(level.concurrency, level.count), move || {
             let c = c.clone();
             let p = p.clone();
             let free = Arc::clone(&free);
@@ -578,34 +570,20 @@ pub async fn rerun(
         Ok::<_, ClientError>(outcome)
     }
     .await;
+    // Also the runners of a run that failed half-way.
     for r in &runners {
         let _ = client.destroy(r).await;
     }
-    let outcome = measured?;
-    Ok(execution_row(
-        client,
-        scenario,
-        program,
-        concurrency,
-        &outcome,
-        &RERUN_PHASES,
-    ))
+    Ok(execution_row(&level, &measured?, &RERUN_PHASES))
 }
 
 /// The row of an execution scenario: executions per minute, latency and the named phases.
-fn execution_row(
-    client: &Client,
-    scenario: &str,
-    program: &Program,
-    concurrency: usize,
-    outcome: &Outcome,
-    phase_names: &[&str],
-) -> Row {
+fn execution_row(level: &Level<'_>, outcome: &Outcome, phase_names: &[&str]) -> Row {
     let mut row = Row::new(
-        scenario,
-        program.name,
-        client.base(),
-        concurrency,
+        level.scenario,
+        level.program.name,
+        level.client.base(),
+        level.concurrency,
         outcome,
         "exec/min",
         60.0,
