@@ -674,7 +674,7 @@ fn remove_cgroup_dir(dir: &std::path::Path) {
     let deadline = Instant::now() + Duration::from_secs(2);
     loop {
         match std::fs::remove_dir(dir) {
-            Err(e) if e.raw_os_error() == Some(16) && Instant::now() < deadline => {
+            Err(e) if e.kind() == std::io::ErrorKind::ResourceBusy && Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(10));
             }
             _ => return,
