@@ -248,5 +248,23 @@ if [ "$start_plugins" = 1 ]; then
   curl -s -H "Poseidon-Token: $token" "$plugins_url/api/v1/plugins" >"$out/plugins.json" || true
   echo "plugin loads logged by the plugin server: $(grep -c 'plugin loaded' "$work/plugins/server.log" || true)" \
     | tee -a "$out/results.md"
+  # What a plugin call took inside the server (its own histogram): the mean per plugin; and
+  # what each route took inside both servers, to tell the calls from the rest.
+  curl -s -H "Poseidon-Token: $token" "$plugins_url/metrics" >"$out/plugins-metrics.txt" || true
+  curl -s -H "Poseidon-Token: $token" "$local_url/metrics" >"$out/local-metrics.txt" || true
+  for server in local plugins; do
+    awk -v server="$server" '/^poseidon_http_request_duration_seconds_(sum|count)/ {
+           match($0, /route="[^"]*",method="[^"]*"/); r = substr($0, RSTART, RLENGTH)
+           if ($1 ~ /_sum/) sum[r] = $2; else count[r] = $2 }
+         END { for (r in count) if (count[r] >= 100)
+           printf "requests in the %s server: %s %d, mean %.3f ms\n", server, r, count[r], sum[r] / count[r] * 1e3 }' \
+      "$out/$server-metrics.txt" | sort | tee -a "$out/results.md"
+  done
+  awk '/^poseidon_plugin_call_duration_seconds_(sum|count)/ {
+         match($0, /plugin="[^"]*"/); p = substr($0, RSTART + 8, RLENGTH - 9)
+         if ($1 ~ /_sum/) sum[p] = $2; else count[p] = $2 }
+       END { for (p in count) if (count[p] > 0)
+         printf "plugin calls in the server: %s %d calls, mean %.1f µs\n", p, count[p], sum[p] / count[p] * 1e6 }' \
+    "$out/plugins-metrics.txt" | tee -a "$out/results.md"
 fi
 echo "results: $out/results.json, $out/results.md, $out/machine.txt"

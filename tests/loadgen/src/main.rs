@@ -666,19 +666,42 @@ async fn plugins(run: &mut Run, main: &Client, levels: &[usize]) {
                 ("execute true", base_exec, with_exec),
                 ("rerun true", base_rerun, with_rerun),
             ] {
-                run.report.comparisons.push(Comparison {
-                    scenario: "plugins".into(),
-                    operation: operation.into(),
-                    concurrency: c,
-                    base,
-                    with,
-                    added_p50_ms: with.p50_ms - base.p50_ms,
-                    added_p99_ms: with.p99_ms - base.p99_ms,
-                    ratio_p50: with.p50_ms / base.p50_ms.max(1e-6),
-                    ratio_p99: with.p99_ms / base.p99_ms.max(1e-6),
-                });
+                run.report
+                    .comparisons
+                    .push(Comparison::of("plugins", operation, c, base, with));
             }
         }
+    }
+    // The same executions with both servers up at once, alternating one by one: the most
+    // precise A/B this machine allows (see `scenarios::rerun_interleaved`).
+    let level = |client| Level {
+        client,
+        settings: &run.settings,
+        scenario: "plugins",
+        environment: run.env(env::RERUN),
+        program: &program,
+        concurrency: 1,
+        count: run.settings.execute_count,
+    };
+    match scenarios::rerun_interleaved(level(main), level(&plugged)).await {
+        Ok((base, with)) => {
+            let named = |variant: &str, row: Row| Row {
+                variant: format!("rerun true, {variant} (interleaved)"),
+                ..row
+            };
+            let base = run.with_ratio(named("plain", base), "bwrap true");
+            let with = run.with_ratio(named("plugins", with), "bwrap true");
+            run.report.comparisons.push(Comparison::of(
+                "plugins",
+                "rerun true, interleaved",
+                1,
+                base.latency,
+                with.latency,
+            ));
+            run.push(base);
+            run.push(with);
+        }
+        Err(e) => run.skip("plugins, interleaved", format!("failed: {e}")),
     }
     for client in [main, &plugged] {
         let _ = client.delete_environment(run.env(env::CLAIM)).await;

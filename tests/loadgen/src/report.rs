@@ -118,9 +118,11 @@ pub struct Comparison {
     pub operation: String,
     /// Operations in flight at once.
     pub concurrency: usize,
-    /// Latency on the plain server (the mean of its two runs, before and after the other's).
+    /// Latency on the plain server (the mean of its two runs, before and after the other's;
+    /// or of one run interleaved with the other's).
     pub base: Latency,
-    /// Latency on the other server (the mean of its two runs, between the plain server's).
+    /// Latency on the other server (the mean of its two runs, between the plain server's; or
+    /// of one run interleaved with the plain server's).
     pub with: Latency,
     /// `with.p50 - base.p50`, ms.
     pub added_p50_ms: f64,
@@ -130,6 +132,29 @@ pub struct Comparison {
     pub ratio_p50: f64,
     /// `with.p99 / base.p99`.
     pub ratio_p99: f64,
+}
+
+impl Comparison {
+    /// What `with` adds over `base` for `operation` of `scenario` at `concurrency`.
+    pub fn of(
+        scenario: &str,
+        operation: &str,
+        concurrency: usize,
+        base: Latency,
+        with: Latency,
+    ) -> Self {
+        Self {
+            scenario: scenario.into(),
+            operation: operation.into(),
+            concurrency,
+            base,
+            with,
+            added_p50_ms: with.p50_ms - base.p50_ms,
+            added_p99_ms: with.p99_ms - base.p99_ms,
+            ratio_p50: with.p50_ms / base.p50_ms.max(1e-6),
+            ratio_p99: with.p99_ms / base.p99_ms.max(1e-6),
+        }
+    }
 }
 
 /// One resident-memory reading of the server.

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use crate::client::{Client, ClientError};
-use crate::load::{drive, Latency, Load, Outcome, Sample};
+use crate::load::{drive, Latency, Load, Outcome, Record, Sample};
 use crate::report::{Phase, Row};
 
 /// Settings shared by all scenarios.
@@ -575,6 +575,82 @@ pub async fn rerun(level: Level<'_>) -> Result<Row, ClientError> {
         let _ = client.destroy(r).await;
     }
     Ok(execution_row(&level, &measured?, &RERUN_PHASES))
+}
+
+/// [`rerun`] on two servers at once, interleaved: one runner is claimed on each (`a`'s and
+/// `b`'s own client, environment and program), then the executions alternate between them
+/// (A B, B A, A B, …) one at a time, `a.count` each. Whatever the machine does meanwhile (the
+/// kernel tearing down earlier sandboxes, another process) falls on both alike, which two runs
+/// one after the other cannot promise. Returns `a`'s row and `b`'s; their rates count the
+/// time of both.
+pub async fn rerun_interleaved(a: Level<'_>, b: Level<'_>) -> Result<(Row, Row), ClientError> {
+    let sides = [a, b];
+    for side in &sides {
+        prepare(side.client, side.environment, 1, &side.settings.image).await?;
+    }
+    let mut runners: Vec<String> = Vec::with_capacity(2);
+    let measured = async {
+        let empties = AtomicUsize::new(0);
+        for side in &sides {
+            let runner = claim_retrying(side.client, side.environment, &empties)
+                .await?
+                .0;
+            runners.push(runner.clone());
+            side.client.copy(&runner, &side.program.files).await?;
+            for _ in 0..WARMUP {
+                execute_on(side.client, &runner, side.program, side.settings.time_limit).await?;
+            }
+        }
+        for side in &sides {
+            side.client
+                .wait_idle(side.environment, 1, Duration::from_secs(180))
+                .await?;
+        }
+        let settings = a.settings;
+        let start = Instant::now();
+        let mut outcomes = [Outcome::default(), Outcome::default()];
+        for i in 0..a.count {
+            if start.elapsed() >= settings.duration {
+                break;
+            }
+            // Alternate who goes first, so that neither always follows the other.
+            for s in if i % 2 == 0 { [0, 1] } else { [1, 0] } {
+                let side = &sides[s];
+                let began = start.elapsed();
+                let run = execute_on(
+                    side.client,
+                    &runners[s],
+                    side.program,
+                    side.settings.time_limit,
+                );
+                let result = match tokio::time::timeout(settings.op_timeout, run).await {
+                    Ok(result) => result.map_err(|e| e.to_string()),
+                    Err(_) => Err(format!(
+                        "operation took longer than {} s",
+                        settings.op_timeout.as_secs()
+                    )),
+                };
+                outcomes[s].records.push(Record {
+                    start: began,
+                    result,
+                });
+            }
+        }
+        for outcome in &mut outcomes {
+            outcome.elapsed = start.elapsed();
+        }
+        Ok::<_, ClientError>(outcomes)
+    }
+    .await;
+    // Also the runners of a run that failed half-way.
+    for (side, runner) in sides.iter().zip(&runners) {
+        let _ = side.client.destroy(runner).await;
+    }
+    let [outcome_a, outcome_b] = measured?;
+    Ok((
+        execution_row(&a, &outcome_a, &RERUN_PHASES),
+        execution_row(&b, &outcome_b, &RERUN_PHASES),
+    ))
 }
 
 /// The row of an execution scenario: executions per minute, latency and the named phases.

@@ -325,8 +325,20 @@ fn every_scenario_produces_figures() {
         assert!(row["ratio"]["p50"].as_f64().unwrap() > 0.0, "{row}");
     }
     // The plugins scenario compares both servers at both levels, for claims, executions and
-    // executions on claimed runners.
-    assert_eq!(report["comparisons"].as_array().unwrap().len(), 6);
+    // executions on claimed runners, and once more with the two servers interleaved.
+    assert_eq!(report["comparisons"].as_array().unwrap().len(), 7);
+    let interleaved: Vec<&str> = rows(&report, "plugins")
+        .iter()
+        .map(|r| r["variant"].as_str().unwrap())
+        .filter(|v| v.ends_with("(interleaved)"))
+        .collect();
+    assert_eq!(
+        interleaved,
+        [
+            "rerun true, plain (interleaved)",
+            "rerun true, plugins (interleaved)"
+        ]
+    );
     // The reload scenario swapped the file.
     let reload = rows(&report, "reload")[0];
     assert!(reload["extra"]["swaps"].as_u64().unwrap() >= 1, "{reload}");
