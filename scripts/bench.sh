@@ -260,11 +260,16 @@ if [ "$start_plugins" = 1 ]; then
            printf "requests in the %s server: %s %d, mean %.3f ms\n", server, r, count[r], sum[r] / count[r] * 1e3 }' \
       "$out/$server-metrics.txt" | sort | tee -a "$out/results.md"
   done
-  awk '/^poseidon_plugin_call_duration_seconds_(sum|count)/ {
+  # p50 interpolated within the histogram's bucket.
+  awk '/^poseidon_plugin_call_duration_seconds_(sum|count|bucket)/ {
          match($0, /plugin="[^"]*"/); p = substr($0, RSTART + 8, RLENGTH - 9)
-         if ($1 ~ /_sum/) sum[p] = $2; else count[p] = $2 }
-       END { for (p in count) if (count[p] > 0)
-         printf "plugin calls in the server: %s %d calls, mean %.1f µs\n", p, count[p], sum[p] / count[p] * 1e6 }' \
+         if ($1 ~ /_sum/) sum[p] = $2
+         else if ($1 ~ /_count/) count[p] = $2
+         else if ($1 !~ /Inf/) { match($0, /le="[^"]*"/); n[p]++; le[p, n[p]] = substr($0, RSTART + 4, RLENGTH - 5); cum[p, n[p]] = $2 } }
+       END { for (p in count) if (count[p] > 0) {
+         half = count[p] / 2; lo = 0; below = 0; p50 = "";
+         for (i = 1; i <= n[p]; i++) { if (cum[p, i] >= half) { p50 = lo + (le[p, i] - lo) * (half - below) / (cum[p, i] - below); break } lo = le[p, i]; below = cum[p, i] }
+         printf "plugin calls in the server: %s %d calls, mean %.1f µs, p50 ~%.0f µs\n", p, count[p], sum[p] / count[p] * 1e6, p50 * 1e6 } }' \
     "$out/plugins-metrics.txt" | tee -a "$out/results.md"
 fi
 echo "results: $out/results.json, $out/results.md, $out/machine.txt"

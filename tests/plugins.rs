@@ -899,6 +899,14 @@ async fn plugin_calls_failures_and_latency_are_in_the_metrics() {
             &[("plugin", plugin)],
         );
         assert!(timed.is_some_and(|c| c >= 1.0), "{plugin}: {text}");
+        // Microsecond buckets: a call of tens of microseconds does not fall in one
+        // bucket with everything up to a millisecond.
+        let micro = metric(
+            &text,
+            "poseidon_plugin_call_duration_seconds_bucket",
+            &[("plugin", plugin), ("le", "0.0001")],
+        );
+        assert!(micro.is_some(), "{plugin}: {text}");
     }
     let timeouts = metric(
         &text,

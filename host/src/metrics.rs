@@ -18,6 +18,13 @@ const BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
 ];
 
+/// Buckets of a plugin call, in seconds: a call takes microseconds (10 µs) up to its
+/// timeout (`callTimeoutMs`, 500 ms by default); with [`BUCKETS`] all would fall in one.
+const PLUGIN_CALL_BUCKETS: &[f64] = &[
+    0.00001, 0.000025, 0.00005, 0.000075, 0.0001, 0.00015, 0.00025, 0.0005, 0.001, 0.0025, 0.005,
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+];
+
 /// The per-environment gauges.
 const GAUGES: &[&str] = &[
     "poseidon_idle_runners",
@@ -41,6 +48,12 @@ impl Metrics {
     pub fn install() -> Result<Self, String> {
         let handle = PrometheusBuilder::new()
             .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), BUCKETS)
+            .map_err(|e| format!("metrics: {e}"))?
+            // A full name is matched before a suffix.
+            .set_buckets_for_metric(
+                Matcher::Full("poseidon_plugin_call_duration_seconds".into()),
+                PLUGIN_CALL_BUCKETS,
+            )
             .map_err(|e| format!("metrics: {e}"))?
             .install_recorder()
             .map_err(|e| format!("metrics: {e}"))?;
