@@ -296,6 +296,12 @@ pub struct Limits {
     /// go on while a guest runs.
     #[serde(alias = "inplacebudgetus")]
     pub in_place_budget_us: u64,
+    /// Keep one spare instance per loaded version, made ahead of its next call on the
+    /// host's keeper thread, which also drops the used ones: a call then pays for neither
+    /// making nor dropping its instance (each call still gets an instance of its own).
+    /// Costs one instance slot per plugin. `false`: every call makes and drops its own.
+    #[serde(alias = "spareinstances")]
+    pub spare_instances: bool,
 }
 
 impl Default for Limits {
@@ -311,6 +317,7 @@ impl Default for Limits {
             keep_resident_kb: 2048,
             inline_calls: true,
             in_place_budget_us: 0,
+            spare_instances: true,
         }
     }
 }

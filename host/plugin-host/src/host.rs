@@ -9,7 +9,7 @@ use std::time::Duration;
 use crate::config::DecisionCacheConfig;
 use crate::decisions::{DecisionCache, DecisionKey};
 use arc_swap::ArcSwapOption;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use wasmtime::Store;
 
 /// A request on its way through the preprocessors, with what they see of its runner and
@@ -32,23 +32,17 @@ type PreprocessOutcome<T> = Result<Result<Result<T, String>, String>, Failure>;
 /// either WIT version on a fresh instance, its answer translated back (a [`PreprocessCall`]).
 macro_rules! preprocessor_call {
     ($method:ident) => {
-        |store, pre, req| match pre {
-            PluginPre::PreprocessorV1(pre) => {
-                let instance = pre.instantiate(&mut *store).map_err(Failure::Instantiate)?;
-                instance
-                    .poseidon_plugins_preprocessor()
-                    .$method(&mut *store, &req.into())
-                    .map(|r| r.map_or_else(|m| Ok(Err(m)), |out| out.try_into().map(Ok)))
-                    .map_err(Failure::Call)
-            }
-            PluginPre::PreprocessorV2(pre) => {
-                let instance = pre.instantiate(&mut *store).map_err(Failure::Instantiate)?;
-                instance
-                    .poseidon_plugins_preprocessor()
-                    .$method(&mut *store, &req.into())
-                    .map(|r| r.map_or_else(|m| Ok(Err(m)), |out| out.try_into().map(Ok)))
-                    .map_err(Failure::Call)
-            }
+        |store, instance, req| match instance {
+            PluginInstance::PreprocessorV1(instance) => instance
+                .poseidon_plugins_preprocessor()
+                .$method(&mut *store, &req.into())
+                .map(|r| r.map_or_else(|m| Ok(Err(m)), |out| out.try_into().map(Ok)))
+                .map_err(Failure::Call),
+            PluginInstance::PreprocessorV2(instance) => instance
+                .poseidon_plugins_preprocessor()
+                .$method(&mut *store, &req.into())
+                .map(|r| r.map_or_else(|m| Ok(Err(m)), |out| out.try_into().map(Ok)))
+                .map_err(Failure::Call),
             _ => Ok(Err("the loaded file is not a preprocessor".to_string())),
         }
     };
@@ -56,13 +50,14 @@ macro_rules! preprocessor_call {
 
 /// One preprocessor call of a chain, for either WIT version.
 type PreprocessCall<T> =
-    fn(&mut Store<HostState>, &PluginPre, &Subject<T>) -> PreprocessOutcome<Subject<T>>;
+    fn(&mut Store<HostState>, &PluginInstance, &Subject<T>) -> PreprocessOutcome<Subject<T>>;
 use crate::bindings::v2;
 use crate::config::{Limits, PluginEntry, PluginKind, PluginsConfig};
 use crate::error::{CallError, PluginError};
-use crate::loader::{self, LoadedPlugin, PluginPre};
+use crate::loader::{self, LoadedPlugin, PluginInstance, PluginPre};
 use crate::placement::Where;
 use crate::runtime::{HostState, PluginIdentity, Runtime};
+use crate::spare::{Keeper, Spare};
 use crate::types::{
     ObserverStats, PluginDescription, PluginStatus, PoolSizerInput, PoolStateInfo, Rejection,
 };
@@ -103,7 +98,9 @@ impl std::fmt::Debug for PluginHost {
 }
 
 pub(crate) struct Inner {
-    runtime: Runtime,
+    runtime: Arc<Runtime>,
+    /// Drops used stores and makes spare instances, off the calls' path.
+    keeper: Keeper,
     config: PluginsConfig,
     slots: Vec<Arc<Slot>>,
     admission: Arc<Semaphore>,
@@ -135,6 +132,8 @@ struct Slot {
     failures: AtomicU64,
     /// Requests answered from the authenticator's decision cache (all versions).
     cached_decisions: AtomicU64,
+    /// Calls that ran in a spare instance (all versions).
+    spare_calls: AtomicU64,
     last_error: Mutex<Option<String>>,
 }
 
@@ -275,6 +274,16 @@ enum Failure {
     Call(wasmtime::Error),
 }
 
+/// One attempt of a call: its outcome, the used store, whether its instance was the
+/// version's spare, and whether the version could be instantiated (else no spare is made
+/// for it).
+struct Attempted<R> {
+    result: Result<R, CallError>,
+    store: Store<HostState>,
+    spared: bool,
+    instantiated: bool,
+}
+
 impl PluginHost {
     /// Loads the configured plugins and, if `watch` is on, starts watching the plugin
     /// directory for changes.
@@ -289,7 +298,8 @@ impl PluginHost {
             .cache_directory
             .as_deref()
             .filter(|_| config.compile_cache);
-        let runtime = Runtime::new(&config.limits, cache)?;
+        let runtime = Arc::new(Runtime::new(&config.limits, cache)?);
+        let keeper = Keeper::start(Arc::clone(&runtime))?;
         let slots = config
             .entries
             .iter()
@@ -306,6 +316,7 @@ impl PluginHost {
                     calls: AtomicU64::new(0),
                     failures: AtomicU64::new(0),
                     cached_decisions: AtomicU64::new(0),
+                    spare_calls: AtomicU64::new(0),
                     last_error: Mutex::new(None),
                 }))
             })
@@ -318,6 +329,7 @@ impl PluginHost {
             observer_delivered: AtomicU64::new(0),
             admission: Arc::new(Semaphore::new(config.limits.max_concurrent_calls as usize)),
             runtime,
+            keeper,
             config,
             slots,
             last_sizes: Mutex::new(HashMap::new()),
@@ -380,23 +392,17 @@ impl PluginHost {
         };
         let environment = input.environment;
         let answer = inner
-            .call(slot, move |store, pre| match pre {
-                PluginPre::PoolSizerV1(pre) => {
-                    let instance = pre.instantiate(&mut *store).map_err(Failure::Instantiate)?;
-                    instance
-                        .poseidon_plugins_pool_sizer()
-                        .call_wanted_idle(&mut *store, &(&environment).into(), &(&call).into())
-                        .map_err(Failure::Call)
-                        .map(Ok)
-                }
-                PluginPre::PoolSizerV2(pre) => {
-                    let instance = pre.instantiate(&mut *store).map_err(Failure::Instantiate)?;
-                    instance
-                        .poseidon_plugins_pool_sizer()
-                        .call_wanted_idle(&mut *store, &(&environment).into(), &(&call).into())
-                        .map_err(Failure::Call)
-                        .map(Ok)
-                }
+            .call(slot, move |store, instance| match instance {
+                PluginInstance::PoolSizerV1(instance) => instance
+                    .poseidon_plugins_pool_sizer()
+                    .call_wanted_idle(&mut *store, &(&environment).into(), &(&call).into())
+                    .map_err(Failure::Call)
+                    .map(Ok),
+                PluginInstance::PoolSizerV2(instance) => instance
+                    .poseidon_plugins_pool_sizer()
+                    .call_wanted_idle(&mut *store, &(&environment).into(), &(&call).into())
+                    .map_err(Failure::Call)
+                    .map(Ok),
                 _ => Ok(Err("the loaded file is not a pool sizer".to_string())),
             })
             .await
@@ -518,23 +524,17 @@ impl PluginHost {
         // loaded version's WIT record inside the call.
         let request = request.clone();
         let result = inner
-            .call(slot, move |store, pre| match pre {
-                PluginPre::AuthenticatorV1(pre) => {
-                    let instance = pre.instantiate(&mut *store).map_err(Failure::Instantiate)?;
-                    instance
-                        .poseidon_plugins_authenticator()
-                        .call_authenticate(&mut *store, &(&request).into())
-                        .map(|r| Ok(r.map(Principal::from).map_err(Denial::from)))
-                        .map_err(Failure::Call)
-                }
-                PluginPre::AuthenticatorV2(pre) => {
-                    let instance = pre.instantiate(&mut *store).map_err(Failure::Instantiate)?;
-                    instance
-                        .poseidon_plugins_authenticator()
-                        .call_authenticate(&mut *store, &(&request).into())
-                        .map(|r| Ok(r.map(Principal::from).map_err(Denial::from)))
-                        .map_err(Failure::Call)
-                }
+            .call(slot, move |store, instance| match instance {
+                PluginInstance::AuthenticatorV1(instance) => instance
+                    .poseidon_plugins_authenticator()
+                    .call_authenticate(&mut *store, &(&request).into())
+                    .map(|r| Ok(r.map(Principal::from).map_err(Denial::from)))
+                    .map_err(Failure::Call),
+                PluginInstance::AuthenticatorV2(instance) => instance
+                    .poseidon_plugins_authenticator()
+                    .call_authenticate(&mut *store, &(&request).into())
+                    .map(|r| Ok(r.map(Principal::from).map_err(Denial::from)))
+                    .map_err(Failure::Call),
                 _ => Ok(Err("the loaded file is not an authenticator".to_string())),
             })
             .await;
@@ -627,8 +627,8 @@ impl PluginHost {
             }
             let config = Arc::new(entry.config.clone());
             slot.config.store(Arc::clone(&config));
-            // Re-issued with the new values and an empty decision cache: no decision made
-            // under the old values or settings is reused.
+            // Re-issued with the new values, an empty decision cache and no spare: no
+            // decision or instance made under the old values or settings is reused.
             if let Some(current) = slot.current.load_full() {
                 let identity = Arc::new(PluginIdentity {
                     config,
@@ -636,7 +636,8 @@ impl PluginHost {
                     kind: current.identity.kind,
                     digest: current.identity.digest.clone(),
                 });
-                slot.current.store(Some(Arc::new(LoadedPlugin {
+                // Its spare is made anew too: the old one's store holds the old values.
+                let copy = Arc::new(LoadedPlugin {
                     identity,
                     wit_version: current.wit_version.clone(),
                     loaded_at: std::time::SystemTime::now(),
@@ -644,7 +645,10 @@ impl PluginHost {
                     from_cache: current.from_cache,
                     placement: Arc::clone(&current.placement),
                     decisions: DecisionCache::default(),
-                })));
+                    spare: Spare::default(),
+                });
+                inner.keeper.refill(&copy);
+                slot.current.store(Some(copy));
             }
             if config_changed {
                 tracing::info!(plugin = %name, "plugin configuration changed; applied");
@@ -739,6 +743,8 @@ impl PluginHost {
                     last_error: lock(&slot.last_error).clone(),
                     from_cache: current.as_ref().and_then(|p| p.from_cache),
                     in_place: current.as_ref().map(|p| p.placement.in_place()),
+                    spare_ready: current.as_ref().map(|p| p.spare.is_ready()),
+                    spare_calls: slot.spare_calls.load(Ordering::Relaxed),
                 }
             })
             .collect()
@@ -824,7 +830,7 @@ impl Inner {
     async fn call<R, F>(&self, slot: &Arc<Slot>, f: F) -> Result<R, CallError>
     where
         R: Send + 'static,
-        F: Fn(&mut Store<HostState>, &PluginPre) -> Result<Result<R, String>, Failure>
+        F: Fn(&mut Store<HostState>, &PluginInstance) -> Result<Result<R, String>, Failure>
             + Send
             + Sync
             + 'static,
@@ -842,7 +848,7 @@ impl Inner {
     async fn call_inner<R, F>(&self, slot: &Arc<Slot>, f: F) -> Result<R, CallError>
     where
         R: Send + 'static,
-        F: Fn(&mut Store<HostState>, &PluginPre) -> Result<Result<R, String>, Failure>
+        F: Fn(&mut Store<HostState>, &PluginInstance) -> Result<Result<R, String>, Failure>
             + Send
             + Sync
             + 'static,
@@ -868,18 +874,41 @@ impl Inner {
         };
         let cancel = Arc::new(AtomicBool::new(false));
         let placement = Arc::clone(&plugin.placement);
-        let new_store = {
-            let (identity, cancel) = (plugin.identity.clone(), cancel.clone());
-            move |runtime: &Runtime| {
-                runtime.store(identity.clone(), cancel.clone(), deadline.into_std())
+        // A store, and an instance if the version has a spare (armed for this call), for
+        // one attempt.
+        let prepare = {
+            let (plugin, runtime) = (Arc::clone(&plugin), Arc::clone(&self.runtime));
+            let (cancel, deadline, slot) = (cancel.clone(), deadline.into_std(), slot.clone());
+            move || match plugin.spare.take() {
+                Some((mut store, instance)) => {
+                    slot.spare_calls.fetch_add(1, Ordering::Relaxed);
+                    runtime.arm(&mut store, cancel.clone(), deadline);
+                    (store, Some(instance))
+                }
+                None => {
+                    let identity = Arc::clone(&plugin.identity);
+                    (runtime.store(identity, cancel.clone(), deadline), None)
+                }
             }
         };
-        // One attempt: a fresh instance in `store`, the export called, the outcome classified.
+        // One attempt: the instance (made now if there was no spare), the export called,
+        // the outcome classified; the used store comes back.
         let attempt = {
             let limits = limits.clone();
             let f = Arc::new(f);
-            move |mut store: Store<HostState>| {
-                let result = match f(&mut store, &plugin.pre) {
+            let plugin = Arc::clone(&plugin);
+            move |(mut store, instance): (Store<HostState>, Option<PluginInstance>)| {
+                let spared = instance.is_some();
+                let instance = match instance {
+                    Some(instance) => Ok(instance),
+                    None => plugin.pre.instantiate(&mut store),
+                };
+                let instantiated = instance.is_ok();
+                let answer = match instance {
+                    Ok(instance) => f(&mut store, &instance),
+                    Err(e) => Err(Failure::Instantiate(e)),
+                };
+                let result = match answer {
                     Ok(Ok(r)) => Ok(r),
                     Ok(Err(message)) => Err(CallError::BadAnswer(message)),
                     Err(Failure::Call(e)) => Err(Runtime::classify_with(&limits, &store, e)),
@@ -892,13 +921,38 @@ impl Inner {
                     }
                 };
                 Runtime::forward_stderr(&store);
-                result
+                Attempted {
+                    result,
+                    store,
+                    spared,
+                    instantiated,
+                }
+            }
+        };
+        // After an attempt in a spare: the keeper drops the used store (then releases the
+        // permit) and makes the next spare. After one that found none (calls come faster
+        // than spares are made): the store is dropped here, and the next spare made later,
+        // unless this version could not be instantiated at all.
+        let finish = {
+            let (keeper, plugin) = (self.keeper.clone(), Arc::clone(&plugin));
+            move |attempted: Attempted<R>, permit: OwnedSemaphorePermit| {
+                if attempted.spared {
+                    keeper.retire(attempted.store, Some(permit));
+                    keeper.refill(&plugin);
+                } else {
+                    drop(attempted.store);
+                    drop(permit);
+                    if attempted.instantiated {
+                        keeper.refill_later(&plugin);
+                    }
+                }
+                attempted.result
             }
         };
         if !limits.inline_calls {
-            let (store, run) = (new_store(&self.runtime), attempt.clone());
+            let (prepared, run, finish) = (prepare(), attempt.clone(), finish.clone());
             return self
-                .call_in_blocking_pool(move || run(store), permit, deadline, cancel)
+                .call_in_blocking_pool(move || finish(run(prepared), permit), deadline, cancel)
                 .await;
         }
         // In place for a version whose calls have proved short: no thread hand-off at all
@@ -908,11 +962,11 @@ impl Inner {
         let budget = Duration::from_micros(limits.in_place_budget_us);
         let started = std::time::Instant::now();
         if placement.next() == Where::InPlace {
-            let store = new_store(&self.runtime);
+            let prepared = prepare();
             let run = attempt.clone();
-            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || run(store))) {
-                Ok(result) => {
-                    drop(permit);
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || run(prepared))) {
+                Ok(attempted) => {
+                    let result = finish.clone()(attempted, permit);
                     let took = started.elapsed();
                     if placement.record(took, budget, stopped(&result)) {
                         tracing::warn!(
@@ -938,17 +992,13 @@ impl Inner {
                 }
             }
         }
-        let run = attempt.clone();
-        let store = new_store(&self.runtime);
+        let (prepared, run) = (prepare(), attempt.clone());
         let result = if inline_calls_possible() {
             // `block_in_place` hands this worker's other tasks to another thread first, so
             // the executor keeps serving while the guest runs here.
-            tokio::task::block_in_place(move || {
-                let _permit = permit;
-                catch_panic(move || run(store))
-            })
+            tokio::task::block_in_place(move || catch_panic(move || finish(run(prepared), permit)))
         } else {
-            self.call_in_blocking_pool(move || run(store), permit, deadline, cancel)
+            self.call_in_blocking_pool(move || finish(run(prepared), permit), deadline, cancel)
                 .await
         };
         placement.record(started.elapsed(), budget, stopped(&result));
@@ -956,19 +1006,15 @@ impl Inner {
     }
 
     /// Runs `run` on tokio's blocking pool, giving up at `deadline` (the guest then stops at
-    /// its next epoch check).
+    /// its next epoch check). `run` holds the call's admission permit until the guest has
+    /// really stopped.
     async fn call_in_blocking_pool<R: Send + 'static>(
         &self,
         run: impl FnOnce() -> Result<R, CallError> + Send + 'static,
-        permit: tokio::sync::OwnedSemaphorePermit,
         deadline: tokio::time::Instant,
         cancel: Arc<AtomicBool>,
     ) -> Result<R, CallError> {
-        let task = tokio::task::spawn_blocking(move || {
-            // The permit is held until the guest has really stopped.
-            let _permit = permit;
-            run()
-        });
+        let task = tokio::task::spawn_blocking(run);
         match tokio::time::timeout_at(deadline, task).await {
             Ok(Ok(result)) => result,
             Ok(Err(join)) => Err(CallError::Host(format!("call panicked: {join}"))),
@@ -1047,7 +1093,9 @@ impl Inner {
                     from_cache = ?details.from_cache,
                     "plugin loaded"
                 );
-                slot.current.store(Some(Arc::new(plugin)));
+                let plugin = Arc::new(plugin);
+                self.keeper.refill(&plugin);
+                slot.current.store(Some(plugin));
                 *lock(&slot.failed_digest) = None;
                 *lock(&slot.last_error) = None;
             }
@@ -1110,16 +1158,12 @@ async fn deliver_events(
             let count = events.len() as u64;
             let events = Arc::clone(&events);
             let delivered = inner
-                .call(slot, move |store, pre| match pre {
-                    PluginPre::Observer(pre) => {
-                        let instance =
-                            pre.instantiate(&mut *store).map_err(Failure::Instantiate)?;
-                        instance
-                            .poseidon_plugins_observer()
-                            .call_observe(&mut *store, &events)
-                            .map(Ok)
-                            .map_err(Failure::Call)
-                    }
+                .call(slot, move |store, instance| match instance {
+                    PluginInstance::Observer(instance) => instance
+                        .poseidon_plugins_observer()
+                        .call_observe(&mut *store, &events)
+                        .map(Ok)
+                        .map_err(Failure::Call),
                     _ => Ok(Err("the loaded file is not an observer".to_string())),
                 })
                 .await;

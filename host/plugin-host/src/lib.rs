@@ -70,6 +70,7 @@ mod host;
 mod loader;
 mod placement;
 mod runtime;
+mod spare;
 mod telemetry;
 mod types;
 mod watch;

@@ -16,6 +16,7 @@ use crate::config::PluginKind;
 use crate::error::PluginError;
 use crate::placement::Placement;
 use crate::runtime::{HostState, PluginIdentity, Runtime};
+use crate::spare::Spare;
 use crate::WIT_VERSIONS;
 
 /// WIT package of the plugin interfaces.
@@ -34,18 +35,32 @@ pub(crate) enum PluginPre {
     Observer(v2::observer::ObserverPluginPre<HostState>),
 }
 
+/// A fresh instance of a [`PluginPre`], typed like it: the exports one call may use.
+pub(crate) enum PluginInstance {
+    PoolSizerV1(v1::pool_sizer::PoolSizerPlugin),
+    PoolSizerV2(v2::pool_sizer::PoolSizerPlugin),
+    PreprocessorV1(v1::preprocessor::PreprocessorPlugin),
+    PreprocessorV2(v2::preprocessor::PreprocessorPlugin),
+    AuthenticatorV1(v1::authenticator::AuthenticatorPlugin),
+    AuthenticatorV2(v2::authenticator::AuthenticatorPlugin),
+    Observer(v2::observer::ObserverPlugin),
+}
+
 impl PluginPre {
-    /// Instantiates the component once, dropping the instance (the load's smoke test).
-    fn smoke(&self, store: &mut wasmtime::Store<HostState>) -> wasmtime::Result<()> {
-        match self {
-            PluginPre::PoolSizerV1(p) => p.instantiate(store).map(drop),
-            PluginPre::PoolSizerV2(p) => p.instantiate(store).map(drop),
-            PluginPre::PreprocessorV1(p) => p.instantiate(store).map(drop),
-            PluginPre::PreprocessorV2(p) => p.instantiate(store).map(drop),
-            PluginPre::AuthenticatorV1(p) => p.instantiate(store).map(drop),
-            PluginPre::AuthenticatorV2(p) => p.instantiate(store).map(drop),
-            PluginPre::Observer(p) => p.instantiate(store).map(drop),
-        }
+    /// A new instance of the component in `store` (its start-up code runs now).
+    pub fn instantiate(
+        &self,
+        store: &mut wasmtime::Store<HostState>,
+    ) -> wasmtime::Result<PluginInstance> {
+        Ok(match self {
+            PluginPre::PoolSizerV1(p) => PluginInstance::PoolSizerV1(p.instantiate(store)?),
+            PluginPre::PoolSizerV2(p) => PluginInstance::PoolSizerV2(p.instantiate(store)?),
+            PluginPre::PreprocessorV1(p) => PluginInstance::PreprocessorV1(p.instantiate(store)?),
+            PluginPre::PreprocessorV2(p) => PluginInstance::PreprocessorV2(p.instantiate(store)?),
+            PluginPre::AuthenticatorV1(p) => PluginInstance::AuthenticatorV1(p.instantiate(store)?),
+            PluginPre::AuthenticatorV2(p) => PluginInstance::AuthenticatorV2(p.instantiate(store)?),
+            PluginPre::Observer(p) => PluginInstance::Observer(p.instantiate(store)?),
+        })
     }
 }
 
@@ -61,6 +76,8 @@ pub(crate) struct LoadedPlugin {
     pub placement: Arc<Placement>,
     /// The authenticator's decisions under this version and `config:` (empty in a copy).
     pub decisions: DecisionCache,
+    /// The next call's instance, made ahead of it (empty in a copy).
+    pub spare: Spare,
 }
 
 /// What a load learned besides the plugin itself.
@@ -268,7 +285,7 @@ pub(crate) fn load(
     // Smoke test: the instance must fit the limits and its start-up code must not trap.
     let deadline = Instant::now() + Duration::from_millis(runtime.limits.call_timeout_ms);
     let mut store = runtime.store(identity.clone(), Arc::new(AtomicBool::new(false)), deadline);
-    if let Err(e) = pre.smoke(&mut store) {
+    if let Err(e) = pre.instantiate(&mut store) {
         let message = runtime.classify(&store, e).to_string();
         return Err(PluginError::Link {
             path: path.to_path_buf(),
@@ -284,6 +301,7 @@ pub(crate) fn load(
             from_cache,
             placement: Arc::default(),
             decisions: DecisionCache::default(),
+            spare: Spare::default(),
         },
         LoadDetails {
             imports,

@@ -272,9 +272,9 @@ impl Runtime {
         config.consume_fuel(limits.fuel.is_some());
         let memory_bytes = memory_limit_bytes(limits);
         if pooling {
-            // Enough for every admitted call plus loads and checks, with margin: Rust
+            // Enough for every admitted call plus loads, checks and spares, with margin: Rust
             // components have a handful of core instances and one or two memories.
-            let slots = limits.max_concurrent_calls.max(1) + 8;
+            let slots = limits.max_concurrent_calls.max(1) + 8 + crate::spare::MAX_SPARES;
             let keep_resident = usize::try_from(limits.keep_resident_kb.saturating_mul(1024))
                 .unwrap_or(usize::MAX)
                 .min(memory_bytes);
@@ -324,19 +324,16 @@ impl Runtime {
                 refused: false,
             },
             plugin,
+            // Set by `arm` below.
             log_lines: 0,
-            ticks_left: self.limits.epoch_deadline_ticks.max(1),
-            cancel,
+            ticks_left: 0,
+            cancel: Arc::clone(&cancel),
             deadline,
             stderr,
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limiter);
-        if let Some(fuel) = self.limits.fuel {
-            // Cannot fail: fuel is enabled in the engine whenever `limits.fuel` is set.
-            let _ = store.set_fuel(fuel);
-        }
-        store.set_epoch_deadline(1);
+        self.arm(&mut store, cancel, deadline);
         store.epoch_deadline_callback(|mut ctx| {
             let state = ctx.data_mut();
             if state.cancel.load(Ordering::Relaxed) || Instant::now() >= state.deadline {
@@ -349,6 +346,23 @@ impl Runtime {
             Ok(UpdateDeadline::Continue(1))
         });
         store
+    }
+
+    /// Gives `store` a call's full budget from now: fuel, epoch ticks, log lines, and
+    /// `cancel` and `deadline` as the call's wall-clock bounds. [`Runtime::store`] arms a
+    /// new store; a spare instance's store is armed again when a call takes it.
+    pub fn arm(&self, store: &mut Store<HostState>, cancel: Arc<AtomicBool>, deadline: Instant) {
+        let state = store.data_mut();
+        state.cancel = cancel;
+        state.deadline = deadline;
+        state.ticks_left = self.limits.epoch_deadline_ticks.max(1);
+        state.log_lines = 0;
+        state.limiter.refused = false;
+        if let Some(fuel) = self.limits.fuel {
+            // Cannot fail: fuel is enabled in the engine whenever `limits.fuel` is set.
+            let _ = store.set_fuel(fuel);
+        }
+        store.set_epoch_deadline(1);
     }
 
     /// Turns a wasmtime error of a call into a [`CallError`].
@@ -513,5 +527,46 @@ impl tokio::io::AsyncWrite for CappedPipe {
 
     fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arming_a_store_gives_it_a_whole_new_budget() {
+        let limits = Limits {
+            pooling: false,
+            fuel: Some(1_000),
+            ..Limits::default()
+        };
+        let runtime = Runtime::new(&limits, None).unwrap();
+        let identity = Arc::new(PluginIdentity {
+            name: "p".into(),
+            kind: PluginKind::Preprocessor,
+            digest: "d".into(),
+            config: Arc::default(),
+        });
+        // A spare's store, made long ago and used up: deadline passed, ticks and fuel
+        // spent, log lines counted, a refused growth remembered.
+        let past = Instant::now();
+        let mut store = runtime.store(identity, Arc::new(AtomicBool::new(true)), past);
+        store.set_fuel(3).unwrap();
+        let state = store.data_mut();
+        state.ticks_left = 0;
+        state.log_lines = MAX_LOG_LINES;
+        state.limiter.refused = true;
+
+        let cancel = Arc::new(AtomicBool::new(false));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        runtime.arm(&mut store, Arc::clone(&cancel), deadline);
+        let state = store.data();
+        assert!(Arc::ptr_eq(&state.cancel, &cancel));
+        assert_eq!(state.deadline, deadline);
+        assert_eq!(state.ticks_left, limits.epoch_deadline_ticks);
+        assert_eq!(state.log_lines, 0);
+        assert!(!state.limiter.refused);
+        assert_eq!(store.get_fuel().unwrap(), 1_000);
     }
 }

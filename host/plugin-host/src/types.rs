@@ -104,6 +104,13 @@ pub struct PluginStatus {
     /// (`None`: nothing loaded).
     #[serde(default)]
     pub in_place: Option<bool>,
+    /// Whether the loaded version has a spare instance ready for its next call (made
+    /// ahead, off the calls' path; `None`: nothing loaded).
+    #[serde(default)]
+    pub spare_ready: Option<bool>,
+    /// Calls since start that ran in a spare instance instead of one made during the call.
+    #[serde(default)]
+    pub spare_calls: u64,
 }
 
 /// What `check_file` learned about a plugin file.

@@ -1,5 +1,6 @@
-//! Test plugin (WIT 0.2): a preprocessor that sets `WIT_VERSION=0.2` on every execution
-//! and passes file updates unchanged.
+//! Test plugin (WIT 0.2): a preprocessor that sets `WIT_VERSION=0.2` on every execution,
+//! and `CALLS_IN_INSTANCE` to the number of calls its instance has served (always 1 where
+//! every call gets a fresh instance); it passes file updates unchanged.
 
 /// Bindings of the `preprocessor-plugin` world of `poseidon:plugins@0.2.0`.
 #[allow(missing_docs)]
@@ -7,15 +8,26 @@ mod bindings {
     wit_bindgen::generate!({ world: "preprocessor-plugin", path: "../../wit/v0.2" });
 }
 
+use std::sync::atomic::{AtomicU32, Ordering};
+
 use bindings::exports::poseidon::plugins::preprocessor::Guest;
 use bindings::poseidon::plugins::types::{ExecuteRequest, FileUpdate};
+
+/// Calls this instance has served.
+static CALLS: AtomicU32 = AtomicU32::new(0);
 
 struct Pre;
 
 impl Guest for Pre {
     fn preprocess_execute(mut request: ExecuteRequest) -> Result<ExecuteRequest, String> {
-        request.env.retain(|(k, _)| k != "WIT_VERSION");
+        let calls = CALLS.fetch_add(1, Ordering::Relaxed) + 1;
+        request
+            .env
+            .retain(|(k, _)| k != "WIT_VERSION" && k != "CALLS_IN_INSTANCE");
         request.env.push(("WIT_VERSION".into(), "0.2".into()));
+        request
+            .env
+            .push(("CALLS_IN_INSTANCE".into(), calls.to_string()));
         Ok(request)
     }
 

@@ -5,6 +5,7 @@
 mod check;
 mod common;
 mod containment;
+mod instances;
 mod kinds;
 mod measure;
 mod reload;

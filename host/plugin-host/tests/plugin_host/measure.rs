@@ -1,6 +1,9 @@
 //! Figures, not assertions: compile time per plugin and per-call latency per kind, A/B in one
-//! run: "before" = calls hop to tokio's blocking pool and freed memory is `madvise`d (the
-//! host as it was), "after" = calls run in place and dirty pages stay resident (the default).
+//! run: "no spares" = every call makes and drops its own instance (`spareInstances: false`),
+//! "spares, back to back" = the default, calls one right after the other (the keeper thread
+//! making the next spare races the next call), "spares, paced" = the default, each call made
+//! once its plugin's spare is ready (calls further apart than the keeper's work, as in a
+//! server; the wait is not timed).
 //!
 //! ```sh
 //! plugins/build.sh
@@ -26,7 +29,9 @@ fn summary(mut samples: Vec<Duration>) -> String {
     )
 }
 
-async fn time<F, Fut>(n: usize, mut f: F) -> String
+/// `n` timed calls of `f` after a warm-up; with `pace`, each call only once plugin
+/// `pace.1` of host `pace.0` has its spare instance ready (the wait is not timed).
+async fn time<F, Fut>(n: usize, pace: Option<(&PluginHost, &str)>, mut f: F) -> String
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
@@ -37,6 +42,15 @@ where
     }
     let mut samples = Vec::with_capacity(n);
     for _ in 0..n {
+        if let Some((host, name)) = pace {
+            // Spinning keeps this core awake (a sleep would let it idle, and a call after
+            // an idle core is slower for reasons of its own); the keeper has the other.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while status(host, name).spare_ready != Some(true) {
+                assert!(Instant::now() < deadline, "no spare for {name} within 10 s");
+                std::hint::spin_loop();
+            }
+        }
         let t = Instant::now();
         assert!(f().await);
         samples.push(t.elapsed());
@@ -45,7 +59,7 @@ where
 }
 
 /// Every kind under `limits`: (row name, figures).
-async fn per_kind(limits: Limits, n: usize) -> Vec<(&'static str, String)> {
+async fn per_kind(limits: Limits, paced: bool, n: usize) -> Vec<(&'static str, String)> {
     let dir = temp_dir("measure");
     install(&dir, "demand_sizer", "demand.wasm");
     install(&dir, "submission_guard", "guard.wasm");
@@ -81,12 +95,12 @@ async fn per_kind(limits: Limits, n: usize) -> Vec<(&'static str, String)> {
     cfg2.limits = limits;
     let host2 = PluginHost::start(cfg2).await.unwrap();
 
-    let sizer = time(n, || {
+    let sizer = time(n, paced.then_some((&host, "demand")), || {
         let host = host.clone();
         async move { host.pool_size(sizer_input(1, 3)).await.is_some() }
     })
     .await;
-    let execute = time(n, || {
+    let execute = time(n, paced.then_some((&host, "guard")), || {
         let host = host.clone();
         async move {
             host.preprocess_execute(1, None, execution("python main.py"))
@@ -95,7 +109,7 @@ async fn per_kind(limits: Limits, n: usize) -> Vec<(&'static str, String)> {
         }
     })
     .await;
-    let files = time(n, || {
+    let files = time(n, paced.then_some((&host, "guard")), || {
         let host = host.clone();
         async move {
             host.preprocess_files(
@@ -114,7 +128,7 @@ async fn per_kind(limits: Limits, n: usize) -> Vec<(&'static str, String)> {
         }
     })
     .await;
-    let auth = time(n, || {
+    let auth = time(n, paced.then_some((&host, "jwt")), || {
         let host = host.clone();
         async move {
             host.authenticate(&AuthRequest {
@@ -129,12 +143,12 @@ async fn per_kind(limits: Limits, n: usize) -> Vec<(&'static str, String)> {
         }
     })
     .await;
-    let sizer2 = time(n, || {
+    let sizer2 = time(n, paced.then_some((&host2, "local")), || {
         let host = host2.clone();
         async move { host.pool_size(sizer_input(1, 3)).await.is_some() }
     })
     .await;
-    let tokens = time(n, || {
+    let tokens = time(n, paced.then_some((&host2, "tokens")), || {
         let host = host2.clone();
         async move {
             host.authenticate(&AuthRequest {
@@ -174,17 +188,20 @@ async fn measure() {
         println!("  {name:<18} {:>7} bytes  {:>5} ms", d.size, d.compile_ms);
     }
     let n = 2000;
-    let before = Limits {
-        inline_calls: false,
-        keep_resident_kb: 0,
+    let without = Limits {
+        spare_instances: false,
         ..relaxed_limits()
     };
-    // Alternate before/after twice, so a change in the machine's load shows as a
+    // Alternate the variants twice, so a change in the machine's load shows as a
     // difference between the two rounds of the same variant.
     for round in 1..=2 {
-        for (variant, limits) in [("before", before.clone()), ("after", relaxed_limits())] {
+        for (variant, limits, paced) in [
+            ("no spares", without.clone(), false),
+            ("spares, back to back", relaxed_limits(), false),
+            ("spares, paced", relaxed_limits(), true),
+        ] {
             println!("round {round}, {variant} (n={n} per kind, fresh instance per call):");
-            for (row, figures) in per_kind(limits, n).await {
+            for (row, figures) in per_kind(limits, paced, n).await {
                 println!("  {row:<44} {figures}");
             }
         }

@@ -267,7 +267,10 @@ async fn changed_entry_settings_apply_without_restart_and_without_failed_calls()
     assert_eq!(host.reconfigure(&changed).await, Vec::<String>::new());
     assert_eq!(
         env(host.clone(), 2).await.unwrap(),
-        vec![("WIT_VERSION".to_string(), "0.2".to_string())]
+        vec![
+            ("WIT_VERSION".to_string(), "0.2".to_string()),
+            ("CALLS_IN_INSTANCE".to_string(), "1".to_string())
+        ]
     );
     assert_eq!(status(&host, "pre").file, "v2.wasm");
     stop.store(true, Ordering::Relaxed);

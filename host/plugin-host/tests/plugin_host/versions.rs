@@ -98,7 +98,8 @@ async fn sizers_and_preprocessors_of_both_versions_serve_side_by_side() {
         out.environment,
         [
             ("CHECKED".to_string(), "0.1".to_string()),
-            ("WIT_VERSION".to_string(), "0.2".to_string())
+            ("WIT_VERSION".to_string(), "0.2".to_string()),
+            ("CALLS_IN_INSTANCE".to_string(), "1".to_string())
         ]
     );
 }
