@@ -18,7 +18,9 @@
 //! used store is only dropped. The spare's budget (fuel, epoch ticks, wall-clock bounds)
 //! is given when a call takes it ([`Runtime::arm`]). A used store keeps its call's
 //! admission permit until the keeper has dropped it, so admission still bounds the
-//! pooling allocator's slots in use; spares have [`MAX_SPARES`] slots of their own.
+//! pooling allocator's slots in use (and at most [`MAX_RETIRING`] stores wait for the
+//! keeper: a call finding more drops its own); spares have [`MAX_SPARES`] slots of their
+//! own.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
@@ -96,33 +98,51 @@ enum Job {
 #[derive(Clone)]
 pub(crate) struct Keeper {
     jobs: Option<mpsc::Sender<Job>>,
+    /// Used stores handed to the keeper and not dropped yet.
+    retiring: Arc<AtomicUsize>,
 }
+
+/// Most used stores waiting for the keeper; a call finding this many drops its own. A
+/// waiting store holds its call's admission permit, so a keeper thread the scheduler keeps
+/// waiting must not hold up later calls.
+const MAX_RETIRING: usize = 2;
 
 impl Keeper {
     /// Starts the keeper thread for the plugins of `runtime`, if its limits want spares.
     pub fn start(runtime: Arc<Runtime>) -> Result<Keeper, PluginError> {
+        let retiring = Arc::new(AtomicUsize::new(0));
         if !runtime.limits.spare_instances {
-            return Ok(Keeper { jobs: None });
+            return Ok(Keeper {
+                jobs: None,
+                retiring,
+            });
         }
         let (jobs, queue) = mpsc::channel();
+        let dropped = Arc::clone(&retiring);
         std::thread::Builder::new()
             .name("plugin-spares".into())
-            .spawn(move || keep(&runtime, &queue))
+            .spawn(move || keep(&runtime, &queue, &dropped))
             .map_err(|e| PluginError::Engine(format!("cannot start the spare keeper: {e}")))?;
-        Ok(Keeper { jobs: Some(jobs) })
+        Ok(Keeper {
+            jobs: Some(jobs),
+            retiring,
+        })
     }
 
-    /// Drops `store` on the keeper thread, and `permit` after it; without a keeper thread
-    /// (or if it is gone), here and now.
+    /// Drops `store` on the keeper thread, and `permit` after it; without a keeper thread,
+    /// if it is gone, or if [`MAX_RETIRING`] stores are waiting for it already, here and now.
     pub fn retire(&self, store: Store<HostState>, permit: Option<OwnedSemaphorePermit>) {
         let job = Job::Retire(store, permit);
-        match &self.jobs {
-            Some(jobs) => {
-                if let Err(mpsc::SendError(job)) = jobs.send(job) {
-                    drop(job);
-                }
-            }
-            None => drop(job),
+        let Some(jobs) = &self.jobs else {
+            return drop(job);
+        };
+        if self.retiring.fetch_add(1, Ordering::Relaxed) >= MAX_RETIRING {
+            self.retiring.fetch_sub(1, Ordering::Relaxed);
+            return drop(job);
+        }
+        if let Err(mpsc::SendError(job)) = jobs.send(job) {
+            self.retiring.fetch_sub(1, Ordering::Relaxed);
+            drop(job);
         }
     }
 
@@ -146,7 +166,7 @@ impl Keeper {
 }
 
 /// The keeper thread: runs the jobs until every sender is gone.
-fn keep(runtime: &Runtime, queue: &mpsc::Receiver<Job>) {
+fn keep(runtime: &Runtime, queue: &mpsc::Receiver<Job>, retiring: &AtomicUsize) {
     let alive = Arc::new(AtomicUsize::new(0));
     // Refills asked for later, in the order they are due.
     let mut later: std::collections::VecDeque<(Instant, Weak<LoadedPlugin>)> = Default::default();
@@ -177,6 +197,7 @@ fn keep(runtime: &Runtime, queue: &mpsc::Receiver<Job>) {
             Job::Retire(store, permit) => {
                 drop(store);
                 drop(permit);
+                retiring.fetch_sub(1, Ordering::Relaxed);
             }
             Job::Refill(plugin) => {
                 if let Some(plugin) = plugin.upgrade() {
