@@ -153,3 +153,24 @@ pub fn execution(command: &str) -> ExecutionRequest {
         privileged: false,
     }
 }
+
+/// An HS256 JWT over `claims` (JSON) signed with `key`.
+pub fn sign(claims: &str, key: &[u8]) -> String {
+    use base64::Engine;
+    use hmac::{KeyInit, Mac};
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let header = b64.encode(br#"{"alg":"HS256","typ":"JWT"}"#);
+    let payload = b64.encode(claims);
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key).unwrap();
+    mac.update(format!("{header}.{payload}").as_bytes());
+    let sig = b64.encode(mac.finalize().into_bytes());
+    format!("{header}.{payload}.{sig}")
+}
+
+/// Seconds since the Unix epoch, now.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}

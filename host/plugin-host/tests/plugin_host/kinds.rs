@@ -1,7 +1,5 @@
 //! Each plugin kind, through the real example plugins.
 
-use base64::Engine as _;
-use hmac::{KeyInit, Mac};
 use std::time::Duration;
 
 use poseidon_core::execution::ExecutionRequest;
@@ -186,23 +184,6 @@ async fn submission_guard_rewrites_and_rejects() {
     assert!(r.message.contains("forbidden"), "{r:?}");
     // Rejections are answers, not failures.
     assert_eq!(status(&host, "guard").failures, 0);
-}
-
-fn sign(claims: &str, key: &[u8]) -> String {
-    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
-    let header = b64.encode(br#"{"alg":"HS256","typ":"JWT"}"#);
-    let payload = b64.encode(claims);
-    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key).unwrap();
-    mac.update(format!("{header}.{payload}").as_bytes());
-    let sig = b64.encode(mac.finalize().into_bytes());
-    format!("{header}.{payload}.{sig}")
-}
-
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
 }
 
 fn auth_request(token: Option<&str>) -> AuthRequest {

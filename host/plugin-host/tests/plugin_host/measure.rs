@@ -143,6 +143,27 @@ async fn per_kind(limits: Limits, paced: bool, n: usize) -> Vec<(&'static str, S
         }
     })
     .await;
+    // As a server sees it: a valid token of a configured tenant (HMAC checked, claims read).
+    let token = sign(
+        &format!(r#"{{"iss":"t","exp":{}}}"#, unix_now() + 3600),
+        b"k",
+    );
+    let accepted = time(n, paced.then_some((&host, "jwt")), || {
+        let host = host.clone();
+        let authorization = format!("Bearer {token}");
+        async move {
+            host.authenticate(&AuthRequest {
+                method: "GET".into(),
+                path: "/api/v1/runners".into(),
+                headers: vec![("authorization".into(), authorization)],
+                peer_address: Some("127.0.0.1:1".into()),
+                poseidon_token: None,
+            })
+            .await
+            .is_ok()
+        }
+    })
+    .await;
     let sizer2 = time(n, paced.then_some((&host2, "local")), || {
         let host = host2.clone();
         async move { host.pool_size(sizer_input(1, 3)).await.is_some() }
@@ -167,6 +188,7 @@ async fn per_kind(limits: Limits, paced: bool, n: usize) -> Vec<(&'static str, S
         ("preprocess-execute 0.1 (submission_guard)", execute),
         ("preprocess-files 0.1 (one 4 KiB file)", files),
         ("authenticate 0.1 (jwt_auth, refusal)", auth),
+        ("authenticate 0.1 (jwt_auth, accepted)", accepted),
         ("pool-sizer 0.2 (local time, Europe/Berlin)", sizer2),
         ("authenticate 0.2 (token_tenants, accepted)", tokens),
     ]
