@@ -13,9 +13,12 @@
 //!
 //! Each plugin file is compiled once per version (on a blocking thread), checked
 //! (it must export one plugin interface of a compatible WIT version, and its imports
-//! must be satisfiable by the host) and pre-instantiated. Every call then gets a fresh
-//! instance in a fresh `Store` on a blocking thread, so guest code never runs on the
-//! async executor. Each call is bounded three ways:
+//! must be satisfiable by the host) and pre-instantiated. Every call then runs in an
+//! instance of its own, in its own `Store`: made ahead of the call by the host's keeper
+//! thread where the version has a spare ready (see `spare.rs`), else during the call.
+//! Guest code runs inside `block_in_place` (or on the blocking pool), never on the async
+//! executor as such, unless `inPlaceBudgetUs` lets a version's short calls run in place.
+//! Each call is bounded three ways:
 //!
 //! 1. an **epoch deadline**: a ticker thread advances the engine's epoch every
 //!    `epochTickMs`; after `epochDeadlineTicks` ticks the guest traps;
