@@ -235,14 +235,7 @@ where
             let mut records = Vec::new();
             while tickets.fetch_add(1, Ordering::SeqCst) < load.count && Instant::now() < deadline {
                 let began = Instant::now();
-                let result = match tokio::time::timeout(load.op_timeout, op()).await {
-                    Ok(Ok(sample)) => Ok(sample),
-                    Ok(Err(e)) => Err(e.to_string()),
-                    Err(_) => Err(format!(
-                        "operation took longer than {} s",
-                        load.op_timeout.as_secs()
-                    )),
-                };
+                let result = bounded(load.op_timeout, op()).await;
                 records.push(Record {
                     start: began - start,
                     result,
@@ -263,6 +256,52 @@ where
     }
     outcome.elapsed = start.elapsed();
     outcome
+}
+
+/// `op`'s sample, or why it failed (its error, or taking longer than `op_timeout`).
+async fn bounded<Fut, E>(op_timeout: Duration, op: Fut) -> Result<Sample, String>
+where
+    Fut: Future<Output = Result<Sample, E>>,
+    E: std::fmt::Display,
+{
+    match tokio::time::timeout(op_timeout, op).await {
+        Ok(Ok(sample)) => Ok(sample),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!(
+            "operation took longer than {} s",
+            op_timeout.as_secs()
+        )),
+    }
+}
+
+/// Runs `op(0)` and `op(1)` in turn, one at a time, `load.count` times each, the order
+/// alternating (A B, B A, …) so that neither side always follows the other; every operation
+/// is bounded by `load.op_timeout` and none starts after `load.duration` (`load.concurrency`
+/// is not used). Each outcome's `elapsed` is the time of its own operations, so its rate is
+/// per second of that side's own time.
+pub async fn interleave<F, Fut, E>(load: Load, mut op: F) -> [Outcome; 2]
+where
+    F: FnMut(usize) -> Fut,
+    Fut: Future<Output = Result<Sample, E>>,
+    E: std::fmt::Display,
+{
+    let start = Instant::now();
+    let mut outcomes = [Outcome::default(), Outcome::default()];
+    for i in 0..load.count {
+        if start.elapsed() >= load.duration {
+            break;
+        }
+        for side in if i % 2 == 0 { [0, 1] } else { [1, 0] } {
+            let began = Instant::now();
+            let result = bounded(load.op_timeout, op(side)).await;
+            outcomes[side].elapsed += began.elapsed();
+            outcomes[side].records.push(Record {
+                start: began - start,
+                result,
+            });
+        }
+    }
+    outcomes
 }
 
 #[cfg(test)]
@@ -308,6 +347,34 @@ mod tests {
         assert_eq!(outcome.records.len(), 10);
         assert_eq!(outcome.failed(), 2);
         assert_eq!(outcome.errors()[0].count, 2);
+    }
+
+    #[tokio::test]
+    async fn interleave_alternates_the_order_and_counts_each_side_its_own_time() {
+        let load = Load {
+            concurrency: 1,
+            count: 3,
+            duration: Duration::from_secs(30),
+            op_timeout: Duration::from_secs(5),
+        };
+        let mut order = Vec::new();
+        let began = Instant::now();
+        let outcomes = interleave(load, |side| {
+            order.push(side);
+            async move {
+                if side == 1 {
+                    Err("refused")
+                } else {
+                    Ok(Sample::total(Duration::from_millis(1)))
+                }
+            }
+        })
+        .await;
+        assert_eq!(order, [0, 1, 1, 0, 0, 1]);
+        assert_eq!((outcomes[0].ok(), outcomes[0].failed()), (3, 0));
+        assert_eq!((outcomes[1].ok(), outcomes[1].failed()), (0, 3));
+        // Each side's own time, not the whole run's.
+        assert!(outcomes[0].elapsed + outcomes[1].elapsed <= began.elapsed());
     }
 
     #[test]

@@ -703,6 +703,30 @@ async fn plugins(run: &mut Run, main: &Client, levels: &[usize]) {
         }
         Err(e) => run.skip("plugins, interleaved", format!("failed: {e}")),
     }
+    let variants = ["claim, plain (interleaved)", "claim, plugins (interleaved)"];
+    match scenarios::claim_interleaved(
+        [main, &plugged],
+        &run.settings,
+        "plugins",
+        variants,
+        run.env(env::CLAIM),
+        run.settings.claim_count,
+    )
+    .await
+    {
+        Ok((base, with)) => {
+            run.report.comparisons.push(Comparison::of(
+                "plugins",
+                "claim, interleaved",
+                1,
+                base.latency,
+                with.latency,
+            ));
+            run.push(base);
+            run.push(with);
+        }
+        Err(e) => run.skip("plugins, claims interleaved", format!("failed: {e}")),
+    }
     for client in [main, &plugged] {
         let _ = client.delete_environment(run.env(env::CLAIM)).await;
         let _ = client.delete_environment(run.env(env::EXECUTE)).await;

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use crate::client::{Client, ClientError};
-use crate::load::{drive, Latency, Load, Outcome, Record, Sample};
+use crate::load::{drive, interleave, Latency, Load, Outcome, Sample};
 use crate::report::{Phase, Row};
 
 /// Settings shared by all scenarios.
@@ -345,29 +345,56 @@ pub async fn claim(
     let outcome = drive(settings.load(concurrency, count), move || {
         let c = c.clone();
         let e = Arc::clone(&e);
-        async move {
-            let (runner, claimed) = claim_retrying(&c, environment, &e).await?;
-            let started = Instant::now();
-            c.destroy(&runner).await?;
-            Ok::<_, ClientError>(Sample {
-                total: claimed,
-                phases: vec![claimed, started.elapsed()],
-            })
-        }
+        async move { claim_once(&c, environment, &e).await }
     })
     .await;
+    Ok(claim_row(
+        scenario,
+        variant,
+        client,
+        concurrency,
+        &outcome,
+        &empties,
+    ))
+}
+
+/// One operation of the claim scenario: a claim (retried while the pool is empty), then
+/// the runner's destroy.
+async fn claim_once(
+    client: &Client,
+    environment: u64,
+    empties: &AtomicUsize,
+) -> Result<Sample, ClientError> {
+    let (runner, claimed) = claim_retrying(client, environment, empties).await?;
+    let started = Instant::now();
+    client.destroy(&runner).await?;
+    Ok(Sample {
+        total: claimed,
+        phases: vec![claimed, started.elapsed()],
+    })
+}
+
+/// The row of a claim scenario: claims per second, the claim's latency, its phases.
+fn claim_row(
+    scenario: &str,
+    variant: &str,
+    client: &Client,
+    concurrency: usize,
+    outcome: &Outcome,
+    empties: &AtomicUsize,
+) -> Row {
     let mut row = Row::new(
         scenario,
         variant,
         client.base(),
         concurrency,
-        &outcome,
+        outcome,
         "claims/s",
         1.0,
     );
     row.pool_empty = empties.load(Ordering::Relaxed);
-    row.phases = phases(&outcome, &["claim", "destroy"]);
-    Ok(row)
+    row.phases = phases(outcome, &["claim", "destroy"]);
+    row
 }
 
 fn phases(outcome: &Outcome, names: &[&str]) -> Vec<Phase> {
@@ -579,10 +606,10 @@ pub async fn rerun(level: Level<'_>) -> Result<Row, ClientError> {
 
 /// [`rerun`] on two servers at once, interleaved: one runner is claimed on each (`a`'s and
 /// `b`'s own client, environment and program), then the executions alternate between them
-/// (A B, B A, A B, …) one at a time, `a.count` each. Whatever the machine does meanwhile (the
-/// kernel tearing down earlier sandboxes, another process) falls on both alike, which two runs
-/// one after the other cannot promise. Returns `a`'s row and `b`'s; their rates count the
-/// time of both.
+/// (A B, B A, A B, …, [`interleave`]) one at a time, `a.count` each. Whatever the machine does
+/// meanwhile (the kernel tearing down earlier sandboxes, another process) falls on both alike,
+/// which two runs one after the other cannot promise. Returns `a`'s row and `b`'s; their
+/// rates are per second of each server's own executions.
 pub async fn rerun_interleaved(a: Level<'_>, b: Level<'_>) -> Result<(Row, Row), ClientError> {
     let sides = [a, b];
     for side in &sides {
@@ -606,40 +633,19 @@ pub async fn rerun_interleaved(a: Level<'_>, b: Level<'_>) -> Result<(Row, Row),
                 .wait_idle(side.environment, 1, Duration::from_secs(180))
                 .await?;
         }
-        let settings = a.settings;
-        let start = Instant::now();
-        let mut outcomes = [Outcome::default(), Outcome::default()];
-        for i in 0..a.count {
-            if start.elapsed() >= settings.duration {
-                break;
-            }
-            // Alternate who goes first, so that neither always follows the other.
-            for s in if i % 2 == 0 { [0, 1] } else { [1, 0] } {
+        let runners = &runners;
+        Ok::<_, ClientError>(
+            interleave(a.settings.load(1, a.count), |s| {
                 let side = &sides[s];
-                let began = start.elapsed();
-                let run = execute_on(
+                execute_on(
                     side.client,
                     &runners[s],
                     side.program,
                     side.settings.time_limit,
-                );
-                let result = match tokio::time::timeout(settings.op_timeout, run).await {
-                    Ok(result) => result.map_err(|e| e.to_string()),
-                    Err(_) => Err(format!(
-                        "operation took longer than {} s",
-                        settings.op_timeout.as_secs()
-                    )),
-                };
-                outcomes[s].records.push(Record {
-                    start: began,
-                    result,
-                });
-            }
-        }
-        for outcome in &mut outcomes {
-            outcome.elapsed = start.elapsed();
-        }
-        Ok::<_, ClientError>(outcomes)
+                )
+            })
+            .await,
+        )
     }
     .await;
     // Also the runners of a run that failed half-way.
@@ -651,6 +657,34 @@ pub async fn rerun_interleaved(a: Level<'_>, b: Level<'_>) -> Result<(Row, Row),
         execution_row(&a, &outcome_a, &RERUN_PHASES),
         execution_row(&b, &outcome_b, &RERUN_PHASES),
     ))
+}
+
+/// [`claim`] on two servers at once, interleaved: each `environment` (the same id on both)
+/// gets its claim pool, then claims with their destroys alternate between the servers
+/// (A B, B A, …, [`interleave`]) one at a time, `count` each. Returns the rows named
+/// `variants`; their rates are claims per second of each server's own claims and destroys
+/// (at concurrency 1 what a client gets, without the other server's share of the machine
+/// in one of them only).
+pub async fn claim_interleaved(
+    clients: [&Client; 2],
+    settings: &Settings,
+    scenario: &str,
+    variants: [&str; 2],
+    environment: u64,
+    count: usize,
+) -> Result<(Row, Row), ClientError> {
+    for client in clients {
+        prepare(client, environment, claim_pool(1), &settings.image).await?;
+    }
+    let empties = [AtomicUsize::new(0), AtomicUsize::new(0)];
+    let [a, b] = interleave(settings.load(1, count), |s| {
+        claim_once(clients[s], environment, &empties[s])
+    })
+    .await;
+    let row = |s: usize, outcome: &Outcome| {
+        claim_row(scenario, variants[s], clients[s], 1, outcome, &empties[s])
+    };
+    Ok((row(0, &a), row(1, &b)))
 }
 
 /// The row of an execution scenario: executions per minute, latency and the named phases.

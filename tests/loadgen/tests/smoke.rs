@@ -325,8 +325,9 @@ fn every_scenario_produces_figures() {
         assert!(row["ratio"]["p50"].as_f64().unwrap() > 0.0, "{row}");
     }
     // The plugins scenario compares both servers at both levels, for claims, executions and
-    // executions on claimed runners, and once more with the two servers interleaved.
-    assert_eq!(report["comparisons"].as_array().unwrap().len(), 7);
+    // executions on claimed runners, and executions and claims once more with the two servers
+    // interleaved.
+    assert_eq!(report["comparisons"].as_array().unwrap().len(), 8);
     let interleaved: Vec<&str> = rows(&report, "plugins")
         .iter()
         .map(|r| r["variant"].as_str().unwrap())
@@ -336,7 +337,9 @@ fn every_scenario_produces_figures() {
         interleaved,
         [
             "rerun true, plain (interleaved)",
-            "rerun true, plugins (interleaved)"
+            "rerun true, plugins (interleaved)",
+            "claim, plain (interleaved)",
+            "claim, plugins (interleaved)"
         ]
     );
     // The reload scenario swapped the file.
