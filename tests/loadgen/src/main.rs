@@ -272,6 +272,28 @@ impl Run {
         }
     }
 
+    /// Files the rows of an interleaved comparison of `operation` (plain server first) and
+    /// what the other adds, or why it failed.
+    fn interleaved(&mut self, operation: &str, rows: Result<(Row, Row), ClientError>) {
+        match rows {
+            Ok((base, with)) => {
+                self.report.comparisons.push(Comparison::of(
+                    "plugins",
+                    &format!("{operation}, interleaved"),
+                    1,
+                    base.latency,
+                    with.latency,
+                ));
+                self.push(base);
+                self.push(with);
+            }
+            Err(e) => self.skip(
+                &format!("plugins, {operation} interleaved"),
+                format!("failed: {e}"),
+            ),
+        }
+    }
+
     fn env(&self, offset: u64) -> u64 {
         self.args.env_base + offset
     }
@@ -683,50 +705,29 @@ async fn plugins(run: &mut Run, main: &Client, levels: &[usize]) {
         concurrency: 1,
         count: run.settings.execute_count,
     };
-    match scenarios::rerun_interleaved(level(main), level(&plugged)).await {
-        Ok((base, with)) => {
+    let rerun = scenarios::rerun_interleaved(level(main), level(&plugged))
+        .await
+        .map(|(base, with)| {
             let named = |variant: &str, row: Row| Row {
                 variant: format!("rerun true, {variant} (interleaved)"),
                 ..row
             };
-            let base = run.with_ratio(named("plain", base), "bwrap true");
-            let with = run.with_ratio(named("plugins", with), "bwrap true");
-            run.report.comparisons.push(Comparison::of(
-                "plugins",
-                "rerun true, interleaved",
-                1,
-                base.latency,
-                with.latency,
-            ));
-            run.push(base);
-            run.push(with);
-        }
-        Err(e) => run.skip("plugins, interleaved", format!("failed: {e}")),
-    }
-    let variants = ["claim, plain (interleaved)", "claim, plugins (interleaved)"];
-    match scenarios::claim_interleaved(
+            (
+                run.with_ratio(named("plain", base), "bwrap true"),
+                run.with_ratio(named("plugins", with), "bwrap true"),
+            )
+        });
+    run.interleaved("rerun true", rerun);
+    let claims = scenarios::claim_interleaved(
         [main, &plugged],
         &run.settings,
         "plugins",
-        variants,
+        ["claim, plain (interleaved)", "claim, plugins (interleaved)"],
         run.env(env::CLAIM),
         run.settings.claim_count,
     )
-    .await
-    {
-        Ok((base, with)) => {
-            run.report.comparisons.push(Comparison::of(
-                "plugins",
-                "claim, interleaved",
-                1,
-                base.latency,
-                with.latency,
-            ));
-            run.push(base);
-            run.push(with);
-        }
-        Err(e) => run.skip("plugins, claims interleaved", format!("failed: {e}")),
-    }
+    .await;
+    run.interleaved("claim", claims);
     for client in [main, &plugged] {
         let _ = client.delete_environment(run.env(env::CLAIM)).await;
         let _ = client.delete_environment(run.env(env::EXECUTE)).await;
