@@ -2,8 +2,9 @@
 //!
 //! A call needs a new store and a new instance, and leaves a used store behind. Inside a
 //! running server, where the CPU's caches are cold between requests, those three cost
-//! more than the guest's own work (BENCHMARKS.md, issue 9: store ~5–10 µs, instantiation
-//! ~20–40 µs, drop ~12–20 µs per call). So each loaded version keeps one spare: an
+//! about as much as the guest's own work (BENCHMARKS.md, issue 9, an instrumented build:
+//! store ~5–10 µs, instantiation ~20–40 µs, drop ~12–20 µs per call; with spares a call's
+//! p50 in the server dropped by 10–15 µs). So each loaded version keeps one spare: an
 //! instance made by the host's keeper thread after the previous call, never called. A
 //! call takes it (or, if there is none, instantiates as before), and hands its used store
 //! to the keeper, which drops it and makes the next spare, off the request's path.
