@@ -937,7 +937,7 @@ impl Inner {
             let (keeper, plugin) = (self.keeper.clone(), Arc::clone(&plugin));
             move |attempted: Attempted<R>, permit: OwnedSemaphorePermit| {
                 if attempted.spared {
-                    keeper.retire(attempted.store, Some(permit));
+                    keeper.retire(attempted.store, permit);
                     keeper.refill(&plugin);
                 } else {
                     drop(attempted.store);

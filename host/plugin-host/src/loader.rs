@@ -3,9 +3,8 @@
 use crate::decisions::DecisionCache;
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Instant, SystemTime};
 
 use semver::Version;
 use sha2::{Digest, Sha256};
@@ -283,8 +282,7 @@ pub(crate) fn load(
         config,
     });
     // Smoke test: the instance must fit the limits and its start-up code must not trap.
-    let deadline = Instant::now() + Duration::from_millis(runtime.limits.call_timeout_ms);
-    let mut store = runtime.store(identity.clone(), Arc::new(AtomicBool::new(false)), deadline);
+    let mut store = runtime.instantiation_store(identity.clone());
     if let Err(e) = pre.instantiate(&mut store) {
         let message = runtime.classify(&store, e).to_string();
         return Err(PluginError::Link {

@@ -348,6 +348,13 @@ impl Runtime {
         store
     }
 
+    /// A store for instantiating `plugin` outside a call (the load's smoke test, a spare):
+    /// its start-up code bounded like a call from now, with nobody to cancel it.
+    pub fn instantiation_store(&self, plugin: Arc<PluginIdentity>) -> Store<HostState> {
+        let deadline = Instant::now() + Duration::from_millis(self.limits.call_timeout_ms);
+        self.store(plugin, Arc::new(AtomicBool::new(false)), deadline)
+    }
+
     /// Gives `store` a call's full budget from now: fuel, epoch ticks, log lines, and
     /// `cancel` and `deadline` as the call's wall-clock bounds. [`Runtime::store`] arms a
     /// new store; a spare instance's store is armed again when a call takes it.

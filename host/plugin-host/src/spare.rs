@@ -86,7 +86,7 @@ impl Spare {
 /// The keeper thread's work, in order of arrival.
 enum Job {
     /// A call is over: drop its store, then release its admission permit.
-    Retire(Store<HostState>, Option<OwnedSemaphorePermit>),
+    Retire(Store<HostState>, OwnedSemaphorePermit),
     /// Make a spare for this version if it is still loaded somewhere and has none.
     Refill(Weak<LoadedPlugin>),
     /// The same, [`LATER`].
@@ -132,7 +132,7 @@ impl Keeper {
 
     /// Drops `store` on the keeper thread, and `permit` after it; without a keeper thread,
     /// if it is gone, or if [`MAX_RETIRING`] stores are waiting for it already, here and now.
-    pub fn retire(&self, store: Store<HostState>, permit: Option<OwnedSemaphorePermit>) {
+    pub fn retire(&self, store: Store<HostState>, permit: OwnedSemaphorePermit) {
         let job = Job::Retire(store, permit);
         let Some(jobs) = &self.jobs else {
             return drop(job);
@@ -172,27 +172,23 @@ fn keep(runtime: &Runtime, queue: &mpsc::Receiver<Job>, retiring: &AtomicUsize) 
     // Refills asked for later, in the order they are due.
     let mut later: std::collections::VecDeque<(Instant, Weak<LoadedPlugin>)> = Default::default();
     loop {
-        let job = match later.front() {
-            Some((due, _)) => {
-                match queue.recv_timeout(due.saturating_duration_since(Instant::now())) {
-                    Ok(job) => job,
-                    Err(mpsc::RecvTimeoutError::Timeout) => match later.pop_front() {
-                        Some((_, plugin)) => {
-                            if let Some(plugin) = plugin.upgrade() {
-                                plugin.spare.later.store(false, Ordering::Relaxed);
-                                refill(runtime, &plugin, &alive);
-                            }
-                            continue;
-                        }
-                        None => continue,
-                    },
-                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
+        let received = match later.front() {
+            Some((due, _)) => queue.recv_timeout(due.saturating_duration_since(Instant::now())),
+            None => queue
+                .recv()
+                .map_err(|_| mpsc::RecvTimeoutError::Disconnected),
+        };
+        let job = match received {
+            Ok(job) => job,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                // The first refill asked for later is due.
+                if let Some(plugin) = later.pop_front().and_then(|(_, p)| p.upgrade()) {
+                    plugin.spare.later.store(false, Ordering::Relaxed);
+                    refill(runtime, &plugin, &alive);
                 }
+                continue;
             }
-            None => match queue.recv() {
-                Ok(job) => job,
-                Err(mpsc::RecvError) => return,
-            },
+            Err(mpsc::RecvTimeoutError::Disconnected) => return,
         };
         match job {
             Job::Retire(store, permit) => {
@@ -233,9 +229,7 @@ fn refill(runtime: &Runtime, plugin: &LoadedPlugin, alive: &Arc<AtomicUsize>) {
 
 /// A new instance of `plugin`, its start-up code bounded like a call.
 fn make(runtime: &Runtime, plugin: &LoadedPlugin) -> Option<(Store<HostState>, PluginInstance)> {
-    let deadline = Instant::now() + Duration::from_millis(runtime.limits.call_timeout_ms);
-    let cancel = Arc::new(AtomicBool::new(false));
-    let mut store = runtime.store(Arc::clone(&plugin.identity), cancel, deadline);
+    let mut store = runtime.instantiation_store(Arc::clone(&plugin.identity));
     let instance = plugin.pre.instantiate(&mut store).ok()?;
     Some((store, instance))
 }

@@ -168,11 +168,6 @@ impl Settings {
         })
     }
 
-    /// Verifies `token` at Unix time `now`.
-    pub fn verify(&self, token: &str, now: i64) -> Result<Principal, Denial> {
-        self.check(&Token::parse(token)?, now)
-    }
-
     /// Checks a parsed token against the tenants' keys and the time claims at Unix time `now`.
     pub fn check(&self, token: &Token<'_>, now: i64) -> Result<Principal, Denial> {
         let invalid = |why: &str| Denial::unauthorized(format!("invalid token: {why}"));
