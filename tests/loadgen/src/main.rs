@@ -272,26 +272,43 @@ impl Run {
         }
     }
 
-    /// Files the rows of an interleaved comparison of `operation` (plain server first) and
-    /// what the other adds, or why it failed.
-    fn interleaved(&mut self, operation: &str, rows: Result<(Row, Row), ClientError>) {
-        match rows {
-            Ok((base, with)) => {
-                self.report.comparisons.push(Comparison::of(
-                    "plugins",
-                    &format!("{operation}, interleaved"),
-                    1,
-                    base.latency,
-                    with.latency,
-                ));
-                self.push(base);
-                self.push(with);
+    /// Files the rows of an interleaved comparison of `operation` (plain server first, each
+    /// named "`operation`, plain|plugins (interleaved)", with its ratio `against` a baseline
+    /// if given) and what the other adds, or why it failed.
+    fn interleaved(
+        &mut self,
+        operation: &str,
+        against: Option<&str>,
+        rows: Result<(Row, Row), ClientError>,
+    ) {
+        let (base, with) = match rows {
+            Ok(rows) => rows,
+            Err(e) => {
+                return self.skip(
+                    &format!("plugins, {operation} interleaved"),
+                    format!("failed: {e}"),
+                )
             }
-            Err(e) => self.skip(
-                &format!("plugins, {operation} interleaved"),
-                format!("failed: {e}"),
-            ),
-        }
+        };
+        let [base, with] = [("plain", base), ("plugins", with)].map(|(variant, row)| {
+            let row = Row {
+                variant: format!("{operation}, {variant} (interleaved)"),
+                ..row
+            };
+            match against {
+                Some(against) => self.with_ratio(row, against),
+                None => row,
+            }
+        });
+        self.report.comparisons.push(Comparison::of(
+            "plugins",
+            &format!("{operation}, interleaved"),
+            1,
+            base.latency,
+            with.latency,
+        ));
+        self.push(base);
+        self.push(with);
     }
 
     fn env(&self, offset: u64) -> u64 {
@@ -705,29 +722,17 @@ async fn plugins(run: &mut Run, main: &Client, levels: &[usize]) {
         concurrency: 1,
         count: run.settings.execute_count,
     };
-    let rerun = scenarios::rerun_interleaved(level(main), level(&plugged))
-        .await
-        .map(|(base, with)| {
-            let named = |variant: &str, row: Row| Row {
-                variant: format!("rerun true, {variant} (interleaved)"),
-                ..row
-            };
-            (
-                run.with_ratio(named("plain", base), "bwrap true"),
-                run.with_ratio(named("plugins", with), "bwrap true"),
-            )
-        });
-    run.interleaved("rerun true", rerun);
+    let rerun = scenarios::rerun_interleaved(level(main), level(&plugged)).await;
+    run.interleaved("rerun true", Some("bwrap true"), rerun);
     let claims = scenarios::claim_interleaved(
         [main, &plugged],
         &run.settings,
         "plugins",
-        ["claim, plain (interleaved)", "claim, plugins (interleaved)"],
         run.env(env::CLAIM),
         run.settings.claim_count,
     )
     .await;
-    run.interleaved("claim", claims);
+    run.interleaved("claim", None, claims);
     for client in [main, &plugged] {
         let _ = client.delete_environment(run.env(env::CLAIM)).await;
         let _ = client.delete_environment(run.env(env::EXECUTE)).await;

@@ -608,8 +608,8 @@ pub async fn rerun(level: Level<'_>) -> Result<Row, ClientError> {
 /// `b`'s own client, environment and program), then the executions alternate between them
 /// (A B, B A, A B, …, [`interleave`]) one at a time, `a.count` each. Whatever the machine does
 /// meanwhile (the kernel tearing down earlier sandboxes, another process) falls on both alike,
-/// which two runs one after the other cannot promise. Returns `a`'s row and `b`'s; their
-/// rates are per second of each server's own executions.
+/// which two runs one after the other cannot promise. Returns `a`'s row and `b`'s (variant:
+/// the program's name); their rates are per second of each server's own executions.
 pub async fn rerun_interleaved(a: Level<'_>, b: Level<'_>) -> Result<(Row, Row), ClientError> {
     let sides = [a, b];
     for side in &sides {
@@ -661,15 +661,14 @@ pub async fn rerun_interleaved(a: Level<'_>, b: Level<'_>) -> Result<(Row, Row),
 
 /// [`claim`] on two servers at once, interleaved: each `environment` (the same id on both)
 /// gets its claim pool, then claims with their destroys alternate between the servers
-/// (A B, B A, …, [`interleave`]) one at a time, `count` each. Returns the rows named
-/// `variants`; their rates are claims per second of each server's own claims and destroys
-/// (at concurrency 1 what a client gets, without the other server's share of the machine
-/// in one of them only).
+/// (A B, B A, …, [`interleave`]) one at a time, `count` each. Returns the two rows
+/// (variant `claim`); their rates are claims per second of each server's own claims and
+/// destroys (at concurrency 1 what a client gets, without the other server's share of the
+/// machine in one of them only).
 pub async fn claim_interleaved(
     clients: [&Client; 2],
     settings: &Settings,
     scenario: &str,
-    variants: [&str; 2],
     environment: u64,
     count: usize,
 ) -> Result<(Row, Row), ClientError> {
@@ -682,7 +681,7 @@ pub async fn claim_interleaved(
     })
     .await;
     let row = |s: usize, outcome: &Outcome| {
-        claim_row(scenario, variants[s], clients[s], 1, outcome, &empties[s])
+        claim_row(scenario, "claim", clients[s], 1, outcome, &empties[s])
     };
     Ok((row(0, &a), row(1, &b)))
 }
