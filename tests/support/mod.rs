@@ -146,7 +146,9 @@ impl RealNomad {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
-        // Nomad refuses to delete a namespace while it still has (non-terminal) jobs.
+        // Nomad refuses to delete a namespace while it still has (non-terminal) jobs: one
+        // registered after the listing above (a server stopping while its request was on the
+        // way) is purged here, before the next attempt.
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let r = self
@@ -158,6 +160,15 @@ impl RealNomad {
                 .await;
             if r.is_ok_and(|r| r.status().is_success()) || Instant::now() > deadline {
                 return;
+            }
+            for job in self.jobs().await {
+                if let Some(id) = job["ID"].as_str() {
+                    let _ = self
+                        .request(reqwest::Method::DELETE, &format!("/v1/job/{id}"))
+                        .query(&[("namespace", self.namespace.as_str()), ("purge", "true")])
+                        .send()
+                        .await;
+                }
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }

@@ -387,6 +387,9 @@ async fn real_nomad_smoke_test() {
         namespace: std::env::var("NOMAD_NAMESPACE").unwrap_or_else(|_| "default".into()),
         // The test image is built locally by real-nomad/up.sh: there is nothing to pull.
         disableforcepull: true,
+        // The agentless path, as in the emulator tests above: the agent is a binary of another
+        // crate, not next to this test's executable (the server's real-Nomad tests use it).
+        runneragent: false,
         ..NomadConfig::default()
     })
     .unwrap();
