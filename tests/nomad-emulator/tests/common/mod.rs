@@ -12,6 +12,11 @@ use tokio_tungstenite::tungstenite::Message;
 /// Upper bound for any single wait in these tests (no timing assertions are made).
 pub const DEADLINE: Duration = Duration::from_secs(20);
 
+/// Upper bound for an allocation to reach the state a test waits for: a real agent that was just
+/// restarted registers its node again before it places anything (24 s seen), then Docker starts
+/// the container.
+pub const ALLOCATION_DEADLINE: Duration = Duration::from_secs(90);
+
 /// Starts an emulator with the test profile.
 pub async fn emulator() -> Emulator {
     Emulator::start(EmulatorConfig::for_tests())
@@ -146,14 +151,15 @@ pub fn alloc_ev(e: &Value, job: &str, client: &str, desired: &str) -> bool {
         && e["Payload"]["Allocation"]["DesiredStatus"] == desired
 }
 
-/// Polls `GET /v1/job/<id>/allocations` until an allocation satisfies `pred`.
+/// Polls `GET /v1/job/<id>/allocations` until an allocation satisfies `pred` (at most
+/// [`ALLOCATION_DEADLINE`]).
 pub async fn wait_alloc(
     c: &reqwest::Client,
     base: &str,
     job: &str,
     pred: impl Fn(&Value) -> bool,
 ) -> Value {
-    let end = Instant::now() + DEADLINE;
+    let end = Instant::now() + ALLOCATION_DEADLINE;
     while Instant::now() < end {
         let list: Value = c
             .get(format!("{base}/v1/job/{job}/allocations"))
