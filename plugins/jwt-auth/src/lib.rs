@@ -18,6 +18,11 @@
 //! | `leewaySeconds` | clock tolerance for `exp`/`nbf`, default `30` |
 //! | `requireExp` | default `true` |
 //!
+//! A call reads only the entries of its token's tenant, so it costs the same with one tenant
+//! or hundreds, and a tenant's unusable entry (a key that is empty or not base64, an
+//! environment that is not a number) refuses that tenant's tokens only, with "authenticator
+//! misconfigured: …" (401).
+//!
 //! ```yaml
 //! config:
 //!   key.codeocean: "a long random secret"
@@ -33,6 +38,30 @@ use serde_json::Value;
 
 type HmacSha256 = hmac::Hmac<sha2::Sha256>;
 
+/// The plugin's configuration, read key by key: a call looks up only the keys of the token's
+/// tenant, so its cost does not grow with the number of tenants configured, and one tenant's
+/// bad entry refuses only that tenant's tokens.
+pub trait Config {
+    /// The value of `key`, if configured.
+    fn value(&self, key: &str) -> Option<String>;
+}
+
+/// The configuration the host gives the plugin (one host call per key read).
+pub struct PluginConfig;
+
+impl Config for PluginConfig {
+    fn value(&self, key: &str) -> Option<String> {
+        config::get(key)
+    }
+}
+
+/// Configuration entries at hand (tests, tooling).
+impl Config for [(String, String)] {
+    fn value(&self, key: &str) -> Option<String> {
+        self.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone())
+    }
+}
+
 /// A tenant's key and permissions.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tenant {
@@ -42,11 +71,41 @@ pub struct Tenant {
     pub environments: Option<Vec<i64>>,
 }
 
-/// The authenticator's settings.
+impl Tenant {
+    /// Reads tenant `name` from `config`: `None` if it has no key (`key.NAME`, or else
+    /// `keyBase64.NAME`), an error if one of its entries is unusable.
+    pub fn read(name: &str, config: &(impl Config + ?Sized)) -> Result<Option<Tenant>, String> {
+        let key = if let Some(text) = config.value(&format!("key.{name}")) {
+            text.into_bytes()
+        } else if let Some(encoded) = config.value(&format!("keyBase64.{name}")) {
+            decode_b64(&encoded).ok_or_else(|| format!("keyBase64.{name} is not base64"))?
+        } else {
+            return Ok(None);
+        };
+        if key.is_empty() {
+            return Err(format!("the key of tenant {name:?} is empty"));
+        }
+        let environments = match config.value(&format!("environments.{name}")) {
+            None => None,
+            Some(list) if list.trim() == "*" => None,
+            Some(list) => Some(
+                list.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(|s| {
+                        s.parse::<i64>()
+                            .map_err(|_| format!("environments.{name}: {s:?} is not an id"))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?,
+            ),
+        };
+        Ok(Some(Tenant { key, environments }))
+    }
+}
+
+/// The settings that apply to every tenant.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {
-    /// Tenants by name.
-    pub tenants: Vec<(String, Tenant)>,
     /// Claim naming the tenant.
     pub tenant_claim: String,
     /// Required audience.
@@ -112,45 +171,16 @@ impl<'a> Token<'a> {
 }
 
 impl Settings {
-    /// Reads the settings from `entries` (the plugin configuration).
-    pub fn from_entries(entries: &[(String, String)]) -> Result<Self, String> {
-        let get = |k: &str| entries.iter().find(|(key, _)| key == k).map(|(_, v)| v);
-        let mut tenants: Vec<(String, Tenant)> = Vec::new();
-        for (k, v) in entries {
-            let (name, key) = if let Some(name) = k.strip_prefix("key.") {
-                (name, v.as_bytes().to_vec())
-            } else if let Some(name) = k.strip_prefix("keyBase64.") {
-                let key = decode_b64(v).ok_or_else(|| format!("{k} is not base64"))?;
-                (name, key)
-            } else {
-                continue;
-            };
-            if key.is_empty() {
-                return Err(format!("{k} is empty"));
-            }
-            let environments = match get(&format!("environments.{name}")).map(|s| s.trim()) {
-                None | Some("*") => None,
-                Some(list) => Some(
-                    list.split(',')
-                        .map(str::trim)
-                        .filter(|s| !s.is_empty())
-                        .map(|s| {
-                            s.parse::<i64>()
-                                .map_err(|_| format!("environments.{name}: {s:?} is not an id"))
-                        })
-                        .collect::<Result<Vec<_>, _>>()?,
-                ),
-            };
-            tenants.push((name.to_string(), Tenant { key, environments }));
-        }
-        let leeway = match get("leewaySeconds") {
+    /// Reads the settings from `config`.
+    pub fn read(config: &(impl Config + ?Sized)) -> Result<Self, String> {
+        let leeway = match config.value("leewaySeconds") {
             Some(v) => v
                 .trim()
                 .parse()
                 .map_err(|_| "leewaySeconds is not a number")?,
             None => 30,
         };
-        let require_exp = match get("requireExp") {
+        let require_exp = match config.value("requireExp") {
             Some(v) => v
                 .trim()
                 .parse()
@@ -158,18 +188,23 @@ impl Settings {
             None => true,
         };
         Ok(Settings {
-            tenants,
-            tenant_claim: get("tenantClaim")
-                .cloned()
+            tenant_claim: config
+                .value("tenantClaim")
                 .unwrap_or_else(|| "iss".to_string()),
-            audience: get("audience").cloned(),
+            audience: config.value("audience"),
             leeway,
             require_exp,
         })
     }
 
-    /// Checks a parsed token against the tenants' keys and the time claims at Unix time `now`.
-    pub fn check(&self, token: &Token<'_>, now: i64) -> Result<Principal, Denial> {
+    /// Checks a parsed token against its tenant's key (read from `config`) and the time
+    /// claims at Unix time `now`.
+    pub fn check(
+        &self,
+        token: &Token<'_>,
+        now: i64,
+        config: &(impl Config + ?Sized),
+    ) -> Result<Principal, Denial> {
         let invalid = |why: &str| Denial::unauthorized(format!("invalid token: {why}"));
         let Token {
             header_b64,
@@ -181,9 +216,9 @@ impl Settings {
             .get(&self.tenant_claim)
             .and_then(Value::as_str)
             .ok_or_else(|| invalid(&format!("no {} claim", self.tenant_claim)))?;
-        let Some((_, tenant)) = self.tenants.iter().find(|(n, _)| n == tenant_name) else {
-            return Err(invalid("unknown tenant"));
-        };
+        let tenant = Tenant::read(tenant_name, config)
+            .map_err(misconfigured)?
+            .ok_or_else(|| invalid("unknown tenant"))?;
         let signature = decode_b64(signature_b64).ok_or_else(|| invalid("bad signature"))?;
         let mut mac = HmacSha256::new_from_slice(&tenant.key).map_err(|_| invalid("bad key"))?;
         mac.update(header_b64.as_bytes());
@@ -227,13 +262,18 @@ impl Settings {
         }
         Ok(Principal {
             tenant: tenant_name.to_string(),
-            environments: tenant.environments.clone(),
+            environments: tenant.environments,
         })
     }
 
-    /// Authenticates a request at Unix time `now`.
-    pub fn authenticate(&self, request: &AuthRequest, now: i64) -> Result<Principal, Denial> {
-        self.check(&Token::from_request(request)?, now)
+    /// Authenticates a request at Unix time `now`, the tenants' entries read from `config`.
+    pub fn authenticate(
+        &self,
+        request: &AuthRequest,
+        now: i64,
+        config: &(impl Config + ?Sized),
+    ) -> Result<Principal, Denial> {
+        self.check(&Token::from_request(request)?, now, config)
     }
 }
 
@@ -251,6 +291,14 @@ pub fn sign(claims: &Value, key: &[u8]) -> String {
     format!("{header}.{payload}.{signature}")
 }
 
+/// The refusal of a request that the configuration cannot decide.
+fn misconfigured(why: String) -> Denial {
+    Denial {
+        status: 401,
+        message: format!("authenticator misconfigured: {why}"),
+    }
+}
+
 fn unix_now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -265,11 +313,8 @@ impl Authenticator for JwtAuth {
     fn authenticate(request: AuthRequest) -> Result<Principal, Denial> {
         // A missing or malformed token is refused before the configuration is read.
         let token = Token::from_request(&request)?;
-        let settings = Settings::from_entries(&config::entries()).map_err(|e| Denial {
-            status: 401,
-            message: format!("authenticator misconfigured: {e}"),
-        })?;
-        settings.check(&token, unix_now())
+        let settings = Settings::read(&PluginConfig).map_err(misconfigured)?;
+        settings.check(&token, unix_now(), &PluginConfig)
     }
 }
 
@@ -283,13 +328,36 @@ mod tests {
 
     const NOW: i64 = 1_700_000_000;
 
-    fn settings() -> Settings {
-        Settings::from_entries(&[
-            ("key.alpha".into(), "alpha-secret".into()),
-            ("environments.alpha".into(), "10, 11".into()),
-            ("keyBase64.beta".into(), "YmV0YS1zZWNyZXQ=".into()),
+    /// Settings and the entries they were read from.
+    struct Fixture {
+        settings: Settings,
+        entries: Vec<(String, String)>,
+    }
+
+    impl Fixture {
+        fn of(entries: &[(&str, &str)]) -> Self {
+            let entries: Vec<(String, String)> = entries
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            Fixture {
+                settings: Settings::read(entries.as_slice()).unwrap(),
+                entries,
+            }
+        }
+
+        fn authenticate(&self, request: &AuthRequest, now: i64) -> Result<Principal, Denial> {
+            self.settings
+                .authenticate(request, now, self.entries.as_slice())
+        }
+    }
+
+    fn settings() -> Fixture {
+        Fixture::of(&[
+            ("key.alpha", "alpha-secret"),
+            ("environments.alpha", "10, 11"),
+            ("keyBase64.beta", "YmV0YS1zZWNyZXQ="),
         ])
-        .unwrap()
     }
 
     fn request(token: &str) -> AuthRequest {
@@ -396,7 +464,7 @@ mod tests {
             s.authenticate(&no_auth, NOW).unwrap_err().message,
             "missing bearer token"
         );
-        s.audience = Some("poseidon".into());
+        s.settings.audience = Some("poseidon".into());
         let key = b"alpha-secret";
         let wrong = sign(
             &json!({"iss": "alpha", "exp": NOW + 60, "aud": "other"}),
@@ -414,13 +482,52 @@ mod tests {
     }
 
     #[test]
-    fn bad_configuration_is_reported() {
-        assert!(Settings::from_entries(&[
-            ("key.a".into(), "k".into()),
-            ("environments.a".into(), "x".into())
-        ])
-        .is_err());
-        assert!(Settings::from_entries(&[("keyBase64.a".into(), "!!!".into())]).is_err());
+    fn a_bad_entry_refuses_only_its_own_tenant() {
+        let s = Fixture::of(&[
+            ("key.alpha", "alpha-secret"),
+            ("key.gamma", "gamma-secret"),
+            ("environments.gamma", "x"),
+            ("keyBase64.delta", "!!!"),
+            ("key.epsilon", ""),
+        ]);
+        let token = |tenant: &str, key: &str| {
+            sign(&json!({"iss": tenant, "exp": NOW + 60}), key.as_bytes())
+        };
+        assert_eq!(
+            s.authenticate(&request(&token("alpha", "alpha-secret")), NOW)
+                .unwrap(),
+            Principal::tenant("alpha")
+        );
+        for (tenant, why) in [
+            ("gamma", "environments.gamma: \"x\" is not an id"),
+            ("delta", "keyBase64.delta is not base64"),
+            ("epsilon", "the key of tenant \"epsilon\" is empty"),
+        ] {
+            let denial = s
+                .authenticate(&request(&token(tenant, "whatever")), NOW)
+                .unwrap_err();
+            assert_eq!(
+                (denial.status, denial.message),
+                (401, format!("authenticator misconfigured: {why}"))
+            );
+        }
+        assert!(
+            Settings::read([("leewaySeconds".to_string(), "soon".to_string())].as_slice()).is_err()
+        );
+    }
+
+    #[test]
+    fn a_text_key_wins_over_a_base64_key_and_star_means_every_environment() {
+        let s = Fixture::of(&[
+            ("key.alpha", "alpha-secret"),
+            ("keyBase64.alpha", "b3RoZXI="),
+            ("environments.alpha", " * "),
+        ]);
+        let t = sign(&json!({"iss": "alpha", "exp": NOW + 60}), b"alpha-secret");
+        assert_eq!(
+            s.authenticate(&request(&t), NOW).unwrap(),
+            Principal::tenant("alpha")
+        );
     }
 
     #[test]

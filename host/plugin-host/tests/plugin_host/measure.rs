@@ -29,6 +29,23 @@ fn summary(mut samples: Vec<Duration>) -> String {
     )
 }
 
+/// A request as CodeOcean with a JWT sends it: `authorization` = "Bearer …".
+fn bearer(authorization: impl Into<String>) -> AuthRequest {
+    AuthRequest {
+        method: "GET".into(),
+        path: "/api/v1/runners".into(),
+        headers: vec![("authorization".into(), authorization.into())],
+        peer_address: Some("127.0.0.1:1".into()),
+        poseidon_token: None,
+    }
+}
+
+/// Whether `host` accepts the JWT `token`.
+async fn accepts(host: PluginHost, token: &str) -> bool {
+    let request = bearer(format!("Bearer {token}"));
+    host.authenticate(&request).await.is_ok()
+}
+
 /// `n` timed calls of `f` after a warm-up; with `pace`, each call only once plugin
 /// `pace.1` of host `pace.0` has its spare instance ready (the wait is not timed).
 async fn time<F, Fut>(n: usize, pace: Option<(&PluginHost, &str)>, mut f: F) -> String
@@ -92,8 +109,26 @@ async fn per_kind(limits: Limits, paced: bool, n: usize) -> Vec<(&'static str, S
         &dir2,
         vec![entry("tokens.wasm", None, &[("token.t", "secret")]), local],
     );
-    cfg2.limits = limits;
+    cfg2.limits = limits.clone();
     let host2 = PluginHost::start(cfg2).await.unwrap();
+    // jwt_auth as a shared server has it: 50 tenants, each with a key and environments.
+    let dir3 = temp_dir("measure-tenants");
+    install(&dir3, "jwt_auth", "jwt.wasm");
+    let tenants: Vec<(String, String)> = (0..50)
+        .flat_map(|i| {
+            [
+                (format!("key.t{i}"), format!("the key of tenant {i}")),
+                (format!("environments.t{i}"), "10, 11, 12".to_string()),
+            ]
+        })
+        .collect();
+    let tenants: Vec<(&str, &str)> = tenants
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let mut cfg3 = config(&dir3, vec![entry("jwt.wasm", None, &tenants)]);
+    cfg3.limits = limits;
+    let host3 = PluginHost::start(cfg3).await.unwrap();
 
     let sizer = time(n, paced.then_some((&host, "demand")), || {
         let host = host.clone();
@@ -131,15 +166,9 @@ async fn per_kind(limits: Limits, paced: bool, n: usize) -> Vec<(&'static str, S
     let auth = time(n, paced.then_some((&host, "jwt")), || {
         let host = host.clone();
         async move {
-            host.authenticate(&AuthRequest {
-                method: "GET".into(),
-                path: "/api/v1/runners".into(),
-                headers: vec![("authorization".into(), "Bearer a.b.c".into())],
-                peer_address: Some("127.0.0.1:1".into()),
-                poseidon_token: None,
-            })
-            .await
-            .is_err_and(|d| d.status == 401)
+            host.authenticate(&bearer("Bearer a.b.c"))
+                .await
+                .is_err_and(|d| d.status == 401)
         }
     })
     .await;
@@ -149,19 +178,15 @@ async fn per_kind(limits: Limits, paced: bool, n: usize) -> Vec<(&'static str, S
         b"k",
     );
     let accepted = time(n, paced.then_some((&host, "jwt")), || {
-        let host = host.clone();
-        let authorization = format!("Bearer {token}");
-        async move {
-            host.authenticate(&AuthRequest {
-                method: "GET".into(),
-                path: "/api/v1/runners".into(),
-                headers: vec![("authorization".into(), authorization)],
-                peer_address: Some("127.0.0.1:1".into()),
-                poseidon_token: None,
-            })
-            .await
-            .is_ok()
-        }
+        accepts(host.clone(), &token)
+    })
+    .await;
+    let token49 = sign(
+        &format!(r#"{{"iss":"t49","exp":{}}}"#, unix_now() + 3600),
+        b"the key of tenant 49",
+    );
+    let tenants = time(n, paced.then_some((&host3, "jwt")), || {
+        accepts(host3.clone(), &token49)
     })
     .await;
     let sizer2 = time(n, paced.then_some((&host2, "local")), || {
@@ -189,6 +214,7 @@ async fn per_kind(limits: Limits, paced: bool, n: usize) -> Vec<(&'static str, S
         ("preprocess-files 0.1 (one 4 KiB file)", files),
         ("authenticate 0.1 (jwt_auth, refusal)", auth),
         ("authenticate 0.1 (jwt_auth, accepted)", accepted),
+        ("authenticate 0.1 (jwt_auth, 50 tenants)", tenants),
         ("pool-sizer 0.2 (local time, Europe/Berlin)", sizer2),
         ("authenticate 0.2 (token_tenants, accepted)", tokens),
     ]
