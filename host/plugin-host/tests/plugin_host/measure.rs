@@ -40,9 +40,44 @@ fn bearer(authorization: impl Into<String>) -> AuthRequest {
     }
 }
 
+/// Configuration entries of 50 tenants `t0`…`t49`: `SECRET.tN` = "the SECRET of tenant N"
+/// and each tenant's environments.
+fn fifty_tenants(secret: &str) -> Vec<(String, String)> {
+    (0..50)
+        .flat_map(|i| {
+            [
+                (
+                    format!("{secret}.t{i}"),
+                    format!("the {secret} of tenant {i}"),
+                ),
+                (format!("environments.t{i}"), "10, 11, 12".to_string()),
+            ]
+        })
+        .collect()
+}
+
+/// `entries` as the pairs of `&str` that [`entry`] takes.
+fn borrowed(entries: &[(String, String)]) -> Vec<(&str, &str)> {
+    entries
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect()
+}
+
 /// Whether `host` accepts the JWT `token`.
 async fn accepts(host: PluginHost, token: &str) -> bool {
     let request = bearer(format!("Bearer {token}"));
+    host.authenticate(&request).await.is_ok()
+}
+
+/// Whether `host` accepts `Poseidon-Token: token`.
+async fn accepts_poseidon_token(host: PluginHost, token: &str) -> bool {
+    let request = AuthRequest {
+        method: "GET".into(),
+        path: "/api/v1/runners".into(),
+        poseidon_token: Some(token.into()),
+        ..AuthRequest::default()
+    };
     host.authenticate(&request).await.is_ok()
 }
 
@@ -111,24 +146,23 @@ async fn per_kind(limits: Limits, paced: bool, n: usize) -> Vec<(&'static str, S
     );
     cfg2.limits = limits.clone();
     let host2 = PluginHost::start(cfg2).await.unwrap();
-    // jwt_auth as a shared server has it: 50 tenants, each with a key and environments.
-    let dir3 = temp_dir("measure-tenants");
-    install(&dir3, "jwt_auth", "jwt.wasm");
-    let tenants: Vec<(String, String)> = (0..50)
-        .flat_map(|i| {
-            [
-                (format!("key.t{i}"), format!("the key of tenant {i}")),
-                (format!("environments.t{i}"), "10, 11, 12".to_string()),
-            ]
-        })
-        .collect();
-    let tenants: Vec<(&str, &str)> = tenants
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
-    let mut cfg3 = config(&dir3, vec![entry("jwt.wasm", None, &tenants)]);
-    cfg3.limits = limits;
-    let host3 = PluginHost::start(cfg3).await.unwrap();
+    // Each authenticator as a shared server has it (in a host of its own: a host asks all its
+    // authenticators): 50 tenants, each with a key (jwt_auth) or a Poseidon-Token
+    // (token_tenants), and its environments.
+    let shared = |file: &'static str, name: &'static str, secret: &'static str| {
+        let dir = temp_dir("measure-tenants");
+        install(&dir, name, file);
+        let mut cfg = config(
+            &dir,
+            vec![entry(file, None, &borrowed(&fifty_tenants(secret)))],
+        );
+        cfg.limits = limits.clone();
+        PluginHost::start(cfg)
+    };
+    let host3 = shared("jwt.wasm", "jwt_auth", "key").await.unwrap();
+    let host4 = shared("tokens.wasm", "token_tenants", "token")
+        .await
+        .unwrap();
 
     let sizer = time(n, paced.then_some((&host, "demand")), || {
         let host = host.clone();
@@ -195,17 +229,11 @@ async fn per_kind(limits: Limits, paced: bool, n: usize) -> Vec<(&'static str, S
     })
     .await;
     let tokens = time(n, paced.then_some((&host2, "tokens")), || {
-        let host = host2.clone();
-        async move {
-            host.authenticate(&AuthRequest {
-                method: "GET".into(),
-                path: "/api/v1/runners".into(),
-                poseidon_token: Some("secret".into()),
-                ..AuthRequest::default()
-            })
-            .await
-            .is_ok()
-        }
+        accepts_poseidon_token(host2.clone(), "secret")
+    })
+    .await;
+    let tokens50 = time(n, paced.then_some((&host4, "tokens")), || {
+        accepts_poseidon_token(host4.clone(), "the token of tenant 49")
     })
     .await;
     vec![
@@ -217,6 +245,7 @@ async fn per_kind(limits: Limits, paced: bool, n: usize) -> Vec<(&'static str, S
         ("authenticate 0.1 (jwt_auth, 50 tenants)", tenants),
         ("pool-sizer 0.2 (local time, Europe/Berlin)", sizer2),
         ("authenticate 0.2 (token_tenants, accepted)", tokens),
+        ("authenticate 0.2 (token_tenants, 50 tenants)", tokens50),
     ]
 }
 
