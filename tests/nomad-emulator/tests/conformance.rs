@@ -100,11 +100,45 @@ impl Target {
         .await
     }
 
-    async fn purge(&self, job: &str) {
-        let _ = http()
-            .delete(format!("{}/v1/job/{job}?purge=true", self.base))
-            .send()
-            .await;
+    /// A guard that purges `job` from a real cluster when the test ends, also when it fails (a
+    /// failed test left its job running there). The emulator ends with the test anyway.
+    fn purge_at_end(&self, job: &str) -> PurgeAtEnd {
+        PurgeAtEnd {
+            url: self
+                .real
+                .then(|| format!("{}/v1/job/{job}?purge=true", self.base)),
+        }
+    }
+}
+
+/// Purges a job of a real cluster when dropped; see [`Target::purge_at_end`].
+struct PurgeAtEnd {
+    url: Option<String>,
+}
+
+impl Drop for PurgeAtEnd {
+    fn drop(&mut self) {
+        let Some(url) = self.url.take() else {
+            return;
+        };
+        // A `drop` cannot await and runs inside the test's runtime: a thread of its own, with
+        // a runtime of its own (the agent is another process, so nothing here waits on the
+        // test's runtime), and a bounded request.
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            runtime.block_on(async {
+                http()
+                    .delete(url)
+                    .timeout(std::time::Duration::from_secs(10))
+                    .send()
+                    .await
+                    .ok()
+            })
+        })
+        .join();
     }
 }
 
@@ -149,6 +183,7 @@ async fn start_and_abandon(base: &str, alloc: &str, argv: &[&str], tty: bool, re
 /// The process waits for a file created only after its session is gone, then leaves a proof.
 async fn an_exec_process_outlives_its_closed_session(t: Target) {
     let job = t.job("outlives");
+    let _purge = t.purge_at_end(&job.0);
     let alloc = t.running(&job).await;
     for tty in [false, true] {
         let tag = format!("/tmp/outlive-{}-{tty}", unique());
@@ -172,13 +207,13 @@ async fn an_exec_process_outlives_its_closed_session(t: Target) {
         }
         t.sh(&alloc, &format!("rm -f {tag}.go {tag}.proof")).await;
     }
-    t.purge(&job.0).await;
 }
 
 /// Exec sessions: separate output streams, exit codes (0 omitted), stdin and its close, a terminal,
 /// deaths by a signal, and errors as close frames with Nomad's reasons.
 async fn exec_streams_output_and_exit_codes(t: Target) {
     let job = t.job("exec");
+    let _purge = t.purge_at_end(&job.0);
     let id = &t.running(&job).await;
     let base = &t.base;
 
@@ -255,7 +290,6 @@ async fn exec_streams_output_and_exit_codes(t: Target) {
     );
     let r = exec(base, id, &[], false, b"", false).await;
     assert_eq!(r.close, Some((1008, "command is not present".into())));
-    t.purge(&job.0).await;
 }
 
 /// Errors of the HTTP API: plain text with Nomad's status codes and messages; namespaces.
@@ -424,6 +458,7 @@ async fn in_place_meta_update_keeps_the_allocation(t: Target) {
     let base = &t.base;
     let c = http();
     let (id, h_job) = t.job("meta");
+    let _purge = t.purge_at_end(&id);
     register(&c, base, &h_job).await;
     let alloc = wait_alloc(&c, base, &id, |a| a["ClientStatus"] == "running").await;
     // Identical re-register: only an eval.
@@ -454,5 +489,4 @@ async fn in_place_meta_update_keeps_the_allocation(t: Target) {
     let updated = wait_alloc(&c, base, &id, |a| a["JobVersion"] == 1).await;
     assert_eq!(updated["ID"], alloc["ID"]);
     assert_eq!(updated["ClientStatus"], "running");
-    t.purge(&id).await;
 }
