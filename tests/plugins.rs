@@ -1099,6 +1099,83 @@ fn componentize_py() -> Option<PathBuf> {
     tool.is_file().then_some(tool)
 }
 
+/// The authenticator a newcomer starts from, in both languages: it builds, maps a token to its
+/// tenant, and refuses a token that differs in its last byte, a prefix of it and no token (the
+/// comparison is constant-time per length; only the outcome can be asserted here).
+#[test]
+fn plugin_new_writes_authenticators_that_build_and_check_tokens() {
+    let dir = std::env::temp_dir().join(format!("poseidon-new-auth-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for lang in ["rust", "python"] {
+        let project = dir.join(format!("{lang}-tokens"));
+        let (code, _, stderr) = plugin_command(&[
+            "new",
+            "authenticator",
+            project.to_str().unwrap(),
+            "--lang",
+            lang,
+        ]);
+        assert_eq!(code, Some(0), "{stderr}");
+        let (mut build, wasm) = if lang == "rust" {
+            let mut cargo = std::process::Command::new(env!("CARGO"));
+            cargo
+                .args(["build", "--target", "wasm32-wasip2", "--release", "--quiet"])
+                .current_dir(&project)
+                // Kept between runs (the first build compiles wit-bindgen, ~1 min).
+                .env(
+                    "CARGO_TARGET_DIR",
+                    Path::new(env!("CARGO_TARGET_TMPDIR")).join("plugin-template"),
+                );
+            let wasm = Path::new(env!("CARGO_TARGET_TMPDIR"))
+                .join("plugin-template/wasm32-wasip2/release/rust_tokens.wasm");
+            (cargo, wasm)
+        } else {
+            let mut build = std::process::Command::new(project.join("build.sh"));
+            if let Some(tool) = componentize_py() {
+                build.env("COMPONENTIZE_PY", tool);
+            }
+            (build, project.join("python_tokens.wasm"))
+        };
+        let out = build.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{lang}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let call = |token: Value| {
+            let input = json!({"method": "GET", "path": "/api/v1/runners", "poseidonToken": token});
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_poseidon"))
+                .args(["plugin", "call"])
+                .arg(&wasm)
+                .args(["--kind", "authenticator", "--input", &input.to_string()])
+                .args([
+                    "--config",
+                    "token.hpi=secret-hpi",
+                    "--config",
+                    "token.tum=secret-tum",
+                ])
+                .env("POSEIDON_PLUGIN_CACHE", dir.join("cache"))
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+            assert!(out.status.success(), "{lang}: {stderr}");
+            serde_json::from_slice::<Value>(&out.stdout).unwrap()
+        };
+        assert_eq!(call(json!("secret-tum"))["Ok"]["tenant"], "tum", "{lang}");
+        for refused in [
+            json!("secret-tuX"),
+            json!("secret-tu"),
+            json!(""),
+            Value::Null,
+        ] {
+            let answer = call(refused.clone());
+            assert_eq!(answer["Err"]["status"], 401, "{lang}, {refused}: {answer}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn plugin_new_writes_a_python_project_that_builds_and_answers() {
     let dir = std::env::temp_dir().join(format!("poseidon-new-py-{}", std::process::id()));

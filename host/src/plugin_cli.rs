@@ -357,8 +357,8 @@ fn python_template(kind: PluginKind) -> String {
             "class Preprocessor(exports.Preprocessor):\n    def preprocess_execute(self, request: types.ExecuteRequest) -> types.ExecuteRequest:\n        \"\"\"Refuses privileged executions (HTTP 400 with the message), passes everything else.\"\"\"\n        if request.privileged:\n            raise Err(\"privileged execution is not allowed\")\n        return request\n\n    def preprocess_files(self, update: types.FileUpdate) -> types.FileUpdate:\n        \"\"\"Passes file updates unchanged.\"\"\"\n        return update\n",
         ),
         PluginKind::Authenticator => (
-            "from componentize_py_types import Err\nfrom wit_world.imports import host, types",
-            "class Authenticator(exports.Authenticator):\n    def authenticate(self, request: types.AuthRequest) -> types.Principal:\n        \"\"\"The tenant whose `token.TENANT` configuration value is the request's Poseidon-Token.\"\"\"\n        for key, value in host.config_entries():\n            if key.startswith(\"token.\") and value == request.poseidon_token:\n                return types.Principal(tenant=key[len(\"token.\"):], environments=None)\n        raise Err(types.Denial(status=401, message=\"unknown Poseidon-Token\"))\n",
+            "import hmac\n\nfrom componentize_py_types import Err\nfrom wit_world.imports import host, types",
+            "class Authenticator(exports.Authenticator):\n    def authenticate(self, request: types.AuthRequest) -> types.Principal:\n        \"\"\"The tenant whose `token.TENANT` configuration value is the request's Poseidon-Token.\"\"\"\n        token = (request.poseidon_token or \"\").encode()\n        tenant = None\n        # Every entry is compared, each with hmac.compare_digest (its time does not tell\n        # where a guess differs); `==` would stop at the first difference.\n        for key, value in host.config_entries():\n            if key.startswith(\"token.\") and hmac.compare_digest(value.encode(), token) and tenant is None:\n                tenant = key[len(\"token.\"):]\n        if not token or tenant is None:\n            raise Err(types.Denial(status=401, message=\"unknown Poseidon-Token\"))\n        return types.Principal(tenant=tenant, environments=None)\n",
         ),
         PluginKind::Observer => (
             "from wit_world.imports import host, types",
@@ -391,28 +391,32 @@ fn example_input(kind: PluginKind) -> &'static str {
 
 /// `src/lib.rs` of a new plugin: the kind's interface, implemented trivially.
 fn template(kind: PluginKind) -> String {
-    let (imports, body) = match kind {
+    let (imports, body, items) = match kind {
         PluginKind::PoolSizer => (
             "use bindings::exports::poseidon::plugins::pool_sizer::Guest;\nuse bindings::poseidon::plugins::types::{Environment, PoolState};",
             "    /// Keeps one more idle runner than configured during working hours (local time).\n    fn wanted_idle(_environment: Environment, state: PoolState) -> u32 {\n        let working = state.local.weekday < 5 && (8..18).contains(&state.local.hour);\n        state.configured_size + u32::from(working)\n    }",
+            "",
         ),
         PluginKind::Preprocessor => (
             "use bindings::exports::poseidon::plugins::preprocessor::Guest;\nuse bindings::poseidon::plugins::types::{ExecuteRequest, FileUpdate};",
             "    /// Refuses privileged executions, passes everything else.\n    fn preprocess_execute(request: ExecuteRequest) -> Result<ExecuteRequest, String> {\n        if request.privileged {\n            return Err(\"privileged execution is not allowed\".into());\n        }\n        Ok(request)\n    }\n\n    /// Passes file updates unchanged.\n    fn preprocess_files(update: FileUpdate) -> Result<FileUpdate, String> {\n        Ok(update)\n    }",
+            "",
         ),
         PluginKind::Authenticator => (
             "use bindings::exports::poseidon::plugins::authenticator::Guest;\nuse bindings::poseidon::plugins::host;\nuse bindings::poseidon::plugins::types::{AuthRequest, Denial, Principal};",
-            "    /// The tenant whose `token.TENANT` configuration value is the request's Poseidon-Token.\n    fn authenticate(request: AuthRequest) -> Result<Principal, Denial> {\n        let token = request.poseidon_token.unwrap_or_default();\n        host::config_entries()\n            .into_iter()\n            .find(|(k, v)| k.starts_with(\"token.\") && *v == token)\n            .map(|(k, _)| Principal { tenant: k[\"token.\".len()..].to_string(), environments: None })\n            .ok_or(Denial { status: 401, message: \"unknown Poseidon-Token\".into() })\n    }",
+            "    /// The tenant whose `token.TENANT` configuration value is the request's Poseidon-Token.\n    fn authenticate(request: AuthRequest) -> Result<Principal, Denial> {\n        let token = request.poseidon_token.unwrap_or_default();\n        let mut tenant = None;\n        // Every entry is compared, each in time independent of where it differs (`==` stops\n        // at the first difference, which tells a guesser how much of a token was right).\n        for (key, value) in host::config_entries() {\n            if let Some(name) = key.strip_prefix(\"token.\") {\n                if same_secret(&value, &token) && tenant.is_none() {\n                    tenant = Some(name.to_string());\n                }\n            }\n        }\n        match tenant {\n            Some(tenant) if !token.is_empty() => Ok(Principal { tenant, environments: None }),\n            _ => Err(Denial { status: 401, message: \"unknown Poseidon-Token\".into() }),\n        }\n    }",
+            "\n/// Whether `a` and `b` are equal: every byte is compared (a different length is a mismatch at once).\nfn same_secret(a: &str, b: &str) -> bool {\n    a.len() == b.len()\n        && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| std::hint::black_box(acc | (x ^ y))) == 0\n}\n",
         ),
         PluginKind::Observer => (
             "use bindings::exports::poseidon::plugins::observer::Guest;\nuse bindings::poseidon::plugins::host;\nuse bindings::poseidon::plugins::types::LifecycleEvent;",
             "    /// Logs how many events arrived.\n    fn observe(events: Vec<LifecycleEvent>) {\n        host::log(host::LogLevel::Info, &format!(\"{} events\", events.len()));\n    }",
+            "",
         ),
     };
     format!(
         "//! A Poseidon {kind} plugin (WIT poseidon:plugins@0.2.0, see wit/plugins.wit).\n\n\
          mod bindings {{\n    wit_bindgen::generate!({{ world: \"{world}\", path: \"wit\" }});\n}}\n\n\
-         {imports}\n\nstruct Plugin;\n\nimpl Guest for Plugin {{\n{body}\n}}\n\n\
+         {imports}\n\nstruct Plugin;\n\nimpl Guest for Plugin {{\n{body}\n}}\n{items}\n\
          bindings::export!(Plugin with_types_in bindings);\n",
         world = kind.world(),
     )
