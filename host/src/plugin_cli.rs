@@ -357,7 +357,7 @@ fn python_template(kind: PluginKind) -> String {
             "class Preprocessor(exports.Preprocessor):\n    def preprocess_execute(self, request: types.ExecuteRequest) -> types.ExecuteRequest:\n        \"\"\"Refuses privileged executions (HTTP 400 with the message), passes everything else.\"\"\"\n        if request.privileged:\n            raise Err(\"privileged execution is not allowed\")\n        return request\n\n    def preprocess_files(self, update: types.FileUpdate) -> types.FileUpdate:\n        \"\"\"Passes file updates unchanged.\"\"\"\n        return update\n",
         ),
         PluginKind::Authenticator => (
-            "import hmac\n\nfrom componentize_py_types import Err\nfrom wit_world.imports import host, types",
+            "from componentize_py_types import Err\nfrom wit_world.imports import host, types",
             "class Authenticator(exports.Authenticator):\n    def authenticate(self, request: types.AuthRequest) -> types.Principal:\n        \"\"\"The tenant whose `token.TENANT` configuration value is the request's Poseidon-Token.\"\"\"\n        token = (request.poseidon_token or \"\").encode()\n        tenant = None\n        # Every entry is compared, each with hmac.compare_digest (its time does not tell\n        # where a guess differs); `==` would stop at the first difference.\n        for key, value in host.config_entries():\n            if key.startswith(\"token.\") and hmac.compare_digest(value.encode(), token) and tenant is None:\n                tenant = key[len(\"token.\"):]\n        if not token or tenant is None:\n            raise Err(types.Denial(status=401, message=\"unknown Poseidon-Token\"))\n        return types.Principal(tenant=tenant, environments=None)\n",
         ),
         PluginKind::Observer => (
@@ -369,7 +369,13 @@ fn python_template(kind: PluginKind) -> String {
         "\"\"\"A Poseidon {kind} plugin in Python (WIT poseidon:plugins@0.2.0, see wit/plugins.wit).\n\n\
          Build it with ./build.sh (componentize-py); the host functions are in\n\
          wit_world.imports.host (log, config_get, config_entries).\n\"\"\"\n\n\
-         from wit_world import exports\n{imports}\n\n\n{class}"
+         {standard}from wit_world import exports\n{imports}\n\n\n{class}",
+        // The standard library's imports first (PEP 8).
+        standard = if kind == PluginKind::Authenticator {
+            "import hmac\n\n"
+        } else {
+            ""
+        },
     )
 }
 
