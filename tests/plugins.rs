@@ -1099,130 +1099,114 @@ fn componentize_py() -> Option<PathBuf> {
     tool.is_file().then_some(tool)
 }
 
-/// The authenticator a newcomer starts from, in both languages: it builds, maps a token to its
-/// tenant, and refuses a token that differs in its last byte, a prefix of it and no token (the
-/// comparison is constant-time per length; only the outcome can be asserted here).
+/// What `poseidon plugin new` writes, for every kind in both languages: it builds (cargo /
+/// componentize-py), and the call it prints after "try:" answers. The authenticators map a
+/// token to its tenant and refuse a token that differs in its last byte, a prefix of it and no
+/// token (their comparison is constant-time per length; only outcomes can be asserted here).
 #[test]
-fn plugin_new_writes_authenticators_that_build_and_check_tokens() {
-    let dir = std::env::temp_dir().join(format!("poseidon-new-auth-{}", std::process::id()));
+fn plugin_new_writes_projects_that_build_and_answer() {
+    let dir = std::env::temp_dir().join(format!("poseidon-new-all-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
+    // Kept between runs: the first Rust build compiles wit-bindgen (~1 min), later ones reuse it.
+    let rust_target = Path::new(env!("CARGO_TARGET_TMPDIR")).join("plugin-templates");
     for lang in ["rust", "python"] {
-        let project = dir.join(format!("{lang}-tokens"));
-        let (code, _, stderr) = plugin_command(&[
-            "new",
-            "authenticator",
-            project.to_str().unwrap(),
-            "--lang",
-            lang,
-        ]);
-        assert_eq!(code, Some(0), "{stderr}");
-        let (mut build, wasm) = if lang == "rust" {
-            let mut cargo = std::process::Command::new(env!("CARGO"));
-            cargo
-                .args(["build", "--target", "wasm32-wasip2", "--release", "--quiet"])
-                .current_dir(&project)
-                // Kept between runs (the first build compiles wit-bindgen, ~1 min).
-                .env(
-                    "CARGO_TARGET_DIR",
-                    Path::new(env!("CARGO_TARGET_TMPDIR")).join("plugin-template"),
-                );
-            let wasm = Path::new(env!("CARGO_TARGET_TMPDIR"))
-                .join("plugin-template/wasm32-wasip2/release/rust_tokens.wasm");
-            (cargo, wasm)
-        } else {
-            let mut build = std::process::Command::new(project.join("build.sh"));
-            if let Some(tool) = componentize_py() {
-                build.env("COMPONENTIZE_PY", tool);
+        for kind in ["pool-sizer", "preprocessor", "authenticator", "observer"] {
+            let name = format!("{lang}-{kind}");
+            let project = dir.join(&name);
+            let (code, stdout, stderr) =
+                plugin_command(&["new", kind, project.to_str().unwrap(), "--lang", lang]);
+            assert_eq!(code, Some(0), "{name}: {stderr}");
+            let (mut build, wasm) = if lang == "rust" {
+                let mut cargo = std::process::Command::new(env!("CARGO"));
+                cargo
+                    .args(["build", "--target", "wasm32-wasip2", "--release", "--quiet"])
+                    .current_dir(&project)
+                    .env("CARGO_TARGET_DIR", &rust_target);
+                let file = format!("{}.wasm", name.replace('-', "_"));
+                (cargo, rust_target.join("wasm32-wasip2/release").join(file))
+            } else {
+                let mut build = std::process::Command::new(project.join("build.sh"));
+                if let Some(tool) = componentize_py() {
+                    build.env("COMPONENTIZE_PY", tool);
+                }
+                (
+                    build,
+                    project.join(format!("{}.wasm", name.replace('-', "_"))),
+                )
+            };
+            let out = build.output().unwrap();
+            assert!(
+                out.status.success(),
+                "{name}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let call = |input: &str| {
+                let out = std::process::Command::new(env!("CARGO_BIN_EXE_poseidon"))
+                    .args(["plugin", "call"])
+                    .arg(&wasm)
+                    .args(["--kind", kind, "--input", input])
+                    .args([
+                        "--config",
+                        "token.hpi=secret-hpi",
+                        "--config",
+                        "token.tum=secret-tum",
+                    ])
+                    .env("POSEIDON_PLUGIN_CACHE", dir.join("cache"))
+                    .output()
+                    .unwrap();
+                let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+                assert!(out.status.success(), "{name}: {stderr}");
+                assert!(stderr.contains("(WIT 0.2.0)"), "{name}: {stderr}");
+                serde_json::from_slice::<Value>(&out.stdout).unwrap()
+            };
+            // The input the "try:" line suggests.
+            let suggested = stdout
+                .split("--input '")
+                .nth(1)
+                .and_then(|rest| rest.split('\'').next())
+                .unwrap_or_else(|| panic!("{name}: no suggested input in {stdout}"));
+            let answer = call(suggested);
+            match kind {
+                // 5 configured, one more during working hours of the zone's local time.
+                "pool-sizer" => {
+                    assert!(answer == json!(5) || answer == json!(6), "{name}: {answer}")
+                }
+                "preprocessor" => {
+                    assert_eq!(
+                        answer["Ok"]["command"], "python main.py",
+                        "{name}: {answer}"
+                    );
+                    let refused = call(r#"{"command":"id","privileged":true,"environmentId":1}"#);
+                    assert_eq!(
+                        refused["Err"]["message"], "privileged execution is not allowed",
+                        "{name}: {refused}"
+                    );
+                }
+                "authenticator" => {
+                    let token = |token: Value| {
+                        let input = json!({"method": "GET", "path": "/api/v1/runners", "poseidonToken": token});
+                        call(&input.to_string())
+                    };
+                    assert_eq!(token(json!("secret-tum"))["Ok"]["tenant"], "tum", "{name}");
+                    for refused in [
+                        json!("secret-tuX"),
+                        json!("secret-tu"),
+                        json!(""),
+                        Value::Null,
+                    ] {
+                        let answer = token(refused.clone());
+                        assert_eq!(answer["Err"]["status"], 401, "{name}, {refused}: {answer}");
+                    }
+                }
+                _ => assert_eq!(
+                    (&answer["delivered"], &answer["dropped"]),
+                    (&json!(1), &json!(0)),
+                    "{name}: {answer}"
+                ),
             }
-            (build, project.join("python_tokens.wasm"))
-        };
-        let out = build.output().unwrap();
-        assert!(
-            out.status.success(),
-            "{lang}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let call = |token: Value| {
-            let input = json!({"method": "GET", "path": "/api/v1/runners", "poseidonToken": token});
-            let out = std::process::Command::new(env!("CARGO_BIN_EXE_poseidon"))
-                .args(["plugin", "call"])
-                .arg(&wasm)
-                .args(["--kind", "authenticator", "--input", &input.to_string()])
-                .args([
-                    "--config",
-                    "token.hpi=secret-hpi",
-                    "--config",
-                    "token.tum=secret-tum",
-                ])
-                .env("POSEIDON_PLUGIN_CACHE", dir.join("cache"))
-                .output()
-                .unwrap();
-            let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-            assert!(out.status.success(), "{lang}: {stderr}");
-            serde_json::from_slice::<Value>(&out.stdout).unwrap()
-        };
-        assert_eq!(call(json!("secret-tum"))["Ok"]["tenant"], "tum", "{lang}");
-        for refused in [
-            json!("secret-tuX"),
-            json!("secret-tu"),
-            json!(""),
-            Value::Null,
-        ] {
-            let answer = call(refused.clone());
-            assert_eq!(answer["Err"]["status"], 401, "{lang}, {refused}: {answer}");
         }
     }
-    let _ = std::fs::remove_dir_all(&dir);
-}
-
-#[test]
-fn plugin_new_writes_a_python_project_that_builds_and_answers() {
-    let dir = std::env::temp_dir().join(format!("poseidon-new-py-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let project = dir.join("no-privileged");
-    let (code, stdout, stderr) = plugin_command(&[
-        "new",
-        "preprocessor",
-        project.to_str().unwrap(),
-        "--lang",
-        "python",
-    ]);
-    assert_eq!(code, Some(0), "{stderr}");
-    assert!(stdout.contains("build:"), "{stdout}");
-    // Its build script (componentize-py: the one plugins/build.sh installed, else from PyPI).
-    let mut build = std::process::Command::new(project.join("build.sh"));
-    if let Some(tool) = componentize_py() {
-        build.env("COMPONENTIZE_PY", tool);
-    }
-    let out = build.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let wasm = project.join("no_privileged.wasm");
-    let call = |input: &str| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_poseidon"))
-            .args(["plugin", "call"])
-            .arg(&wasm)
-            .args(["--kind", "preprocessor", "--input", input])
-            .env("POSEIDON_PLUGIN_CACHE", dir.join("cache"))
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert!(out.status.success(), "{stderr}");
-        assert!(stderr.contains("preprocessor (WIT 0.2.0)"), "{stderr}");
-        serde_json::from_slice::<Value>(&out.stdout).unwrap()
-    };
-    let refused = call(r#"{"command":"id","privileged":true,"environmentId":1}"#);
-    assert_eq!(
-        refused["Err"]["message"], "privileged execution is not allowed",
-        "{refused}"
-    );
-    let passed = call(r#"{"command":"id","environmentId":1}"#);
-    assert_eq!(passed["Ok"]["command"], "id", "{passed}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

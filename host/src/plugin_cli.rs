@@ -288,7 +288,7 @@ fn new_project(kind: &str, dir: &Path, lang: Lang) -> Result<(), String> {
              # Measured: faster calls, and no larger files than opt-level \"s\".\n[profile.release]\nopt-level = 3\nlto = true\nstrip = \"debuginfo\"\n"
         ),
     )?;
-    write(&dir.join("src/lib.rs"), &template(kind))?;
+    write(&dir.join("src/lib.rs"), template(kind, lang))?;
     write(&dir.join(".gitignore"), "/target\n")?;
     println!(
         "created {dir}: a {kind} plugin (poseidon:plugins@0.2.0)\n\
@@ -310,7 +310,7 @@ fn new_python_project(
     write: impl Fn(&Path, &str) -> Result<(), String>,
 ) -> Result<(), String> {
     let file = name.replace('-', "_");
-    write(&dir.join("app.py"), &python_template(kind))?;
+    write(&dir.join("app.py"), template(kind, Lang::Python))?;
     let build = dir.join("build.sh");
     write(
         &build,
@@ -345,40 +345,6 @@ fn new_python_project(
     Ok(())
 }
 
-/// `app.py` of a new Python plugin: the same behaviour as the Rust template.
-fn python_template(kind: PluginKind) -> String {
-    let (imports, class) = match kind {
-        PluginKind::PoolSizer => (
-            "from wit_world.imports import types",
-            "class PoolSizer(exports.PoolSizer):\n    def wanted_idle(self, environment: types.Environment, state: types.PoolState) -> int:\n        \"\"\"Keeps one more idle runner than configured during working hours (local time).\"\"\"\n        working = state.local.weekday < 5 and 8 <= state.local.hour < 18\n        return state.configured_size + (1 if working else 0)\n",
-        ),
-        PluginKind::Preprocessor => (
-            "from componentize_py_types import Err\nfrom wit_world.imports import types",
-            "class Preprocessor(exports.Preprocessor):\n    def preprocess_execute(self, request: types.ExecuteRequest) -> types.ExecuteRequest:\n        \"\"\"Refuses privileged executions (HTTP 400 with the message), passes everything else.\"\"\"\n        if request.privileged:\n            raise Err(\"privileged execution is not allowed\")\n        return request\n\n    def preprocess_files(self, update: types.FileUpdate) -> types.FileUpdate:\n        \"\"\"Passes file updates unchanged.\"\"\"\n        return update\n",
-        ),
-        PluginKind::Authenticator => (
-            "from componentize_py_types import Err\nfrom wit_world.imports import host, types",
-            "class Authenticator(exports.Authenticator):\n    def authenticate(self, request: types.AuthRequest) -> types.Principal:\n        \"\"\"The tenant whose `token.TENANT` configuration value is the request's Poseidon-Token.\"\"\"\n        token = (request.poseidon_token or \"\").encode()\n        tenant = None\n        # Every entry is compared, each with hmac.compare_digest (its time does not tell\n        # where a guess differs); `==` would stop at the first difference.\n        for key, value in host.config_entries():\n            if key.startswith(\"token.\") and hmac.compare_digest(value.encode(), token) and tenant is None:\n                tenant = key[len(\"token.\"):]\n        if not token or tenant is None:\n            raise Err(types.Denial(status=401, message=\"unknown Poseidon-Token\"))\n        return types.Principal(tenant=tenant, environments=None)\n",
-        ),
-        PluginKind::Observer => (
-            "from wit_world.imports import host, types",
-            "class Observer(exports.Observer):\n    def observe(self, events: list[types.LifecycleEvent]) -> None:\n        \"\"\"Logs how many events arrived.\"\"\"\n        host.log(host.LogLevel.INFO, f\"{len(events)} events\")\n",
-        ),
-    };
-    format!(
-        "\"\"\"A Poseidon {kind} plugin in Python (WIT poseidon:plugins@0.2.0, see wit/plugins.wit).\n\n\
-         Build it with ./build.sh (componentize-py); the host functions are in\n\
-         wit_world.imports.host (log, config_get, config_entries).\n\"\"\"\n\n\
-         {standard}from wit_world import exports\n{imports}\n\n\n{class}",
-        // The standard library's imports first (PEP 8).
-        standard = if kind == PluginKind::Authenticator {
-            "import hmac\n\n"
-        } else {
-            ""
-        },
-    )
-}
-
 /// A JSON input for `plugin call` of `kind`, shown after `plugin new`.
 fn example_input(kind: PluginKind) -> &'static str {
     match kind {
@@ -395,37 +361,22 @@ fn example_input(kind: PluginKind) -> &'static str {
     }
 }
 
-/// `src/lib.rs` of a new plugin: the kind's interface, implemented trivially.
-fn template(kind: PluginKind) -> String {
-    let (imports, body, items) = match kind {
-        PluginKind::PoolSizer => (
-            "use bindings::exports::poseidon::plugins::pool_sizer::Guest;\nuse bindings::poseidon::plugins::types::{Environment, PoolState};",
-            "    /// Keeps one more idle runner than configured during working hours (local time).\n    fn wanted_idle(_environment: Environment, state: PoolState) -> u32 {\n        let working = state.local.weekday < 5 && (8..18).contains(&state.local.hour);\n        state.configured_size + u32::from(working)\n    }",
-            "",
-        ),
-        PluginKind::Preprocessor => (
-            "use bindings::exports::poseidon::plugins::preprocessor::Guest;\nuse bindings::poseidon::plugins::types::{ExecuteRequest, FileUpdate};",
-            "    /// Refuses privileged executions, passes everything else.\n    fn preprocess_execute(request: ExecuteRequest) -> Result<ExecuteRequest, String> {\n        if request.privileged {\n            return Err(\"privileged execution is not allowed\".into());\n        }\n        Ok(request)\n    }\n\n    /// Passes file updates unchanged.\n    fn preprocess_files(update: FileUpdate) -> Result<FileUpdate, String> {\n        Ok(update)\n    }",
-            "",
-        ),
-        PluginKind::Authenticator => (
-            "use bindings::exports::poseidon::plugins::authenticator::Guest;\nuse bindings::poseidon::plugins::host;\nuse bindings::poseidon::plugins::types::{AuthRequest, Denial, Principal};",
-            "    /// The tenant whose `token.TENANT` configuration value is the request's Poseidon-Token.\n    fn authenticate(request: AuthRequest) -> Result<Principal, Denial> {\n        let token = request.poseidon_token.unwrap_or_default();\n        let mut tenant = None;\n        // Every entry is compared, each in time independent of where it differs (`==` stops\n        // at the first difference, which tells a guesser how much of a token was right).\n        for (key, value) in host::config_entries() {\n            if let Some(name) = key.strip_prefix(\"token.\") {\n                if same_secret(&value, &token) && tenant.is_none() {\n                    tenant = Some(name.to_string());\n                }\n            }\n        }\n        match tenant {\n            Some(tenant) if !token.is_empty() => Ok(Principal { tenant, environments: None }),\n            _ => Err(Denial { status: 401, message: \"unknown Poseidon-Token\".into() }),\n        }\n    }",
-            "\n/// Whether `a` and `b` are equal: every byte is compared (a different length is a mismatch at once).\nfn same_secret(a: &str, b: &str) -> bool {\n    a.len() == b.len()\n        && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| std::hint::black_box(acc | (x ^ y))) == 0\n}\n",
-        ),
-        PluginKind::Observer => (
-            "use bindings::exports::poseidon::plugins::observer::Guest;\nuse bindings::poseidon::plugins::host;\nuse bindings::poseidon::plugins::types::LifecycleEvent;",
-            "    /// Logs how many events arrived.\n    fn observe(events: Vec<LifecycleEvent>) {\n        host::log(host::LogLevel::Info, &format!(\"{} events\", events.len()));\n    }",
-            "",
-        ),
-    };
-    format!(
-        "//! A Poseidon {kind} plugin (WIT poseidon:plugins@0.2.0, see wit/plugins.wit).\n\n\
-         mod bindings {{\n    wit_bindgen::generate!({{ world: \"{world}\", path: \"wit\" }});\n}}\n\n\
-         {imports}\n\nstruct Plugin;\n\nimpl Guest for Plugin {{\n{body}\n}}\n{items}\n\
-         bindings::export!(Plugin with_types_in bindings);\n",
-        world = kind.world(),
-    )
+/// The source a new plugin starts from (`host/plugin-templates/`): `src/lib.rs` in Rust,
+/// `app.py` in Python, a small working example of the kind, alike in both languages.
+fn template(kind: PluginKind, lang: Lang) -> &'static str {
+    use PluginKind::*;
+    match (lang, kind) {
+        (Lang::Rust, PoolSizer) => include_str!("../plugin-templates/rust/pool_sizer.rs"),
+        (Lang::Rust, Preprocessor) => include_str!("../plugin-templates/rust/preprocessor.rs"),
+        (Lang::Rust, Authenticator) => include_str!("../plugin-templates/rust/authenticator.rs"),
+        (Lang::Rust, Observer) => include_str!("../plugin-templates/rust/observer.rs"),
+        (Lang::Python, PoolSizer) => include_str!("../plugin-templates/python/pool_sizer.py"),
+        (Lang::Python, Preprocessor) => include_str!("../plugin-templates/python/preprocessor.py"),
+        (Lang::Python, Authenticator) => {
+            include_str!("../plugin-templates/python/authenticator.py")
+        }
+        (Lang::Python, Observer) => include_str!("../plugin-templates/python/observer.py"),
+    }
 }
 
 #[cfg(test)]
