@@ -1099,6 +1099,34 @@ fn componentize_py() -> Option<PathBuf> {
     tool.is_file().then_some(tool)
 }
 
+/// Builds the project `plugin new` wrote in `project` (Rust into `rust_target`) and returns
+/// the path of its component `file`.
+fn build_new_project(lang: &str, project: &Path, rust_target: &Path, file: &str) -> PathBuf {
+    let (mut build, wasm) = if lang == "rust" {
+        let mut cargo = std::process::Command::new(env!("CARGO"));
+        cargo
+            .args(["build", "--target", "wasm32-wasip2", "--release", "--quiet"])
+            .current_dir(project)
+            .env("CARGO_TARGET_DIR", rust_target);
+        (cargo, rust_target.join("wasm32-wasip2/release").join(file))
+    } else {
+        // componentize-py: the one plugins/build.sh installed, else its build.sh's own.
+        let mut build = std::process::Command::new(project.join("build.sh"));
+        if let Some(tool) = componentize_py() {
+            build.env("COMPONENTIZE_PY", tool);
+        }
+        (build, project.join(file))
+    };
+    let out = build.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}: {}",
+        project.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wasm
+}
+
 /// What `poseidon plugin new` writes, for every kind in both languages: it builds (cargo /
 /// componentize-py), and the call it prints after "try:" answers. The authenticators map a
 /// token to its tenant and refuse a token that differs in its last byte, a prefix of it and no
@@ -1117,30 +1145,8 @@ fn plugin_new_writes_projects_that_build_and_answer() {
             let (code, stdout, stderr) =
                 plugin_command(&["new", kind, project.to_str().unwrap(), "--lang", lang]);
             assert_eq!(code, Some(0), "{name}: {stderr}");
-            let (mut build, wasm) = if lang == "rust" {
-                let mut cargo = std::process::Command::new(env!("CARGO"));
-                cargo
-                    .args(["build", "--target", "wasm32-wasip2", "--release", "--quiet"])
-                    .current_dir(&project)
-                    .env("CARGO_TARGET_DIR", &rust_target);
-                let file = format!("{}.wasm", name.replace('-', "_"));
-                (cargo, rust_target.join("wasm32-wasip2/release").join(file))
-            } else {
-                let mut build = std::process::Command::new(project.join("build.sh"));
-                if let Some(tool) = componentize_py() {
-                    build.env("COMPONENTIZE_PY", tool);
-                }
-                (
-                    build,
-                    project.join(format!("{}.wasm", name.replace('-', "_"))),
-                )
-            };
-            let out = build.output().unwrap();
-            assert!(
-                out.status.success(),
-                "{name}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            let file = format!("{}.wasm", name.replace('-', "_"));
+            let wasm = build_new_project(lang, &project, &rust_target, &file);
             let call = |input: &str| {
                 let out = std::process::Command::new(env!("CARGO_BIN_EXE_poseidon"))
                     .args(["plugin", "call"])

@@ -51,7 +51,7 @@ impl Metrics {
             .map_err(|e| format!("metrics: {e}"))?
             // A full name is matched before a suffix.
             .set_buckets_for_metric(
-                Matcher::Full("poseidon_plugin_call_duration_seconds".into()),
+                Matcher::Full(poseidon_plugin_host::CALL_DURATION_METRIC.into()),
                 PLUGIN_CALL_BUCKETS,
             )
             .map_err(|e| format!("metrics: {e}"))?

@@ -636,7 +636,6 @@ impl PluginHost {
                     kind: current.identity.kind,
                     digest: current.identity.digest.clone(),
                 });
-                // Its spare is made anew too: the old one's store holds the old values.
                 let copy = Arc::new(LoadedPlugin {
                     identity,
                     wit_version: current.wit_version.clone(),

@@ -86,6 +86,7 @@ pub use host::{check_file, check_file_cached, PluginHost};
 pub use poseidon_core::policy::{
     AuthRequest, Denial, ExecutionOutcome, LifecycleEvent, LifecycleKind, Principal,
 };
+pub use telemetry::CALL_DURATION_METRIC;
 pub use types::{
     EnvironmentInfo, ObserverStats, PluginDescription, PluginStatus, PoolSizerInput, PoolStateInfo,
     Rejection,

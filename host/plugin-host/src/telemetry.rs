@@ -6,11 +6,14 @@ use std::time::Duration;
 
 use crate::error::CallError;
 
+/// The histogram of plugin call durations (seconds, label `plugin`); the server gives it
+/// buckets of its own.
+pub const CALL_DURATION_METRIC: &str = "poseidon_plugin_call_duration_seconds";
+
 /// Records one finished call of `plugin` (whatever its outcome).
 pub(crate) fn call(plugin: &str, duration: Duration) {
     metrics::counter!("poseidon_plugin_calls_total", "plugin" => plugin.to_string()).increment(1);
-    metrics::histogram!("poseidon_plugin_call_duration_seconds", "plugin" => plugin.to_string())
-        .record(duration);
+    metrics::histogram!(CALL_DURATION_METRIC, "plugin" => plugin.to_string()).record(duration);
 }
 
 /// Records one request `plugin`'s decision cache answered without a call.

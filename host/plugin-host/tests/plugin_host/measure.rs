@@ -64,6 +64,14 @@ fn borrowed(entries: &[(String, String)]) -> Vec<(&str, &str)> {
         .collect()
 }
 
+/// A JWT of `tenant` signed with `key`, valid for an hour.
+fn valid_token(tenant: &str, key: &[u8]) -> String {
+    sign(
+        &format!(r#"{{"iss":"{tenant}","exp":{}}}"#, unix_now() + 3600),
+        key,
+    )
+}
+
 /// Whether `host` accepts the JWT `token`.
 async fn accepts(host: PluginHost, token: &str) -> bool {
     let request = bearer(format!("Bearer {token}"));
@@ -207,18 +215,12 @@ async fn per_kind(limits: Limits, paced: bool, n: usize) -> Vec<(&'static str, S
     })
     .await;
     // As a server sees it: a valid token of a configured tenant (HMAC checked, claims read).
-    let token = sign(
-        &format!(r#"{{"iss":"t","exp":{}}}"#, unix_now() + 3600),
-        b"k",
-    );
+    let token = valid_token("t", b"k");
     let accepted = time(n, paced.then_some((&host, "jwt")), || {
         accepts(host.clone(), &token)
     })
     .await;
-    let token49 = sign(
-        &format!(r#"{{"iss":"t49","exp":{}}}"#, unix_now() + 3600),
-        b"the key of tenant 49",
-    );
+    let token49 = valid_token("t49", b"the key of tenant 49");
     let tenants = time(n, paced.then_some((&host3, "jwt")), || {
         accepts(host3.clone(), &token49)
     })
