@@ -43,6 +43,7 @@ on_both_backends!(
     executions_stream_stdout_and_stderr_apart_and_end_with_the_exit_code,
     input_goes_through_a_terminal,
     the_time_limit_ends_an_execution_with_timeout,
+    the_time_limit_stops_a_program_that_prints_without_end,
     a_client_that_disconnects_ends_the_program,
     megabytes_of_output_arrive_complete,
     the_inactivity_timeout_destroys_idle_runners_but_not_running_ones,
@@ -721,6 +722,34 @@ async fn the_time_limit_ends_an_execution_with_timeout(backend: Backend) {
     })
     .await;
     // The runner is still usable.
+    let out = s.run(&runner, json!({"command": "echo still here"})).await;
+    assert_eq!(out.stdout, "still here\r\n");
+}
+
+/// The commonest learner bug: a loop that prints without end, read by a client slower than
+/// the program (CodeOcean relays every message). The program must stop at the limit, and the
+/// runner must stay usable (its agent's memory bounded).
+async fn the_time_limit_stops_a_program_that_prints_without_end(backend: Backend) {
+    let s = Server::on(backend).await;
+    s.environment(1, 1, json!({})).await;
+    let runner = s.claim(1, 60).await;
+    let marker = format!("flood-{}", std::process::id());
+    let url = s
+        .execute(
+            &runner,
+            json!({"command": format!("yes {marker}"), "timeLimit": 1}),
+        )
+        .await;
+    let mut ws = Ws::connect(&url).await;
+    ws.wait_stdout(&marker).await;
+    // A client that reads nothing for a while: every buffer on the way fills up.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let out = ws.finish().await;
+    assert_eq!(out.last, json!({"type": "timeout"}));
+    eventually("the flooding program ended", 10, || async {
+        host_processes_with(&marker).is_empty()
+    })
+    .await;
     let out = s.run(&runner, json!({"command": "echo still here"})).await;
     assert_eq!(out.stdout, "still here\r\n");
 }

@@ -66,9 +66,13 @@ struct Journal {
 
 impl Journal {
     fn record(&mut self, frame: &Frame) {
-        self.frames.push_back((self.sent, frame.clone()));
         if is_output(frame) {
+            self.frames.push_back((self.sent, frame.clone()));
             self.sent += frame.payload.len() as u64;
+        } else if !matches!(frame.parse::<Reply>(), Ok(Reply::Started { .. })) {
+            // `Started` is old news to a gateway that resumes; kept, it would sit in front of
+            // the output and keep the window below from ever moving.
+            self.frames.push_back((self.sent, frame.clone()));
         }
         // Forget output frames that lie wholly before the retained window.
         while let Some((offset, first)) = self.frames.front() {
@@ -91,10 +95,8 @@ impl Journal {
         let mut out = Vec::new();
         for (offset, frame) in &self.frames {
             if !is_output(frame) {
-                // Control frames: what ended the execution matters; `Started` is old news.
-                if !matches!(frame.parse::<Reply>(), Ok(Reply::Started { .. })) {
-                    out.push(frame.clone());
-                }
+                // What ended the execution.
+                out.push(frame.clone());
                 continue;
             }
             let end = offset + frame.payload.len() as u64;
@@ -309,6 +311,8 @@ mod tests {
     #[test]
     fn the_journal_keeps_a_bounded_window_and_says_when_output_is_gone() {
         let mut j = Journal::default();
+        // As an execution sends it: `Started` first, then output without end.
+        j.record(&Frame::control(5, &Reply::Started { pid: 9 }));
         for _ in 0..20 {
             j.record(&out(64 * 1024, b'x'));
         }

@@ -255,7 +255,7 @@ impl AgentClient {
     /// Starts a process. With `tty`, standard error's line ends become `\r\n`, as a terminal would
     /// show them.
     pub async fn exec(&self, spec: ExecSpec) -> Result<ExecProcess, AgentError> {
-        let (stream, mut rx, point) = self.open_route(true);
+        let (stream, rx, point) = self.open_route(true);
         let tty = spec.tty;
         let merge_stderr = spec.merge_stderr;
         let request = Request::Exec {
@@ -279,47 +279,20 @@ impl AgentClient {
         let client = self.clone();
         let kill_watch = kill.clone();
         tokio::spawn(async move {
-            let mut crlf = Crlf::default();
-            let mut stdin_open = true;
-            let final_event = loop {
-                tokio::select! {
-                    frame = rx.recv() => {
-                        let Some(frame) = frame else {
-                            break ProcessEvent::Failed("the runner's agent is gone".into());
-                        };
-                        match frame.kind {
-                            FrameKind::Stdout => {
-                                if events_tx.send(ProcessEvent::Stdout(frame.payload)).await.is_err() { break ProcessEvent::Failed(String::new()); }
-                            }
-                            FrameKind::Stderr => {
-                                let bytes = if tty { crlf.convert(&frame.payload) } else { frame.payload };
-                                if events_tx.send(ProcessEvent::Stderr(bytes)).await.is_err() { break ProcessEvent::Failed(String::new()); }
-                            }
-                            FrameKind::Control => match frame.parse::<Reply>() {
-                                Ok(Reply::Started { .. }) => {
-                                    point.started.store(true, Ordering::Relaxed);
-                                    point.request.lock().unwrap().take();
-                                }
-                                Ok(Reply::Exited { code }) => break ProcessEvent::Exited(code),
-                                Ok(Reply::Failed { message, .. }) => break ProcessEvent::Failed(message),
-                                Ok(other) => break ProcessEvent::Failed(unexpected(&other).to_string()),
-                                Err(e) => break ProcessEvent::Failed(AgentError::from(e).to_string()),
-                            },
-                            other => break ProcessEvent::Failed(format!("the runner's agent sent an unexpected {other:?} frame")),
-                        }
-                    }
-                    chunk = stdin_rx.recv(), if stdin_open => match chunk {
-                        Some(chunk) if !chunk.is_empty() => {
-                            let _ = client.send(Frame::data(FrameKind::Stdin, stream, chunk)).await;
-                        }
-                        _ => stdin_open = false,
-                    },
-                    _ = kill_watch.cancelled() => {
-                        let _ = client.request(stream, &Request::Signal { signal: 9 }).await;
-                        break ProcessEvent::Exited(137);
-                    }
-                }
+            let relay = Relay {
+                client: &client,
+                stream,
+                tty,
+                point: &point,
+                events: &events_tx,
+                kill: &kill_watch,
             };
+            let (final_event, ended) = relay.run(rx, &mut stdin_rx).await;
+            if !ended {
+                // Killed, its consumer gone, or the agent's answer unusable: the program may
+                // still run (and print), so it is ended here whatever stopped the relay.
+                let _ = client.request(stream, &Request::Signal { signal: 9 }).await;
+            }
             client.close_stream(stream);
             let _ = events_tx.send(final_event).await;
         });
@@ -734,5 +707,85 @@ impl Crlf {
             self.last_was_cr = b == b'\r';
         }
         Bytes::from(out)
+    }
+}
+
+/// Carries one execution's frames from its stream to its consumer, and its input the other way.
+struct Relay<'a> {
+    client: &'a AgentClient,
+    stream: u32,
+    /// Standard error's line ends become `\r\n`, as a terminal shows them.
+    tty: bool,
+    point: &'a ResumePoint,
+    events: &'a mpsc::Sender<ProcessEvent>,
+    kill: &'a CancellationToken,
+}
+
+impl Relay<'_> {
+    /// Relays until the execution ends, is killed or its consumer goes. Returns the final
+    /// event and whether it came from the agent (the program is known to have ended: the
+    /// agent said so, or the agent itself is gone).
+    async fn run(
+        &self,
+        mut frames: mpsc::Receiver<Frame>,
+        stdin: &mut mpsc::Receiver<Bytes>,
+    ) -> (ProcessEvent, bool) {
+        let mut crlf = Crlf::default();
+        let mut stdin_open = true;
+        loop {
+            let frame = tokio::select! {
+                frame = frames.recv() => frame,
+                chunk = stdin.recv(), if stdin_open => {
+                    match chunk {
+                        Some(chunk) if !chunk.is_empty() => {
+                            let frame = Frame::data(FrameKind::Stdin, self.stream, chunk);
+                            let _ = self.client.send(frame).await;
+                        }
+                        _ => stdin_open = false,
+                    }
+                    continue;
+                }
+                _ = self.kill.cancelled() => return (ProcessEvent::Exited(137), false),
+            };
+            let Some(frame) = frame else {
+                return (
+                    ProcessEvent::Failed("the runner's agent is gone".into()),
+                    true,
+                );
+            };
+            let output = match frame.kind {
+                FrameKind::Stdout => ProcessEvent::Stdout(frame.payload),
+                FrameKind::Stderr if self.tty => ProcessEvent::Stderr(crlf.convert(&frame.payload)),
+                FrameKind::Stderr => ProcessEvent::Stderr(frame.payload),
+                FrameKind::Control => match frame.parse::<Reply>() {
+                    Ok(Reply::Started { .. }) => {
+                        self.point.started.store(true, Ordering::Relaxed);
+                        self.point.request.lock().unwrap().take();
+                        continue;
+                    }
+                    Ok(Reply::Exited { code }) => return (ProcessEvent::Exited(code), true),
+                    Ok(Reply::Failed { message, .. }) => {
+                        return (ProcessEvent::Failed(message), true)
+                    }
+                    Ok(other) => {
+                        return (ProcessEvent::Failed(unexpected(&other).to_string()), false)
+                    }
+                    Err(e) => {
+                        return (ProcessEvent::Failed(AgentError::from(e).to_string()), false)
+                    }
+                },
+                other => {
+                    let message = format!("the runner's agent sent an unexpected {other:?} frame");
+                    return (ProcessEvent::Failed(message), false);
+                }
+            };
+            // A consumer that stopped reading must not keep a kill from being seen.
+            tokio::select! {
+                sent = self.events.send(output) => if sent.is_err() {
+                    return (ProcessEvent::Failed(String::new()), false);
+                },
+                _ = self.kill.cancelled() => return (ProcessEvent::Exited(137), false),
+            }
+        }
     }
 }
