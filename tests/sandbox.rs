@@ -118,6 +118,9 @@ async fn executions_see_only_their_own_environment_and_no_inherited_descriptors(
                 "MINE",
                 "PWD",
                 "SHLVL",
+                "TERM",
+                "USER",
+                "LOGNAME",
                 "_"
             ]
             .contains(key),
@@ -126,6 +129,27 @@ async fn executions_see_only_their_own_environment_and_no_inherited_descriptors(
         );
     }
     assert!(keys.contains(&"MINE") && keys.contains(&"CODEOCEAN"));
+    // What a container's terminal exec gives (`clear`, `tput`, curses need TERM), and the
+    // name `setuser user` gives.
+    for line in ["TERM=xterm", "USER=user", "LOGNAME=user"] {
+        assert!(
+            out.stdout.lines().any(|l| l == line),
+            "{line}: {}",
+            out.stdout
+        );
+    }
+    let out = s.run(&r, json!({"command": "tput cols >/dev/null && ls -ld /dev/shm && python3 -c 'import multiprocessing as m; print(sum(m.Pool(2).map(abs, [-1, -2])))'"})).await;
+    assert_eq!(out.exit(), Some(0), "{:?}", out.messages);
+    assert!(
+        out.stdout.starts_with("drwxrwxrwt"),
+        "/dev/shm as on any Linux: {}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.ends_with("3\r\n"),
+        "multiprocessing works: {}",
+        out.stdout
+    );
     let out = s
         .run(&r, json!({"command": "ls /proc/self/fd | tr '\\n' ' '"}))
         .await;

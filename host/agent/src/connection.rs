@@ -179,11 +179,12 @@ fn dispatch(
                 inherit_env,
                 stderr_on_terminal,
             } => {
-                let env = if inherit_env {
+                let mut env = if inherit_env {
                     environment::inherited(env, identity)
                 } else {
                     env
                 };
+                environment::complete(&mut env, identity, tty);
                 let spec = exec::ExecSpec {
                     argv,
                     env,

@@ -22,6 +22,25 @@ pub(crate) fn inherited(extra: Vec<(String, String)>, identity: Identity) -> Vec
     env
 }
 
+/// Completes an execution's environment with what a container's exec would give it, where
+/// the backend and the request left it out: `TERM=xterm` on a terminal (as `docker exec -t`
+/// sets it: `clear`, `tput` and curses need it), and `USER`/`LOGNAME` for `user` (as
+/// `setuser user` sets them).
+pub(crate) fn complete(env: &mut Vec<(String, String)>, identity: Identity, tty: bool) {
+    let mut default = |key: &str, value: &str| {
+        if !env.iter().any(|(k, _)| k == key) {
+            env.push((key.to_string(), value.to_string()));
+        }
+    };
+    if tty {
+        default("TERM", "xterm");
+    }
+    if identity == Identity::User {
+        default("USER", "user");
+        default("LOGNAME", "user");
+    }
+}
+
 fn set(env: &mut Vec<(String, String)>, key: &str, value: String) {
     match env.iter_mut().find(|(k, _)| k == key) {
         Some(entry) => entry.1 = value,
@@ -56,5 +75,23 @@ mod tests {
             env.iter().filter(|(k, _)| k == "PATH").collect::<Vec<_>>(),
             vec![&("PATH".to_string(), "/x".to_string())]
         );
+    }
+
+    #[test]
+    fn a_terminal_gets_a_term_and_user_a_name_unless_given() {
+        let mut env = vec![("TERM".to_string(), "vt100".to_string())];
+        complete(&mut env, Identity::User, true);
+        let get = |env: &[(String, String)], k: &str| {
+            env.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone())
+        };
+        assert_eq!(get(&env, "TERM").as_deref(), Some("vt100"));
+        assert_eq!(get(&env, "USER").as_deref(), Some("user"));
+        assert_eq!(get(&env, "LOGNAME").as_deref(), Some("user"));
+        let mut env = Vec::new();
+        complete(&mut env, Identity::Root, true);
+        assert_eq!(env, vec![("TERM".to_string(), "xterm".to_string())]);
+        let mut env = Vec::new();
+        complete(&mut env, Identity::Root, false);
+        assert!(env.is_empty(), "no terminal, no TERM; root gets no USER");
     }
 }

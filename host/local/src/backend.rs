@@ -88,7 +88,11 @@ impl LocalBackend {
         let hierarchy = Hierarchy::detect(&config.cgroupparent);
         tracing::info!(limits = %hierarchy.describe(), "local backend resource limits");
         let network = Network::detect(&config);
-        tracing::info!(network = %network.describe(), "local backend network");
+        if network.available() {
+            tracing::info!(network = %network.describe(), "local backend network");
+        } else {
+            tracing::warn!(network = %network.describe(), "local backend network");
+        }
         let (events_tx, events_rx) = mpsc::channel(1024);
         let shared = Arc::new(Shared {
             config,
@@ -383,11 +387,12 @@ impl Shared {
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711))?;
         let root = (Some(Uid::from_raw(uids.0)), Some(Gid::from_raw(uids.0)));
         let user = (Some(Uid::from_raw(uids.1)), Some(Gid::from_raw(uids.1)));
-        // The workspace belongs to `user` (so learners' programs may write it); /tmp is shared
-        // and sticky; the control directory (the agent's socket) is the runner root's alone.
+        // The workspace belongs to `user` (so learners' programs may write it); /tmp and /dev/shm
+        // are shared and sticky; the control directory (the agent's socket) is the runner root's alone.
         for (name, mode, owner) in [
             ("workspace", 0o755, user),
             ("tmp", 0o1777, root),
+            ("shm", 0o1777, root),
             ("ctl", 0o700, root),
         ] {
             let sub = dir.join(name);
@@ -507,7 +512,6 @@ impl Shared {
             rootfs,
             runner_dir: &sandbox.dir,
             workdir: &self.config.workdir,
-            host_network: config.network_access && !user_network,
             agent: &self.agent,
             bash_probe: self.bash_probe.as_deref(),
         };
@@ -612,6 +616,9 @@ impl Shared {
                 pause = (pause * 2).min(Duration::from_secs(1));
             }
             tracing::warn!(runner = %sandbox.id, "the runner's sandbox ended");
+            // What is left of it (the tmpfs with its files, its cgroups, the helpers outside)
+            // is of no use any more: it goes now, not at the server's next start.
+            let _ = poseidon_core::agent::Sandbox::destroy(&*sandbox).await;
             let _ = events
                 .send(BackendEvent::RunnerLost {
                     runner: sandbox.id.clone(),
@@ -663,6 +670,13 @@ impl Backend for LocalBackend {
     }
 
     async fn store_environment(&self, config: &EnvironmentConfig) -> Result<(), BackendError> {
+        if config.network_access && !self.shared.network.available() {
+            tracing::warn!(
+                environment = %config.id,
+                network = %self.shared.network.describe(),
+                "this environment's runners get no network although it asks for networkAccess"
+            );
+        }
         self.store
             .save(config)
             .await

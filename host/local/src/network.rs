@@ -52,7 +52,7 @@ impl Network {
     pub(crate) fn describe(&self) -> String {
         match &self.pasta {
             Some(p) => format!("own network namespace per runner; networkAccess through {}", p.display()),
-            None => format!("own network namespace per runner; {}, so runners with networkAccess share the host's network and exposedPorts are refused", self.missing),
+            None => format!("own network namespace per runner; {}, so runners with networkAccess get NO network (loopback only) and exposedPorts are refused", self.missing),
         }
     }
 

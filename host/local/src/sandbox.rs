@@ -44,12 +44,10 @@ const HOST_SYSTEM_DIRS: &[&str] = &[
 pub(crate) struct SandboxSpec<'a> {
     /// The image's root filesystem, or `None` for the host's system directories.
     pub(crate) rootfs: Option<&'a Path>,
-    /// The runner's directory (holds `workspace/`, `tmp/`, `etc/`, `ctl/`).
+    /// The runner's directory (holds `workspace/`, `tmp/`, `shm/`, `etc/`, `ctl/`).
     pub(crate) runner_dir: &'a Path,
     /// Where the workspace appears inside.
     pub(crate) workdir: &'a str,
-    /// Share the host's network namespace (only when no user-mode network is available).
-    pub(crate) host_network: bool,
     /// The agent binary on the host.
     pub(crate) agent: &'a Path,
     /// What `poseidon-agent --probe-bash` printed for the host's bash, if it allows plain
@@ -82,9 +80,9 @@ impl SandboxSpec<'_> {
             "--gid",
             "0",
         ]);
-        if !self.host_network {
-            push(&["--unshare-net"]);
-        }
+        // Never the host's network: its loopback services (the gateway, databases) stay out of
+        // reach; `networkAccess` goes through a user-mode network attached from outside.
+        push(&["--unshare-net"]);
         for cap in ROOT_CAPABILITIES {
             push(&["--cap-add", cap]);
         }
@@ -111,6 +109,9 @@ impl SandboxSpec<'_> {
         };
         bind("--bind", self.runner_dir.join("workspace"), self.workdir);
         bind("--bind", self.runner_dir.join("tmp"), "/tmp");
+        // POSIX shared memory and semaphores (Python's multiprocessing) live in /dev/shm, which
+        // is world-writable on any Linux; here it counts against the runner's disk limit.
+        bind("--bind", self.runner_dir.join("shm"), "/dev/shm");
         a.extend(["--perms", "0755", "--dir", "/.poseidon"].map(OsString::from));
         let mut bind = |kind: &str, from: PathBuf, to: &str| {
             a.push(kind.into());
@@ -175,4 +176,34 @@ pub(crate) fn passwd(workdir: &str) -> String {
 /// `/etc/group` of a sandbox.
 pub(crate) fn group() -> String {
     format!("root:x:0:\nuser:x:{USER_UID}:\nnogroup:x:65534:\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sandbox_never_shares_the_hosts_network_and_has_a_writable_shm() {
+        let spec = SandboxSpec {
+            rootfs: None,
+            runner_dir: Path::new("/state/runners/1-x"),
+            workdir: "/workspace",
+            agent: Path::new("/state/agent"),
+            bash_probe: None,
+        };
+        let args: Vec<String> = spec
+            .bwrap_args()
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert!(args.iter().any(|a| a == "--unshare-net"), "{args:?}");
+        let shm = args
+            .windows(3)
+            .any(|w| w[0] == "--bind" && w[1] == "/state/runners/1-x/shm" && w[2] == "/dev/shm");
+        assert!(shm, "{args:?}");
+        // The /dev/shm bind must come after the fresh /dev it lands in.
+        let dev = args.iter().position(|a| a == "--dev").unwrap();
+        let bound = args.iter().position(|a| a == "/dev/shm").unwrap();
+        assert!(dev < bound);
+    }
 }
