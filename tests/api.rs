@@ -615,6 +615,12 @@ async fn files_are_copied_listed_downloaded_and_deleted(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(r.text().await.unwrap(), "fresh");
+    let list: Value = s.get_json(&files_url).await;
+    assert_eq!(
+        test_files(&list),
+        vec!["./empty", "./fresh.txt", "./out.txt"],
+        "what earlier runs left survives"
+    );
     // `./*` clears the working directory.
     let r = s
         .http

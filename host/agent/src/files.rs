@@ -65,16 +65,30 @@ fn remove_any(path: &Path) {
     }
 }
 
+/// Whether GNU `rm` refuses to remove `path`: `/`, or a path whose last component is `.` or
+/// `..` (CodeOcean sends `./` with every copy; Poseidon's `rm -rf .` leaves the workspace as it is).
+fn rm_refuses(path: &str) -> bool {
+    let trimmed = path.trim_end_matches('/');
+    if trimmed.is_empty() {
+        // `/` (rm's --preserve-root), or the empty path, which names nothing.
+        return true;
+    }
+    matches!(trimmed.rsplit('/').next(), Some("." | ".."))
+}
+
 /// Deletes (failures ignored, as Poseidon's `rm -rf`), then extracts the archive.
 fn update(delete: &[String], cwd: &Path, archive: &[u8]) -> Result<(), String> {
     for path in delete {
         if path == "./*" {
+            // The shell's glob: every entry but the hidden ones.
             if let Ok(entries) = std::fs::read_dir(cwd) {
                 for entry in entries.flatten() {
-                    remove_any(&entry.path());
+                    if !entry.file_name().as_encoded_bytes().starts_with(b".") {
+                        remove_any(&entry.path());
+                    }
                 }
             }
-        } else {
+        } else if !rm_refuses(path) {
             remove_any(&resolve(cwd, path));
         }
     }
@@ -470,6 +484,34 @@ mod tests {
         let flat = list("sub", false, cwd.to_str().unwrap()).unwrap();
         assert_eq!(flat[0].name, "new.txt");
         assert!(list("missing", false, cwd.to_str().unwrap()).is_none());
+    }
+
+    #[test]
+    fn deletes_are_what_rm_rf_would_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let cwd = dir.path();
+        for name in [".hidden", "a.txt", "sub/b.txt"] {
+            let path = cwd.join(name);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, "x").unwrap();
+        }
+        let names = |cwd: &Path| {
+            let mut names: Vec<String> = std::fs::read_dir(cwd)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            names.sort();
+            names
+        };
+        // What CodeOcean sends with every copy, cleaned by the API: rm refuses `.`.
+        for refused in [".", "./", "sub/..", "..", "/"] {
+            update(&[refused.to_string()], cwd, &[]).unwrap();
+        }
+        assert_eq!(names(cwd), [".hidden", "a.txt", "sub"]);
+        update(&["./*".to_string()], cwd, &[]).unwrap();
+        assert_eq!(names(cwd), [".hidden"], "the glob leaves hidden files");
+        update(&[".hidden".to_string()], cwd, &[]).unwrap();
+        assert!(names(cwd).is_empty());
     }
 
     #[test]
