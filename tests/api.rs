@@ -44,6 +44,7 @@ on_both_backends!(
     input_goes_through_a_terminal,
     the_time_limit_ends_an_execution_with_timeout,
     the_time_limit_stops_a_program_that_prints_without_end,
+    nothing_an_execution_started_outlives_it,
     a_client_that_disconnects_ends_the_program,
     megabytes_of_output_arrive_complete,
     the_inactivity_timeout_destroys_idle_runners_but_not_running_ones,
@@ -599,6 +600,25 @@ async fn files_are_copied_listed_downloaded_and_deleted(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(r.status(), 204);
+    // A FIFO is not a regular file: refused at once, not waited on for a writer.
+    let out = s.run(&runner, json!({"command": "mkfifo pipe"})).await;
+    assert_eq!(out.exit(), Some(0), "{:?}", out.messages);
+    let r = s
+        .http
+        .get(format!("{files_url}/raw?path=pipe"))
+        .timeout(Duration::from_secs(30))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 424);
+    let r = s
+        .http
+        .patch(&files_url)
+        .json(&json!({"delete": ["pipe"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
     // What CodeOcean sends: `delete: ["./"]` (a no-op, as in Poseidon) with the new files.
     let r = s
         .http
@@ -756,6 +776,54 @@ async fn the_time_limit_stops_a_program_that_prints_without_end(backend: Backend
         host_processes_with(&marker).is_empty()
     })
     .await;
+    let out = s.run(&runner, json!({"command": "echo still here"})).await;
+    assert_eq!(out.stdout, "still here\r\n");
+}
+
+/// Processes that left the execution's session (`setsid`, a double fork, a daemon) end with it
+/// too: when it exits, and when its time limit ends it.
+async fn nothing_an_execution_started_outlives_it(backend: Backend) {
+    let s = Server::on(backend).await;
+    s.environment(1, 1, json!({})).await;
+    let runner = s.claim(1, 60).await;
+    // Each waits on its terminal until the test saw its daemons: one then ends by input, the
+    // other by its time limit.
+    for (seconds, time_limit, last) in [(4_100_000, 0, "exit"), (4_200_000, 6, "timeout")] {
+        // A duration no other process here has: it marks this test's processes.
+        let marker = (seconds + std::process::id()).to_string();
+        let command = format!(
+            "setsid sleep {marker} & (setsid sleep {marker} &); \
+             python3 -c 'import os\nif os.fork() == 0:\n  os.setsid()\n  if os.fork() == 0: os.execvp(\"sleep\", [\"sleep\", \"{marker}\"])'; \
+             echo started; read line"
+        );
+        let url = s
+            .execute(
+                &runner,
+                json!({"command": command, "timeLimit": time_limit}),
+            )
+            .await;
+        let mut ws = Ws::connect(&url).await;
+        ws.wait_stdout("started").await;
+        let sleeping = || {
+            host_processes_with(&marker)
+                .into_iter()
+                .filter(|pid| {
+                    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                        .is_ok_and(|comm| comm.trim() == "sleep")
+                })
+                .count()
+        };
+        eventually("the daemons started", 10, || async { sleeping() == 3 }).await;
+        if last == "exit" {
+            ws.send("\n").await;
+        }
+        let out = ws.finish().await;
+        assert_eq!(out.last["type"], last, "{:?}", out.messages);
+        eventually("nothing of the execution runs on", 10, || async {
+            host_processes_with(&marker).is_empty()
+        })
+        .await;
+    }
     let out = s.run(&runner, json!({"command": "echo still here"})).await;
     assert_eq!(out.stdout, "still here\r\n");
 }

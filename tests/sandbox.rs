@@ -443,18 +443,44 @@ async fn exposed_ports_are_forwarded_and_reported() {
 }
 
 #[tokio::test]
-async fn a_learner_who_kills_the_agent_only_breaks_their_own_runner() {
+async fn a_learner_cannot_kill_the_runners_agent() {
+    let s = Server::start().await;
+    s.environment(1, 1, json!({})).await;
+    let r = s.claim(1, 60).await;
+    // Root inside the runner: the agent is the namespace's init, which no signal from inside
+    // reaches (`kill -1` spares init; SIGKILL to init from its own namespace is ignored).
+    let out = s
+        .run(
+            &r,
+            json!({"command": "kill -9 $(pgrep -x agent) && kill -9 -1; echo survived", "privilegedExecution": true}),
+        )
+        .await;
+    assert_eq!(out.exit(), Some(0), "{:?}", out.messages);
+    assert_eq!(out.stdout, "survived\r\n");
+    let out = s.run(&r, json!({"command": "echo still usable"})).await;
+    assert_eq!(out.stdout, "still usable\r\n");
+}
+
+/// A sandbox that ends by itself (here its agent killed from the host, as the kernel's OOM
+/// killer might) takes only its own runner, which is removed at once with its files.
+#[tokio::test]
+async fn a_runner_whose_sandbox_ends_is_removed_with_its_files() {
     let s = Server::start().await;
     s.environment(1, 2, json!({})).await;
     let victim = s.claim(1, 60).await;
     let other = s.claim(1, 60).await;
-    let out = s
-        .run(
-            &victim,
-            json!({"command": "kill -9 $(pgrep -f /.poseidon/agent); sleep 5", "privilegedExecution": true}),
-        )
-        .await;
-    assert_eq!(out.last["type"], "error", "{:?}", out.messages);
+    let marker = format!("victim-{}", std::process::id());
+    s.copy(&victim, &[(marker.as_str(), b"x")]).await;
+    let agents = host_processes_with("/.poseidon/agent");
+    let agent = agents
+        .iter()
+        .find(|pid| std::path::Path::new(&format!("/proc/{pid}/root/workspace/{marker}")).exists())
+        .unwrap_or_else(|| panic!("no agent sees the victim's workspace among {agents:?}"));
+    let killed = std::process::Command::new("kill")
+        .args(["-KILL", &agent.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
     eventually("the broken runner is gone", 20, || async {
         s.http
             .get(s.url(&format!("/runners/{victim}/files")))
@@ -465,7 +491,51 @@ async fn a_learner_who_kills_the_agent_only_breaks_their_own_runner() {
             == 410
     })
     .await;
+    eventually("its directory (and tmpfs) is removed", 20, || async {
+        !s.runner_dir(&victim).exists()
+    })
+    .await;
     let out = s.run(&other, json!({"command": "echo fine"})).await;
     assert_eq!(out.stdout, "fine\r\n");
     s.wait_idle(1, 2).await;
+}
+
+/// Orphans become the agent's children; those that die must be reaped, or their zombies would
+/// use up the runner's process limit.
+#[tokio::test]
+async fn orphans_that_end_are_reaped() {
+    let s = Server::start_with(Options {
+        local_yaml: "  pidslimit: 64".into(),
+        ..Default::default()
+    })
+    .await;
+    s.environment(1, 1, json!({})).await;
+    let r = s.claim(1, 60).await;
+    // 200 orphans, each ending at once, against a limit of 64 processes.
+    let command = "for i in $(seq 200); do (sleep 0.001 &) || exit 1; done; echo all started";
+    let out = s.run(&r, json!({"command": command})).await;
+    assert_eq!(out.exit(), Some(0), "{:?}", out.messages);
+    assert!(out.stdout.contains("all started"));
+}
+
+/// A client that sends far more input than the program reads must not fill the runner's
+/// memory (the agent would be killed and the runner lost).
+#[tokio::test]
+async fn input_the_program_does_not_read_is_bounded() {
+    let s = Server::start().await;
+    s.environment(1, 1, json!({"memoryLimit": 64})).await;
+    let r = s.claim(1, 60).await;
+    let url = s
+        .execute(&r, json!({"command": "echo waiting; sleep 1000"}))
+        .await;
+    let mut ws = Ws::connect(&url).await;
+    ws.wait_stdout("waiting").await;
+    let chunk = "y".repeat(1024 * 1024);
+    for _ in 0..128 {
+        ws.send(&chunk).await;
+    }
+    // The agent is alive: another execution in the same runner works.
+    let out = s.run(&r, json!({"command": "echo alive"})).await;
+    assert_eq!(out.stdout, "alive\r\n", "{:?}", out.messages);
+    ws.disconnect().await;
 }

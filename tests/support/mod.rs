@@ -602,6 +602,11 @@ impl Server {
             .unwrap()
     }
 
+    /// The local backend's directory of runner `id` on the host.
+    pub fn runner_dir(&self, id: &str) -> PathBuf {
+        self.state.join("state/runners").join(id)
+    }
+
     /// Stores an execution and returns its WebSocket URL.
     pub async fn execute(&self, runner: &str, body: Value) -> String {
         let r = self

@@ -3,6 +3,7 @@
 
 use std::path::Path;
 use std::process::Stdio;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,6 +13,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, ChildStdin};
 use tokio::sync::mpsc;
 
+use crate::orphans::{self, OwnChild};
 use crate::pty::{self, PtyMaster};
 use crate::session::{Input, Session};
 use crate::simple_command;
@@ -43,14 +45,15 @@ enum Stdin {
 /// reaches it.
 pub(crate) fn start(session: Session, stream: u32, spec: ExecSpec) {
     let (input_tx, input_rx) = mpsc::unbounded_channel();
-    let registered = session.add_execution(stream, input_tx);
+    let pending = Arc::new(AtomicUsize::new(0));
+    let registered = session.add_execution(stream, input_tx, Arc::clone(&pending));
     tokio::spawn(async move {
         if !registered {
             // The gateway sends an execution again when it cannot know whether the request
             // arrived before a connection broke: the one that did arrive goes on.
             return;
         }
-        let code = match run(&session, stream, spec, input_rx).await {
+        let code = match run(&session, stream, spec, input_rx, &pending).await {
             Ok(code) => Reply::Exited { code },
             Err(e) => Reply::Failed {
                 message: format!("the process could not be started: {e}"),
@@ -67,9 +70,13 @@ async fn run(
     stream: u32,
     spec: ExecSpec,
     mut input: mpsc::UnboundedReceiver<Input>,
+    pending: &AtomicUsize,
 ) -> std::io::Result<i32> {
-    let (mut child, stdin, mut readers, slave) = spawn(session, stream, &spec)?;
+    let (mut child, _own, stdin, mut readers, slave) = spawn(session, stream, &spec)?;
     let pid = child.id().unwrap_or(0);
+    // Should the runner run out of memory, the kernel ends the learner's processes, not the
+    // agent (which would take the runner with it). Children inherit it.
+    let _ = std::fs::write(format!("/proc/{pid}/oom_score_adj"), "1000");
     session
         .send(Frame::control(stream, &Reply::Started { pid }))
         .await;
@@ -78,15 +85,23 @@ async fn run(
         tokio::select! {
             status = child.wait() => break status,
             next = input.recv() => match next {
-                Some(Input::Bytes(bytes)) => write_input(&mut stdin, bytes).await,
+                Some(Input::Bytes(bytes)) => {
+                    let len = bytes.len();
+                    write_input(&mut stdin, bytes).await;
+                    pending.fetch_sub(len, Ordering::Relaxed);
+                }
                 Some(Input::Signal(signal)) => kill_session(pid, signal),
                 // The session forgot the execution: nobody can reach it any more.
                 None => kill_session(pid, 9),
             },
         }
     };
-    // Whatever the program left running in its session ends with it, so its output ends too.
+    // Whatever the program left running in its session ends with it, so its output ends too;
+    // and, once no other execution runs, whatever any execution left outside its session.
     kill_session(pid, 9);
+    if !session.others_running(stream) {
+        orphans::end_leftovers();
+    }
     drop(slave);
     for reader in readers.drain(..) {
         let abort = reader.abort_handle();
@@ -99,6 +114,7 @@ async fn run(
 
 type Spawned = (
     Child,
+    OwnChild,
     Stdin,
     Vec<tokio::task::JoinHandle<()>>,
     Option<std::fs::File>,
@@ -123,7 +139,7 @@ fn spawn(session: &Session, stream: u32, spec: &ExecSpec) -> std::io::Result<Spa
         .or_else(|_| start_argv(id, spec)),
         None => start_argv(id, spec),
     };
-    let (mut child, master, slave) = started?;
+    let (mut child, own, master, slave) = started?;
     let mut readers = Vec::new();
     if let Some(stderr) = child.stderr.take() {
         readers.push(tokio::spawn(forward(
@@ -154,10 +170,15 @@ fn spawn(session: &Session, stream: u32, spec: &ExecSpec) -> std::io::Result<Spa
             Stdin::Pipe(child.stdin.take())
         }
     };
-    Ok((child, stdin, readers, slave))
+    Ok((child, own, stdin, readers, slave))
 }
 
-type Started = (Child, Option<Arc<PtyMaster>>, Option<std::fs::File>);
+type Started = (
+    Child,
+    OwnChild,
+    Option<Arc<PtyMaster>>,
+    Option<std::fs::File>,
+);
 
 /// Starts `spec.argv` as it is.
 fn start_argv(id: u32, spec: &ExecSpec) -> std::io::Result<Started> {
@@ -203,10 +224,9 @@ fn start_process(
         (None, None)
     };
     spawn::in_new_session(&mut cmd, spec.tty);
-    let child = cmd
-        .spawn()
+    let (child, own) = orphans::spawn(&mut cmd)
         .map_err(|e| std::io::Error::new(e.kind(), format!("{arg0}: {e}")))?;
-    Ok((child, master, slave))
+    Ok((child, own, master, slave))
 }
 
 async fn write_input(stdin: &mut Stdin, bytes: Bytes) {

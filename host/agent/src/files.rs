@@ -140,8 +140,8 @@ pub(crate) fn spawn_list(
                     if recursive { "1" } else { "0" }.to_string(),
                     cwd,
                 ];
-                match as_user(args).output().await {
-                    Ok(out) if out.status.success() => serde_json::from_slice(&out.stdout).ok(),
+                match output_as_user(args).await {
+                    Some(out) if out.status.success() => serde_json::from_slice(&out.stdout).ok(),
                     _ => None,
                 }
             }
@@ -184,6 +184,12 @@ fn part_length(entries: &[Entry]) -> usize {
         }
     }
     entries.len()
+}
+
+/// Runs a helper as `user` to its end and collects its output.
+async fn output_as_user(args: Vec<String>) -> Option<std::process::Output> {
+    let (child, _own) = crate::orphans::spawn(&mut as_user(args)).ok()?;
+    child.wait_with_output().await.ok()
 }
 
 fn as_user(args: Vec<String>) -> tokio::process::Command {
@@ -327,7 +333,7 @@ pub(crate) fn spawn_read(
 
 async fn read_as_root(tx: &mpsc::Sender<Frame>, stream: u32, path: &str, cwd: &str) -> Option<()> {
     let full = resolve(Path::new(cwd), path);
-    let file = tokio::fs::File::open(&full).await.ok()?;
+    let file = tokio::fs::File::from_std(open_without_waiting(&full).ok()?);
     let meta = file.metadata().await.ok()?;
     if !meta.is_file() {
         return None;
@@ -342,7 +348,8 @@ async fn read_as_user(
     path: String,
     cwd: String,
 ) -> Option<()> {
-    let mut child = as_user(vec!["read".to_string(), path, cwd]).spawn().ok()?;
+    let (mut child, _own) =
+        crate::orphans::spawn(&mut as_user(vec!["read".to_string(), path, cwd])).ok()?;
     let stdout = child.stdout.take()?;
     let mut reader = tokio::io::BufReader::new(stdout);
     let mut first = String::new();
@@ -388,6 +395,17 @@ async fn send_content(
         .await;
 }
 
+/// Opens a file for reading without waiting on it: opening a FIFO for reading waits for a
+/// writer, which would hold the download (and a helper process) until the gateway gives up; a
+/// FIFO is then refused as not a regular file. Reads of a regular file do not care.
+fn open_without_waiting(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK)
+        .open(path)
+}
+
 /// `__as-user list PATH 0|1 CWD` or `__as-user read PATH CWD`, already running as `user`.
 pub(crate) fn run_as_user(args: &[String]) -> i32 {
     let mut stdout = std::io::stdout().lock();
@@ -401,7 +419,7 @@ pub(crate) fn run_as_user(args: &[String]) -> i32 {
         },
         [op, path, cwd] if op == "read" => {
             let full = resolve(Path::new(cwd), path);
-            let Ok(mut file) = std::fs::File::open(&full) else {
+            let Ok(mut file) = open_without_waiting(&full) else {
                 return 2;
             };
             let Ok(meta) = file.metadata() else { return 2 };

@@ -28,6 +28,7 @@ mod daemon;
 mod environment;
 mod exec;
 mod files;
+mod orphans;
 mod pty;
 mod session;
 mod simple_command;
@@ -96,6 +97,7 @@ fn serve(listen: Listen) -> i32 {
         }
     };
     let result = runtime.block_on(async move {
+        orphans::start_reaping();
         if let Listen::Socket(_) = listen {
             detach_standard_streams();
         }

@@ -3,6 +3,7 @@
 //! gateway connection is current.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -48,10 +49,17 @@ struct State {
     executions: HashMap<u32, Execution>,
 }
 
+/// Input bytes an execution may have waiting for its program to read them. A terminal drops
+/// what its program does not read beyond a few KiB too; this only keeps a client that sends
+/// faster than the program reads from filling the runner's memory (and killing the agent).
+const PENDING_INPUT: usize = 1024 * 1024;
+
 /// An execution the gateway may still ask about.
 struct Execution {
     /// Its input; `None` once it ended.
     input: Option<mpsc::UnboundedSender<Input>>,
+    /// Input bytes passed on and not yet written to the program.
+    pending_input: Arc<AtomicUsize>,
     ended: Option<Instant>,
     journal: Journal,
 }
@@ -214,7 +222,12 @@ impl Session {
 
     /// Registers a running execution; false if the stream id is taken (by a running execution,
     /// or one that ended lately and may still be resumed).
-    pub(crate) fn add_execution(&self, stream: u32, input: mpsc::UnboundedSender<Input>) -> bool {
+    pub(crate) fn add_execution(
+        &self,
+        stream: u32,
+        input: mpsc::UnboundedSender<Input>,
+        pending_input: Arc<AtomicUsize>,
+    ) -> bool {
         let mut state = self.inner.state.lock().unwrap();
         state
             .executions
@@ -237,6 +250,7 @@ impl Session {
             stream,
             Execution {
                 input: Some(input),
+                pending_input,
                 ended: None,
                 journal: Journal::default(),
             },
@@ -253,13 +267,33 @@ impl Session {
         }
     }
 
-    /// Passes input to a running execution; false if there is none on that stream.
+    /// Passes input to a running execution; false if there is none on that stream. Bytes
+    /// beyond [`PENDING_INPUT`] waiting for the program are dropped.
     pub(crate) fn input(&self, stream: u32, input: Input) -> bool {
         let state = self.inner.state.lock().unwrap();
-        match state.executions.get(&stream).and_then(|e| e.input.as_ref()) {
-            Some(tx) => tx.send(input).is_ok(),
-            None => false,
+        let Some(execution) = state.executions.get(&stream) else {
+            return false;
+        };
+        let Some(tx) = execution.input.as_ref() else {
+            return false;
+        };
+        if let Input::Bytes(bytes) = &input {
+            let pending = &execution.pending_input;
+            if pending.load(Ordering::Relaxed) + bytes.len() > PENDING_INPUT {
+                return true;
+            }
+            pending.fetch_add(bytes.len(), Ordering::Relaxed);
         }
+        tx.send(input).is_ok()
+    }
+
+    /// Whether an execution other than `stream` is running.
+    pub(crate) fn others_running(&self, stream: u32) -> bool {
+        let state = self.inner.state.lock().unwrap();
+        state
+            .executions
+            .iter()
+            .any(|(s, e)| *s != stream && e.input.is_some())
     }
 }
 
@@ -276,11 +310,11 @@ mod tests {
         let session = Session::new();
         for stream in 1..=(ENDED_MAX as u32 + 4) {
             let (tx, _rx) = mpsc::unbounded_channel();
-            assert!(session.add_execution(stream, tx));
+            assert!(session.add_execution(stream, tx, Arc::default()));
             session.remove_execution(stream);
         }
         let (tx, _rx) = mpsc::unbounded_channel();
-        assert!(session.add_execution(1000, tx));
+        assert!(session.add_execution(1000, tx, Arc::default()));
         let state = session.inner.state.lock().unwrap();
         assert_eq!(state.executions.len(), ENDED_MAX + 1);
         assert!(

@@ -66,6 +66,10 @@ impl SandboxSpec<'_> {
             "--unshare-user",
             "--unshare-ipc",
             "--unshare-pid",
+            // The agent is the namespace's init: no signal from inside reaches it (a learner's
+            // `kill -9 -1` as root), and every orphan becomes its child (see the agent's
+            // `orphans`). bubblewrap's own init would be a process the agent cannot protect.
+            "--as-pid-1",
             "--unshare-uts",
             "--unshare-cgroup-try",
             "--hostname",
