@@ -442,6 +442,58 @@ async fn exposed_ports_are_forwarded_and_reported() {
     assert_eq!(body, "served from the runner");
 }
 
+/// As in a container, a program finds its runner's limits where runtimes look for them (the
+/// JVM sizes its heap from them): its cgroup is `/` of its own namespace, and the runner's
+/// group is under /sys/fs/cgroup (read-only).
+#[tokio::test]
+async fn a_program_sees_its_runners_memory_limit_as_in_a_container() {
+    let s = Server::start().await;
+    s.environment(1, 1, json!({"memoryLimit": 100})).await;
+    let r = s.claim(1, 60).await;
+    let probe = "cat /proc/self/cgroup; cat /sys/fs/cgroup/memory.max 2>/dev/null || cat /sys/fs/cgroup/memory/memory.limit_in_bytes; (echo x > /sys/fs/cgroup/probe) 2>/dev/null && echo writable; true";
+    let out = s.run(&r, json!({"command": probe})).await;
+    assert_eq!(out.exit(), Some(0), "{:?}", out.messages);
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert!(
+        lines.iter().any(|l| l.trim() == "104857600"),
+        "the limit of 100 MB: {}",
+        out.stdout
+    );
+    for line in lines.iter().filter(|l| l.contains(':')) {
+        assert!(
+            line.trim().ends_with(":/"),
+            "a cgroup of its own namespace: {line}"
+        );
+    }
+    assert!(!out.stdout.contains("writable"), "{}", out.stdout);
+}
+
+/// What the previous test is for: a JVM in a runner sizes its heap from the runner's memory
+/// limit (a quarter by default), not from the host's memory. The JVM reads cgroup v2 (on v1 it
+/// also wants groups the runner does not have); tests/cgroup2/run.sh runs this in its cgroup-v2
+/// VM with a JVM (`POSEIDON_TEST_JAVA`, a jlink'ed runtime under /opt).
+#[tokio::test]
+#[ignore = "needs cgroup v2 and a JVM: tests/cgroup2/run.sh runs it"]
+async fn the_jvm_sizes_its_heap_from_the_runners_memory_limit() {
+    let java = std::env::var("POSEIDON_TEST_JAVA").unwrap_or_else(|_| "java".into());
+    let s = Server::start().await;
+    s.environment(1, 1, json!({"memoryLimit": 100})).await;
+    let r = s.claim(1, 60).await;
+    let command = format!(
+        "{java} -XX:+PrintFlagsFinal -version 2>/dev/null | awk '$2 == \"MaxHeapSize\" {{print $4}}'"
+    );
+    let out = s.run(&r, json!({"command": command})).await;
+    let heap: u64 = out
+        .stdout
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("{:?}", out.messages));
+    assert!(
+        heap <= 100 * 1024 * 1024,
+        "MaxHeapSize {heap} in a 100 MB runner"
+    );
+}
+
 #[tokio::test]
 async fn a_learner_cannot_kill_the_runners_agent() {
     let s = Server::start().await;

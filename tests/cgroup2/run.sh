@@ -29,6 +29,14 @@ dir=$(mktemp -d)
 trap 'rm -rf "$dir"' EXIT
 cp "$target/debug/poseidon" "$target/debug/poseidon-agent" "$dir/"
 while read -r name exe; do cp "$exe" "$dir/test-$name"; done <<<"$bins"
+# A JVM for sandbox's ignored JVM test, which needs cgroup v2 (the VM has no JVM): a runtime of
+# java.base only, made with jlink from this machine's JDK.
+if command -v jlink >/dev/null &&
+  jlink --add-modules java.base --strip-debug --no-man-pages --no-header-files --output "$dir/jre" >/dev/null 2>&1; then
+  echo "the JVM test runs in the VM (a jlink'ed runtime of $(jlink --version))"
+else
+  echo "skipped: the JVM test in the cgroup v2 VM (no jlink on this machine)"
+fi
 cat >"$dir/payload.sh" <<EOS
 #!/bin/sh
 # Inside the VM: the test binaries look for the server where cargo built it.
@@ -47,6 +55,11 @@ status=0
 cd /tmp
 /mnt/host/test-sandbox --test-threads=1 ${VM_TEST_FILTER:-} || status=1
 /mnt/host/test-api --test-threads=1 ${VM_API_FILTER:-local:: runners_survive} || status=1
+if [ -d /mnt/host/jre ]; then
+  cp -a /mnt/host/jre /opt/jre
+  POSEIDON_TEST_JAVA=/opt/jre/bin/java /mnt/host/test-sandbox --ignored --exact \
+    the_jvm_sizes_its_heap_from_the_runners_memory_limit --test-threads=1 || status=1
+fi
 exit \$status
 EOS
 chmod +x "$dir/payload.sh"

@@ -38,6 +38,12 @@ pub const DIRECT_SIMPLE_COMMANDS_ARG: &str = "--direct-simple-commands";
 /// (exit 0), or exits 1 when bash did something else.
 pub const PROBE_BASH_ARG: &str = "--probe-bash";
 
+/// `poseidon-agent --exec-in-cgroups PROCS... -- PROGRAM ARGS...` (run as host root, by the
+/// local backend) moves itself into the cgroups whose `cgroup.procs` files are given, then
+/// becomes PROGRAM: a sandbox started so is born in its runner's cgroups, and the cgroup
+/// namespace it creates is rooted there (as a container's is).
+pub const EXEC_IN_CGROUPS_ARG: &str = "--exec-in-cgroups";
+
 /// The line `poseidon-agent --connect SOCKET` prints once it reached the agent (an exec session
 /// into a container carries the protocol after it; before it, the session's output is an error).
 pub const BRIDGE_BANNER: &str = "poseidon-agent connected";

@@ -16,6 +16,9 @@
 //!                                started by an exec session that ends); returns once it listens
 //! poseidon-agent --connect PATH  carry standard input and output to the agent at PATH (the
 //!                                gateway's long-lived exec session into a container)
+//! poseidon-agent --exec-in-cgroups PROCS... -- PROGRAM ARGS...
+//!                                join the cgroups, then become PROGRAM (the local backend's
+//!                                sandbox launcher, on the host)
 //! ```
 //!
 //! The agent runs as the runner's root inside the runner's namespaces; everything it touches is the
@@ -28,6 +31,7 @@ mod daemon;
 mod environment;
 mod exec;
 mod files;
+mod launch;
 mod orphans;
 mod pty;
 mod session;
@@ -65,6 +69,7 @@ pub fn main_with_args(args: Vec<String>) -> i32 {
             serve(Listen::Daemon(args[2].clone()))
         }
         Some("--connect") if args.len() == 3 => daemon::bridge(&args[2]),
+        Some(poseidon_agent_protocol::EXEC_IN_CGROUPS_ARG) => launch::exec_in_cgroups(&args[2..]),
         Some("--version") => {
             println!("poseidon-agent {}", env!("CARGO_PKG_VERSION"));
             0

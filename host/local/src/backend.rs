@@ -144,12 +144,9 @@ impl LocalBackend {
 fn as_user(setpriv: Option<&Path>, uid: u32, program: &Path) -> tokio::process::Command {
     match setpriv {
         Some(setpriv) => {
-            let mut command = tokio::process::Command::new(setpriv);
-            command
-                .arg(format!("--reuid={uid}"))
-                .arg(format!("--regid={uid}"))
-                .args(["--clear-groups", "--"])
-                .arg(program);
+            let argv = setpriv_argv(setpriv, uid, program);
+            let mut command = tokio::process::Command::new(&argv[0]);
+            command.args(&argv[1..]);
             command
         }
         None => {
@@ -158,6 +155,19 @@ fn as_user(setpriv: Option<&Path>, uid: u32, program: &Path) -> tokio::process::
             command
         }
     }
+}
+
+/// `setpriv … -- PROGRAM`: PROGRAM (its arguments follow) as host uid and gid `uid`, without
+/// supplementary groups.
+fn setpriv_argv(setpriv: &Path, uid: u32, program: &Path) -> Vec<std::ffi::OsString> {
+    vec![
+        setpriv.into(),
+        format!("--reuid={uid}").into(),
+        format!("--regid={uid}").into(),
+        "--clear-groups".into(),
+        "--".into(),
+        program.into(),
+    ]
 }
 
 /// Checks that bubblewrap can start a sandbox as an unprivileged uid, and returns `setpriv` if
@@ -508,16 +518,39 @@ impl Shared {
     ) -> Result<(), String> {
         let uids = sandbox.state.lock().unwrap().uids;
         let user_network = self.network.available();
+        // Born in its cgroups (through the agent as launcher, then setpriv), the sandbox sees
+        // its own limits under /sys/fs/cgroup as a container does; without setpriv it is placed
+        // there after its start and shows none.
+        let procs = sandbox.cgroup.procs_files();
+        let born_in_cgroups = self.setpriv.is_some() && !procs.is_empty();
+        let cgroups = if born_in_cgroups {
+            sandbox.cgroup.sandbox_binds()
+        } else {
+            Vec::new()
+        };
         let spec = SandboxSpec {
             rootfs,
             runner_dir: &sandbox.dir,
             workdir: &self.config.workdir,
             agent: &self.agent,
             bash_probe: self.bash_probe.as_deref(),
+            cgroups: &cgroups,
         };
         let log = std::fs::File::create(sandbox.dir.join("sandbox.log"))
             .map_err(|e| format!("creating the sandbox log: {e}"))?;
-        let mut child = as_user(self.setpriv.as_deref(), uids.0, &self.bwrap)
+        let mut command = match self.setpriv.as_deref() {
+            Some(setpriv) if born_in_cgroups => {
+                let mut command = tokio::process::Command::new(&self.agent);
+                command
+                    .arg(poseidon_agent_protocol::EXEC_IN_CGROUPS_ARG)
+                    .args(&procs)
+                    .arg("--")
+                    .args(setpriv_argv(setpriv, uids.0, &self.bwrap));
+                command
+            }
+            _ => as_user(self.setpriv.as_deref(), uids.0, &self.bwrap),
+        };
+        let mut child = command
             .args(spec.bwrap_args())
             .env_clear()
             .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
@@ -543,9 +576,11 @@ impl Shared {
         // the first execution on the runner whose claim started this one.
         let cgroup = sandbox.cgroup.clone();
         tokio::task::spawn_blocking(move || {
-            cgroup
-                .place(&[monitor_pid, init_pid])
-                .map_err(|e| format!("placing the sandbox in its cgroup: {e}"))?;
+            if !born_in_cgroups {
+                cgroup
+                    .place(&[monitor_pid, init_pid])
+                    .map_err(|e| format!("placing the sandbox in its cgroup: {e}"))?;
+            }
             let map = format!("0 {} 1\n{USER_UID} {} 1\n", uids.0, uids.1);
             for file in ["uid_map", "gid_map"] {
                 std::fs::write(format!("/proc/{init_pid}/{file}"), &map)

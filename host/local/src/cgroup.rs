@@ -8,6 +8,9 @@
 
 use std::path::{Path, PathBuf};
 
+/// Where the cgroup hierarchies are mounted, on the host and inside a sandbox alike.
+const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -33,7 +36,7 @@ pub(crate) struct Limits {
 impl Hierarchy {
     /// Detects the layout and creates the `poseidon` parent groups.
     pub(crate) fn detect(group: &str) -> Self {
-        let root = Path::new("/sys/fs/cgroup");
+        let root = Path::new(CGROUP_ROOT);
         if root.join("cgroup.controllers").exists() {
             let parent = root.join(group);
             if std::fs::create_dir_all(&parent).is_ok() {
@@ -193,6 +196,31 @@ impl RunnerCgroup {
             .and_then(|d| d.file_name())
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default()
+    }
+
+    /// The `cgroup.procs` file of every group of the runner (a process that writes its pid
+    /// there joins the group).
+    pub(crate) fn procs_files(&self) -> Vec<PathBuf> {
+        self.dirs.iter().map(|d| d.join("cgroup.procs")).collect()
+    }
+
+    /// Where each group of the runner appears inside its sandbox, read-only, as in a container:
+    /// `/sys/fs/cgroup` on cgroup v2, `/sys/fs/cgroup/CONTROLLER` on v1.
+    pub(crate) fn sandbox_binds(&self) -> Vec<(PathBuf, String)> {
+        let root = Path::new(CGROUP_ROOT);
+        let unified = root.join("cgroup.controllers").exists();
+        self.dirs
+            .iter()
+            .filter_map(|dir| {
+                let inside = if unified {
+                    CGROUP_ROOT.to_string()
+                } else {
+                    let controller = dir.strip_prefix(root).ok()?.components().next()?;
+                    format!("{CGROUP_ROOT}/{}", controller.as_os_str().to_str()?)
+                };
+                Some((dir.clone(), inside))
+            })
+            .collect()
     }
 
     /// Moves processes into every group of the runner (as root).

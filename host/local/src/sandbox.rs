@@ -53,6 +53,9 @@ pub(crate) struct SandboxSpec<'a> {
     /// What `poseidon-agent --probe-bash` printed for the host's bash, if it allows plain
     /// commands to start without bash (used only when the sandbox shows the host's system).
     pub(crate) bash_probe: Option<&'a str>,
+    /// The runner's cgroup directories on the host and where each appears inside, read-only
+    /// (only for a sandbox born in them, whose cgroup namespace is rooted there).
+    pub(crate) cgroups: &'a [(PathBuf, String)],
 }
 
 impl SandboxSpec<'_> {
@@ -106,6 +109,25 @@ impl SandboxSpec<'_> {
         }
         let mut push = |items: &[&str]| a.extend(items.iter().map(OsString::from));
         push(&["--proc", "/proc", "--dev", "/dev"]);
+        if self.rootfs.is_none() && !self.cgroups.is_empty() {
+            // Made by bubblewrap on its tmpfs root, with the server's umask otherwise.
+            for dir in ["/sys", "/sys/fs", "/sys/fs/cgroup"] {
+                a.extend(["--perms", "0755", "--dir", dir].map(OsString::from));
+            }
+        }
+        for (host, inside) in self.cgroups {
+            // An image without the mount point stays without (its root is read-only).
+            let fits = self
+                .rootfs
+                .is_none_or(|root| root.join(inside.trim_start_matches('/')).is_dir());
+            if fits {
+                a.extend([
+                    OsString::from("--ro-bind"),
+                    host.into(),
+                    OsString::from(inside),
+                ]);
+            }
+        }
         let mut bind = |kind: &str, from: PathBuf, to: &str| {
             a.push(kind.into());
             a.push(from.into());
@@ -194,6 +216,7 @@ mod tests {
             workdir: "/workspace",
             agent: Path::new("/state/agent"),
             bash_probe: None,
+            cgroups: &[],
         };
         let args: Vec<String> = spec
             .bwrap_args()
