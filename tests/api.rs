@@ -1,38 +1,13 @@
 //! The Poseidon API end to end: every route over HTTP and the execution WebSocket, against the
 //! real server on the local backend.
 
+#[macro_use]
 mod support;
 
 use std::time::Duration;
 
 use serde_json::{json, Value};
 use support::{eventually, host_processes_with, status_and_json, Backend, Options, Server, Ws};
-
-/// Runs each named scenario once per backend, with the same assertions.
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod local {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() {
-                super::$name(super::Backend::Local).await
-            })*
-        }
-        mod nomad {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() {
-                super::$name(super::Backend::Nomad).await
-            })*
-        }
-        mod real_nomad {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            #[ignore = "needs a real Nomad: NOMAD_ADDR=http://127.0.0.1:4646 cargo test -- --ignored real_nomad"]
-            async fn $name() {
-                super::support::require_real_nomad(stringify!($name));
-                super::$name(super::Backend::RealNomad).await
-            })*
-        }
-    };
-}
 
 on_both_backends!(
     health_and_version_are_open_everything_else_needs_the_token,

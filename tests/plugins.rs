@@ -1,6 +1,7 @@
 //! Policy plugins end to end: the real server with WebAssembly plugins from `plugins/`
 //! (build them first with `plugins/build.sh`), driven over HTTP like CodeOcean does.
 
+#[macro_use]
 mod support;
 
 use std::path::{Path, PathBuf};
@@ -9,7 +10,11 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use hmac::{KeyInit, Mac};
 use serde_json::{json, Value};
-use support::{eventually, status_and_json, Options, Server};
+use support::{eventually, status_and_json, Backend, Options, Server};
+
+/// Runners claimed by tenants across a restart of the server.
+#[path = "plugins/restart.rs"]
+mod restart;
 
 /// A built example plugin.
 fn plugin(name: &str) -> PathBuf {
@@ -85,11 +90,23 @@ async fn run_until_it_prints(s: &Server, runner: &str, from: &str, to: &str) {
 }
 
 async fn server_with_plugins(dir: &Path, entries_yaml: &str) -> Server {
-    Server::start_with(Options {
-        extra_yaml: format!(
-            "plugins:\n  directory: {}\n  limits:\n    callTimeoutMs: 30000\n    epochDeadlineTicks: 1000\n  entries:\n{entries_yaml}",
-            dir.display()
-        ),
+    Server::start_with(plugin_options(Backend::Local, dir, entries_yaml)).await
+}
+
+/// The `plugins:` section with the plugins of `dir` and `entries_yaml` (the lines of its
+/// `entries:`).
+fn plugins_yaml(dir: &Path, entries_yaml: &str) -> String {
+    format!(
+        "plugins:\n  directory: {}\n  limits:\n    callTimeoutMs: 30000\n    epochDeadlineTicks: 1000\n  entries:\n{entries_yaml}",
+        dir.display()
+    )
+}
+
+/// Options of a server on `backend` with [`plugins_yaml`].
+fn plugin_options(backend: Backend, dir: &Path, entries_yaml: &str) -> Options {
+    Options {
+        backend,
+        extra_yaml: plugins_yaml(dir, entries_yaml),
         // Cranelift's debug log (every function it compiles) makes starting with a large
         // plugin slow on a busy machine; the server's own debug log stays on.
         env: vec![(
@@ -97,8 +114,7 @@ async fn server_with_plugins(dir: &Path, entries_yaml: &str) -> Server {
             "debug,cranelift_codegen=info,wasmtime_internal_cranelift=info,wasmtime=info".into(),
         )],
         ..Options::default()
-    })
-    .await
+    }
 }
 
 fn sign(claims: Value, key: &[u8]) -> String {
@@ -647,6 +663,21 @@ fn codeocean(token: &str) -> reqwest::Client {
         .unwrap()
 }
 
+/// Claims a runner of the environment as `client` (a tenant) and returns its id.
+async fn claim_as(s: &Server, client: &reqwest::Client, env: u64, inactivity: i64) -> String {
+    let (status, body) = status_and_json(
+        client
+            .post(s.url("/runners"))
+            .json(&json!({"executionEnvironmentId": env, "inactivityTimeout": inactivity}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    body["runnerId"].as_str().unwrap().to_string()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_poseidon_token_per_institution_with_an_observer_watching() {
     let dir = plugin_dir(&[
@@ -667,16 +698,7 @@ async fn one_poseidon_token_per_institution_with_an_observer_watching() {
     let tum = codeocean("tum-token");
 
     // Unmodified CodeOcean: only the Poseidon-Token says which institution calls.
-    let (status, body) = status_and_json(
-        hpi.post(s.url("/runners"))
-            .json(&json!({"executionEnvironmentId": 12, "inactivityTimeout": 60}))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
-    assert_eq!(status, 200, "{body}");
-    let runner = body["runnerId"].as_str().unwrap().to_string();
+    let runner = claim_as(&s, &hpi, 12, 60).await;
     let files = s.url(&format!("/runners/{runner}/files"));
     assert_eq!(hpi.get(&files).send().await.unwrap().status(), 200);
     assert_eq!(tum.get(&files).send().await.unwrap().status(), 410);

@@ -13,6 +13,35 @@ use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
+/// Runs each named scenario (an `async fn(Backend)` of the invoking module) once per backend,
+/// with the same assertions: `local::*`, `nomad::*` over the emulator, and `real_nomad::*`,
+/// ignored unless asked for with `NOMAD_ADDR` set.
+#[allow(unused_macros)]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod local {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                super::$name($crate::support::Backend::Local).await
+            })*
+        }
+        mod nomad {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                super::$name($crate::support::Backend::Nomad).await
+            })*
+        }
+        mod real_nomad {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            #[ignore = "needs a real Nomad: NOMAD_ADDR=http://127.0.0.1:4646 cargo test -- --ignored real_nomad"]
+            async fn $name() {
+                $crate::support::require_real_nomad(stringify!($name));
+                super::$name($crate::support::Backend::RealNomad).await
+            })*
+        }
+    };
+}
+
 /// The token every test server is configured with.
 pub const TOKEN: &str = "test-token";
 
@@ -476,11 +505,59 @@ impl Server {
 
     /// Kills the server with SIGKILL and starts it again on the same state.
     pub async fn kill_and_restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// Kills the server with SIGKILL (its runners live on); [`Server::start_again`] starts it on
+    /// the same state, e.g. after a change of its configuration file.
+    pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// Starts a killed server again on the same state and configuration file.
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "the server still runs");
         self.spawn();
+    }
+
+    /// The claim the backend recorded durably for a runner (where a restarted server reads it):
+    /// `None` while none is recorded, else `Some(owner)`. Local backend: the runner's
+    /// `runner.json`; Nomad: its job's config meta.
+    pub async fn recorded_claim(&self, runner: &str) -> Option<Option<String>> {
+        let (claimed, owner) = match self.backend {
+            Backend::Local => {
+                let path = self
+                    .state
+                    .join("state/runners")
+                    .join(runner)
+                    .join("runner.json");
+                let text = std::fs::read_to_string(path).ok()?;
+                let state: Value = serde_json::from_str(&text).ok()?;
+                (!state["claimed"].is_null(), state["owner"].clone())
+            }
+            Backend::Nomad | Backend::RealNomad => {
+                let path = format!("/v1/job/{runner}");
+                let request = match &self.real_nomad {
+                    Some(real) => real
+                        .request(reqwest::Method::GET, &path)
+                        .query(&[("namespace", real.namespace.as_str())]),
+                    None => reqwest::Client::new()
+                        .get(format!("{}{path}", self.emulator_url().unwrap())),
+                };
+                let job: Value = request.send().await.ok()?.json().await.ok()?;
+                let config = job["TaskGroups"]
+                    .as_array()?
+                    .iter()
+                    .find(|g| g["Name"] == "config")?;
+                let meta = &config["Meta"];
+                (meta["used"] == "true", meta["owner"].clone())
+            }
+        };
+        claimed.then(|| owner.as_str().map(str::to_string))
     }
 
     /// `base` + path.
@@ -793,10 +870,16 @@ pub struct Ws {
 impl Ws {
     /// Connects with the token header.
     pub async fn connect(url: &str) -> Self {
+        Self::connect_with_token(url, TOKEN).await
+    }
+
+    /// Connects with `token` as the `Poseidon-Token` (a tenant's, with an authenticator that
+    /// reads tokens).
+    pub async fn connect_with_token(url: &str, token: &str) -> Self {
         let mut request = url.into_client_request().unwrap();
         request
             .headers_mut()
-            .insert("Poseidon-Token", TOKEN.parse().unwrap());
+            .insert("Poseidon-Token", token.parse().unwrap());
         let (stream, _) = tokio_tungstenite::connect_async(request)
             .await
             .expect("websocket connect");

@@ -148,12 +148,24 @@ pub enum BackendEvent {
     EnvironmentsChanged,
 }
 
+/// What a backend records about a claimed runner, so that a restarted gateway gives the runner
+/// back to the client that claimed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    /// Inactivity timeout in seconds (0 or less: none).
+    pub inactivity_timeout: i64,
+    /// Who claimed it, an opaque name the backend keeps and gives back unchanged (the tenant an
+    /// authenticator named); `None` when the claim named nobody, and for claims recorded by a
+    /// version that did not record owners.
+    pub owner: Option<String>,
+}
+
 /// A runner that survived a restart of the gateway.
 pub struct RecoveredRunner {
     /// The runner.
     pub runner: Arc<dyn RunnerBackend>,
-    /// `Some(inactivity timeout in seconds)` if it was claimed; `None` if it is idle.
-    pub claimed: Option<i64>,
+    /// `Some(the claim)` if it was claimed; `None` if it is idle.
+    pub claimed: Option<Claim>,
 }
 
 /// Stores environments and creates runners.
@@ -204,8 +216,9 @@ pub trait RunnerBackend: Send + Sync + 'static {
         Vec::new()
     }
 
-    /// Records that the runner is claimed (with its inactivity timeout) or idle again.
-    async fn mark_claimed(&self, _inactivity_timeout: Option<i64>) -> Result<(), BackendError> {
+    /// Records durably that the runner is claimed (`Some`) or idle again (`None`), so that
+    /// [`Backend::recover_runners`] can give the claim back after a restart.
+    async fn mark_claimed(&self, _claim: Option<Claim>) -> Result<(), BackendError> {
         Ok(())
     }
 

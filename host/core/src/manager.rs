@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
-use crate::backend::{Backend, BackendEvent, RunnerBackend};
+use crate::backend::{Backend, BackendEvent, Claim, RunnerBackend};
 use crate::environment::EnvironmentConfig;
 use crate::error::CoreError;
 use crate::ids::{EnvironmentId, RunnerId};
@@ -162,10 +162,10 @@ impl Manager {
                     match r.claimed {
                         // A new environment is not shut down: the runner always joins.
                         None => drop(env.add_idle(r.runner)),
-                        Some(timeout) => {
-                            let timeout =
-                                (timeout > 0).then(|| Duration::from_secs(timeout as u64));
-                            self.adopt_claimed(config.id, r.runner, timeout, None);
+                        Some(claim) => {
+                            let timeout = (claim.inactivity_timeout > 0)
+                                .then(|| Duration::from_secs(claim.inactivity_timeout as u64));
+                            self.adopt_claimed(config.id, r.runner, timeout, claim.owner);
                         }
                     }
                 }
@@ -353,7 +353,8 @@ impl Manager {
         let _ = tokio::time::timeout(DESTROY_WAIT, futures::future::join_all(destroys)).await;
     }
 
-    /// Claims an idle runner of the environment.
+    /// Claims an idle runner of the environment for `owner` (the tenant, when an authenticator
+    /// is in place); the backend records the claim, owner included, in the background.
     pub fn claim(
         &self,
         environment: EnvironmentId,
@@ -372,6 +373,10 @@ impl Manager {
             Some(why) => CoreError::PoolFailing(why),
             None => CoreError::PoolEmpty,
         })?;
+        let claim = Claim {
+            inactivity_timeout: inactivity_timeout.map(|d| d.as_secs() as i64).unwrap_or(0),
+            owner: owner.clone(),
+        };
         let runner = Arc::new(Runner::new(environment, backend, inactivity_timeout, owner));
         {
             let mut runners = self.inner.runners.write().unwrap();
@@ -388,10 +393,9 @@ impl Manager {
             runners.insert(runner.id().clone(), Arc::clone(&runner));
             used_point(&runner, true, runners.len());
         }
-        let timeout_secs = inactivity_timeout.map(|d| d.as_secs() as i64).unwrap_or(0);
         let marker = Arc::clone(runner.backend());
         tokio::spawn(async move {
-            if let Err(e) = marker.mark_claimed(Some(timeout_secs)).await {
+            if let Err(e) = marker.mark_claimed(Some(claim)).await {
                 tracing::warn!(runner = %marker.id(), error = %e, "could not record the claim");
             }
         });

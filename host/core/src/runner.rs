@@ -95,7 +95,9 @@ impl Runner {
         self.environment
     }
 
-    /// The tenant that claimed it, when an authenticator is in place.
+    /// The tenant that claimed it, when an authenticator is in place; recorded with the claim, so
+    /// a runner recovered after a restart keeps it. `None` for a claim without an authenticator,
+    /// or one a version that recorded no owners made before the restart.
     pub fn owner(&self) -> Option<&str> {
         self.owner.as_deref()
     }

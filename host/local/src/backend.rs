@@ -496,6 +496,7 @@ impl Shared {
                 network_pid: None,
                 ports: Vec::new(),
                 claimed: None,
+                owner: None,
             }),
             shared: Arc::clone(self),
             destroyed: AtomicBool::new(false),
@@ -777,7 +778,7 @@ impl Backend for LocalBackend {
             let channel: Arc<dyn Sandbox> = sandbox.clone();
             match AgentRunner::connect(&channel).await {
                 Ok(client) => {
-                    tracing::info!(runner = %id, claimed = state.claimed.is_some(), "recovered a runner");
+                    tracing::info!(runner = %id, claimed = state.claimed.is_some(), owner = ?state.owner, "recovered a runner");
                     self.shared.supervise(Arc::clone(&sandbox));
                     recovered.push(RecoveredRunner {
                         runner: Arc::new(AgentRunner::new(
@@ -785,7 +786,7 @@ impl Backend for LocalBackend {
                             Some(client),
                             self.shared.file_timeout(),
                         )),
-                        claimed: state.claimed,
+                        claimed: state.claim(),
                     });
                 }
                 Err(e) => {

@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use poseidon_core::agent::{Sandbox, SandboxChannel};
-use poseidon_core::backend::{BackendError, MappedPort};
+use poseidon_core::backend::{BackendError, Claim, MappedPort};
 use poseidon_core::RunnerId;
 
 use crate::backend::Shared;
@@ -65,10 +65,10 @@ impl Sandbox for LocalSandbox {
             .collect()
     }
 
-    async fn mark_claimed(&self, inactivity_timeout: Option<i64>) -> Result<(), BackendError> {
+    async fn mark_claimed(&self, claim: Option<Claim>) -> Result<(), BackendError> {
         let state = {
             let mut state = self.state.lock().unwrap();
-            state.claimed = inactivity_timeout;
+            state.set_claim(claim);
             state.clone()
         };
         state

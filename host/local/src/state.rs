@@ -3,6 +3,7 @@
 
 use std::path::Path;
 
+use poseidon_core::backend::Claim;
 use poseidon_core::EnvironmentId;
 
 /// A port of the runner forwarded from the host.
@@ -33,6 +34,10 @@ pub(crate) struct RunnerState {
     pub(crate) ports: Vec<ForwardedPort>,
     /// `Some(inactivity timeout)` while claimed.
     pub(crate) claimed: Option<i64>,
+    /// Who claimed it (core's opaque owner), while claimed by someone. Absent in the files of
+    /// versions that recorded no owners, and left out when there is none, as they wrote it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) owner: Option<String>,
 }
 
 impl RunnerState {
@@ -52,9 +57,82 @@ impl RunnerState {
         tokio::fs::rename(&tmp, dir.join("runner.json")).await
     }
 
+    /// The claim it records, if it is claimed.
+    pub(crate) fn claim(&self) -> Option<Claim> {
+        self.claimed.map(|inactivity_timeout| Claim {
+            inactivity_timeout,
+            owner: self.owner.clone(),
+        })
+    }
+
+    /// Records `claim` (or that the runner is idle again).
+    pub(crate) fn set_claim(&mut self, claim: Option<Claim>) {
+        let (claimed, owner) = match claim {
+            Some(c) => (Some(c.inactivity_timeout), c.owner),
+            None => (None, None),
+        };
+        self.claimed = claimed;
+        self.owner = owner;
+    }
+
     /// Reads `runner.json` from a runner's directory.
     pub(crate) fn load(dir: &Path) -> Option<Self> {
         let bytes = std::fs::read(dir.join("runner.json")).ok()?;
         serde_json::from_slice(&bytes).ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> RunnerState {
+        RunnerState {
+            environment: 7,
+            uids: (300_000, 300_001),
+            mounted: true,
+            monitor_pid: 10,
+            init_pid: 11,
+            network_pid: None,
+            ports: Vec::new(),
+            claimed: None,
+            owner: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_claim_keeps_its_owner_across_a_save_and_a_load() {
+        let dir = std::env::temp_dir().join(format!("poseidon-state-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut s = state();
+        let claim = Claim {
+            inactivity_timeout: 60,
+            owner: Some("hpi".into()),
+        };
+        s.set_claim(Some(claim.clone()));
+        s.save(&dir).await.unwrap();
+        let loaded = RunnerState::load(&dir).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(loaded.claim(), Some(claim));
+        let mut idle = loaded;
+        idle.set_claim(None);
+        assert_eq!((idle.claimed, idle.owner), (None, None));
+    }
+
+    #[test]
+    fn a_file_of_a_version_without_owners_reads_as_an_ownerless_claim() {
+        let old = r#"{"environment":7,"uids":[300000,300001],"mounted":true,"monitor_pid":10,
+            "init_pid":11,"network_pid":null,"ports":[],"claimed":60}"#;
+        let s: RunnerState = serde_json::from_str(old).unwrap();
+        assert_eq!(
+            s.claim(),
+            Some(Claim {
+                inactivity_timeout: 60,
+                owner: None
+            })
+        );
+        // And an ownerless claim is written as that version wrote it.
+        let written = serde_json::to_value(&s).unwrap();
+        assert!(written.get("owner").is_none(), "{written}");
     }
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use poseidon_core::agent::{Sandbox, SandboxChannel};
-use poseidon_core::backend::{BackendError, MappedPort};
+use poseidon_core::backend::{BackendError, Claim, MappedPort};
 use poseidon_core::RunnerId;
 use tokio::sync::OnceCell;
 
@@ -163,8 +163,8 @@ impl Sandbox for NomadRunner {
         self.current_ports()
     }
 
-    async fn mark_claimed(&self, inactivity_timeout: Option<i64>) -> Result<(), BackendError> {
-        self.record_claim(inactivity_timeout).await
+    async fn mark_claimed(&self, claim: Option<Claim>) -> Result<(), BackendError> {
+        self.record_claim(claim).await
     }
 
     async fn connect(&self) -> Result<SandboxChannel, BackendError> {

@@ -331,12 +331,7 @@ impl Backend for NomadBackend {
                 .allocation(first["ID"].as_str().unwrap_or(""))
                 .await?;
             crate::monitoring::seeded(&mut self.shared.tracker.lock().unwrap(), &alloc);
-            let claimed = (meta.get("used").and_then(|v| v.as_str()) == Some("true")).then(|| {
-                meta.get("timeout")
-                    .and_then(|v| v.as_str())
-                    .and_then(|t| t.parse::<i64>().ok())
-                    .unwrap_or(60)
-            });
+            let claimed = jobs::recorded_claim(&meta);
             let runner = self.runner(RunnerId::from_raw(id), &alloc);
             out.push(RecoveredRunner {
                 // The agent is reached (or started again) on the runner's next operation.

@@ -1,5 +1,6 @@
 //! Template and runner job JSON (poseidon-behavior.md §4) and the reverse mapping (§4.6).
 
+use poseidon_core::backend::Claim;
 use poseidon_core::{EnvironmentConfig, EnvironmentId};
 use serde_json::{json, Map, Value};
 
@@ -199,6 +200,33 @@ pub fn config_meta(job: &Value) -> Option<&Map<String, Value>> {
     group(job, CONFIG_GROUP)?.get("Meta")?.as_object()
 }
 
+/// Records a runner's claim in its config group's meta, as Poseidon does (`used`, `timeout`), and
+/// its owner (`owner`, only when the claim names one); `None` marks it idle again. Other keys stay.
+pub fn record_claim(meta: &mut Map<String, Value>, claim: Option<&Claim>) {
+    meta.insert("used".into(), json!(claim.is_some().to_string()));
+    match claim {
+        Some(claim) => meta.insert(
+            "timeout".into(),
+            json!(claim.inactivity_timeout.to_string()),
+        ),
+        None => meta.remove("timeout"),
+    };
+    match claim.and_then(|c| c.owner.as_ref()) {
+        Some(owner) => meta.insert("owner".into(), json!(owner)),
+        None => meta.remove("owner"),
+    };
+}
+
+/// The claim a runner job's config meta records (see [`record_claim`]): `None` if it is idle. A
+/// claim without `owner` (also one Poseidon or an earlier version recorded) names nobody.
+pub fn recorded_claim(meta: &Map<String, Value>) -> Option<Claim> {
+    let text = |key: &str| meta.get(key).and_then(Value::as_str);
+    (text("used") == Some("true")).then(|| Claim {
+        inactivity_timeout: text("timeout").and_then(|t| t.parse().ok()).unwrap_or(60),
+        owner: text("owner").map(str::to_string),
+    })
+}
+
 /// Reads the environment back from a template job (§4.6).
 pub fn environment_from_job(job: &Value) -> Option<EnvironmentConfig> {
     let id = environment_of_template(job["ID"].as_str()?)?;
@@ -325,5 +353,48 @@ mod tests {
             "sleep"
         );
         assert_eq!(environment_from_job(&job), Some(env));
+    }
+
+    #[test]
+    fn a_claim_and_its_owner_are_recorded_in_the_meta_and_read_back() {
+        let mut meta = Map::new();
+        meta.insert("image".into(), json!("python"));
+        assert_eq!(recorded_claim(&meta), None);
+        let claim = Claim {
+            inactivity_timeout: 90,
+            owner: Some("hpi".into()),
+        };
+        record_claim(&mut meta, Some(&claim));
+        assert_eq!(
+            Value::Object(meta.clone()),
+            json!({"image": "python", "used": "true", "timeout": "90", "owner": "hpi"})
+        );
+        assert_eq!(recorded_claim(&meta), Some(claim));
+        // Claimed again by nobody in particular, then idle: no owner is left behind.
+        let ownerless = Claim {
+            inactivity_timeout: 0,
+            owner: None,
+        };
+        record_claim(&mut meta, Some(&ownerless));
+        assert_eq!(recorded_claim(&meta), Some(ownerless));
+        record_claim(&mut meta, None);
+        assert_eq!(
+            Value::Object(meta.clone()),
+            json!({"image": "python", "used": "false"})
+        );
+        assert_eq!(recorded_claim(&meta), None);
+    }
+
+    #[test]
+    fn a_claim_recorded_without_an_owner_names_nobody() {
+        // As Poseidon and versions before owners were recorded left it.
+        let meta = json!({"used": "true", "timeout": "30"});
+        assert_eq!(
+            recorded_claim(meta.as_object().unwrap()),
+            Some(Claim {
+                inactivity_timeout: 30,
+                owner: None
+            })
+        );
     }
 }

@@ -4,11 +4,12 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
 use poseidon_core::backend::{
-    BackendError, ExecProcess, ExecRequest, FileDownload, ListRequest, MappedPort, RunnerBackend,
+    BackendError, Claim, ExecProcess, ExecRequest, FileDownload, ListRequest, MappedPort,
+    RunnerBackend,
 };
 use poseidon_core::files::{build_tar, FileEntry, FileUpdate};
 use poseidon_core::RunnerId;
-use serde_json::{json, Value};
+use serde_json::Value;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -17,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::api::NomadClient;
 use crate::backend::Shared;
 use crate::exec::{self, Frame};
-use crate::jobs::CONFIG_GROUP;
+use crate::jobs::{self, CONFIG_GROUP};
 
 /// How long an operation waits for a runner's restarted allocation to run again.
 const ALLOCATION_WAIT: Duration = Duration::from_secs(30);
@@ -168,11 +169,9 @@ impl NomadRunner {
         ports.get(self.id.as_str()).cloned().unwrap_or_default()
     }
 
-    /// Records in the runner's job that it is claimed (with its inactivity timeout) or idle.
-    pub(crate) async fn record_claim(
-        &self,
-        inactivity_timeout: Option<i64>,
-    ) -> Result<(), BackendError> {
+    /// Records in the runner's job that it is claimed (with its inactivity timeout and owner) or
+    /// idle.
+    pub(crate) async fn record_claim(&self, claim: Option<Claim>) -> Result<(), BackendError> {
         let purged = self.job_lock.lock().await;
         if *purged {
             return Ok(());
@@ -184,13 +183,11 @@ impl NomadRunner {
                 self.id
             )));
         };
-        let meta = match inactivity_timeout {
-            Some(t) => json!({"used": "true", "timeout": t.to_string()}),
-            None => json!({"used": "false"}),
-        };
         if let Some(groups) = job["TaskGroups"].as_array_mut() {
             for g in groups.iter_mut().filter(|g| g["Name"] == CONFIG_GROUP) {
-                g["Meta"] = meta.clone();
+                let mut meta = g["Meta"].as_object().cloned().unwrap_or_default();
+                jobs::record_claim(&mut meta, claim.as_ref());
+                g["Meta"] = Value::Object(meta);
             }
         }
         client.register(&job).await?;
@@ -230,8 +227,8 @@ impl RunnerBackend for NomadRunner {
         self.current_ports()
     }
 
-    async fn mark_claimed(&self, inactivity_timeout: Option<i64>) -> Result<(), BackendError> {
-        self.record_claim(inactivity_timeout).await
+    async fn mark_claimed(&self, claim: Option<Claim>) -> Result<(), BackendError> {
+        self.record_claim(claim).await
     }
 
     async fn execute(&self, request: &ExecRequest) -> Result<ExecProcess, BackendError> {

@@ -4,7 +4,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use nomad_emulator::{Emulator, EmulatorConfig};
 use poseidon_core::backend::{
-    Backend, BackendError, BackendEvent, ExecRequest, ListRequest, LostReason, ProcessEvent,
+    Backend, BackendError, BackendEvent, Claim, ExecRequest, ListRequest, LostReason, ProcessEvent,
     RunnerBackend,
 };
 use poseidon_core::files::{FileCopy, FileUpdate};
@@ -239,12 +239,16 @@ async fn files_are_copied_listed_and_downloaded() {
 }
 
 #[tokio::test]
-async fn claimed_runners_are_recovered_with_their_timeout() {
+async fn claimed_runners_are_recovered_with_their_timeout_and_owner() {
     let (_emu, backend) = setup().await;
     let e = env(11);
     let id = RunnerId::generate(11);
     let runner = backend.create_runner(&e, id.clone()).await.unwrap();
-    runner.mark_claimed(Some(30)).await.unwrap();
+    let claim = Claim {
+        inactivity_timeout: 30,
+        owner: Some("hpi".into()),
+    };
+    runner.mark_claimed(Some(claim.clone())).await.unwrap();
     let other = backend
         .create_runner(&e, RunnerId::generate(11))
         .await
@@ -252,7 +256,7 @@ async fn claimed_runners_are_recovered_with_their_timeout() {
     let recovered = backend.recover_runners(&e).await.unwrap();
     assert_eq!(recovered.len(), 2);
     let mine = recovered.iter().find(|r| r.runner.id() == &id).unwrap();
-    assert_eq!(mine.claimed, Some(30));
+    assert_eq!(mine.claimed, Some(claim));
     let idle = recovered
         .iter()
         .find(|r| r.runner.id() == other.id())

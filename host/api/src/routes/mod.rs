@@ -34,10 +34,18 @@ pub(crate) fn runner(
     principal: Option<&Principal>,
 ) -> Result<Arc<Runner>, ApiError> {
     let runner = state.manager.runner(&RunnerId::from_raw(id))?;
-    if let Some(principal) = principal {
-        if runner.owner() != Some(principal.tenant.as_str()) {
-            return Err(poseidon_core::CoreError::RunnerGone.into());
-        }
+    if principal.is_some_and(|p| !visible(&runner, p)) {
+        return Err(poseidon_core::CoreError::RunnerGone.into());
     }
     Ok(runner)
+}
+
+/// Whether the principal may use the runner: its owner may; a runner without one (claimed
+/// before a restart by a version that recorded no owners, or while no authenticator was
+/// configured) is left to every tenant that may use its environment, as it was before.
+fn visible(runner: &Runner, principal: &Principal) -> bool {
+    match runner.owner() {
+        Some(owner) => owner == principal.tenant,
+        None => principal.may_use(runner.environment()),
+    }
 }

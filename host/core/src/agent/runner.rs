@@ -11,7 +11,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::client::{AgentClient, AgentError, Connector, ExecSpec};
 use crate::backend::{
-    BackendError, ExecProcess, ExecRequest, FileDownload, ListRequest, MappedPort, RunnerBackend,
+    BackendError, Claim, ExecProcess, ExecRequest, FileDownload, ListRequest, MappedPort,
+    RunnerBackend,
 };
 use crate::files::{build_tar, FileEntry, FileUpdate};
 use crate::ids::RunnerId;
@@ -39,8 +40,8 @@ pub trait Sandbox: Send + Sync + 'static {
         Vec::new()
     }
 
-    /// Records that the runner is claimed (with its inactivity timeout) or idle again.
-    async fn mark_claimed(&self, _inactivity_timeout: Option<i64>) -> Result<(), BackendError> {
+    /// Records durably that the runner is claimed (`Some`) or idle again (`None`).
+    async fn mark_claimed(&self, _claim: Option<Claim>) -> Result<(), BackendError> {
         Ok(())
     }
 
@@ -141,8 +142,8 @@ impl RunnerBackend for AgentRunner {
         self.sandbox.mapped_ports()
     }
 
-    async fn mark_claimed(&self, inactivity_timeout: Option<i64>) -> Result<(), BackendError> {
-        self.sandbox.mark_claimed(inactivity_timeout).await
+    async fn mark_claimed(&self, claim: Option<Claim>) -> Result<(), BackendError> {
+        self.sandbox.mark_claimed(claim).await
     }
 
     async fn execute(&self, request: &ExecRequest) -> Result<ExecProcess, BackendError> {
