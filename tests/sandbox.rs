@@ -258,6 +258,14 @@ async fn memory_processes_and_disk_are_bounded_per_runner() {
     .await;
     s.environment(1, 1, json!({"memoryLimit": 64})).await;
     let r = s.claim(1, 60).await;
+    // Out of memory, the kernel picks the learner's processes, all of them, before the agent.
+    let out = s
+        .run(
+            &r,
+            json!({"command": "cat /proc/self/oom_score_adj; (cat /proc/self/oom_score_adj) | cat"}),
+        )
+        .await;
+    assert_eq!(out.stdout, "1000\r\n1000\r\n");
     let out = s
         .run(
             &r,

@@ -74,9 +74,6 @@ async fn run(
 ) -> std::io::Result<i32> {
     let (mut child, _own, stdin, mut readers, slave) = spawn(session, stream, &spec)?;
     let pid = child.id().unwrap_or(0);
-    // Should the runner run out of memory, the kernel ends the learner's processes, not the
-    // agent (which would take the runner with it). Children inherit it.
-    let _ = std::fs::write(format!("/proc/{pid}/oom_score_adj"), "1000");
     session
         .send(Frame::control(stream, &Reply::Started { pid }))
         .await;

@@ -1,5 +1,6 @@
 //! Starting an execution's process: one `fork` + `exec` of the program itself, in a session of its
-//! own, with the terminal (if any) as its controlling terminal, as the requested user.
+//! own, with the terminal (if any) as its controlling terminal, the first to go when the runner
+//! runs out of memory, as the requested user.
 //!
 //! This is the agent's only `unsafe` code. The standard library sets the user, group, working
 //! directory and standard streams safely; a new session and a controlling terminal have no safe
@@ -17,6 +18,25 @@ use std::os::unix::process::CommandExt;
 pub(crate) fn in_new_session(command: &mut tokio::process::Command, terminal: bool) {
     let hook = move || -> std::io::Result<()> {
         nix::unistd::setsid()?;
+        // Should the runner run out of memory, the kernel ends the learner's processes, not the
+        // agent (which would take the runner with it); set before the program runs, so that
+        // every process it starts inherits it. Raising it needs no privilege; a failure only
+        // leaves the default.
+        // SAFETY: prctl(2), open(2), write(2) and close(2) are async-signal-safe system calls;
+        // the path and the bytes are static, nothing is allocated.
+        unsafe {
+            // The uid switch just made the process non-dumpable, which gives its /proc files
+            // to root; exec makes it dumpable again anyway.
+            nix::libc::prctl(nix::libc::PR_SET_DUMPABLE, 1);
+            let fd = nix::libc::open(
+                c"/proc/self/oom_score_adj".as_ptr(),
+                nix::libc::O_WRONLY | nix::libc::O_CLOEXEC,
+            );
+            if fd >= 0 {
+                nix::libc::write(fd, b"1000".as_ptr().cast(), 4);
+                nix::libc::close(fd);
+            }
+        }
         if terminal {
             // SAFETY: ioctl(2) on descriptor 0 with TIOCSCTTY takes an integer argument (0: do
             // not steal the terminal from another session); it touches no memory of ours.
@@ -27,8 +47,8 @@ pub(crate) fn in_new_session(command: &mut tokio::process::Command, terminal: bo
         Ok(())
     };
     // SAFETY: the hook runs in the child between `fork` and `exec`, where only async-signal-safe
-    // operations are allowed. It only makes two system calls (setsid(2) through nix, which is a
-    // plain syscall wrapper, and ioctl(2)), allocates nothing, takes no lock and touches no state
+    // operations are allowed. It only makes system calls (setsid(2) through nix, which is a
+    // plain syscall wrapper, prctl/open/write/close(2) and ioctl(2)), allocates nothing, takes no lock and touches no state
     // shared with other threads; its error is built from `errno` without allocating
     // (`io::Error::last_os_error`, `From<Errno>`).
     unsafe {
