@@ -1,8 +1,9 @@
 //! Per-runner cgroups: memory, process count and CPU weight for all of a runner's processes.
 //!
-//! cgroup v1 (separate `memory`, `pids`, `cpu` hierarchies) and v2 (unified) are supported. The
-//! server (root) places a runner's sandbox in its cgroup before anything runs inside, so every
-//! process of the runner inherits it; nothing inside the sandbox ever moves itself (which cgroup v2
+//! cgroup v1 (separate `memory`, `pids`, `cpu` hierarchies) and v2 (unified) are supported. A
+//! runner's sandbox is born in its cgroups (its launcher, run by the server as root, joins them)
+//! or placed there by the server before anything runs inside, so every process of the runner
+//! inherits them; nothing inside the sandbox ever moves itself (which cgroup v2
 //! refuses to unprivileged processes). Where no controller is writable, the limits are not
 //! enforced and a warning says so once.
 
