@@ -78,6 +78,13 @@ async fn health_and_version_are_open_everything_else_needs_the_token(backend: Ba
         .await
         .unwrap();
     assert_eq!(r.status(), 401);
+    // A known path with a method it does not have is a 405 before any authentication.
+    let r = anon
+        .post(s.url("/execution-environments"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 405);
     // Unknown routes and methods.
     assert_eq!(
         s.http.get(s.url("/nothing")).send().await.unwrap().status(),
@@ -209,6 +216,10 @@ async fn bad_input_gets_400_with_a_message_naming_the_problem(backend: Backend) 
         (
             json!({"image": "x", "prewarmingPoolSize": 1, "cpuLimit": 1.5, "memoryLimit": 1, "networkAccess": false}),
             "cpuLimit",
+        ),
+        (
+            json!({"id": "x", "image": "x", "prewarmingPoolSize": 1, "cpuLimit": 1, "memoryLimit": 1, "networkAccess": false}),
+            "\"x\"",
         ),
         (
             json!({"image": "x", "prewarmingPoolSize": 1, "cpuLimit": 1, "memoryLimit": 1, "networkAccess": true, "exposedPorts": [70000]}),

@@ -75,44 +75,59 @@ pub fn router_with(state: AppState, extra: Router) -> Router {
         .route("/api/v1/health", get(misc::health))
         .route("/api/v1/version", get(misc::version))
         .route("/api/v1/openapi.yaml", get(misc::openapi));
+    // Authentication wraps each method's handler, not the routes: a known path asked with a
+    // method it does not have is a 405 without authentication (as Poseidon's router answers).
+    let auth = axum::middleware::from_fn_with_state(state.clone(), auth::authenticate);
     let protected = Router::new()
         .route(
             "/api/v1/statistics/execution-environments",
-            get(misc::statistics),
+            get(misc::statistics).route_layer(auth.clone()),
         )
-        .route("/api/v1/execution-environments", get(environments::list))
+        .route(
+            "/api/v1/execution-environments",
+            get(environments::list).route_layer(auth.clone()),
+        )
         .route(
             "/api/v1/execution-environments/{id}",
             get(environments::get_one)
                 .put(environments::put)
-                .delete(environments::delete),
+                .delete(environments::delete)
+                .route_layer(auth.clone()),
         )
-        .route("/api/v1/runners", post(runners::claim))
+        .route(
+            "/api/v1/runners",
+            post(runners::claim).route_layer(auth.clone()),
+        )
         .route(
             "/api/v1/runners/{runner}",
-            axum::routing::delete(runners::destroy),
+            axum::routing::delete(runners::destroy).route_layer(auth.clone()),
         )
         .route(
             "/api/v1/runners/{runner}/files",
-            get(files::list).patch(files::update),
+            get(files::list)
+                .patch(files::update)
+                .route_layer(auth.clone()),
         )
-        .route("/api/v1/runners/{runner}/files/raw", get(files::download))
-        .route("/api/v1/runners/{runner}/execute", post(runners::execute))
+        .route(
+            "/api/v1/runners/{runner}/files/raw",
+            get(files::download).route_layer(auth.clone()),
+        )
+        .route(
+            "/api/v1/runners/{runner}/execute",
+            post(runners::execute).route_layer(auth.clone()),
+        )
         .route(
             "/api/v1/runners/{runner}/websocket",
-            get(websocket::connect),
-        )
-        .route_layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            auth::authenticate,
-        ));
+            get(websocket::connect).route_layer(auth),
+        );
     // Operator routes: the Poseidon-Token only, so they work while an authenticator fails.
-    let operator = Router::new()
-        .route("/api/v1/plugins", get(misc::plugins))
-        .route_layer(axum::middleware::from_fn_with_state(
+    let operator = Router::new().route(
+        "/api/v1/plugins",
+        get(misc::plugins).route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::token_only,
-        ));
+        )),
+    );
     let sentry = state.settings.sentry;
     telemetry::layers(
         open.merge(protected)

@@ -12,9 +12,9 @@ use serde::{Deserialize, Deserializer, Serialize};
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(crate) struct EnvironmentBody {
-    /// Ignored: the path's id wins (as in Poseidon).
+    /// Checked as an integer, then ignored: the path's id wins (as in Poseidon).
     #[allow(dead_code)]
-    pub(crate) id: Option<serde_json::Value>,
+    pub(crate) id: Option<i64>,
     pub(crate) image: String,
     pub(crate) prewarming_pool_size: u32,
     #[serde(deserialize_with = "whole_number")]
