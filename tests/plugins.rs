@@ -101,6 +101,16 @@ async fn server_with_plugins(dir: &Path, entries_yaml: &str) -> Server {
     .await
 }
 
+/// Starts a server whose `plugins:` section has `dir` as its directory and then `rest` (its
+/// other lines, indented by two spaces).
+async fn server_with_plugin_section(dir: &Path, rest: &str) -> Server {
+    Server::start_with(Options {
+        extra_yaml: format!("plugins:\n  directory: {}\n{rest}", dir.display()),
+        ..Options::default()
+    })
+    .await
+}
+
 fn sign(claims: Value, key: &[u8]) -> String {
     let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
     let header = b64.encode(br#"{"alg":"HS256","typ":"JWT"}"#);
@@ -601,13 +611,10 @@ async fn a_plugin_is_replaced_while_clients_keep_sending_requests() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn looping_and_memory_hungry_plugins_are_contained() {
     let dir = plugin_dir(&[("test_loop", "loop.wasm"), ("test_alloc", "hog.wasm")]);
-    let s = Server::start_with(Options {
-        extra_yaml: format!(
-            "plugins:\n  directory: {}\n  limits:\n    callTimeoutMs: 3000\n    epochDeadlineTicks: 100\n    memoryMb: 32\n  entries:\n    - file: loop.wasm\n      environments: [6]\n    - file: hog.wasm\n",
-            dir.display()
-        ),
-        ..Options::default()
-    })
+    let s = server_with_plugin_section(
+        &dir,
+        "  limits:\n    callTimeoutMs: 3000\n    epochDeadlineTicks: 100\n    memoryMb: 32\n  entries:\n    - file: loop.wasm\n      environments: [6]\n    - file: hog.wasm\n",
+    )
     .await;
     // The looping sizer is stopped; the configured pool size is used instead.
     s.environment(6, 2, json!({})).await;
@@ -808,6 +815,18 @@ async fn sighup_applies_a_changed_plugin_config_without_a_restart() {
     .await;
 }
 
+/// The server's `/metrics` page.
+async fn metrics_text(s: &Server) -> String {
+    s.http
+        .get(s.url("/metrics").replace("/api/v1", ""))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 /// A Prometheus sample's value: the first line of `name` carrying every one of `labels`.
 fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     text.lines().find_map(|line| {
@@ -844,13 +863,10 @@ async fn plugin_calls_failures_and_latency_are_in_the_metrics() {
         ("test_alloc", "hog.wasm"),
         ("test_trap", "trap.wasm"),
     ]);
-    let s = Server::start_with(Options {
-        extra_yaml: format!(
-            "plugins:\n  directory: {}\n  limits:\n    callTimeoutMs: 3000\n    epochDeadlineTicks: 100\n    memoryMb: 32\n  entries:\n    - file: loop.wasm\n      environments: [6]\n    - file: hog.wasm\n",
-            dir.display()
-        ),
-        ..Options::default()
-    })
+    let s = server_with_plugin_section(
+        &dir,
+        "  limits:\n    callTimeoutMs: 3000\n    epochDeadlineTicks: 100\n    memoryMb: 32\n  entries:\n    - file: loop.wasm\n      environments: [6]\n    - file: hog.wasm\n",
+    )
     .await;
     s.environment(6, 1, json!({})).await;
     let runner = s.claim(6, 0).await;
@@ -864,18 +880,9 @@ async fn plugin_calls_failures_and_latency_are_in_the_metrics() {
     assert_eq!(r.status(), 400);
     let names = plugin_names(&s).await;
     let (sizer, hog) = (&names["loop.wasm"], &names["hog.wasm"]);
-    let metrics_url = s.url("/metrics").replace("/api/v1", "");
     let deadline = Instant::now() + Duration::from_secs(30);
     let text = loop {
-        let t = s
-            .http
-            .get(&metrics_url)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let t = metrics_text(&s).await;
         let failed = |plugin: &str| {
             metric(
                 &t,
@@ -931,15 +938,7 @@ async fn plugin_calls_failures_and_latency_are_in_the_metrics() {
         .await
         .unwrap();
     assert_eq!(r.status(), 503);
-    let text = s
-        .http
-        .get(s.url("/metrics").replace("/api/v1", ""))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics_text(&s).await;
     let traps = metric(
         &text,
         "poseidon_plugin_call_failures_total",
@@ -1282,4 +1281,75 @@ async fn observers_see_runners_the_server_destroys() {
     for line in &expected {
         assert_eq!(log.matches(line.as_str()).count(), 1, "{line}");
     }
+}
+
+/// How often the plugin files were rescanned and the configuration file applied after it
+/// changed, by the server's metrics.
+async fn rescans_and_config_reloads(s: &Server) -> (f64, f64) {
+    let text = metrics_text(s).await;
+    let rescans = metric(&text, "poseidon_plugin_rescans_total", &[]).unwrap_or(0.0);
+    let reloads = metric(
+        &text,
+        "poseidon_plugin_config_reloads_total",
+        &[("trigger", "file")],
+    )
+    .unwrap_or(0.0);
+    (rescans, reloads)
+}
+
+/// Replaces the plugin file `file` in `dir` by the example `example`, atomically as the docs
+/// recommend, and waits until the server has loaded it (its WIT version shows in the status).
+async fn replace_plugin(s: &Server, dir: &Path, file: &str, example: &str, wit_version: &str) {
+    let staged = dir.join(format!(".{file}.new"));
+    std::fs::copy(plugin(example), &staged).unwrap();
+    std::fs::rename(&staged, dir.join(file)).unwrap();
+    eventually(&format!("{example} is loaded"), 60, || async {
+        let plugins: Value = s.get_json(s.url("/plugins")).await;
+        plugins[0]["witVersion"] == wit_version
+    })
+    .await;
+}
+
+/// Replaces `from` by `to` in the server's configuration file atomically (written aside,
+/// renamed into place), so that the watcher never sees half of the change.
+fn replace_configuration(s: &Server, from: &str, to: &str) {
+    let yaml = std::fs::read_to_string(s.config_path()).unwrap();
+    let staged = s.config_path().with_extension("new");
+    std::fs::write(&staged, yaml.replace(from, to)).unwrap();
+    std::fs::rename(&staged, s.config_path()).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_change_is_applied_once_and_the_watchers_ignore_their_own_reads() {
+    let dir = plugin_dir(&[("submission_guard", "guard.wasm")]);
+    // A short debounce: a watcher that reacted to the server's own reads of the files would
+    // rescan every few milliseconds, many times between two of the changes below.
+    let s = server_with_plugin_section(
+        &dir,
+        "  debounceMs: 5\n  entries:\n    - file: guard.wasm\n      config:\n        env.ROUND: first\n",
+    )
+    .await;
+    // The start scans the plugin files once.
+    assert_eq!(rescans_and_config_reloads(&s).await, (1.0, 0.0));
+    // Each change below makes the server read the configuration file or the plugin files,
+    // which inotify reports too; only the change itself may lead to a scan. A configuration
+    // change re-reads the plugin files as well (one rescan each).
+    replace_configuration(&s, "env.ROUND: first", "env.ROUND: second");
+    eventually("the configuration change is applied", 30, || async {
+        rescans_and_config_reloads(&s).await.1 >= 1.0
+    })
+    .await;
+    // Saved again without a change: nothing to apply.
+    replace_configuration(&s, "env.ROUND", "env.ROUND");
+    replace_plugin(&s, &dir, "guard.wasm", "test_v2_preprocessor", "0.2.0").await;
+    replace_configuration(&s, "env.ROUND: second", "env.ROUND: third");
+    eventually("the second configuration change is applied", 30, || async {
+        rescans_and_config_reloads(&s).await.1 >= 2.0
+    })
+    .await;
+    replace_plugin(&s, &dir, "guard.wasm", "submission_guard", "0.1.0").await;
+    // Start, two configuration changes, two replaced files: five scans, two reloads.
+    assert_eq!(rescans_and_config_reloads(&s).await, (5.0, 2.0));
+    assert!(!s.log().contains("cannot read plugin file"), "{}", s.log());
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -1028,6 +1028,7 @@ impl Inner {
     /// Re-reads every plugin file and reloads those that changed.
     pub(crate) async fn reload_all(self: &Arc<Self>) {
         let _guard = self.reload_lock.lock().await;
+        crate::telemetry::rescan();
         for slot in &self.slots {
             self.reload_slot(slot).await;
         }

@@ -91,7 +91,7 @@ pub use types::{
     EnvironmentInfo, ObserverStats, PluginDescription, PluginStatus, PoolSizerInput, PoolStateInfo,
     Rejection,
 };
-pub use watch::settled;
+pub use watch::{may_change_content, settled};
 
 /// The newest version of the `poseidon:plugins` WIT package this host implements.
 pub const WIT_VERSION: &str = "0.2.0";
