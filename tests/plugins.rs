@@ -643,6 +643,65 @@ async fn looping_and_memory_hungry_plugins_are_contained() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_looping_preprocessor_under_load_leaves_other_plugins_their_calls() {
+    let dir = plugin_dir(&[
+        ("token_tenants", "tokens.wasm"),
+        ("test_v2_preprocessor", "spin.wasm"),
+        ("submission_guard", "guard.wasm"),
+    ]);
+    // `spin` loops on the command `loop-forever` until its run time of 1 s; two of its calls
+    // at once at most, and a call that waits for a slot longer than 1.5 s times out.
+    let s = server_with_plugin_section(
+        &dir,
+        &format!(
+            "  limits:\n    callTimeoutMs: 1500\n    epochDeadlineTicks: 100\n    maxConcurrentCalls: 2\n  entries:\n    - file: tokens.wasm\n      kind: authenticator\n      config:\n        token.ops: {}\n    - file: spin.wasm\n      environments: [21]\n    - file: guard.wasm\n      environments: [22]\n      config:\n        env.CHECKED: \"yes\"\n",
+            support::TOKEN
+        ),
+    )
+    .await;
+    s.environment(21, 1, json!({})).await;
+    s.environment(22, 1, json!({})).await;
+    let (spinning, checked) = (s.claim(21, 60).await, s.claim(22, 60).await);
+    // Four times as many calls as `spin` may run at once.
+    let looping: Vec<_> = (0..8)
+        .map(|_| {
+            let request = s
+                .http
+                .post(s.url(&format!("/runners/{spinning}/execute")))
+                .json(&json!({"command": "loop-forever"}));
+            tokio::spawn(async move { request.send().await.unwrap().status().as_u16() })
+        })
+        .collect();
+    eventually(
+        "every looping call has passed the authenticator and started",
+        30,
+        || async {
+            let plugins: Value = s.get_json(s.url("/plugins")).await;
+            plugins[1]["calls"].as_u64().unwrap_or(0) >= 8
+        },
+    )
+    .await;
+    // While `spin` is saturated, another tenant request passes the authenticator and the
+    // submission guard, and runs.
+    let session = s
+        .run(&checked, json!({"command": "sh -c 'echo $CHECKED'"}))
+        .await;
+    assert_eq!(session.stdout.trim(), "yes", "{session:?}");
+    for call in looping {
+        assert_eq!(call.await.unwrap(), 400);
+    }
+    // Only the plugin that loops is charged with the failures.
+    let plugins: Value = s.get_json(s.url("/plugins")).await;
+    let failures = |i: usize| plugins[i]["failures"].as_u64().unwrap();
+    assert_eq!(
+        (failures(0), failures(1), failures(2)),
+        (0, 8, 0),
+        "{plugins}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// An HTTP client that sends `token` as its `Poseidon-Token`, as a CodeOcean configured
 /// with that token does.
 fn codeocean(token: &str) -> reqwest::Client {

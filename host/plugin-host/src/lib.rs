@@ -29,7 +29,8 @@
 //!    pooling allocator's slot size).
 //!
 //! Optionally `fuel` adds a deterministic instruction budget. At most
-//! `maxConcurrentCalls` calls run at once (a semaphore taken before instantiation).
+//! `maxConcurrentCalls` calls of each plugin entry run at once (a semaphore per entry,
+//! taken before instantiation), so a runaway plugin cannot hold up another's calls.
 //!
 //! A plugin that traps, times out, runs out of memory or answers nonsense never takes
 //! the server down; the call falls back per kind:
