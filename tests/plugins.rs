@@ -393,13 +393,20 @@ fn plugin_check_command() {
     );
 }
 
-/// `poseidon plugin ARGS…`: exit code, stdout, stderr.
+/// `poseidon plugin ARGS…` without `POSEIDON_LOG`: exit code, stdout, stderr.
 fn plugin_command(args: &[&str]) -> (Option<i32>, String, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_poseidon"))
-        .arg("plugin")
-        .args(args)
-        .output()
-        .unwrap();
+    plugin_command_logging(args, None)
+}
+
+/// `poseidon plugin ARGS…` with `POSEIDON_LOG` set to `log` (or unset): exit code, stdout,
+/// stderr.
+fn plugin_command_logging(args: &[&str], log: Option<&str>) -> (Option<i32>, String, String) {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_poseidon"));
+    command.arg("plugin").args(args).env_remove("POSEIDON_LOG");
+    if let Some(log) = log {
+        command.env("POSEIDON_LOG", log);
+    }
+    let out = command.output().unwrap();
     (
         out.status.code(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -461,6 +468,36 @@ fn plugin_call_command_runs_one_call_without_a_server() {
         stderr.contains("test-observer traps on every event"),
         "{stderr}"
     );
+
+    // What the plugin logs and writes to stderr shows, as in a server's log.
+    let claimed = r#"{"atMs":0,"runnerId":"r","environmentId":1,"tenant":null,"kind":"claimed"}"#;
+    let audit = plugin("audit_observer");
+    let audit = audit.to_str().unwrap();
+    let (code, _, stderr) =
+        plugin_command(&["call", audit, "--kind", "observer", "--input", claimed]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stderr.contains("runner r (environment 1) claimed"),
+        "{stderr}"
+    );
+    let (code, _, stderr) = plugin_command(&[
+        "call",
+        plugin("test_trap").to_str().unwrap(),
+        "--kind",
+        "authenticator",
+        "--input",
+        r#"{"method":"GET","path":"/x"}"#,
+    ]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("stderr: thread"), "{stderr}");
+    assert!(stderr.contains("panicked at"), "{stderr}");
+    // POSEIDON_LOG filters them as the server's log.
+    let (code, _, stderr) = plugin_command_logging(
+        &["call", audit, "--kind", "observer", "--input", claimed],
+        Some("error"),
+    );
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(!stderr.contains("claimed"), "{stderr}");
 
     // Wrong kind and bad input are clear errors.
     let (code, _, stderr) =

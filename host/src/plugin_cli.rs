@@ -113,6 +113,7 @@ impl CallArgs {
     }
 
     fn run(self) -> Result<(), String> {
+        show_plugin_output();
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -219,6 +220,27 @@ impl CallArgs {
             )),
         }
     }
+}
+
+/// What `plugin call` logs unless `POSEIDON_LOG` says otherwise: everything the plugin logs
+/// (`host::log`, every level) and writes to stderr (a panic message, a Python traceback), and
+/// the host's warnings and errors.
+const CALL_LOG: &str = "warn,poseidon_plugin_host::runtime=trace";
+
+/// Shows the plugin's log lines and stderr on this command's stderr, as a server's log would
+/// (filtered by `POSEIDON_LOG` as the server's is, else [`CALL_LOG`]); without this they
+/// were lost, and a failing call said only e.g. "Python function threw an unexpected
+/// exception", not why.
+fn show_plugin_output() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("POSEIDON_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(CALL_LOG));
+    let _already_set = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .without_time()
+        .with_target(false)
+        .try_init();
 }
 
 /// Where `plugin call` keeps compiled plugins: `$POSEIDON_PLUGIN_CACHE`, else
