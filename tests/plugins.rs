@@ -391,6 +391,17 @@ fn plugin_check_command() {
         stderr.contains("accepts poseidon:plugins@0.1.x or 0.2.x"),
         "{stderr}"
     );
+
+    // A reader that stops at once (`| head`): a quiet end, no panic.
+    let out = std::process::Command::new("sh")
+        .args(["-c", "\"$0\" plugin check \"$1\" | true"])
+        .arg(env!("CARGO_BIN_EXE_poseidon"))
+        .arg(plugin("submission_guard"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
 /// `poseidon plugin ARGS…` without `POSEIDON_LOG`: exit code, stdout, stderr.
@@ -504,6 +515,20 @@ fn plugin_call_command_runs_one_call_without_a_server() {
         plugin_command(&["call", guard, "--kind", "pool-sizer", "--input", "{}"]);
     assert_eq!(code, Some(1));
     assert!(stderr.contains("is a preprocessor"), "{stderr}");
+    let trap = plugin("test_trap");
+    let (code, _, stderr) = plugin_command(&[
+        "call",
+        trap.to_str().unwrap(),
+        "--kind",
+        "preprocessor",
+        "--input",
+        "{}",
+    ]);
+    assert_eq!(code, Some(1));
+    assert!(
+        stderr.contains("is an authenticator plugin, but the configured kind is preprocessor"),
+        "{stderr}"
+    );
     let (code, _, stderr) = plugin_command(&["call", guard, "--kind", "preprocessor"]);
     assert_eq!(code, Some(2));
     assert!(stderr.contains("--input is required"), "{stderr}");
@@ -523,10 +548,17 @@ fn plugin_new_command_writes_a_project() {
         "rust",
     ]);
     assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains(": an observer plugin"), "{stdout}");
     assert!(
         stdout.contains("cargo build --target wasm32-wasip2 --release"),
         "{stdout}"
     );
+    // Only names cargo accepts as a package name.
+    let digit = dir.join("9lives");
+    let (code, _, stderr) = plugin_command(&["new", "pool-sizer", digit.to_str().unwrap()]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("must start with a letter or _"), "{stderr}");
+    assert!(!digit.exists());
     let lib = std::fs::read_to_string(project.join("src/lib.rs")).unwrap();
     assert!(lib.contains("world: \"observer-plugin\""), "{lib}");
     let wit = std::fs::read_to_string(project.join("wit/plugins.wit")).unwrap();

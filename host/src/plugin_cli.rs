@@ -151,7 +151,9 @@ impl CallArgs {
             return Err(error);
         }
         let input = self.input;
-        let bad_input = |e: serde_json::Error| format!("--input does not fit a {}: {e}", self.kind);
+        let bad_input = |e: serde_json::Error| {
+            format!("--input does not fit {}: {e}", self.kind.with_article())
+        };
         let started = Instant::now();
         let answer = match self.kind {
             PluginKind::PoolSizer => {
@@ -272,20 +274,26 @@ enum Lang {
     Python,
 }
 
+/// Whether cargo accepts `name` as a package name (ASCII only): it starts with a letter or
+/// `_` (not a digit or `-`) and holds only letters, digits, `-` and `_`.
+fn valid_package_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
 /// Writes a buildable plugin project of `kind` in `lang` into the new directory `dir`.
 fn new_project(kind: &str, dir: &Path, lang: Lang) -> Result<(), String> {
     let kind = parse_kind(kind)?;
     let name = dir
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
-        .filter(|n| {
-            !n.is_empty()
-                && n.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        })
+        .filter(|n| valid_package_name(n))
         .ok_or_else(|| {
             format!(
-                "{}: the name may hold letters, digits, - and _",
+                "{}: the name must start with a letter or _ and hold only letters, digits, - and _ (as cargo requires)",
                 dir.display()
             )
         })?;
@@ -313,10 +321,11 @@ fn new_project(kind: &str, dir: &Path, lang: Lang) -> Result<(), String> {
     write(&dir.join("src/lib.rs"), template(kind, lang))?;
     write(&dir.join(".gitignore"), "/target\n")?;
     println!(
-        "created {dir}: a {kind} plugin (poseidon:plugins@0.2.0)\n\
+        "created {dir}: {a_kind} plugin (poseidon:plugins@0.2.0)\n\
          build:  cd {dir} && cargo build --target wasm32-wasip2 --release\n\
          try:    poseidon plugin call {dir}/target/wasm32-wasip2/release/{file}.wasm --kind {kind} --input '{input}'",
         dir = dir.display(),
+        a_kind = kind.with_article(),
         file = name.replace('-', "_"),
         input = example_input(kind),
     );
@@ -358,10 +367,11 @@ fn new_python_project(
     }
     write(&dir.join(".gitignore"), "/.venv\n/*.wasm\n/wit_world\n")?;
     println!(
-        "created {dir}: a {kind} plugin in Python (poseidon:plugins@0.2.0)\n\
+        "created {dir}: {a_kind} plugin in Python (poseidon:plugins@0.2.0)\n\
          build:  {dir}/build.sh\n\
          try:    poseidon plugin call {dir}/{file}.wasm --kind {kind} --input '{input}'",
         dir = dir.display(),
+        a_kind = kind.with_article(),
         input = example_input(kind),
     );
     Ok(())

@@ -306,17 +306,28 @@ impl PoolPolicy for PluginPolicies {
 /// `poseidon plugin check FILE`: describes the plugin or says why it would be refused.
 /// Returns the process exit code.
 pub fn check_command(file: &Path) -> i32 {
+    use std::io::Write;
     match poseidon_plugin_host::check_file(file) {
         Ok(d) => {
-            println!("{}: OK", file.display());
-            println!("  kind:        {}", d.kind);
-            println!("  wit version: poseidon:plugins@{}", d.wit_version);
-            println!("  sha256:      {}", d.digest);
-            println!("  size:        {} bytes", d.size);
-            println!("  compiled in: {} ms", d.compile_ms);
-            println!("  exports:     {}", d.exports.join(", "));
-            println!("  imports:     {}", d.imports.join(", "));
-            0
+            let text = format!(
+                "{}: OK\n  kind:        {}\n  wit version: poseidon:plugins@{}\n  sha256:      {}\n  size:        {} bytes\n  compiled in: {} ms\n  exports:     {}\n  imports:     {}\n",
+                file.display(),
+                d.kind,
+                d.wit_version,
+                d.digest,
+                d.size,
+                d.compile_ms,
+                d.exports.join(", "),
+                d.imports.join(", ")
+            );
+            // A reader that stops early (`| head`) is no error; println! panicked on it.
+            match std::io::stdout().lock().write_all(text.as_bytes()) {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                    eprintln!("cannot write to stdout: {e}");
+                    1
+                }
+                _ => 0,
+            }
         }
         Err(e) => {
             eprintln!("{e}");

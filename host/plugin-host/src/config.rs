@@ -231,6 +231,17 @@ impl PluginKind {
         }
     }
 
+    /// The kind's name with its indefinite article, for messages: "a pool-sizer", "an
+    /// authenticator".
+    pub fn with_article(self) -> &'static str {
+        match self {
+            PluginKind::PoolSizer => "a pool-sizer",
+            PluginKind::Preprocessor => "a preprocessor",
+            PluginKind::Authenticator => "an authenticator",
+            PluginKind::Observer => "an observer",
+        }
+    }
+
     /// The WIT world a plugin of this kind targets.
     pub fn world(self) -> &'static str {
         match self {

@@ -219,11 +219,23 @@ async fn corrupt_file_is_reported_and_not_loaded() {
         b"\0asm\x0d\0\x01\0 definitely not a component",
         "bad.wasm",
     );
+    // Not WebAssembly at all.
+    install_bytes(&dir, b"\xc1\x8c\x10\x6b random bytes", "noise.wasm");
     install(&dir, "demand_sizer", "demand.wasm");
     let mut bad = entry("bad.wasm", Some(PluginKind::PoolSizer), &[]);
     bad.environments = Some(vec![1]);
-    let cfg = config(&dir, vec![bad, entry("demand.wasm", None, &[])]);
+    let mut noise = entry("noise.wasm", Some(PluginKind::PoolSizer), &[]);
+    noise.environments = Some(vec![1]);
+    let cfg = config(&dir, vec![bad, noise, entry("demand.wasm", None, &[])]);
     let host = PluginHost::start(cfg).await.unwrap();
+    // One line, fit for a log line and `lastError`.
+    let error = status(&host, "noise").last_error.unwrap();
+    assert!(
+        error.ends_with(
+            "noise.wasm: not a valid WebAssembly component: it does not start with the WebAssembly magic bytes \\0asm"
+        ),
+        "{error}"
+    );
 
     let st = status(&host, "bad");
     assert!(!st.loaded);
@@ -269,7 +281,7 @@ async fn incompatible_version_and_wrong_kind_are_refused() {
     );
     let error = status(&host, "sizer").last_error.unwrap();
     assert!(
-        error.contains("is a pool-sizer plugin, but its entry says preprocessor"),
+        error.contains("is a pool-sizer plugin, but the configured kind is preprocessor"),
         "{error}"
     );
     // A configured preprocessor that is not loaded rejects (fail closed).
