@@ -117,6 +117,16 @@ fn plugin_options(backend: Backend, dir: &Path, entries_yaml: &str) -> Options {
     }
 }
 
+/// Starts a server whose `plugins:` section has `dir` as its directory and then `rest` (its
+/// other lines, indented by two spaces).
+async fn server_with_plugin_section(dir: &Path, rest: &str) -> Server {
+    Server::start_with(Options {
+        extra_yaml: format!("plugins:\n  directory: {}\n{rest}", dir.display()),
+        ..Options::default()
+    })
+    .await
+}
+
 fn sign(claims: Value, key: &[u8]) -> String {
     let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
     let header = b64.encode(br#"{"alg":"HS256","typ":"JWT"}"#);
@@ -397,15 +407,33 @@ fn plugin_check_command() {
         stderr.contains("accepts poseidon:plugins@0.1.x or 0.2.x"),
         "{stderr}"
     );
-}
 
-/// `poseidon plugin ARGS…`: exit code, stdout, stderr.
-fn plugin_command(args: &[&str]) -> (Option<i32>, String, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_poseidon"))
-        .arg("plugin")
-        .args(args)
+    // A reader that stops at once (`| head`): a quiet end, no panic.
+    let out = std::process::Command::new("sh")
+        .args(["-c", "\"$0\" plugin check \"$1\" | true"])
+        .arg(env!("CARGO_BIN_EXE_poseidon"))
+        .arg(plugin("submission_guard"))
         .output()
         .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+/// `poseidon plugin ARGS…` without `POSEIDON_LOG`: exit code, stdout, stderr.
+fn plugin_command(args: &[&str]) -> (Option<i32>, String, String) {
+    plugin_command_logging(args, None)
+}
+
+/// `poseidon plugin ARGS…` with `POSEIDON_LOG` set to `log` (or unset): exit code, stdout,
+/// stderr.
+fn plugin_command_logging(args: &[&str], log: Option<&str>) -> (Option<i32>, String, String) {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_poseidon"));
+    command.arg("plugin").args(args).env_remove("POSEIDON_LOG");
+    if let Some(log) = log {
+        command.env("POSEIDON_LOG", log);
+    }
+    let out = command.output().unwrap();
     (
         out.status.code(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -468,11 +496,55 @@ fn plugin_call_command_runs_one_call_without_a_server() {
         "{stderr}"
     );
 
+    // What the plugin logs and writes to stderr shows, as in a server's log.
+    let claimed = r#"{"atMs":0,"runnerId":"r","environmentId":1,"tenant":null,"kind":"claimed"}"#;
+    let audit = plugin("audit_observer");
+    let audit = audit.to_str().unwrap();
+    let (code, _, stderr) =
+        plugin_command(&["call", audit, "--kind", "observer", "--input", claimed]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stderr.contains("runner r (environment 1) claimed"),
+        "{stderr}"
+    );
+    let (code, _, stderr) = plugin_command(&[
+        "call",
+        plugin("test_trap").to_str().unwrap(),
+        "--kind",
+        "authenticator",
+        "--input",
+        r#"{"method":"GET","path":"/x"}"#,
+    ]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("stderr: thread"), "{stderr}");
+    assert!(stderr.contains("panicked at"), "{stderr}");
+    // POSEIDON_LOG filters them as the server's log.
+    let (code, _, stderr) = plugin_command_logging(
+        &["call", audit, "--kind", "observer", "--input", claimed],
+        Some("error"),
+    );
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(!stderr.contains("claimed"), "{stderr}");
+
     // Wrong kind and bad input are clear errors.
     let (code, _, stderr) =
         plugin_command(&["call", guard, "--kind", "pool-sizer", "--input", "{}"]);
     assert_eq!(code, Some(1));
     assert!(stderr.contains("is a preprocessor"), "{stderr}");
+    let trap = plugin("test_trap");
+    let (code, _, stderr) = plugin_command(&[
+        "call",
+        trap.to_str().unwrap(),
+        "--kind",
+        "preprocessor",
+        "--input",
+        "{}",
+    ]);
+    assert_eq!(code, Some(1));
+    assert!(
+        stderr.contains("is an authenticator plugin, but the configured kind is preprocessor"),
+        "{stderr}"
+    );
     let (code, _, stderr) = plugin_command(&["call", guard, "--kind", "preprocessor"]);
     assert_eq!(code, Some(2));
     assert!(stderr.contains("--input is required"), "{stderr}");
@@ -492,10 +564,17 @@ fn plugin_new_command_writes_a_project() {
         "rust",
     ]);
     assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains(": an observer plugin"), "{stdout}");
     assert!(
         stdout.contains("cargo build --target wasm32-wasip2 --release"),
         "{stdout}"
     );
+    // Only names cargo accepts as a package name.
+    let digit = dir.join("9lives");
+    let (code, _, stderr) = plugin_command(&["new", "pool-sizer", digit.to_str().unwrap()]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("must start with a letter or _"), "{stderr}");
+    assert!(!digit.exists());
     let lib = std::fs::read_to_string(project.join("src/lib.rs")).unwrap();
     assert!(lib.contains("world: \"observer-plugin\""), "{lib}");
     let wit = std::fs::read_to_string(project.join("wit/plugins.wit")).unwrap();
@@ -617,13 +696,10 @@ async fn a_plugin_is_replaced_while_clients_keep_sending_requests() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn looping_and_memory_hungry_plugins_are_contained() {
     let dir = plugin_dir(&[("test_loop", "loop.wasm"), ("test_alloc", "hog.wasm")]);
-    let s = Server::start_with(Options {
-        extra_yaml: format!(
-            "plugins:\n  directory: {}\n  limits:\n    callTimeoutMs: 3000\n    epochDeadlineTicks: 100\n    memoryMb: 32\n  entries:\n    - file: loop.wasm\n      environments: [6]\n    - file: hog.wasm\n",
-            dir.display()
-        ),
-        ..Options::default()
-    })
+    let s = server_with_plugin_section(
+        &dir,
+        "  limits:\n    callTimeoutMs: 3000\n    epochDeadlineTicks: 100\n    memoryMb: 32\n  entries:\n    - file: loop.wasm\n      environments: [6]\n    - file: hog.wasm\n",
+    )
     .await;
     // The looping sizer is stopped; the configured pool size is used instead.
     s.environment(6, 2, json!({})).await;
@@ -649,6 +725,65 @@ async fn looping_and_memory_hungry_plugins_are_contained() {
         assert!(p["failures"].as_u64().unwrap() > 0, "{p}");
         assert!(p["lastError"].is_string(), "{p}");
     }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_looping_preprocessor_under_load_leaves_other_plugins_their_calls() {
+    let dir = plugin_dir(&[
+        ("token_tenants", "tokens.wasm"),
+        ("test_v2_preprocessor", "spin.wasm"),
+        ("submission_guard", "guard.wasm"),
+    ]);
+    // `spin` loops on the command `loop-forever` until its run time of 1 s; two of its calls
+    // at once at most, and a call that waits for a slot longer than 1.5 s times out.
+    let s = server_with_plugin_section(
+        &dir,
+        &format!(
+            "  limits:\n    callTimeoutMs: 1500\n    epochDeadlineTicks: 100\n    maxConcurrentCalls: 2\n  entries:\n    - file: tokens.wasm\n      kind: authenticator\n      config:\n        token.ops: {}\n    - file: spin.wasm\n      environments: [21]\n    - file: guard.wasm\n      environments: [22]\n      config:\n        env.CHECKED: \"yes\"\n",
+            support::TOKEN
+        ),
+    )
+    .await;
+    s.environment(21, 1, json!({})).await;
+    s.environment(22, 1, json!({})).await;
+    let (spinning, checked) = (s.claim(21, 60).await, s.claim(22, 60).await);
+    // Four times as many calls as `spin` may run at once.
+    let looping: Vec<_> = (0..8)
+        .map(|_| {
+            let request = s
+                .http
+                .post(s.url(&format!("/runners/{spinning}/execute")))
+                .json(&json!({"command": "loop-forever"}));
+            tokio::spawn(async move { request.send().await.unwrap().status().as_u16() })
+        })
+        .collect();
+    eventually(
+        "every looping call has passed the authenticator and started",
+        30,
+        || async {
+            let plugins: Value = s.get_json(s.url("/plugins")).await;
+            plugins[1]["calls"].as_u64().unwrap_or(0) >= 8
+        },
+    )
+    .await;
+    // While `spin` is saturated, another tenant request passes the authenticator and the
+    // submission guard, and runs.
+    let session = s
+        .run(&checked, json!({"command": "sh -c 'echo $CHECKED'"}))
+        .await;
+    assert_eq!(session.stdout.trim(), "yes", "{session:?}");
+    for call in looping {
+        assert_eq!(call.await.unwrap(), 400);
+    }
+    // Only the plugin that loops is charged with the failures.
+    let plugins: Value = s.get_json(s.url("/plugins")).await;
+    let failures = |i: usize| plugins[i]["failures"].as_u64().unwrap();
+    assert_eq!(
+        (failures(0), failures(1), failures(2)),
+        (0, 8, 0),
+        "{plugins}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -830,6 +965,18 @@ async fn sighup_applies_a_changed_plugin_config_without_a_restart() {
     .await;
 }
 
+/// The server's `/metrics` page.
+async fn metrics_text(s: &Server) -> String {
+    s.http
+        .get(s.url("/metrics").replace("/api/v1", ""))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 /// A Prometheus sample's value: the first line of `name` carrying every one of `labels`.
 fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     text.lines().find_map(|line| {
@@ -866,13 +1013,10 @@ async fn plugin_calls_failures_and_latency_are_in_the_metrics() {
         ("test_alloc", "hog.wasm"),
         ("test_trap", "trap.wasm"),
     ]);
-    let s = Server::start_with(Options {
-        extra_yaml: format!(
-            "plugins:\n  directory: {}\n  limits:\n    callTimeoutMs: 3000\n    epochDeadlineTicks: 100\n    memoryMb: 32\n  entries:\n    - file: loop.wasm\n      environments: [6]\n    - file: hog.wasm\n",
-            dir.display()
-        ),
-        ..Options::default()
-    })
+    let s = server_with_plugin_section(
+        &dir,
+        "  limits:\n    callTimeoutMs: 3000\n    epochDeadlineTicks: 100\n    memoryMb: 32\n  entries:\n    - file: loop.wasm\n      environments: [6]\n    - file: hog.wasm\n",
+    )
     .await;
     s.environment(6, 1, json!({})).await;
     let runner = s.claim(6, 0).await;
@@ -886,18 +1030,9 @@ async fn plugin_calls_failures_and_latency_are_in_the_metrics() {
     assert_eq!(r.status(), 400);
     let names = plugin_names(&s).await;
     let (sizer, hog) = (&names["loop.wasm"], &names["hog.wasm"]);
-    let metrics_url = s.url("/metrics").replace("/api/v1", "");
     let deadline = Instant::now() + Duration::from_secs(30);
     let text = loop {
-        let t = s
-            .http
-            .get(&metrics_url)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let t = metrics_text(&s).await;
         let failed = |plugin: &str| {
             metric(
                 &t,
@@ -953,15 +1088,7 @@ async fn plugin_calls_failures_and_latency_are_in_the_metrics() {
         .await
         .unwrap();
     assert_eq!(r.status(), 503);
-    let text = s
-        .http
-        .get(s.url("/metrics").replace("/api/v1", ""))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics_text(&s).await;
     let traps = metric(
         &text,
         "poseidon_plugin_call_failures_total",
@@ -1304,4 +1431,75 @@ async fn observers_see_runners_the_server_destroys() {
     for line in &expected {
         assert_eq!(log.matches(line.as_str()).count(), 1, "{line}");
     }
+}
+
+/// How often the plugin files were rescanned and the configuration file applied after it
+/// changed, by the server's metrics.
+async fn rescans_and_config_reloads(s: &Server) -> (f64, f64) {
+    let text = metrics_text(s).await;
+    let rescans = metric(&text, "poseidon_plugin_rescans_total", &[]).unwrap_or(0.0);
+    let reloads = metric(
+        &text,
+        "poseidon_plugin_config_reloads_total",
+        &[("trigger", "file")],
+    )
+    .unwrap_or(0.0);
+    (rescans, reloads)
+}
+
+/// Replaces the plugin file `file` in `dir` by the example `example`, atomically as the docs
+/// recommend, and waits until the server has loaded it (its WIT version shows in the status).
+async fn replace_plugin(s: &Server, dir: &Path, file: &str, example: &str, wit_version: &str) {
+    let staged = dir.join(format!(".{file}.new"));
+    std::fs::copy(plugin(example), &staged).unwrap();
+    std::fs::rename(&staged, dir.join(file)).unwrap();
+    eventually(&format!("{example} is loaded"), 60, || async {
+        let plugins: Value = s.get_json(s.url("/plugins")).await;
+        plugins[0]["witVersion"] == wit_version
+    })
+    .await;
+}
+
+/// Replaces `from` by `to` in the server's configuration file atomically (written aside,
+/// renamed into place), so that the watcher never sees half of the change.
+fn replace_configuration(s: &Server, from: &str, to: &str) {
+    let yaml = std::fs::read_to_string(s.config_path()).unwrap();
+    let staged = s.config_path().with_extension("new");
+    std::fs::write(&staged, yaml.replace(from, to)).unwrap();
+    std::fs::rename(&staged, s.config_path()).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_change_is_applied_once_and_the_watchers_ignore_their_own_reads() {
+    let dir = plugin_dir(&[("submission_guard", "guard.wasm")]);
+    // A short debounce: a watcher that reacted to the server's own reads of the files would
+    // rescan every few milliseconds, many times between two of the changes below.
+    let s = server_with_plugin_section(
+        &dir,
+        "  debounceMs: 5\n  entries:\n    - file: guard.wasm\n      config:\n        env.ROUND: first\n",
+    )
+    .await;
+    // The start scans the plugin files once.
+    assert_eq!(rescans_and_config_reloads(&s).await, (1.0, 0.0));
+    // Each change below makes the server read the configuration file or the plugin files,
+    // which inotify reports too; only the change itself may lead to a scan. A configuration
+    // change re-reads the plugin files as well (one rescan each).
+    replace_configuration(&s, "env.ROUND: first", "env.ROUND: second");
+    eventually("the configuration change is applied", 30, || async {
+        rescans_and_config_reloads(&s).await.1 >= 1.0
+    })
+    .await;
+    // Saved again without a change: nothing to apply.
+    replace_configuration(&s, "env.ROUND", "env.ROUND");
+    replace_plugin(&s, &dir, "guard.wasm", "test_v2_preprocessor", "0.2.0").await;
+    replace_configuration(&s, "env.ROUND: second", "env.ROUND: third");
+    eventually("the second configuration change is applied", 30, || async {
+        rescans_and_config_reloads(&s).await.1 >= 2.0
+    })
+    .await;
+    replace_plugin(&s, &dir, "guard.wasm", "submission_guard", "0.1.0").await;
+    // Start, two configuration changes, two replaced files: five scans, two reloads.
+    assert_eq!(rescans_and_config_reloads(&s).await, (5.0, 2.0));
+    assert!(!s.log().contains("cannot read plugin file"), "{}", s.log());
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -113,6 +113,7 @@ impl CallArgs {
     }
 
     fn run(self) -> Result<(), String> {
+        show_plugin_output();
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -150,7 +151,9 @@ impl CallArgs {
             return Err(error);
         }
         let input = self.input;
-        let bad_input = |e: serde_json::Error| format!("--input does not fit a {}: {e}", self.kind);
+        let bad_input = |e: serde_json::Error| {
+            format!("--input does not fit {}: {e}", self.kind.with_article())
+        };
         let started = Instant::now();
         let answer = match self.kind {
             PluginKind::PoolSizer => {
@@ -221,6 +224,27 @@ impl CallArgs {
     }
 }
 
+/// What `plugin call` logs unless `POSEIDON_LOG` says otherwise: everything the plugin logs
+/// (`host::log`, every level) and writes to stderr (a panic message, a Python traceback), and
+/// the host's warnings and errors.
+const CALL_LOG: &str = "warn,poseidon_plugin_host::runtime=trace";
+
+/// Shows the plugin's log lines and stderr on this command's stderr, as a server's log would
+/// (filtered by `POSEIDON_LOG` as the server's is, else [`CALL_LOG`]); without this they
+/// were lost, and a failing call said only e.g. "Python function threw an unexpected
+/// exception", not why.
+fn show_plugin_output() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("POSEIDON_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(CALL_LOG));
+    let _already_set = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .without_time()
+        .with_target(false)
+        .try_init();
+}
+
 /// Where `plugin call` keeps compiled plugins: `$POSEIDON_PLUGIN_CACHE`, else
 /// `$XDG_CACHE_HOME/poseidon/compiled-plugins` or `~/.cache/poseidon/compiled-plugins`.
 fn user_cache_directory() -> Option<PathBuf> {
@@ -250,20 +274,26 @@ enum Lang {
     Python,
 }
 
+/// Whether cargo accepts `name` as a package name (ASCII only): it starts with a letter or
+/// `_` (not a digit or `-`) and holds only letters, digits, `-` and `_`.
+fn valid_package_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
 /// Writes a buildable plugin project of `kind` in `lang` into the new directory `dir`.
 fn new_project(kind: &str, dir: &Path, lang: Lang) -> Result<(), String> {
     let kind = parse_kind(kind)?;
     let name = dir
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
-        .filter(|n| {
-            !n.is_empty()
-                && n.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        })
+        .filter(|n| valid_package_name(n))
         .ok_or_else(|| {
             format!(
-                "{}: the name may hold letters, digits, - and _",
+                "{}: the name must start with a letter or _ and hold only letters, digits, - and _ (as cargo requires)",
                 dir.display()
             )
         })?;
@@ -291,10 +321,11 @@ fn new_project(kind: &str, dir: &Path, lang: Lang) -> Result<(), String> {
     write(&dir.join("src/lib.rs"), template(kind, lang))?;
     write(&dir.join(".gitignore"), "/target\n")?;
     println!(
-        "created {dir}: a {kind} plugin (poseidon:plugins@0.2.0)\n\
+        "created {dir}: {a_kind} plugin (poseidon:plugins@0.2.0)\n\
          build:  cd {dir} && cargo build --target wasm32-wasip2 --release\n\
          try:    poseidon plugin call {dir}/target/wasm32-wasip2/release/{file}.wasm --kind {kind} --input '{input}'",
         dir = dir.display(),
+        a_kind = kind.with_article(),
         file = name.replace('-', "_"),
         input = example_input(kind),
     );
@@ -336,10 +367,11 @@ fn new_python_project(
     }
     write(&dir.join(".gitignore"), "/.venv\n/*.wasm\n/wit_world\n")?;
     println!(
-        "created {dir}: a {kind} plugin in Python (poseidon:plugins@0.2.0)\n\
+        "created {dir}: {a_kind} plugin in Python (poseidon:plugins@0.2.0)\n\
          build:  {dir}/build.sh\n\
          try:    poseidon plugin call {dir}/{file}.wasm --kind {kind} --input '{input}'",
         dir = dir.display(),
+        a_kind = kind.with_article(),
         input = example_input(kind),
     );
     Ok(())

@@ -42,14 +42,43 @@ pub fn reload_on_sighup(host: PluginHost, config_path: Option<std::path::PathBuf
     };
     tokio::spawn(async move {
         while hangup.recv().await.is_some() {
-            apply_configuration_file(&host, config_path.as_deref(), "SIGHUP").await;
+            apply_configuration_file(&host, config_path.as_deref(), Trigger::Signal).await;
         }
     });
 }
 
+/// What asked for a configuration reload.
+#[derive(Debug, Clone, Copy)]
+enum Trigger {
+    /// SIGHUP.
+    Signal,
+    /// The file watch saw the configuration file change.
+    FileChange,
+}
+
+impl Trigger {
+    /// How the log lines name it.
+    fn describe(self) -> &'static str {
+        match self {
+            Trigger::Signal => "SIGHUP",
+            Trigger::FileChange => "configuration file changed",
+        }
+    }
+
+    /// The `trigger` label of `poseidon_plugin_config_reloads_total`.
+    fn label(self) -> &'static str {
+        match self {
+            Trigger::Signal => "sighup",
+            Trigger::FileChange => "file",
+        }
+    }
+}
+
 /// Watches the configuration file (its directory, for editors that replace the file) and
 /// applies a changed `plugins:` section like SIGHUP does, once the file has been quiet for
-/// `debounce`. Without a configuration file there is nothing to watch.
+/// `debounce`. Only events that can change the file's content count (not the server's own
+/// reads of it), and a file whose content is what was last applied is not applied again.
+/// Without a configuration file there is nothing to watch.
 pub fn reload_on_file_change(
     host: PluginHost,
     config_path: Option<std::path::PathBuf>,
@@ -64,14 +93,20 @@ pub fn reload_on_file_change(
         return;
     };
     let name = name.to_os_string();
+    // What the file held when it was last applied: at first, what the server started with
+    // (read before the watch begins, so a change from now on is not missed).
+    let mut applied = std::fs::read(&path).ok();
     // Capacity 1: a pending message already means "re-read the file".
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
     let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         let ours = match &event {
-            Ok(event) => event
-                .paths
-                .iter()
-                .any(|p| p.file_name() == Some(name.as_os_str())),
+            Ok(event) => {
+                poseidon_plugin_host::may_change_content(&event.kind)
+                    && event
+                        .paths
+                        .iter()
+                        .any(|p| p.file_name() == Some(name.as_os_str()))
+            }
             Err(_) => true,
         };
         if ours {
@@ -92,14 +127,23 @@ pub fn reload_on_file_change(
     tokio::spawn(async move {
         let _watcher = watcher;
         while poseidon_plugin_host::settled(&mut rx, debounce).await {
-            apply_configuration_file(&host, Some(&path), "configuration file changed").await;
+            let now = tokio::fs::read(&path).await.ok();
+            if now.is_some() && now == applied {
+                tracing::debug!(path = %path.display(), "configuration file unchanged; nothing to apply");
+                continue;
+            }
+            apply_configuration_file(&host, Some(&path), Trigger::FileChange).await;
+            applied = now;
         }
     });
 }
 
 /// Re-reads the configuration file and applies its `plugins:` section; `trigger` names
-/// what asked for it in the log lines.
-async fn apply_configuration_file(host: &PluginHost, path: Option<&Path>, trigger: &str) {
+/// what asked for it in the log lines and the metrics.
+async fn apply_configuration_file(host: &PluginHost, path: Option<&Path>, trigger: Trigger) {
+    metrics::counter!("poseidon_plugin_config_reloads_total", "trigger" => trigger.label())
+        .increment(1);
+    let trigger = trigger.describe();
     let section = crate::config::Config::load(path, std::env::vars())
         .map_err(|e| e.to_string())
         .and_then(|c| config(&c.plugins));
@@ -262,17 +306,28 @@ impl PoolPolicy for PluginPolicies {
 /// `poseidon plugin check FILE`: describes the plugin or says why it would be refused.
 /// Returns the process exit code.
 pub fn check_command(file: &Path) -> i32 {
+    use std::io::Write;
     match poseidon_plugin_host::check_file(file) {
         Ok(d) => {
-            println!("{}: OK", file.display());
-            println!("  kind:        {}", d.kind);
-            println!("  wit version: poseidon:plugins@{}", d.wit_version);
-            println!("  sha256:      {}", d.digest);
-            println!("  size:        {} bytes", d.size);
-            println!("  compiled in: {} ms", d.compile_ms);
-            println!("  exports:     {}", d.exports.join(", "));
-            println!("  imports:     {}", d.imports.join(", "));
-            0
+            let text = format!(
+                "{}: OK\n  kind:        {}\n  wit version: poseidon:plugins@{}\n  sha256:      {}\n  size:        {} bytes\n  compiled in: {} ms\n  exports:     {}\n  imports:     {}\n",
+                file.display(),
+                d.kind,
+                d.wit_version,
+                d.digest,
+                d.size,
+                d.compile_ms,
+                d.exports.join(", "),
+                d.imports.join(", ")
+            );
+            // A reader that stops early (`| head`) is no error; println! panicked on it.
+            match std::io::stdout().lock().write_all(text.as_bytes()) {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                    eprintln!("cannot write to stdout: {e}");
+                    1
+                }
+                _ => 0,
+            }
         }
         Err(e) => {
             eprintln!("{e}");

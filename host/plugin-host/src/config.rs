@@ -19,7 +19,7 @@
 //!     epochDeadlineTicks: 10         # guest run time per call, in ticks
 //!     fuel: null                     # optional instruction budget per call
 //!     memoryMb: 64                   # per linear memory
-//!     maxConcurrentCalls: 16         # admission limit across all plugins
+//!     maxConcurrentCalls: 16         # admission limit of each plugin entry
 //!     pooling: true                  # pooling allocator (falls back to on-demand)
 //!   sizer: { min: 0, max: 100, hysteresis: 1 }
 //!   watch: true                      # hot reload on file changes
@@ -231,6 +231,17 @@ impl PluginKind {
         }
     }
 
+    /// The kind's name with its indefinite article, for messages: "a pool-sizer", "an
+    /// authenticator".
+    pub fn with_article(self) -> &'static str {
+        match self {
+            PluginKind::PoolSizer => "a pool-sizer",
+            PluginKind::Preprocessor => "a preprocessor",
+            PluginKind::Authenticator => "an authenticator",
+            PluginKind::Observer => "an observer",
+        }
+    }
+
     /// The WIT world a plugin of this kind targets.
     pub fn world(self) -> &'static str {
         match self {
@@ -267,8 +278,9 @@ pub struct Limits {
     /// Size limit of each linear memory of a plugin instance, in MiB.
     #[serde(alias = "memorymb")]
     pub memory_mb: u64,
-    /// Most plugin calls running at once (admission control); later calls wait for a
-    /// slot within their timeout.
+    /// Most calls of one plugin entry running at once (admission control, per entry: a
+    /// plugin that runs long exhausts only its own slots); later calls of that plugin wait
+    /// for a slot within their timeout.
     #[serde(alias = "maxconcurrentcalls")]
     pub max_concurrent_calls: u32,
     /// Use wasmtime's pooling allocator (faster instantiation); falls back to

@@ -43,8 +43,12 @@ pub enum PluginError {
         /// The plugin interfaces found.
         exports: String,
     },
-    /// The component is of another kind than its configuration entry says.
-    #[error("{}: is a {found} plugin, but its entry says {expected}", path.display())]
+    /// The component is of another kind than configured (its entry's `kind`, or `--kind`).
+    #[error(
+        "{}: is {} plugin, but the configured kind is {expected}",
+        path.display(),
+        found.with_article()
+    )]
     WrongKind {
         /// The file.
         path: PathBuf,

@@ -103,7 +103,6 @@ pub(crate) struct Inner {
     keeper: Keeper,
     config: PluginsConfig,
     slots: Vec<Arc<Slot>>,
-    admission: Arc<Semaphore>,
     last_sizes: Mutex<HashMap<i64, u32>>,
     /// Serializes reloads (initial load, watcher, [`PluginHost::reload`]).
     reload_lock: tokio::sync::Mutex<()>,
@@ -126,6 +125,9 @@ struct Slot {
     /// The entry's `config:` values; replaced by [`PluginHost::reconfigure`].
     config: arc_swap::ArcSwap<BTreeMap<String, String>>,
     current: ArcSwapOption<LoadedPlugin>,
+    /// The entry's own admission bound (`maxConcurrentCalls` calls at once): a plugin that
+    /// runs long can only exhaust its own slots, never another plugin's.
+    admission: Arc<Semaphore>,
     /// Digest of the last file version that failed to load (not retried until changed).
     failed_digest: Mutex<Option<String>>,
     calls: AtomicU64,
@@ -298,7 +300,8 @@ impl PluginHost {
             .cache_directory
             .as_deref()
             .filter(|_| config.compile_cache);
-        let runtime = Arc::new(Runtime::new(&config.limits, cache)?);
+        let plugins = u32::try_from(config.entries.len()).unwrap_or(u32::MAX);
+        let runtime = Arc::new(Runtime::new(&config.limits, plugins, cache)?);
         let keeper = Keeper::start(Arc::clone(&runtime))?;
         let slots = config
             .entries
@@ -312,6 +315,9 @@ impl PluginHost {
                     )?),
                     config: arc_swap::ArcSwap::from_pointee(entry.config.clone()),
                     current: ArcSwapOption::empty(),
+                    admission: Arc::new(Semaphore::new(
+                        config.limits.max_concurrent_calls as usize,
+                    )),
                     failed_digest: Mutex::new(None),
                     calls: AtomicU64::new(0),
                     failures: AtomicU64::new(0),
@@ -327,7 +333,6 @@ impl PluginHost {
             observer_queued: AtomicU64::new(0),
             observer_dropped: AtomicU64::new(0),
             observer_delivered: AtomicU64::new(0),
-            admission: Arc::new(Semaphore::new(config.limits.max_concurrent_calls as usize)),
             runtime,
             keeper,
             config,
@@ -858,11 +863,12 @@ impl Inner {
         let limits: &Limits = &self.runtime.limits;
         let timeout_ms = limits.call_timeout_ms;
         let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout_ms);
-        // A free slot is taken without arming a timer; only a wait is bounded by one.
-        let permit = match self.admission.clone().try_acquire_owned() {
+        // The plugin's own slots. A free one is taken without arming a timer; only a wait is
+        // bounded by one.
+        let permit = match slot.admission.clone().try_acquire_owned() {
             Ok(permit) => permit,
             Err(_) => {
-                match tokio::time::timeout_at(deadline, self.admission.clone().acquire_owned())
+                match tokio::time::timeout_at(deadline, slot.admission.clone().acquire_owned())
                     .await
                 {
                     Ok(Ok(permit)) => permit,
@@ -1028,6 +1034,7 @@ impl Inner {
     /// Re-reads every plugin file and reloads those that changed.
     pub(crate) async fn reload_all(self: &Arc<Self>) {
         let _guard = self.reload_lock.lock().await;
+        crate::telemetry::rescan();
         for slot in &self.slots {
             self.reload_slot(slot).await;
         }
@@ -1193,7 +1200,7 @@ pub fn check_file_cached(
         pooling: false,
         ..Limits::default()
     };
-    let runtime = Runtime::new(&limits, cache_directory)?;
+    let runtime = Runtime::new(&limits, 1, cache_directory)?;
     let name = path
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())

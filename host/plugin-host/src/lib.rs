@@ -29,7 +29,8 @@
 //!    pooling allocator's slot size).
 //!
 //! Optionally `fuel` adds a deterministic instruction budget. At most
-//! `maxConcurrentCalls` calls run at once (a semaphore taken before instantiation).
+//! `maxConcurrentCalls` calls of each plugin entry run at once (a semaphore per entry,
+//! taken before instantiation), so a runaway plugin cannot hold up another's calls.
 //!
 //! A plugin that traps, times out, runs out of memory or answers nonsense never takes
 //! the server down; the call falls back per kind:
@@ -91,7 +92,7 @@ pub use types::{
     EnvironmentInfo, ObserverStats, PluginDescription, PluginStatus, PoolSizerInput, PoolStateInfo,
     Rejection,
 };
-pub use watch::settled;
+pub use watch::{may_change_content, settled};
 
 /// The newest version of the `poseidon:plugins` WIT package this host implements.
 pub const WIT_VERSION: &str = "0.2.0";

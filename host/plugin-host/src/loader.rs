@@ -198,6 +198,15 @@ pub(crate) fn inspect(
     }
 }
 
+/// The first bytes of every WebAssembly binary, module or component.
+const WASM_MAGIC: &[u8] = b"\0asm";
+
+/// `message` on one line (a compiler message may embed a multi-line dump), so that a log
+/// line and the status's `lastError` stay one line.
+fn one_line(message: &str) -> String {
+    message.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
 /// Compiles `bytes`, checks that they are a compatible plugin (of `expected` kind, if
 /// given), pre-instantiates them against the host's linker and instantiates them once
 /// as a smoke test. Blocking: run it on a blocking thread.
@@ -214,9 +223,15 @@ pub(crate) fn load(
     // Loads are serialised (the host's reload lock), so a hit counted during this compile
     // is this file's.
     let hits_before = runtime.cache.as_ref().map(|c| c.cache_hits());
+    if !bytes.starts_with(WASM_MAGIC) {
+        return Err(PluginError::Compile {
+            path: path.to_path_buf(),
+            message: "it does not start with the WebAssembly magic bytes \\0asm".into(),
+        });
+    }
     let component = Component::new(&runtime.engine, bytes).map_err(|e| PluginError::Compile {
         path: path.to_path_buf(),
-        message: format!("{e:#}"),
+        message: one_line(&format!("{e:#}")),
     })?;
     let compile_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     let from_cache = runtime

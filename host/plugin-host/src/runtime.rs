@@ -215,24 +215,28 @@ pub(crate) struct Runtime {
 }
 
 impl Runtime {
-    /// Creates the engine (pooling if configured and possible; compiled code cached in
-    /// `cache_directory` if given), the linker with WASI (nothing granted) and the host
-    /// interface, and starts the epoch ticker.
-    pub fn new(limits: &Limits, cache_directory: Option<&Path>) -> Result<Runtime, PluginError> {
+    /// Creates the engine for `plugins` plugin entries (pooling if configured and possible;
+    /// compiled code cached in `cache_directory` if given), the linker with WASI (nothing
+    /// granted) and the host interface, and starts the epoch ticker.
+    pub fn new(
+        limits: &Limits,
+        plugins: u32,
+        cache_directory: Option<&Path>,
+    ) -> Result<Runtime, PluginError> {
         let cache = cache_directory.and_then(compile_cache);
         let engine = if limits.pooling {
-            match Self::engine(limits, true, cache.clone()) {
+            match Self::engine(limits, Some(plugins), cache.clone()) {
                 Ok(engine) => engine,
                 Err(e) => {
                     tracing::warn!(
                         error = %e,
                         "pooling allocator unavailable, using on-demand allocation"
                     );
-                    Self::engine(limits, false, cache.clone())?
+                    Self::engine(limits, None, cache.clone())?
                 }
             }
         } else {
-            Self::engine(limits, false, cache.clone())?
+            Self::engine(limits, None, cache.clone())?
         };
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
@@ -257,9 +261,10 @@ impl Runtime {
         })
     }
 
+    /// The engine; with `pooling` (the number of plugin entries) on the pooling allocator.
     fn engine(
         limits: &Limits,
-        pooling: bool,
+        pooling: Option<u32>,
         cache: Option<wasmtime::Cache>,
     ) -> Result<Engine, PluginError> {
         let mut config = wasmtime::Config::new();
@@ -271,18 +276,22 @@ impl Runtime {
         config.epoch_interruption(true);
         config.consume_fuel(limits.fuel.is_some());
         let memory_bytes = memory_limit_bytes(limits);
-        if pooling {
-            // Enough for every admitted call plus loads, checks and spares, with margin: Rust
-            // components have a handful of core instances and one or two memories.
-            let slots = limits.max_concurrent_calls.max(1) + 8 + crate::spare::MAX_SPARES;
+        if let Some(plugins) = pooling {
+            // Enough for every admitted call (each plugin has its own `maxConcurrentCalls`)
+            // plus loads, checks and spares, with margin: Rust components have a handful of
+            // core instances and one or two memories.
+            let slots = plugins
+                .max(1)
+                .saturating_mul(limits.max_concurrent_calls.max(1))
+                .saturating_add(8 + crate::spare::MAX_SPARES);
             let keep_resident = usize::try_from(limits.keep_resident_kb.saturating_mul(1024))
                 .unwrap_or(usize::MAX)
                 .min(memory_bytes);
             let mut pool = wasmtime::PoolingAllocationConfig::default();
             pool.total_component_instances(slots)
-                .total_core_instances(slots * 16)
-                .total_memories(slots * 2)
-                .total_tables(slots * 8)
+                .total_core_instances(slots.saturating_mul(16))
+                .total_memories(slots.saturating_mul(2))
+                .total_tables(slots.saturating_mul(8))
                 .total_stacks(slots)
                 .max_memories_per_component(4)
                 .max_memory_size(memory_bytes)
@@ -548,7 +557,7 @@ mod tests {
             fuel: Some(1_000),
             ..Limits::default()
         };
-        let runtime = Runtime::new(&limits, None).unwrap();
+        let runtime = Runtime::new(&limits, 1, None).unwrap();
         let identity = Arc::new(PluginIdentity {
             name: "p".into(),
             kind: PluginKind::Preprocessor,

@@ -1,6 +1,6 @@
 //! Plugin calls in the process's `metrics` recorder (Prometheus `/metrics` when the server
 //! installed one; without a recorder these are no-ops): calls and their duration per plugin,
-//! failures per plugin and reason.
+//! failures per plugin and reason; rescans of the plugin files.
 
 use std::time::Duration;
 
@@ -9,6 +9,12 @@ use crate::error::CallError;
 /// The histogram of plugin call durations (seconds, label `plugin`); the server gives it
 /// buckets of its own.
 pub const CALL_DURATION_METRIC: &str = "poseidon_plugin_call_duration_seconds";
+
+/// Records one rescan of the plugin files (`poseidon_plugin_rescans_total`: at start, after
+/// file events, on [`crate::PluginHost::reload`] and [`crate::PluginHost::reconfigure`]).
+pub(crate) fn rescan() {
+    metrics::counter!("poseidon_plugin_rescans_total").increment(1);
+}
 
 /// Records one finished call of `plugin` (whatever its outcome).
 pub(crate) fn call(plugin: &str, duration: Duration) {

@@ -1,9 +1,10 @@
-//! Watching the plugin directory: file events are debounced and then trigger a reload
-//! of the changed plugin files.
+//! Watching the plugin directory: file events that can change a plugin file are debounced
+//! and then trigger a reload of the changed plugin files.
 
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
 use notify::{RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
@@ -25,6 +26,7 @@ pub(crate) fn start(inner: &Arc<Inner>) -> Result<(), PluginError> {
     let names = inner.file_names();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         let relevant = match &event {
+            Ok(event) if !may_change_content(&event.kind) => false,
             Ok(event) => {
                 event.paths.is_empty()
                     || event.paths.iter().any(|p| {
@@ -47,6 +49,24 @@ pub(crate) fn start(inner: &Arc<Inner>) -> Result<(), PluginError> {
     *inner.watcher.lock().unwrap_or_else(|e| e.into_inner()) = Some(watcher);
     tokio::spawn(reload_loop(Arc::downgrade(inner), rx, inner.debounce()));
     Ok(())
+}
+
+/// Whether an event of this kind can change what a file holds (or whether it exists): created,
+/// written (data, or closed after writing), renamed, removed, or an unclassified event or a
+/// rescan request (the backend lost events). Opening, reading and closing a file without
+/// writing, and metadata changes are not: on Linux, inotify reports the watcher's own
+/// reads of the files it watches (`IN_OPEN`), so reacting to them made every rescan start
+/// the next.
+pub fn may_change_content(kind: &EventKind) -> bool {
+    match kind {
+        EventKind::Access(access) => matches!(access, AccessKind::Close(AccessMode::Write)),
+        EventKind::Modify(ModifyKind::Metadata(_)) => false,
+        EventKind::Create(_)
+        | EventKind::Modify(_)
+        | EventKind::Remove(_)
+        | EventKind::Any
+        | EventKind::Other => true,
+    }
 }
 
 /// Waits for the next change notification on `rx`, then for a quiet period of `quiet` that
@@ -72,5 +92,39 @@ async fn reload_loop(inner: Weak<Inner>, mut rx: mpsc::Receiver<()>, debounce: D
             return;
         };
         inner.reload_all().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::may_change_content;
+    use notify::event::{
+        AccessKind, AccessMode, CreateKind, DataChange, EventKind, MetadataKind, ModifyKind,
+        RemoveKind, RenameMode,
+    };
+
+    #[test]
+    fn reads_do_not_count_as_changes_writes_renames_and_removals_do() {
+        let reads = [
+            EventKind::Access(AccessKind::Open(AccessMode::Any)),
+            EventKind::Access(AccessKind::Close(AccessMode::Read)),
+            EventKind::Access(AccessKind::Read),
+            EventKind::Modify(ModifyKind::Metadata(MetadataKind::Any)),
+        ];
+        for kind in reads {
+            assert!(!may_change_content(&kind), "{kind:?}");
+        }
+        let changes = [
+            EventKind::Create(CreateKind::File),
+            EventKind::Modify(ModifyKind::Data(DataChange::Any)),
+            EventKind::Access(AccessKind::Close(AccessMode::Write)),
+            EventKind::Modify(ModifyKind::Name(RenameMode::To)),
+            EventKind::Modify(ModifyKind::Name(RenameMode::Both)),
+            EventKind::Remove(RemoveKind::File),
+            EventKind::Other,
+        ];
+        for kind in changes {
+            assert!(may_change_content(&kind), "{kind:?}");
+        }
     }
 }

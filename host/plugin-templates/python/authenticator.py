@@ -2,6 +2,11 @@
 
 Build it with ./build.sh (componentize-py); the host functions are in
 wit_world.imports.host (log, config_get, config_entries).
+
+Import every module at the top of this file: componentize-py bundles only what module-level
+imports pull in when it builds, so a module imported only inside a method builds but is
+missing when the method runs (ModuleNotFoundError). ssl and networking (sockets, name
+lookup) are not available.
 """
 
 import hmac

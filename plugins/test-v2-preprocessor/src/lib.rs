@@ -1,6 +1,7 @@
 //! Test plugin (WIT 0.2): a preprocessor that sets `WIT_VERSION=0.2` on every execution,
 //! and `CALLS_IN_INSTANCE` to the number of calls its instance has served (always 1 where
-//! every call gets a fresh instance); it passes file updates unchanged.
+//! every call gets a fresh instance); it passes file updates unchanged. An execution of the
+//! command `loop-forever` never returns (a runaway plugin: its deadline must stop it).
 
 /// Bindings of the `preprocessor-plugin` world of `poseidon:plugins@0.2.0`.
 #[allow(missing_docs)]
@@ -20,6 +21,13 @@ struct Pre;
 
 impl Guest for Pre {
     fn preprocess_execute(mut request: ExecuteRequest) -> Result<ExecuteRequest, String> {
+        if request.command == "loop-forever" {
+            let mut n = 0u64;
+            loop {
+                // `black_box` keeps the optimiser from reasoning about the loop.
+                n = std::hint::black_box(n.wrapping_add(1));
+            }
+        }
         let calls = CALLS.fetch_add(1, Ordering::Relaxed) + 1;
         request
             .env

@@ -19,6 +19,16 @@ fn looping_and_demand(name: &str) -> poseidon_plugin_host::PluginsConfig {
     config(&dir, vec![looping, demand])
 }
 
+/// [`looping_and_demand`] with one slot per plugin and calls that only `timeout_ms` stops
+/// (the epoch deadline alone would allow 60 s).
+fn looping_and_demand_one_slot(name: &str, timeout_ms: u64) -> poseidon_plugin_host::PluginsConfig {
+    let mut cfg = looping_and_demand(name);
+    cfg.limits.epoch_deadline_ticks = 6_000;
+    cfg.limits.call_timeout_ms = timeout_ms;
+    cfg.limits.max_concurrent_calls = 1;
+    cfg
+}
+
 fn exec_request() -> ExecutionRequest {
     execution("make run")
 }
@@ -42,27 +52,56 @@ async fn endless_loop_hits_the_epoch_deadline_and_others_keep_working() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wall_clock_timeout_answers_at_once_and_stops_the_guest() {
-    let mut cfg = looping_and_demand("timeout");
-    // The epoch deadline alone would allow 60 s; the call timeout is what fires.
-    cfg.limits.epoch_deadline_ticks = 6_000;
-    cfg.limits.call_timeout_ms = 200;
-    // One slot for all plugins: the demand sizer can only run once the cancelled
-    // guest has really stopped.
-    cfg.limits.max_concurrent_calls = 1;
+    // The call timeout is what fires. One slot per plugin: the looping plugin's next call
+    // can only run once the cancelled guest has really stopped.
+    let cfg = looping_and_demand_one_slot("timeout", 200);
     let host = PluginHost::start(cfg).await.unwrap();
 
     assert_eq!(host.pool_size(sizer_input(1, 1)).await, None);
     let error = status(&host, "loop").last_error.unwrap();
     assert!(error.contains("timed out after 200 ms"), "{error}");
     // The cancelled guest gives its slot back at its next epoch check, long before
-    // its 60 s run time would end. Retry within 30 s (each try may itself time out on
-    // a very busy machine).
+    // its 60 s run time would end; then the same plugin answers an environment whose
+    // image is `quick` at once. Retry within 30 s (each try may itself time out on a
+    // very busy machine).
+    let mut quick = sizer_input(1, 1);
+    quick.environment.image = "quick".into();
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
     let mut answer = None;
     while answer.is_none() && tokio::time::Instant::now() < deadline {
-        answer = host.pool_size(sizer_input(2, 0)).await;
+        answer = host.pool_size(quick.clone()).await;
     }
-    assert_eq!(answer, Some(4), "the looping guest was not stopped");
+    assert_eq!(answer, Some(1), "the looping guest was not stopped");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saturated_looping_plugin_does_not_hold_up_another_plugins_calls() {
+    // Each looping call holds its plugin's one slot until its 2 s timeout.
+    let cfg = looping_and_demand_one_slot("saturated", 2_000);
+    let host = PluginHost::start(cfg).await.unwrap();
+    let looping: Vec<_> = (0..3)
+        .map(|_| {
+            let host = host.clone();
+            tokio::spawn(async move { host.pool_size(sizer_input(1, 1)).await })
+        })
+        .collect();
+    // Every looping call has started: one holds the looping plugin's slot, two wait for it.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    while status(&host, "loop").calls < 3 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the looping calls did not start"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    // The demand sizer has a slot of its own.
+    assert_eq!(host.pool_size(sizer_input(2, 0)).await, Some(4));
+    for call in looping {
+        assert_eq!(call.await.unwrap(), None);
+    }
+    let (demand, looping) = (status(&host, "demand"), status(&host, "loop"));
+    assert_eq!((demand.calls, demand.failures), (1, 0), "{demand:?}");
+    assert_eq!(looping.failures, 3, "{looping:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -180,11 +219,23 @@ async fn corrupt_file_is_reported_and_not_loaded() {
         b"\0asm\x0d\0\x01\0 definitely not a component",
         "bad.wasm",
     );
+    // Not WebAssembly at all.
+    install_bytes(&dir, b"\xc1\x8c\x10\x6b random bytes", "noise.wasm");
     install(&dir, "demand_sizer", "demand.wasm");
     let mut bad = entry("bad.wasm", Some(PluginKind::PoolSizer), &[]);
     bad.environments = Some(vec![1]);
-    let cfg = config(&dir, vec![bad, entry("demand.wasm", None, &[])]);
+    let mut noise = entry("noise.wasm", Some(PluginKind::PoolSizer), &[]);
+    noise.environments = Some(vec![1]);
+    let cfg = config(&dir, vec![bad, noise, entry("demand.wasm", None, &[])]);
     let host = PluginHost::start(cfg).await.unwrap();
+    // One line, fit for a log line and `lastError`.
+    let error = status(&host, "noise").last_error.unwrap();
+    assert!(
+        error.ends_with(
+            "noise.wasm: not a valid WebAssembly component: it does not start with the WebAssembly magic bytes \\0asm"
+        ),
+        "{error}"
+    );
 
     let st = status(&host, "bad");
     assert!(!st.loaded);
@@ -230,7 +281,7 @@ async fn incompatible_version_and_wrong_kind_are_refused() {
     );
     let error = status(&host, "sizer").last_error.unwrap();
     assert!(
-        error.contains("is a pool-sizer plugin, but its entry says preprocessor"),
+        error.contains("is a pool-sizer plugin, but the configured kind is preprocessor"),
         "{error}"
     );
     // A configured preprocessor that is not loaded rejects (fail closed).
