@@ -246,7 +246,7 @@ pub enum Backend {
     Local,
     /// The Nomad backend, over the project's Nomad emulator.
     Nomad,
-    /// The Nomad backend against the real Nomad at `NOMAD_ADDR` (raw_exec driver unless
+    /// The Nomad backend against the real Nomad at `NOMAD_ADDR` (docker driver unless
     /// `POSEIDON_TEST_NOMAD_DRIVER` says otherwise).
     RealNomad,
 }

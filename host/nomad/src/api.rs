@@ -38,6 +38,16 @@ impl NomadError {
     pub fn is_not_found(&self) -> bool {
         matches!(self, NomadError::Status { status: 404, .. })
     }
+
+    /// Whether a job the request named does not exist (any more): a 404, or the 500 Nomad
+    /// answers to deregistering a job purged already ("DeleteJob failed: job not found").
+    pub fn is_job_gone(&self) -> bool {
+        match self {
+            NomadError::Status { status: 404, .. } => true,
+            NomadError::Status { status: 500, body } => body.contains("job not found"),
+            _ => false,
+        }
+    }
 }
 
 impl From<NomadError> for BackendError {
@@ -255,8 +265,14 @@ impl NomadClient {
                     Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
                 }
             }
-            if let Err(e) = client.deregister(&id, true).await {
-                tracing::warn!(job = %id, error = %e, "could not purge a stopped job");
+            match client.deregister(&id, true).await {
+                // Retired twice (an environment's removal, then its runners' destruction):
+                // the other purge came first.
+                Err(e) if e.is_job_gone() => {
+                    tracing::debug!(job = %id, "a stopped job was purged already")
+                }
+                Err(e) => tracing::warn!(job = %id, error = %e, "could not purge a stopped job"),
+                Ok(()) => {}
             }
         });
         Ok(())
@@ -412,5 +428,22 @@ impl NomadClient {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::NomadError;
+
+    #[test]
+    fn a_job_purged_already_is_gone_and_other_failures_are_not() {
+        let status = |status, body: &str| NomadError::Status {
+            status,
+            body: body.to_string(),
+        };
+        assert!(status(404, "").is_job_gone());
+        assert!(status(500, "DeleteJob failed: job not found").is_job_gone());
+        assert!(!status(500, "rpc error: No cluster leader").is_job_gone());
+        assert!(!NomadError::Unreachable("refused".into()).is_job_gone());
     }
 }
