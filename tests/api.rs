@@ -943,7 +943,11 @@ async fn runners_survive_a_restart_of_the_gateway_with_their_files_and_programs(
     let r = s.download(&runner, "kept.txt").await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.text().await.unwrap(), "still here");
-    assert!(!host_processes_with(&marker).is_empty());
+    assert!(
+        !host_processes_with(&marker).is_empty(),
+        "the program died across the restart: {}",
+        support::log_tail(&s.log())
+    );
     let out = s.run(&runner, json!({"command": "cat kept.txt"})).await;
     assert_eq!(out.stdout, "still here");
     assert_eq!(
