@@ -420,6 +420,64 @@ fn plugin_check_command() {
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
+/// `poseidon config check` checks every plugin entry's file as the server would load it: an
+/// administrator learns before a start that a file is missing or of the wrong kind.
+#[test]
+fn config_check_checks_the_plugin_entries() {
+    let dir = plugin_dir(&[
+        ("submission_guard", "guard.wasm"),
+        ("jwt_auth", "auth.wasm"),
+    ]);
+    let check = |entries: &str, config_flag: bool| {
+        let file = dir.join(format!("config-{}.yaml", entries.len()));
+        let yaml = format!(
+            "plugins:\n  directory: {}\n  entries:\n{entries}",
+            dir.display()
+        );
+        std::fs::write(&file, yaml).unwrap();
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_poseidon"));
+        if config_flag {
+            command.arg("--config").arg(&file).args(["config", "check"]);
+        } else {
+            command.args(["config", "check"]).arg(&file);
+        }
+        let out = command.output().unwrap();
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code(), said)
+    };
+    let good = "    - file: guard.wasm\n      kind: preprocessor\n    - file: auth.wasm\n";
+    let (code, said) = check(good, false);
+    assert_eq!(code, Some(0), "{said}");
+    assert!(
+        said.contains("plugin guard.wasm: OK (preprocessor"),
+        "{said}"
+    );
+    assert!(
+        said.contains("plugin auth.wasm: OK (authenticator"),
+        "{said}"
+    );
+    // The file named by --config when none is given after `check`.
+    let (code, said) = check(good, true);
+    assert_eq!(code, Some(0), "{said}");
+    let bad = "    - file: guard.wasm\n    - file: gone.wasm\n    - file: auth.wasm\n      kind: preprocessor\n";
+    let (code, said) = check(bad, false);
+    assert_eq!(code, Some(2), "{said}");
+    assert!(said.contains("plugin gone.wasm"), "{said}");
+    assert!(
+        said.contains("is an authenticator, but the entry says preprocessor"),
+        "{said}"
+    );
+    assert!(
+        !said.contains("plugin guard.wasm:"),
+        "only what the server would refuse: {said}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// `poseidon plugin ARGS…` without `POSEIDON_LOG`: exit code, stdout, stderr.
 fn plugin_command(args: &[&str]) -> (Option<i32>, String, String) {
     plugin_command_logging(args, None)

@@ -65,8 +65,8 @@ enum ConfigCommand {
     /// Check a configuration file (with the `POSEIDON_*` variables of this environment applied)
     /// the way the server reads it; exits 0 and prints what it would do, or 2 and names the key.
     Check {
-        /// The configuration file.
-        file: PathBuf,
+        /// The configuration file (default: `--config`, else `./configuration.yaml`).
+        file: Option<PathBuf>,
     },
 }
 
@@ -81,28 +81,53 @@ fn load_config(path: Option<&std::path::Path>) -> Result<Config, config::ConfigE
     Config::load(path, std::env::vars())
 }
 
+/// `poseidon config check FILE`: the configuration as the server reads it, and every plugin
+/// entry's file as the server would load it. Returns the exit code (2: the server would refuse
+/// the configuration or a plugin).
+fn config_check(file: &std::path::Path) -> i32 {
+    let checked = load_config(Some(file)).and_then(|c| {
+        let plugins =
+            plugins::config(&c.plugins).map_err(|message| config::ConfigError::Invalid {
+                key: "plugins".into(),
+                message,
+            })?;
+        Ok((c, plugins))
+    });
+    let (config, plugins) = match checked {
+        Ok(checked) => checked,
+        Err(e) => {
+            eprintln!("{}: {e}", file.display());
+            return 2;
+        }
+    };
+    println!("{}: OK: {}", file.display(), config.summary());
+    let Some(plugins) = plugins else { return 0 };
+    // Compiled into the user's cache, as `plugin check` does: checking again is quick.
+    let cache = plugin_cli::user_cache_directory();
+    match plugins::check_entries(&plugins, cache.as_deref()) {
+        Ok(lines) => {
+            for line in lines {
+                println!("  {line}");
+            }
+            0
+        }
+        Err(refused) => {
+            eprintln!("{}: {refused}", file.display());
+            2
+        }
+    }
+}
+
 fn main() {
     use clap::Parser;
     let cli = Cli::parse_from(arguments());
     match cli.command {
         Some(Command::Plugin { args }) => std::process::exit(plugin_cli::run(&args)),
         Some(Command::Config(ConfigCommand::Check { file })) => {
-            match load_config(Some(&file)).and_then(|c| {
-                plugins::config(&c.plugins).map_err(|message| config::ConfigError::Invalid {
-                    key: "plugins".into(),
-                    message,
-                })?;
-                Ok(c)
-            }) {
-                Ok(c) => {
-                    println!("{}: OK: {}", file.display(), c.summary());
-                    std::process::exit(0)
-                }
-                Err(e) => {
-                    eprintln!("{}: {e}", file.display());
-                    std::process::exit(2)
-                }
-            }
+            let file = file
+                .or(cli.config)
+                .unwrap_or_else(|| PathBuf::from("configuration.yaml"));
+            std::process::exit(config_check(&file))
         }
         Some(Command::Serve) | None => {}
     }

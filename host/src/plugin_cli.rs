@@ -245,9 +245,9 @@ fn show_plugin_output() {
         .try_init();
 }
 
-/// Where `plugin call` keeps compiled plugins: `$POSEIDON_PLUGIN_CACHE`, else
+/// Where `plugin call` and `plugin check` keep compiled plugins: `$POSEIDON_PLUGIN_CACHE`, else
 /// `$XDG_CACHE_HOME/poseidon/compiled-plugins` or `~/.cache/poseidon/compiled-plugins`.
-fn user_cache_directory() -> Option<PathBuf> {
+pub(crate) fn user_cache_directory() -> Option<PathBuf> {
     let var = |name| {
         std::env::var_os(name)
             .filter(|v| !v.is_empty())

@@ -303,11 +303,12 @@ impl PoolPolicy for PluginPolicies {
     }
 }
 
-/// `poseidon plugin check FILE`: describes the plugin or says why it would be refused.
-/// Returns the process exit code.
+/// `poseidon plugin check FILE`: describes the plugin or says why it would be refused
+/// (compiled once into the user's cache, as `plugin call` does). Returns the process exit code.
 pub fn check_command(file: &Path) -> i32 {
     use std::io::Write;
-    match poseidon_plugin_host::check_file(file) {
+    let cache = crate::plugin_cli::user_cache_directory();
+    match poseidon_plugin_host::check_file_cached(file, cache.as_deref()) {
         Ok(d) => {
             let text = format!(
                 "{}: OK\n  kind:        {}\n  wit version: poseidon:plugins@{}\n  sha256:      {}\n  size:        {} bytes\n  compiled in: {} ms\n  exports:     {}\n  imports:     {}\n",
@@ -333,6 +334,37 @@ pub fn check_command(file: &Path) -> i32 {
             eprintln!("{e}");
             1
         }
+    }
+}
+
+/// For `poseidon config check`: checks every plugin entry's file as the server would load it
+/// (compiled into `cache`), and that it is of the entry's kind. One line per entry; `Err` names the entries the server would not load.
+pub fn check_entries(config: &PluginsConfig, cache: Option<&Path>) -> Result<Vec<String>, String> {
+    let mut lines = Vec::new();
+    let mut refused = Vec::new();
+    for entry in &config.entries {
+        let path = config.directory.join(&entry.file);
+        let name = entry.name.clone().unwrap_or_else(|| entry.file.clone());
+        match poseidon_plugin_host::check_file_cached(&path, cache) {
+            Ok(d) if entry.kind.is_some_and(|k| k != d.kind) => {
+                let wanted = entry.kind.map(|k| k.to_string()).unwrap_or_default();
+                refused.push(format!(
+                    "plugin {name}: {} is {}, but the entry says {wanted}",
+                    path.display(),
+                    d.kind.with_article()
+                ));
+            }
+            Ok(d) => lines.push(format!(
+                "plugin {name}: OK ({}, poseidon:plugins@{})",
+                d.kind, d.wit_version
+            )),
+            Err(e) => refused.push(format!("plugin {name}: {e}")),
+        }
+    }
+    if refused.is_empty() {
+        Ok(lines)
+    } else {
+        Err(refused.join("\n"))
     }
 }
 
