@@ -579,7 +579,7 @@ async fn orphans_that_end_are_reaped() {
 }
 
 /// A client that sends far more input than the program reads must not fill the runner's
-/// memory (the agent would be killed and the runner lost).
+/// memory (the agent would be killed and the runner lost): the gateway holds input back.
 #[tokio::test]
 async fn input_the_program_does_not_read_is_bounded() {
     let s = Server::start().await;
@@ -590,12 +590,43 @@ async fn input_the_program_does_not_read_is_bounded() {
         .await;
     let mut ws = Ws::connect(&url).await;
     ws.wait_stdout("waiting").await;
-    let chunk = "y".repeat(1024 * 1024);
-    for _ in 0..128 {
-        ws.send(&chunk).await;
-    }
+    // The client's sends block once the gateway stops reading: they run on their own.
+    let flood = tokio::spawn(async move {
+        let chunk = "y".repeat(1024 * 1024);
+        for _ in 0..128 {
+            ws.send(&chunk).await;
+        }
+        ws
+    });
     // The agent is alive: another execution in the same runner works.
     let out = s.run(&r, json!({"command": "echo alive"})).await;
     assert_eq!(out.stdout, "alive\r\n", "{:?}", out.messages);
-    ws.disconnect().await;
+    flood.abort();
+}
+
+/// Input a program reads, however much and however fast the client sends it, arrives whole.
+#[tokio::test]
+async fn input_arrives_complete_however_fast_it_is_sent() {
+    let s = Server::start().await;
+    s.environment(1, 1, json!({"memoryLimit": 64})).await;
+    let r = s.claim(1, 60).await;
+    let url = s
+        .execute(&r, json!({"command": "stty -echo; echo ready; wc -c"}))
+        .await;
+    let mut ws = Ws::connect(&url).await;
+    ws.wait_stdout("ready").await;
+    // 8 MiB in lines of 1 KiB (a terminal takes a line of at most 4 KiB), 64 lines a message.
+    let line = format!("{}\n", "y".repeat(1023));
+    let message = line.repeat(64);
+    for _ in 0..128 {
+        ws.send(&message).await;
+    }
+    ws.send("\u{4}").await;
+    let out = ws.finish().await;
+    assert_eq!(out.exit(), Some(0), "{:?}", out.last);
+    assert!(
+        out.stdout.lines().any(|l| l.trim() == "8388608"),
+        "all 8 MiB read: {}",
+        out.stdout
+    );
 }

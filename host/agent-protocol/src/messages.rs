@@ -133,6 +133,10 @@ pub enum Reply {
         version: u32,
         /// The agent's process id inside the runner.
         pid: u32,
+        /// The agent reports the input it wrote to each execution ([`Reply::InputTaken`]), so
+        /// the gateway can hold back what the program has not read yet (absent: an older agent).
+        #[serde(default)]
+        input_taken: bool,
     },
     /// The process of an [`Request::Exec`] runs.
     Started {
@@ -174,4 +178,9 @@ pub enum Reply {
     },
     /// Answers [`Request::Ping`].
     Pong,
+    /// An execution's program was given input: `total` bytes of its stream's input so far.
+    InputTaken {
+        /// Bytes written to the program since its start.
+        total: u64,
+    },
 }

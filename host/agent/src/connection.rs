@@ -103,6 +103,7 @@ async fn handshake(
     let reply = Reply::Hello {
         version: PROTOCOL_VERSION,
         pid: std::process::id(),
+        input_taken: true,
     };
     let _ = tx.send(Frame::control(0, &reply)).await;
     match hello {

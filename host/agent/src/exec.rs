@@ -78,6 +78,7 @@ async fn run(
         .send(Frame::control(stream, &Reply::Started { pid }))
         .await;
     let mut stdin = stdin;
+    let mut taken = 0u64;
     let status = loop {
         tokio::select! {
             status = child.wait() => break status,
@@ -86,6 +87,10 @@ async fn run(
                     let len = bytes.len();
                     write_input(&mut stdin, bytes).await;
                     pending.fetch_sub(len, Ordering::Relaxed);
+                    // The gateway holds back what the program has not taken yet.
+                    taken += len as u64;
+                    let frame = Frame::control(stream, &Reply::InputTaken { total: taken });
+                    session.send(frame).await;
                 }
                 Some(Input::Signal(signal)) => kill_session(pid, signal),
                 // The session forgot the execution: nobody can reach it any more.

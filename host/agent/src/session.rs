@@ -77,9 +77,12 @@ impl Journal {
         if is_output(frame) {
             self.frames.push_back((self.sent, frame.clone()));
             self.sent += frame.payload.len() as u64;
-        } else if !matches!(frame.parse::<Reply>(), Ok(Reply::Started { .. })) {
-            // `Started` is old news to a gateway that resumes; kept, it would sit in front of
-            // the output and keep the window below from ever moving.
+        } else if !matches!(
+            frame.parse::<Reply>(),
+            Ok(Reply::Started { .. } | Reply::InputTaken { .. })
+        ) {
+            // `Started` and `InputTaken` are old news to a gateway that resumes; kept, they would
+            // sit in front of the output and keep the window below from ever moving.
             self.frames.push_back((self.sent, frame.clone()));
         }
         // Forget output frames that lie wholly before the retained window.

@@ -106,7 +106,7 @@ fn runs_a_process_with_pipes_and_reports_its_exit() {
         7,
         Bytes::from_static(b"in\n"),
     ));
-    let (mut out, mut err, mut code) = (Vec::new(), Vec::new(), None);
+    let (mut out, mut err, mut code, mut taken) = (Vec::new(), Vec::new(), None, 0);
     while code.is_none() {
         let frame = agent.recv().expect("agent ended early");
         assert_eq!(frame.stream, 7);
@@ -116,6 +116,8 @@ fn runs_a_process_with_pipes_and_reports_its_exit() {
             FrameKind::Control => match frame.parse::<Reply>().unwrap() {
                 Reply::Started { pid } => assert!(pid > 0),
                 Reply::Exited { code: c } => code = Some(c),
+                // What the program took of its input, for the gateway's flow control.
+                Reply::InputTaken { total } => taken = total,
                 other => panic!("unexpected {other:?}"),
             },
             other => panic!("unexpected {other:?}"),
@@ -124,6 +126,7 @@ fn runs_a_process_with_pipes_and_reports_its_exit() {
     assert_eq!(String::from_utf8_lossy(&out), "out:in\n");
     assert_eq!(String::from_utf8_lossy(&err), "err\n");
     assert_eq!(code, Some(3));
+    assert_eq!(taken, 3, "the agent reports the input it wrote");
 }
 
 #[test]

@@ -126,7 +126,15 @@ async fn scripted_agent(stream: tokio::io::DuplexStream) {
             };
             match request {
                 Request::Hello { version, .. } => {
-                    send(Frame::control(0, &Reply::Hello { version, pid: 1 })).await
+                    send(Frame::control(
+                        0,
+                        &Reply::Hello {
+                            version,
+                            pid: 1,
+                            input_taken: false,
+                        },
+                    ))
+                    .await
                 }
                 Request::Ping => send(Frame::control(stream, &Reply::Pong)).await,
                 Request::UpdateFiles { .. } => send(Frame::control(stream, &Reply::Done)).await,

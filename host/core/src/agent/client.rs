@@ -24,6 +24,10 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_LISTING: usize = 1_000_000;
 /// Frames buffered per operation before the connection's reader waits for its consumer.
 const STREAM_BUFFER: usize = 64;
+/// Input bytes sent to an execution and not yet taken by its program, at most (with an agent
+/// that reports what it took): beyond it the gateway stops reading the client's input, so the
+/// client waits as it would for a program that reads slowly, and nothing is lost.
+const INPUT_WINDOW: u64 = 256 * 1024;
 
 /// What an execution runs, and how.
 #[derive(Debug, Clone)]
@@ -115,6 +119,8 @@ type BoxWriter = std::pin::Pin<Box<dyn AsyncWrite + Send>>;
 #[derive(Clone)]
 pub struct AgentClient {
     outbox: mpsc::Sender<Frame>,
+    /// The agent reports the input its programs took ([`Reply::InputTaken`]).
+    input_taken: bool,
     routes: Routes,
     next_stream: Arc<AtomicU32>,
     closed: CancellationToken,
@@ -142,7 +148,7 @@ impl AgentClient {
         writer: BoxWriter,
         reconnect: Option<Reconnect>,
     ) -> Result<Self, AgentError> {
-        let (reader, decoder, writer) = greet(reader, writer, Vec::new()).await?;
+        let (reader, decoder, writer, input_taken) = greet(reader, writer, Vec::new()).await?;
         let (outbox, outgoing) = mpsc::channel::<Frame>(256);
         let (writers_tx, writers_rx) = mpsc::channel::<WriterSwitch>(1);
         let closed = CancellationToken::new();
@@ -161,6 +167,7 @@ impl AgentClient {
         ));
         Ok(Self {
             outbox,
+            input_taken,
             routes,
             // Streams of an earlier connection may still run in the agent: start elsewhere.
             next_stream: Arc::new(AtomicU32::new(
@@ -434,11 +441,12 @@ fn unexpected(reply: &Reply) -> AgentError {
 
 /// Says hello on a fresh channel (asking the agent to resume `resume`) and checks the answer;
 /// returns the channel with the decoder holding whatever followed the answer.
+/// Greets the agent; returns the channel and whether the agent reports the input it took.
 async fn greet(
     mut reader: BoxReader,
     mut writer: BoxWriter,
     resume: Vec<Resume>,
-) -> Result<(BoxReader, Decoder, BoxWriter), AgentError> {
+) -> Result<(BoxReader, Decoder, BoxWriter, bool), AgentError> {
     let hello = Frame::control(
         0,
         &Request::Hello {
@@ -478,9 +486,11 @@ async fn greet(
         .await
         .map_err(|_| AgentError::Timeout(HELLO_TIMEOUT))??;
     match answer.parse::<Reply>()? {
-        Reply::Hello { version, .. } if version == PROTOCOL_VERSION => {
-            Ok((reader, decoder, writer))
-        }
+        Reply::Hello {
+            version,
+            input_taken,
+            ..
+        } if version == PROTOCOL_VERSION => Ok((reader, decoder, writer, input_taken)),
         Reply::Hello { version, .. } => Err(ProtocolError::Version {
             theirs: version,
             ours: PROTOCOL_VERSION,
@@ -610,7 +620,8 @@ async fn replace_channel(
             let (r, w) = (reconnect.connector)()
                 .await
                 .map_err(AgentError::Unreachable)?;
-            let (r, d, mut w) = greet(r, w, resume).await?;
+            // The same agent again: what it reports is what it reported at first.
+            let (r, d, mut w, _) = greet(r, w, resume).await?;
             let mut out = BytesMut::new();
             for frame in &again {
                 encode(frame, &mut out);
@@ -732,12 +743,16 @@ impl Relay<'_> {
     ) -> (ProcessEvent, bool) {
         let mut crlf = Crlf::default();
         let mut stdin_open = true;
+        // Input sent, and taken by the program as far as the agent reported.
+        let (mut sent, mut taken) = (0u64, 0u64);
         loop {
+            let room = !self.client.input_taken || sent - taken < INPUT_WINDOW;
             let frame = tokio::select! {
                 frame = frames.recv() => frame,
-                chunk = stdin.recv(), if stdin_open => {
+                chunk = stdin.recv(), if stdin_open && room => {
                     match chunk {
                         Some(chunk) if !chunk.is_empty() => {
+                            sent += chunk.len() as u64;
                             let frame = Frame::data(FrameKind::Stdin, self.stream, chunk);
                             let _ = self.client.send(frame).await;
                         }
@@ -761,6 +776,10 @@ impl Relay<'_> {
                     Ok(Reply::Started { .. }) => {
                         self.point.started.store(true, Ordering::Relaxed);
                         self.point.request.lock().unwrap().take();
+                        continue;
+                    }
+                    Ok(Reply::InputTaken { total }) => {
+                        taken = taken.max(total).min(sent);
                         continue;
                     }
                     Ok(Reply::Exited { code }) => return (ProcessEvent::Exited(code), true),
