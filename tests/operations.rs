@@ -278,6 +278,17 @@ async fn metrics_count_requests_claims_executions_files_and_pools() {
         .await
         .unwrap();
     assert_eq!(r.status(), 400);
+    // Methods a client makes up count as OTHER: each would be a series of its own.
+    for made_up in ["FOO", "BAR"] {
+        let method = reqwest::Method::from_bytes(made_up.as_bytes()).unwrap();
+        let r = s
+            .http
+            .request(method, s.url("/runners"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 405);
+    }
 
     let metrics_url = format!("{}/metrics", s.base);
     support::eventually("the pool is refilled and everything counted", 20, || {
@@ -335,6 +346,19 @@ async fn metrics_count_requests_claims_executions_files_and_pools() {
                 &[("route", "/api/v1/runners"), ("le", "+Inf")]
             )
             .is_some_and(|n| n >= 2.0));
+            assert_eq!(
+                get(
+                    "poseidon_http_requests_total",
+                    &[
+                        ("route", "/api/v1/runners"),
+                        ("method", "OTHER"),
+                        ("status", "405")
+                    ]
+                ),
+                Some(2.0),
+                "{text}"
+            );
+            assert!(!text.contains("FOO") && !text.contains("BAR"), "{text}");
             true
         }
     })
@@ -488,4 +512,21 @@ fn the_shipped_configuration_and_units_are_valid() {
     }
     let socket = std::fs::read_to_string(root.join("poseidon.socket")).unwrap();
     assert!(socket.contains("ListenStream=127.0.0.1:7200"));
+}
+
+/// SIGHUP reloads the plugins section; without one it must not end the server (its default).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_without_plugins_leaves_the_server_running() {
+    let s = Server::start().await;
+    let hup = std::process::Command::new("kill")
+        .args(["-HUP", &s.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    support::eventually("the server says it has nothing to reload", 10, || async {
+        s.log().contains("SIGHUP: nothing to reload")
+    })
+    .await;
+    let health = reqwest::get(s.url("/health")).await.unwrap();
+    assert_eq!(health.status(), 204);
 }

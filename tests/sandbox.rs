@@ -630,3 +630,58 @@ async fn input_arrives_complete_however_fast_it_is_sent() {
         out.stdout
     );
 }
+
+/// A claim that could not be recorded (a full disk, no descriptors left) must not let a later
+/// server give the runner, with its client's files, to someone else: it removes the runner.
+#[tokio::test]
+async fn a_claim_that_could_not_be_recorded_is_never_handed_out_again() {
+    let mut s = Server::start().await;
+    s.environment(1, 1, json!({})).await;
+    s.wait_idle(1, 1).await;
+    // The only idle runner: its claim record cannot be written (a directory where the record's
+    // temporary file goes).
+    let runners = s.runner_dir("x").parent().unwrap().to_path_buf();
+    let idle: Vec<_> = std::fs::read_dir(&runners).unwrap().flatten().collect();
+    assert_eq!(idle.len(), 1);
+    std::fs::create_dir(idle[0].path().join("runner.json.tmp")).unwrap();
+    let first = s.claim(1, 600).await;
+    assert_eq!(idle[0].file_name().to_string_lossy(), first);
+    s.copy(&first, &[("secret.txt", b"the first learner's")])
+        .await;
+    eventually("the claim was tried and the record removed", 20, || async {
+        !s.runner_dir(&first).join("runner.json").exists()
+    })
+    .await;
+    s.kill();
+    s.start_again();
+    s.wait_idle(1, 1).await;
+    let second = s.claim(1, 600).await;
+    assert_ne!(
+        second, first,
+        "the first learner's runner was handed out again"
+    );
+    let r = s.download(&second, "secret.txt").await;
+    assert_eq!(r.status(), 424);
+}
+
+/// The server raises its own limit of open files (every runner holds descriptors); a learner's
+/// program gets the usual soft limit of a Linux login.
+#[tokio::test]
+async fn the_server_raises_its_open_file_limit_and_programs_get_the_usual_one() {
+    let s = Server::start().await;
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", s.pid())).unwrap();
+    let open_files: Vec<&str> = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap()
+        .split_whitespace()
+        .skip(3)
+        .take(2)
+        .collect();
+    assert_eq!(open_files[0], open_files[1], "soft = hard: {limits}");
+    s.environment(1, 1, json!({})).await;
+    let r = s.claim(1, 60).await;
+    let out = s.run(&r, json!({"command": "ulimit -n"})).await;
+    let expected = open_files[1].parse::<u64>().unwrap().min(1024);
+    assert_eq!(out.stdout, format!("{expected}\r\n"));
+}

@@ -118,6 +118,33 @@ fn config_check(file: &std::path::Path) -> i32 {
     }
 }
 
+/// Without plugins there is nothing SIGHUP reloads; its default action would end the server.
+fn ignore_sighup() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::hangup()) {
+        Ok(mut hangup) => {
+            tokio::spawn(async move {
+                while hangup.recv().await.is_some() {
+                    tracing::info!("SIGHUP: nothing to reload (it reloads the plugins section, and there is none)");
+                }
+            });
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot listen for SIGHUP"),
+    }
+}
+
+/// Raises the soft limit of open files to the hard one, as Go programs (Poseidon) do at start:
+/// every runner holds descriptors, and 1024 (systemd's default soft limit) runs out at a few
+/// hundred runners. Sandboxes get the usual soft limit back (`poseidon-agent --exec-in-cgroups`).
+fn raise_open_file_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+        }
+    }
+}
+
 fn main() {
     use clap::Parser;
     let cli = Cli::parse_from(arguments());
@@ -146,6 +173,7 @@ fn main() {
         }
     };
     init_logging(&config, sentry.is_some());
+    raise_open_file_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -258,7 +286,10 @@ async fn serve(
             plugins::reload_on_sighup(host.clone(), config_path);
             Some(Arc::new(plugins::PluginPolicies::new(host)))
         }
-        None => None,
+        None => {
+            ignore_sighup();
+            None
+        }
     };
     let pool_policy = policies.clone().map(|p| p as Arc<dyn PoolPolicy>);
     // Before the manager starts, so that the environments and runners it recovers are recorded.

@@ -7,6 +7,9 @@
 
 use std::os::unix::process::CommandExt;
 
+/// The soft limit of open files a sandbox starts with: what a login on a Linux machine gets.
+const DEFAULT_OPEN_FILES: u64 = 1024;
+
 /// `PROCS... -- PROGRAM ARGS...`: writes this process's pid into every `cgroup.procs` given, then
 /// executes PROGRAM. Returns only on failure (exit code 127, with a message on stderr).
 pub(crate) fn exec_in_cgroups(args: &[String]) -> i32 {
@@ -19,6 +22,14 @@ pub(crate) fn exec_in_cgroups(args: &[String]) -> i32 {
         eprintln!("poseidon-agent: --exec-in-cgroups: no program");
         return 2;
     };
+    // The server raised its own limit of open files; a learner's program gets the usual one.
+    let (_, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .unwrap_or((DEFAULT_OPEN_FILES, DEFAULT_OPEN_FILES));
+    let _ = nix::sys::resource::setrlimit(
+        nix::sys::resource::Resource::RLIMIT_NOFILE,
+        DEFAULT_OPEN_FILES.min(hard),
+        hard,
+    );
     let me = std::process::id().to_string();
     for file in procs {
         if let Err(e) = std::fs::write(file, &me) {

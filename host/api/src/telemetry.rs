@@ -124,6 +124,18 @@ fn on_response<B>(response: &Response<B>, latency: Duration, span: &Span) {
 #[derive(Clone, Copy)]
 struct Polled;
 
+/// The method as a metric label: one of HTTP's standard methods, or `OTHER` — a client may send
+/// any token as a method, and each would become a series of its own.
+fn method_label(method: &axum::http::Method) -> &'static str {
+    const STANDARD: [&str; 9] = [
+        "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE",
+    ];
+    STANDARD
+        .into_iter()
+        .find(|m| *m == method.as_str())
+        .unwrap_or("OTHER")
+}
+
 /// Counts the request by route, method and status and records its duration.
 async fn measure(request: Request, next: Next) -> axum::response::Response {
     let started = Instant::now();
@@ -132,7 +144,7 @@ async fn measure(request: Request, next: Next) -> axum::response::Response {
         .get::<MatchedPath>()
         .map(|m| m.as_str().to_string())
         .unwrap_or_else(|| "unmatched".to_string());
-    let method = request.method().as_str().to_string();
+    let method = method_label(request.method()).to_string();
     let (runner, environment) = ids(request.uri().path());
     let subject = RequestSubject {
         runner_id: runner.map(str::to_string),

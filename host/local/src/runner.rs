@@ -66,15 +66,21 @@ impl Sandbox for LocalSandbox {
     }
 
     async fn mark_claimed(&self, claim: Option<Claim>) -> Result<(), BackendError> {
+        let claimed = claim.is_some();
         let state = {
             let mut state = self.state.lock().unwrap();
             state.set_claim(claim);
             state.clone()
         };
-        state
-            .save(&self.dir)
-            .await
-            .map_err(|e| BackendError::Internal(format!("could not record the claim: {e}")))
+        let saved = state.save(&self.dir).await;
+        if let (Err(e), true) = (&saved, claimed) {
+            // The record still says idle: a server started after this one would give the
+            // runner, with this client's files, to the next claim. Without a record it is
+            // removed at that start instead (unlinking needs no descriptor, nor space).
+            let _ = std::fs::remove_file(self.dir.join("runner.json"));
+            tracing::warn!(runner = %self.id, error = %e, "the claim could not be recorded: the runner will be removed, not recovered, at the next start");
+        }
+        saved.map_err(|e| BackendError::Internal(format!("could not record the claim: {e}")))
     }
 
     async fn connect(&self) -> Result<SandboxChannel, BackendError> {
