@@ -99,6 +99,14 @@ fn config_check_accepts_a_good_file_and_names_the_bad_key() {
         assert_eq!(out.status.code(), Some(2), "{yaml}: {}", text(&out));
         assert!(text(&out).contains(key), "{yaml}: {}", text(&out));
     }
+    // Poseidon's own example file: numbers with digit separators, sections whose keys are all
+    // commented out, keys left blank — each keeps its default, as in Poseidon.
+    let poseidon_style = config_file(
+        "server:\n  address: 127.0.0.1\n  port:\nprofiling:\n  memoryinterval: 30_000\nsentry:\n  # dsn: https://x\ninfluxdb:\n",
+    );
+    let out = poseidon(&["config", "check", poseidon_style.to_str().unwrap()], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("127.0.0.1:7200"), "{}", text(&out));
     // Variables are applied as the server would apply them.
     let out = poseidon(
         &["config", "check", good.to_str().unwrap()],

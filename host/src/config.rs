@@ -537,13 +537,27 @@ fn read(path: &Path) -> Result<serde_yaml::Value, ConfigError> {
         path: path.to_path_buf(),
         source,
     })?;
-    serde_yaml::from_str(&text).map_err(|e| ConfigError::Invalid {
+    let mut tree = serde_yaml::from_str(&text).map_err(|e| ConfigError::Invalid {
         key: e
             .location()
             .map(|l| format!("line {}", l.line()))
             .unwrap_or_else(|| "(file)".into()),
         message: e.to_string(),
-    })
+    })?;
+    drop_empty_keys(&mut tree);
+    Ok(tree)
+}
+
+/// Removes the keys whose value is empty (`null`), at every depth: as in Poseidon, such a key
+/// keeps its default — a section whose keys are all commented out (`sentry:` in Poseidon's own
+/// example file) or a key left blank (`port:`).
+fn drop_empty_keys(tree: &mut serde_yaml::Value) {
+    if let serde_yaml::Value::Mapping(map) = tree {
+        map.retain(|_, value| !value.is_null());
+        for value in map.values_mut() {
+            drop_empty_keys(value);
+        }
+    }
 }
 
 fn set_path(tree: &mut serde_yaml::Value, path: &[String], value: serde_yaml::Value) {

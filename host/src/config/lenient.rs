@@ -17,9 +17,24 @@ pub struct Lenient(pub Value);
 type Error = serde_yaml::Error;
 
 fn parse<T: std::str::FromStr>(text: &str, what: &str) -> Result<T, Error> {
-    text.trim()
+    without_digit_separators(text.trim())
         .parse()
         .map_err(|_| de::Error::custom(format!("expected {what}, found {text:?}")))
+}
+
+/// `30_000` as Go's YAML reads it (Poseidon's example file writes numbers so): underscores
+/// between digits go; anything else stays as it is.
+fn without_digit_separators(text: &str) -> std::borrow::Cow<'_, str> {
+    let digits = text.strip_prefix(['+', '-']).unwrap_or(text);
+    let separated = digits.contains('_')
+        && digits.starts_with(|c: char| c.is_ascii_digit())
+        && digits.ends_with(|c: char| c.is_ascii_digit())
+        && digits.chars().all(|c| c.is_ascii_digit() || c == '_');
+    if separated {
+        text.replace('_', "").into()
+    } else {
+        text.into()
+    }
 }
 
 /// Go's `strconv.ParseBool`, which Poseidon uses for boolean variables.
@@ -281,5 +296,15 @@ mod tests {
         assert!(e.to_string().contains("\"x80\""), "{e}");
         let e = read("{port: 1, on: 'yes', token: a, list: [], ratio: 1}").unwrap_err();
         assert!(e.to_string().contains("boolean"), "{e}");
+    }
+
+    #[test]
+    fn numbers_may_separate_digits_with_underscores_as_in_go_yaml() {
+        let s = read("{port: '7_300', on: true, token: a, list: [], ratio: 1}").unwrap();
+        assert_eq!(s.port, 7300);
+        for bad in ["'_7300'", "'7300_'", "'7__3x'"] {
+            let yaml = format!("{{port: {bad}, on: true, token: a, list: [], ratio: 1}}");
+            assert!(read(&yaml).is_err(), "{bad}");
+        }
     }
 }
