@@ -1136,3 +1136,32 @@ async fn a_listing_of_thousands_of_long_names_arrives_complete(backend: Backend)
             .any(|f| f["name"] == format!("many/{name}21999").as_str()));
     }
 }
+
+/// A time limit holds while no gateway follows the execution: a program started with one
+/// before the server was killed ends at it all the same (the agent holds it too).
+#[tokio::test]
+async fn a_time_limit_holds_across_a_restart_of_the_gateway() {
+    let mut s = Server::start().await;
+    s.environment(5, 1, json!({})).await;
+    let runner = s.claim(5, 0).await;
+    let marker = format!("limited-{}", std::process::id());
+    let url = s
+        .execute(
+            &runner,
+            json!({"command": format!("sleep 1000; echo {marker}"), "timeLimit": 2}),
+        )
+        .await;
+    let ws = Ws::connect(&url).await;
+    eventually("the program runs", 10, || async {
+        !host_processes_with(&marker).is_empty()
+    })
+    .await;
+    s.kill_and_restart().await;
+    drop(ws);
+    eventually(
+        "the program ended at its limit without a gateway",
+        30,
+        || async { host_processes_with(&marker).is_empty() },
+    )
+    .await;
+}

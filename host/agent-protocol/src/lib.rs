@@ -26,7 +26,10 @@ pub use codec::{
     encode, encode_batch, Decoder, Frame, FrameKind, ProtocolError, BATCH_BYTES, HEADER_LEN,
     MAX_FRAME,
 };
-pub use messages::{Entry, Identity, Reply, Request, Resume, PROTOCOL_VERSION};
+pub use messages::{
+    Entry, Identity, Reply, Request, Resume, FEATURE_INPUT_TAKEN, FEATURE_TIME_LIMIT,
+    PROTOCOL_VERSION,
+};
 
 /// The flag after `poseidon-agent --listen SOCKET`, followed by what [`PROBE_BASH_ARG`] printed,
 /// that lets the agent start a `bash -c` of one plain command without bash, as bash itself would

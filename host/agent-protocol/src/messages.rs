@@ -5,6 +5,14 @@ use serde::{Deserialize, Serialize};
 /// The protocol version both sides must share.
 pub const PROTOCOL_VERSION: u32 = 2;
 
+/// An agent feature: it reports the input each program took ([`Reply::InputTaken`]), so the
+/// gateway can hold back what the program has not read yet.
+pub const FEATURE_INPUT_TAKEN: &str = "input-taken";
+
+/// An agent feature: it ends an execution at its `time_limit_ms` by itself, so that a time limit
+/// holds while no gateway follows the execution (a restart of the server).
+pub const FEATURE_TIME_LIMIT: &str = "time-limit";
+
 /// Who a process or file operation runs as inside the runner.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -49,6 +57,10 @@ pub enum Request {
         /// With `tty`, standard error goes to the terminal too (one stream, in the order written).
         #[serde(default)]
         stderr_on_terminal: bool,
+        /// The agent kills the execution's processes this long after their start, whatever the
+        /// gateway does meanwhile (only to an agent with [`FEATURE_TIME_LIMIT`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        time_limit_ms: Option<u64>,
     },
     /// Sends a signal to every process the execution started (its whole session).
     Signal {
@@ -133,10 +145,10 @@ pub enum Reply {
         version: u32,
         /// The agent's process id inside the runner.
         pid: u32,
-        /// The agent reports the input it wrote to each execution ([`Reply::InputTaken`]), so
-        /// the gateway can hold back what the program has not read yet (absent: an older agent).
+        /// What the agent does beyond its protocol version's minimum ([`FEATURE_INPUT_TAKEN`],
+        /// [`FEATURE_TIME_LIMIT`]); an older agent names none.
         #[serde(default)]
-        input_taken: bool,
+        features: Vec<String>,
     },
     /// The process of an [`Request::Exec`] runs.
     Started {

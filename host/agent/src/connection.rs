@@ -103,7 +103,10 @@ async fn handshake(
     let reply = Reply::Hello {
         version: PROTOCOL_VERSION,
         pid: std::process::id(),
-        input_taken: true,
+        features: vec![
+            poseidon_agent_protocol::FEATURE_INPUT_TAKEN.to_string(),
+            poseidon_agent_protocol::FEATURE_TIME_LIMIT.to_string(),
+        ],
     };
     let _ = tx.send(Frame::control(0, &reply)).await;
     match hello {
@@ -179,6 +182,7 @@ fn dispatch(
                 tty,
                 inherit_env,
                 stderr_on_terminal,
+                time_limit_ms,
             } => {
                 let mut env = if inherit_env {
                     environment::inherited(env, identity)
@@ -193,6 +197,7 @@ fn dispatch(
                     identity,
                     tty,
                     stderr_on_terminal: tty && stderr_on_terminal,
+                    time_limit: time_limit_ms.map(std::time::Duration::from_millis),
                 };
                 exec::start(session.clone(), stream, spec);
             }

@@ -33,6 +33,8 @@ pub(crate) struct ExecSpec {
     pub(crate) tty: bool,
     /// Standard error goes to the terminal too.
     pub(crate) stderr_on_terminal: bool,
+    /// The execution's processes are killed this long after the start.
+    pub(crate) time_limit: Option<Duration>,
 }
 
 enum Stdin {
@@ -79,9 +81,22 @@ async fn run(
         .await;
     let mut stdin = stdin;
     let mut taken = 0u64;
+    // Held even while no gateway follows the execution (a restart of the server).
+    let time_limit = async {
+        match spec.time_limit {
+            Some(limit) => tokio::time::sleep(limit).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(time_limit);
+    let mut expired = false;
     let status = loop {
         tokio::select! {
             status = child.wait() => break status,
+            _ = &mut time_limit, if !expired => {
+                expired = true;
+                kill_session(pid, 9);
+            }
             next = input.recv() => match next {
                 Some(Input::Bytes(bytes)) => {
                     let len = bytes.len();

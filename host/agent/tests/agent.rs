@@ -99,6 +99,7 @@ fn runs_a_process_with_pipes_and_reports_its_exit() {
         tty: false,
         inherit_env: false,
         stderr_on_terminal: false,
+        time_limit_ms: None,
     };
     agent.send(Frame::control(7, &exec));
     agent.send(Frame::data(

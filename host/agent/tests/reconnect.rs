@@ -92,6 +92,7 @@ fn spec(script: &str) -> ExecSpec {
         tty: false,
         inherit_env: false,
         merge_stderr: false,
+        time_limit: None,
     }
 }
 

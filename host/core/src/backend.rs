@@ -5,6 +5,7 @@
 //! ever see these traits, never which backend serves them.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -71,6 +72,9 @@ pub struct ExecRequest {
     pub privileged: bool,
     /// Give the command a terminal (interactive executions) or plain pipes.
     pub tty: bool,
+    /// The execution's time limit, which the gateway enforces; a backend may have it held in
+    /// the runner too, as a backstop for while no gateway follows the execution.
+    pub time_limit: Option<Duration>,
 }
 
 /// Output or termination of a running process, in the order it happened.

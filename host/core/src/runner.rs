@@ -236,6 +236,7 @@ impl Runner {
             environment: request.environment,
             privileged: request.privileged,
             tty: true,
+            time_limit: request.time_limit,
         };
         // The time limit counts from the connection, so a backend slow to start uses it up too.
         let deadline = request

@@ -131,7 +131,7 @@ async fn scripted_agent(stream: tokio::io::DuplexStream) {
                         &Reply::Hello {
                             version,
                             pid: 1,
-                            input_taken: false,
+                            features: Vec::new(),
                         },
                     ))
                     .await

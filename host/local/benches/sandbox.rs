@@ -61,6 +61,7 @@ async fn run_to_exit(runner: &Arc<dyn RunnerBackend>) {
         environment: Vec::new(),
         privileged: false,
         tty: true,
+        time_limit: None,
     };
     let mut process = runner.execute(&request).await.expect("execute");
     while let Some(event) = process.events.recv().await {

@@ -819,6 +819,7 @@ mod tests {
             ],
             privileged: false,
             tty: true,
+            time_limit: None,
         };
         assert_eq!(
             full_command(&req, "/sbin/setuser user"),

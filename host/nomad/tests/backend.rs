@@ -62,6 +62,7 @@ async fn run(
         environment: env,
         privileged: false,
         tty: true,
+        time_limit: None,
     };
     let mut p = runner.execute(&req).await.expect("execute");
     if !stdin.is_empty() {

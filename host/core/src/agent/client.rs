@@ -24,6 +24,8 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_LISTING: usize = 1_000_000;
 /// Frames buffered per operation before the connection's reader waits for its consumer.
 const STREAM_BUFFER: usize = 64;
+/// How much later than the gateway the agent ends an execution at its time limit.
+const AGENT_TIME_LIMIT_GRACE: Duration = Duration::from_secs(2);
 /// Input bytes sent to an execution and not yet taken by its program, at most (with an agent
 /// that reports what it took): beyond it the gateway stops reading the client's input, so the
 /// client waits as it would for a program that reads slowly, and nothing is lost.
@@ -47,6 +49,8 @@ pub struct ExecSpec {
     pub inherit_env: bool,
     /// With `tty`, standard error goes to the terminal too (one stream for both).
     pub merge_stderr: bool,
+    /// The agent ends the execution this long after its start by itself (if it can).
+    pub time_limit: Option<Duration>,
 }
 
 /// Why talking to an agent failed.
@@ -121,6 +125,8 @@ pub struct AgentClient {
     outbox: mpsc::Sender<Frame>,
     /// The agent reports the input its programs took ([`Reply::InputTaken`]).
     input_taken: bool,
+    /// The agent holds an execution's time limit by itself.
+    time_limit: bool,
     routes: Routes,
     next_stream: Arc<AtomicU32>,
     closed: CancellationToken,
@@ -148,7 +154,12 @@ impl AgentClient {
         writer: BoxWriter,
         reconnect: Option<Reconnect>,
     ) -> Result<Self, AgentError> {
-        let (reader, decoder, writer, input_taken) = greet(reader, writer, Vec::new()).await?;
+        let (reader, decoder, writer, features) = greet(reader, writer, Vec::new()).await?;
+        let has = |feature: &str| features.iter().any(|f| f == feature);
+        let (input_taken, time_limit) = (
+            has(poseidon_agent_protocol::FEATURE_INPUT_TAKEN),
+            has(poseidon_agent_protocol::FEATURE_TIME_LIMIT),
+        );
         let (outbox, outgoing) = mpsc::channel::<Frame>(256);
         let (writers_tx, writers_rx) = mpsc::channel::<WriterSwitch>(1);
         let closed = CancellationToken::new();
@@ -168,6 +179,7 @@ impl AgentClient {
         Ok(Self {
             outbox,
             input_taken,
+            time_limit,
             routes,
             // Streams of an earlier connection may still run in the agent: start elsewhere.
             next_stream: Arc::new(AtomicU32::new(
@@ -273,6 +285,12 @@ impl AgentClient {
             tty,
             inherit_env: spec.inherit_env,
             stderr_on_terminal: merge_stderr,
+            // Later than the gateway's own (which counts from the client's connection): the
+            // agent's only ends what no gateway ended.
+            time_limit_ms: spec
+                .time_limit
+                .filter(|_| self.time_limit)
+                .map(|limit| (limit + AGENT_TIME_LIMIT_GRACE).as_millis() as u64),
         };
         let frame = Frame::control(stream, &request);
         *point.request.lock().unwrap() = Some(frame.clone());
@@ -441,12 +459,12 @@ fn unexpected(reply: &Reply) -> AgentError {
 
 /// Says hello on a fresh channel (asking the agent to resume `resume`) and checks the answer;
 /// returns the channel with the decoder holding whatever followed the answer.
-/// Greets the agent; returns the channel and whether the agent reports the input it took.
+/// Greets the agent; returns the channel and the features the agent named.
 async fn greet(
     mut reader: BoxReader,
     mut writer: BoxWriter,
     resume: Vec<Resume>,
-) -> Result<(BoxReader, Decoder, BoxWriter, bool), AgentError> {
+) -> Result<(BoxReader, Decoder, BoxWriter, Vec<String>), AgentError> {
     let hello = Frame::control(
         0,
         &Request::Hello {
@@ -487,10 +505,8 @@ async fn greet(
         .map_err(|_| AgentError::Timeout(HELLO_TIMEOUT))??;
     match answer.parse::<Reply>()? {
         Reply::Hello {
-            version,
-            input_taken,
-            ..
-        } if version == PROTOCOL_VERSION => Ok((reader, decoder, writer, input_taken)),
+            version, features, ..
+        } if version == PROTOCOL_VERSION => Ok((reader, decoder, writer, features)),
         Reply::Hello { version, .. } => Err(ProtocolError::Version {
             theirs: version,
             ours: PROTOCOL_VERSION,

@@ -161,6 +161,7 @@ impl RunnerBackend for AgentRunner {
                 tty: request.tty,
                 inherit_env: self.sandbox.inherits_environment(),
                 merge_stderr: request.tty && self.sandbox.merges_stderr_on_terminal(),
+                time_limit: request.time_limit,
             })
             .await
             .map_err(to_backend)
