@@ -685,3 +685,32 @@ async fn the_server_raises_its_open_file_limit_and_programs_get_the_usual_one() 
     let expected = open_files[1].parse::<u64>().unwrap().min(1024);
     assert_eq!(out.stdout, format!("{expected}\r\n"));
 }
+
+/// The agent's socket lies in a directory the runner's root may write: a privileged execution
+/// that links it to another runner's socket must not lead the server to that runner.
+#[tokio::test]
+async fn a_runner_cannot_lead_the_server_to_another_runners_agent() {
+    let mut s = Server::start().await;
+    s.environment(1, 2, json!({})).await;
+    let attacker = s.claim(1, 600).await;
+    let victim = s.claim(1, 600).await;
+    s.copy(&victim, &[("secret.txt", b"the victim's")]).await;
+    let victims_socket = s.runner_dir(&victim).join("ctl/agent.sock");
+    let out = s
+        .run(
+            &attacker,
+            json!({"command": format!("rm /.poseidon/ctl/agent.sock && ln -s {} /.poseidon/ctl/agent.sock", victims_socket.display()), "privilegedExecution": true}),
+        )
+        .await;
+    assert_eq!(out.exit(), Some(0), "{:?}", out.messages);
+    // The next start connects to every runner anew.
+    s.kill_and_restart().await;
+    s.wait_idle(1, 2).await;
+    // Its socket leads to a process that is not its agent: the runner is removed, not
+    // recovered as a window into the victim's runner.
+    let r = s.download(&attacker, "secret.txt").await;
+    assert_eq!(r.status(), 410, "{}", support::log_tail(&s.log()));
+    let r = s.download(&victim, "secret.txt").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "the victim's");
+}

@@ -101,6 +101,16 @@ impl Sandbox for LocalSandbox {
             .await
             .map_err(unreachable)?;
         drop(control);
+        // The socket's directory is the runner root's: a privileged execution can put a link
+        // to another runner's socket (or to any socket of the host) in its place. Only a peer
+        // running as this runner's root is its agent.
+        let expected = self.state.lock().unwrap().uids.0;
+        let peer = stream.peer_cred().map_err(unreachable)?.uid();
+        if peer != expected {
+            return Err(BackendError::Internal(format!(
+                "cannot reach the runner's agent: its socket leads to a process of uid {peer}, not the runner's {expected}"
+            )));
+        }
         let (reader, writer) = stream.into_split();
         Ok((Box::pin(reader), Box::pin(writer)))
     }
