@@ -714,3 +714,19 @@ async fn a_runner_cannot_lead_the_server_to_another_runners_agent() {
     assert_eq!(r.status(), 200);
     assert_eq!(r.text().await.unwrap(), "the victim's");
 }
+
+/// The runner's root cannot trace its agent: a stopped agent froze the runner.
+#[tokio::test]
+async fn the_runners_root_cannot_trace_its_agent() {
+    let s = Server::start().await;
+    s.environment(1, 1, json!({})).await;
+    let r = s.claim(1, 60).await;
+    let probe =
+        "python3 -c 'import ctypes; print(\"attach\", ctypes.CDLL(None).ptrace(16, 1, 0, 0))'";
+    let out = s
+        .run(&r, json!({"command": probe, "privilegedExecution": true}))
+        .await;
+    assert!(out.stdout.contains("attach -1"), "{:?}", out.messages);
+    let out = s.run(&r, json!({"command": "echo still answering"})).await;
+    assert_eq!(out.stdout, "still answering\r\n");
+}

@@ -55,6 +55,12 @@ pub(crate) async fn serve_stream(
             return;
         }
     };
+    // Not dumpable from the first gateway on (before it, the backend may still join the
+    // agent's namespaces, as pasta does, which needs it dumpable; no learner's program runs
+    // before it): no process of the runner, root's included, may then trace the agent, read
+    // its memory or change its /proc settings (a stopped agent froze its runner). Programs
+    // the agent starts are dumpable again from their exec on.
+    let _ = nix::sys::prctl::set_dumpable(false);
     // What the gateway lost with its previous connection goes first, then everything new.
     let (generation, replay) = session.begin_attach(&resume);
     for frame in replay {

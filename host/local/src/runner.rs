@@ -137,10 +137,16 @@ impl Sandbox for LocalSandbox {
     }
 }
 
-/// Whether process `pid` exists and runs as host uid `uid`.
+/// Whether process `pid` exists and runs as host uid `uid` (its real uid: `/proc/PID` itself
+/// belongs to root for a process that is not dumpable, as the agent is not).
 pub(crate) fn owned_by(pid: u32, uid: u32) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(format!("/proc/{pid}")).is_ok_and(|m| m.uid() == uid)
+    std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|status| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("Uid:"))
+            .and_then(|ids| ids.split_whitespace().next()?.parse::<u32>().ok())
+            == Some(uid)
+    })
 }
 
 impl LocalSandbox {
