@@ -415,7 +415,9 @@ impl Shared {
         std::fs::set_permissions(&etc, std::fs::Permissions::from_mode(0o755))?;
         std::fs::write(etc.join("passwd"), sandbox::passwd(&self.config.workdir))?;
         std::fs::write(etc.join("group"), sandbox::group())?;
-        for file in ["passwd", "group"] {
+        std::fs::write(etc.join("hosts"), sandbox::HOSTS)?;
+        std::fs::write(etc.join("hostname"), format!("{}\n", sandbox::HOSTNAME))?;
+        for file in ["passwd", "group", "hosts", "hostname"] {
             std::fs::set_permissions(etc.join(file), std::fs::Permissions::from_mode(0o644))?;
         }
         Ok((dir, mounted))

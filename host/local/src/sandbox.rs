@@ -6,6 +6,12 @@ use std::path::{Path, PathBuf};
 
 /// Sandbox uid of the unprivileged user (`user`), as in Poseidon's images.
 pub(crate) const USER_UID: u32 = 1000;
+/// The host name inside every sandbox.
+pub(crate) const HOSTNAME: &str = "runner";
+/// `/etc/hosts` of a sandbox: the loopback names and its own name, as a container's has (so
+/// that a program resolving its host name — Java's `InetAddress.getLocalHost()` — finds it).
+pub(crate) const HOSTS: &str =
+    "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\trunner\n";
 /// The default `PATH` inside sandboxes.
 pub(crate) const DEFAULT_PATH: &str =
     "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -76,7 +82,7 @@ impl SandboxSpec<'_> {
             "--unshare-uts",
             "--unshare-cgroup-try",
             "--hostname",
-            "runner",
+            HOSTNAME,
             "--userns-block-fd",
             "0",
             "--info-fd",
@@ -102,10 +108,16 @@ impl SandboxSpec<'_> {
             None => a.extend(host_system_binds()),
         }
         let etc = self.runner_dir.join("etc");
-        for file in ["passwd", "group"] {
-            a.push("--ro-bind".into());
-            a.push(etc.join(file).into());
-            a.push(PathBuf::from("/etc").join(file).into());
+        for file in ["passwd", "group", "hosts", "hostname"] {
+            // Runners made before hosts and hostname existed, and images without them, go
+            // without (an image's root is read-only: no mount point can be made in it).
+            let inside = PathBuf::from("/etc").join(file);
+            let fits = self.rootfs.is_none_or(|root| root.join("etc").join(file).is_file());
+            if fits && (matches!(file, "passwd" | "group") || etc.join(file).is_file()) {
+                a.push("--ro-bind".into());
+                a.push(etc.join(file).into());
+                a.push(inside.into());
+            }
         }
         let mut push = |items: &[&str]| a.extend(items.iter().map(OsString::from));
         push(&["--proc", "/proc", "--dev", "/dev"]);
