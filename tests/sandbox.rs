@@ -150,6 +150,12 @@ async fn executions_see_only_their_own_environment_and_no_inherited_descriptors(
         "multiprocessing works: {}",
         out.stdout
     );
+    // Standard error can be opened again by name, as a terminal's can.
+    let out = s
+        .run(&r, json!({"command": "echo apart > /dev/stderr"}))
+        .await;
+    assert_eq!(out.exit(), Some(0), "{:?}", out.messages);
+    assert_eq!(out.stderr, "apart\r\n");
     // Its own name resolves, as in a container (Java's InetAddress.getLocalHost() needs it).
     let out = s.run(&r, json!({"command": "cat /etc/hostname; python3 -c 'import socket; print(socket.gethostbyname(socket.gethostname()))'"})).await;
     assert_eq!(out.stdout, "runner\r\n127.0.1.1\r\n", "{:?}", out.messages);

@@ -156,8 +156,16 @@ fn spawn(session: &Session, stream: u32, spec: &ExecSpec) -> std::io::Result<Spa
         .or_else(|_| start_argv(id, spec)),
         None => start_argv(id, spec),
     };
-    let (mut child, own, master, slave) = started?;
+    let (mut child, own, master, slave, own_stderr) = started?;
     let mut readers = Vec::new();
+    if let Some(stderr) = own_stderr {
+        readers.push(tokio::spawn(forward(
+            session.clone(),
+            stream,
+            FrameKind::Stderr,
+            stderr,
+        )));
+    }
     if let Some(stderr) = child.stderr.take() {
         readers.push(tokio::spawn(forward(
             session.clone(),
@@ -195,6 +203,7 @@ type Started = (
     OwnChild,
     Option<Arc<PtyMaster>>,
     Option<std::fs::File>,
+    Option<tokio::net::unix::pipe::Receiver>,
 );
 
 /// Starts `spec.argv` as it is.
@@ -225,13 +234,16 @@ fn start_process(
         .env_clear()
         .envs(env.iter().map(|(k, v)| (k, v)))
         .current_dir(&spec.cwd);
+    let mut own_stderr = None;
     let (master, slave) = if spec.tty {
         let (master, slave) = pty::open()?;
         cmd.stdin(slave.try_clone()?).stdout(slave.try_clone()?);
         if spec.stderr_on_terminal {
             cmd.stderr(slave.try_clone()?);
         } else {
-            cmd.stderr(Stdio::piped());
+            let (reader, writer) = stderr_pipe(id)?;
+            cmd.stderr(writer);
+            own_stderr = Some(reader);
         }
         (Some(Arc::new(master)), Some(slave))
     } else {
@@ -243,7 +255,22 @@ fn start_process(
     spawn::in_new_session(&mut cmd, spec.tty);
     let (child, own) = orphans::spawn(&mut cmd)
         .map_err(|e| std::io::Error::new(e.kind(), format!("{arg0}: {e}")))?;
-    Ok((child, own, master, slave))
+    Ok((child, own, master, slave, own_stderr))
+}
+
+/// A pipe for standard error that belongs to the program's user, as a terminal does: a program
+/// may open it again by name (`echo x > /dev/stderr`), which a pipe of the agent's (root, 0600)
+/// refused to `user`.
+fn stderr_pipe(uid: u32) -> std::io::Result<(tokio::net::unix::pipe::Receiver, Stdio)> {
+    let (reader, writer) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    // An agent that may not give it away (not root) keeps it: the program can still write it.
+    let _ = nix::unistd::fchown(
+        std::os::fd::AsRawFd::as_raw_fd(&writer),
+        Some(nix::unistd::Uid::from_raw(uid)),
+        Some(nix::unistd::Gid::from_raw(uid)),
+    );
+    let reader = tokio::net::unix::pipe::Receiver::from_owned_fd(reader)?;
+    Ok((reader, Stdio::from(writer)))
 }
 
 async fn write_input(stdin: &mut Stdin, bytes: Bytes) {
