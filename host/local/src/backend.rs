@@ -471,7 +471,13 @@ impl Shared {
             let shared = Arc::clone(self);
             let id = id.clone();
             tokio::task::spawn_blocking(move || {
-                let (dir, mounted) = shared.create_runner_dir(&id, uids)?;
+                let (dir, mounted) = shared.create_runner_dir(&id, uids).inspect_err(|_| {
+                    // Whatever of it was made (a mount, directories) goes again now, not at
+                    // the next start (no descriptors left, a full disk).
+                    let dir = shared.runners_dir.join(id.as_str());
+                    let _ = umount2(&dir, MntFlags::MNT_DETACH);
+                    let _ = std::fs::remove_dir_all(&dir);
+                })?;
                 Ok::<_, std::io::Error>((
                     dir,
                     mounted,
