@@ -112,7 +112,9 @@ impl SandboxSpec<'_> {
             // Runners made before hosts and hostname existed, and images without them, go
             // without (an image's root is read-only: no mount point can be made in it).
             let inside = PathBuf::from("/etc").join(file);
-            let fits = self.rootfs.is_none_or(|root| root.join("etc").join(file).is_file());
+            let fits = self
+                .rootfs
+                .is_none_or(|root| root.join("etc").join(file).is_file());
             if fits && (matches!(file, "passwd" | "group") || etc.join(file).is_file()) {
                 a.push("--ro-bind".into());
                 a.push(etc.join(file).into());
