@@ -107,6 +107,19 @@ fn config_check_accepts_a_good_file_and_names_the_bad_key() {
     let out = poseidon(&["config", "check", poseidon_style.to_str().unwrap()], &[]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("127.0.0.1:7200"), "{}", text(&out));
+    // What the configuration names must exist: the start would stop at it.
+    for (yaml, key) in [
+        (
+            "server:\n  tls:\n    active: true\n    certfile: /nonexistent.crt\n    keyfile: /nonexistent.key\n",
+            "server.tls.certfile /nonexistent.crt",
+        ),
+        ("local:\n  agent: /nonexistent/poseidon-agent\n", "local.agent"),
+    ] {
+        let file = config_file(yaml);
+        let out = poseidon(&["config", "check", file.to_str().unwrap()], &[]);
+        assert_eq!(out.status.code(), Some(2), "{yaml}: {}", text(&out));
+        assert!(text(&out).contains(key), "{yaml}: {}", text(&out));
+    }
     // Variables are applied as the server would apply them.
     let out = poseidon(
         &["config", "check", good.to_str().unwrap()],

@@ -100,6 +100,27 @@ fn config_check(file: &std::path::Path) -> i32 {
             return 2;
         }
     };
+    // What the configuration names must exist, or the start stops at it.
+    let mut missing = Vec::new();
+    if config.server.tls.active {
+        for (key, path) in [
+            ("server.tls.certfile", &config.server.tls.certfile),
+            ("server.tls.keyfile", &config.server.tls.keyfile),
+        ] {
+            if let Err(e) = std::fs::File::open(path) {
+                missing.push(format!("{key} {path}: {e}"));
+            }
+        }
+    }
+    if !config.nomad.enabled {
+        if let Err(e) = poseidon_local::find_agent(&config.local) {
+            missing.push(format!("local.agent: {e}"));
+        }
+    }
+    if !missing.is_empty() {
+        eprintln!("{}: {}", file.display(), missing.join("; "));
+        return 2;
+    }
     println!("{}: OK: {}", file.display(), config.summary());
     let Some(plugins) = plugins else { return 0 };
     // Compiled into the user's cache, as `plugin check` does: checking again is quick.

@@ -234,7 +234,8 @@ fn find_program(name: &Path) -> Option<PathBuf> {
 }
 
 /// The agent binary: `local.agent`, or `poseidon-agent` next to the server's own executable.
-fn find_agent(config: &LocalConfig) -> Result<PathBuf, LocalError> {
+/// An error says where it was looked for (also for `poseidon config check`).
+pub fn find_agent(config: &LocalConfig) -> Result<PathBuf, LocalError> {
     let configured = config.agent.as_ref().filter(|p| !p.as_os_str().is_empty());
     let candidate = match configured {
         Some(path) => path.clone(),

@@ -19,7 +19,7 @@ mod sandbox;
 mod state;
 mod store;
 
-pub use backend::LocalBackend;
+pub use backend::{find_agent, LocalBackend};
 pub use config::LocalConfig;
 
 /// Errors while setting up the local backend.
