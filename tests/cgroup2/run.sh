@@ -44,6 +44,9 @@ mkdir -p "$target/debug"
 ln -sf /mnt/host/poseidon "$target/debug/poseidon"
 ln -sf /mnt/host/poseidon-agent "$target/debug/poseidon-agent"
 [ -c /dev/net/tun ] || { mkdir -p /dev/net; mknod /dev/net/tun c 10 200; }
+# Every real host has an /etc/hosts (debootstrap's minimal root has none); a sandbox that shows the
+# host's /etc gets its own in its place.
+[ -f /etc/hosts ] || printf '127.0.0.1 localhost\n' >/etc/hosts
 chmod 0666 /dev/net/tun
 # pasta needs a routable interface, as every real host has; the VM has no NIC, so a dummy one with
 # a default route stands in (no test sends traffic through it: they look at routes, loopback and

@@ -109,12 +109,16 @@ impl SandboxSpec<'_> {
         }
         let etc = self.runner_dir.join("etc");
         for file in ["passwd", "group", "hosts", "hostname"] {
-            // Runners made before hosts and hostname existed, and images without them, go
-            // without (an image's root is read-only: no mount point can be made in it).
+            // Runners made before hosts and hostname existed, and systems without them (an
+            // image's root or the host's /etc: read-only, no mount point can be made in it) go
+            // without.
             let inside = PathBuf::from("/etc").join(file);
             let fits = self
                 .rootfs
-                .is_none_or(|root| root.join("etc").join(file).is_file());
+                .unwrap_or(Path::new("/"))
+                .join("etc")
+                .join(file)
+                .is_file();
             if fits && (matches!(file, "passwd" | "group") || etc.join(file).is_file()) {
                 a.push("--ro-bind".into());
                 a.push(etc.join(file).into());
