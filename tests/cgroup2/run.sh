@@ -71,7 +71,9 @@ set +e
 bash "$tool" "$dir/payload.sh" "$dir" 2>&1 | tee "$dir/vm.log" | grep -vE '^(\s*$|---- |stack backtrace|   [0-9]+: |             at )' 
 code=${PIPESTATUS[0]}
 set -e
-if [ "$code" -ne 0 ] && ! grep -q "test result" "$dir/vm.log"; then
+# A VM that could not boot is a skip; one whose tests started (and failed, or were cut off by the
+# VM's time limit) is a failure.
+if [ "$code" -ne 0 ] && ! grep -qE "test result|^test .*FAILED|^running [0-9]+ tests?" "$dir/vm.log"; then
   if grep -qiE "qemu|debootstrap|kvm|No such file" "$dir/vm.log"; then
     echo "skipped: cgroup v2 VM tests (the VM could not run here):"
     tail -n 5 "$dir/vm.log"
