@@ -3,7 +3,6 @@
 
 use std::path::Path;
 use std::process::Stdio;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -47,15 +46,14 @@ enum Stdin {
 /// reaches it.
 pub(crate) fn start(session: Session, stream: u32, spec: ExecSpec) {
     let (input_tx, input_rx) = mpsc::unbounded_channel();
-    let pending = Arc::new(AtomicUsize::new(0));
-    let registered = session.add_execution(stream, input_tx, Arc::clone(&pending));
+    let registered = session.add_execution(stream, input_tx);
     tokio::spawn(async move {
         if !registered {
             // The gateway sends an execution again when it cannot know whether the request
             // arrived before a connection broke: the one that did arrive goes on.
             return;
         }
-        let code = match run(&session, stream, spec, input_rx, &pending).await {
+        let code = match run(&session, stream, spec, input_rx).await {
             Ok(code) => Reply::Exited { code },
             Err(e) => Reply::Failed {
                 message: format!("the process could not be started: {e}"),
@@ -72,12 +70,11 @@ async fn run(
     stream: u32,
     spec: ExecSpec,
     mut input: mpsc::UnboundedReceiver<Input>,
-    pending: &AtomicUsize,
 ) -> std::io::Result<i32> {
     let (mut child, _own, stdin, mut readers, slave) = spawn(session, stream, &spec)?;
     let pid = child.id().unwrap_or(0);
     session
-        .send(Frame::control(stream, &Reply::Started { pid }))
+        .send_news(Frame::control(stream, &Reply::Started { pid }))
         .await;
     let mut stdin = stdin;
     let mut taken = 0u64;
@@ -101,11 +98,10 @@ async fn run(
                 Some(Input::Bytes(bytes)) => {
                     let len = bytes.len();
                     write_input(&mut stdin, bytes).await;
-                    pending.fetch_sub(len, Ordering::Relaxed);
                     // The gateway holds back what the program has not taken yet.
                     taken += len as u64;
                     let frame = Frame::control(stream, &Reply::InputTaken { total: taken });
-                    session.send(frame).await;
+                    session.send_news(frame).await;
                 }
                 Some(Input::Signal(signal)) => kill_session(pid, signal),
                 // The session forgot the execution: nobody can reach it any more.
@@ -114,9 +110,11 @@ async fn run(
         }
     };
     // Whatever the program left running in its session ends with it, so its output ends too;
-    // and, once no other execution runs, whatever any execution left outside its session.
-    kill_session(pid, 9);
-    if !session.others_running(stream) {
+    // once no other execution runs, so does whatever any execution left outside its session
+    // (which includes this session: the main process is gone, its children are the agent's).
+    if session.others_running(stream) {
+        kill_session(pid, 9);
+    } else {
         orphans::end_leftovers();
     }
     drop(slave);
@@ -159,14 +157,6 @@ fn spawn(session: &Session, stream: u32, spec: &ExecSpec) -> std::io::Result<Spa
     let (mut child, own, master, slave, own_stderr) = started?;
     let mut readers = Vec::new();
     if let Some(stderr) = own_stderr {
-        readers.push(tokio::spawn(forward(
-            session.clone(),
-            stream,
-            FrameKind::Stderr,
-            stderr,
-        )));
-    }
-    if let Some(stderr) = child.stderr.take() {
         readers.push(tokio::spawn(forward(
             session.clone(),
             stream,
@@ -234,23 +224,25 @@ fn start_process(
         .env_clear()
         .envs(env.iter().map(|(k, v)| (k, v)))
         .current_dir(&spec.cwd);
-    let mut own_stderr = None;
     let (master, slave) = if spec.tty {
         let (master, slave) = pty::open()?;
         cmd.stdin(slave.try_clone()?).stdout(slave.try_clone()?);
-        if spec.stderr_on_terminal {
-            cmd.stderr(slave.try_clone()?);
-        } else {
-            let (reader, writer) = stderr_pipe(id)?;
-            cmd.stderr(writer);
-            own_stderr = Some(reader);
-        }
         (Some(Arc::new(master)), Some(slave))
     } else {
-        cmd.stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
         (None, None)
+    };
+    // Standard error: the terminal, or a pipe of the program's own.
+    let own_stderr = match &slave {
+        Some(slave) if spec.stderr_on_terminal => {
+            cmd.stderr(slave.try_clone()?);
+            None
+        }
+        _ => {
+            let (reader, writer) = stderr_pipe(id)?;
+            cmd.stderr(writer);
+            Some(reader)
+        }
     };
     spawn::in_new_session(&mut cmd, spec.tty);
     let (child, own) = orphans::spawn(&mut cmd)

@@ -3,7 +3,6 @@
 //! gateway connection is current.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -49,17 +48,10 @@ struct State {
     executions: HashMap<u32, Execution>,
 }
 
-/// Input bytes an execution may have waiting for its program to read them. A terminal drops
-/// what its program does not read beyond a few KiB too; this only keeps a client that sends
-/// faster than the program reads from filling the runner's memory (and killing the agent).
-const PENDING_INPUT: usize = 1024 * 1024;
-
 /// An execution the gateway may still ask about.
 struct Execution {
     /// Its input; `None` once it ended.
     input: Option<mpsc::UnboundedSender<Input>>,
-    /// Input bytes passed on and not yet written to the program.
-    pending_input: Arc<AtomicUsize>,
     ended: Option<Instant>,
     journal: Journal,
 }
@@ -74,16 +66,9 @@ struct Journal {
 
 impl Journal {
     fn record(&mut self, frame: &Frame) {
+        self.frames.push_back((self.sent, frame.clone()));
         if is_output(frame) {
-            self.frames.push_back((self.sent, frame.clone()));
             self.sent += frame.payload.len() as u64;
-        } else if !matches!(
-            frame.parse::<Reply>(),
-            Ok(Reply::Started { .. } | Reply::InputTaken { .. })
-        ) {
-            // `Started` and `InputTaken` are old news to a gateway that resumes; kept, they would
-            // sit in front of the output and keep the window below from ever moving.
-            self.frames.push_back((self.sent, frame.clone()));
         }
         // Forget output frames that lie wholly before the retained window.
         while let Some((offset, first)) = self.frames.front() {
@@ -199,6 +184,16 @@ impl Session {
     /// while the gateway reconnects is held back, not dropped). An execution's frames are kept
     /// (the last [`RETAINED_OUTPUT`] bytes) for a gateway that lost them with its connection.
     pub(crate) async fn send(&self, frame: Frame) {
+        self.deliver(frame, true).await
+    }
+
+    /// Sends a frame a gateway that resumes has no use for (`Started`, `InputTaken`): not kept
+    /// (kept in front of the output, it would also keep the journal's window from moving).
+    pub(crate) async fn send_news(&self, frame: Frame) {
+        self.deliver(frame, false).await
+    }
+
+    async fn deliver(&self, frame: Frame, keep: bool) {
         loop {
             let attached = self.inner.attached.notified();
             tokio::pin!(attached);
@@ -206,7 +201,7 @@ impl Session {
             let outbox = {
                 let mut state = self.inner.state.lock().unwrap();
                 let outbox = state.outbox.as_ref().map(|(_, tx)| tx.clone());
-                if outbox.is_some() {
+                if outbox.is_some() && keep {
                     if let Some(execution) = state.executions.get_mut(&frame.stream) {
                         execution.journal.record(&frame);
                     }
@@ -225,12 +220,7 @@ impl Session {
 
     /// Registers a running execution; false if the stream id is taken (by a running execution,
     /// or one that ended lately and may still be resumed).
-    pub(crate) fn add_execution(
-        &self,
-        stream: u32,
-        input: mpsc::UnboundedSender<Input>,
-        pending_input: Arc<AtomicUsize>,
-    ) -> bool {
+    pub(crate) fn add_execution(&self, stream: u32, input: mpsc::UnboundedSender<Input>) -> bool {
         let mut state = self.inner.state.lock().unwrap();
         state
             .executions
@@ -253,7 +243,6 @@ impl Session {
             stream,
             Execution {
                 input: Some(input),
-                pending_input,
                 ended: None,
                 journal: Journal::default(),
             },
@@ -270,24 +259,15 @@ impl Session {
         }
     }
 
-    /// Passes input to a running execution; false if there is none on that stream. Bytes
-    /// beyond [`PENDING_INPUT`] waiting for the program are dropped.
+    /// Passes input to a running execution; false if there is none on that stream. (What waits
+    /// is bounded by the gateway, which sends no more than its window beyond what the program
+    /// took: see [`Reply::InputTaken`].)
     pub(crate) fn input(&self, stream: u32, input: Input) -> bool {
         let state = self.inner.state.lock().unwrap();
-        let Some(execution) = state.executions.get(&stream) else {
-            return false;
-        };
-        let Some(tx) = execution.input.as_ref() else {
-            return false;
-        };
-        if let Input::Bytes(bytes) = &input {
-            let pending = &execution.pending_input;
-            if pending.load(Ordering::Relaxed) + bytes.len() > PENDING_INPUT {
-                return true;
-            }
-            pending.fetch_add(bytes.len(), Ordering::Relaxed);
+        match state.executions.get(&stream).and_then(|e| e.input.as_ref()) {
+            Some(tx) => tx.send(input).is_ok(),
+            None => false,
         }
-        tx.send(input).is_ok()
     }
 
     /// Whether an execution other than `stream` is running.
@@ -313,11 +293,11 @@ mod tests {
         let session = Session::new();
         for stream in 1..=(ENDED_MAX as u32 + 4) {
             let (tx, _rx) = mpsc::unbounded_channel();
-            assert!(session.add_execution(stream, tx, Arc::default()));
+            assert!(session.add_execution(stream, tx));
             session.remove_execution(stream);
         }
         let (tx, _rx) = mpsc::unbounded_channel();
-        assert!(session.add_execution(1000, tx, Arc::default()));
+        assert!(session.add_execution(1000, tx));
         let state = session.inner.state.lock().unwrap();
         assert_eq!(state.executions.len(), ENDED_MAX + 1);
         assert!(
@@ -329,8 +309,8 @@ mod tests {
 
     #[test]
     fn the_journal_sends_again_exactly_what_came_after_the_offset() {
+        // What an execution keeps: its output and its end (`Started` is sent as news).
         let mut j = Journal::default();
-        j.record(&Frame::control(5, &Reply::Started { pid: 9 }));
         j.record(&out(3, b'a'));
         j.record(&out(2, b'b'));
         j.record(&Frame::control(5, &Reply::Exited { code: 0 }));
@@ -345,14 +325,24 @@ mod tests {
         assert!(j.since(6).is_none(), "an offset beyond what was sent");
     }
 
-    #[test]
-    fn the_journal_keeps_a_bounded_window_and_says_when_output_is_gone() {
-        let mut j = Journal::default();
+    #[tokio::test]
+    async fn the_journal_keeps_a_bounded_window_and_says_when_output_is_gone() {
+        let session = Session::new();
+        let (tx, _input) = mpsc::unbounded_channel();
+        assert!(session.add_execution(5, tx));
+        let (outbox, mut gateway) = mpsc::channel(64);
+        let (generation, _) = session.begin_attach(&[]);
+        session.finish_attach(generation, outbox);
+        tokio::spawn(async move { while gateway.recv().await.is_some() {} });
         // As an execution sends it: `Started` first, then output without end.
-        j.record(&Frame::control(5, &Reply::Started { pid: 9 }));
+        session
+            .send_news(Frame::control(5, &Reply::Started { pid: 9 }))
+            .await;
         for _ in 0..20 {
-            j.record(&out(64 * 1024, b'x'));
+            session.send(out(64 * 1024, b'x')).await;
         }
+        let state = session.inner.state.lock().unwrap();
+        let j = &state.executions[&5].journal;
         let kept: u64 = j.frames.iter().map(|(_, f)| f.payload.len() as u64).sum();
         assert!(kept <= RETAINED_OUTPUT + 64 * 1024, "kept {kept}");
         assert!(j.since(0).is_none());
