@@ -534,7 +534,7 @@ impl Shared {
         let procs = sandbox.cgroup.procs_files();
         let born_in_cgroups = self.setpriv.is_some() && !procs.is_empty();
         let cgroups = if born_in_cgroups {
-            sandbox.cgroup.sandbox_binds()
+            self.hierarchy.sandbox_binds(&sandbox.cgroup)
         } else {
             Vec::new()
         };

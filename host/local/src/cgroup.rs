@@ -121,6 +121,27 @@ impl Hierarchy {
         RunnerCgroup { dirs }
     }
 
+    /// Where each group of a runner appears inside its sandbox, read-only, as in a container:
+    /// `/sys/fs/cgroup` on cgroup v2, `/sys/fs/cgroup/CONTROLLER` on v1.
+    pub(crate) fn sandbox_binds(&self, cgroup: &RunnerCgroup) -> Vec<(PathBuf, String)> {
+        match self {
+            Self::V1(controllers) => cgroup
+                .dirs
+                .iter()
+                .filter_map(|dir| {
+                    let (controller, _) = controllers.iter().find(|(_, p)| dir.starts_with(p))?;
+                    Some((dir.clone(), format!("{CGROUP_ROOT}/{controller}")))
+                })
+                .collect(),
+            Self::V2(_) => cgroup
+                .dirs
+                .iter()
+                .map(|dir| (dir.clone(), CGROUP_ROOT.to_string()))
+                .collect(),
+            Self::None => Vec::new(),
+        }
+    }
+
     /// Creates the groups of one runner with its limits.
     pub(crate) fn create(&self, name: &str, limits: Limits) -> RunnerCgroup {
         let mut dirs = Vec::new();
@@ -203,25 +224,6 @@ impl RunnerCgroup {
     /// there joins the group).
     pub(crate) fn procs_files(&self) -> Vec<PathBuf> {
         self.dirs.iter().map(|d| d.join("cgroup.procs")).collect()
-    }
-
-    /// Where each group of the runner appears inside its sandbox, read-only, as in a container:
-    /// `/sys/fs/cgroup` on cgroup v2, `/sys/fs/cgroup/CONTROLLER` on v1.
-    pub(crate) fn sandbox_binds(&self) -> Vec<(PathBuf, String)> {
-        let root = Path::new(CGROUP_ROOT);
-        let unified = root.join("cgroup.controllers").exists();
-        self.dirs
-            .iter()
-            .filter_map(|dir| {
-                let inside = if unified {
-                    CGROUP_ROOT.to_string()
-                } else {
-                    let controller = dir.strip_prefix(root).ok()?.components().next()?;
-                    format!("{CGROUP_ROOT}/{}", controller.as_os_str().to_str()?)
-                };
-                Some((dir.clone(), inside))
-            })
-            .collect()
     }
 
     /// Moves processes into every group of the runner (as root).
